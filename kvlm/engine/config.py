@@ -1,0 +1,59 @@
+"""Engine settings, checked once at start-up with messages that say what to change."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(value: int | str) -> int:
+    """`1073741824`, `"512MiB"`, `"2GB"` or `"1.5G"` -> bytes (binary units throughout)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a size; write e.g. 512MiB or 2GiB")
+    number, unit = float(m.group(1)), m.group(2).upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+    use_cache: bool = True  # False: the no-cache baseline, recomputing every step
+    block_size: int = 16
+    kv_cache_memory: int | str = DEFAULT_KV_CACHE_MEMORY
+    max_model_len: int | None = None  # None: the model's context, capped at 8,192
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds torch's global RNG for requests without their own seed
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if parse_bytes(self.kv_cache_memory) <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

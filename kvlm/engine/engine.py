@@ -1,0 +1,224 @@
+"""The engine loop: add requests, step (schedule -> run -> sample -> update), stream outputs."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvlm.engine.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, parse_bytes
+from kvlm.engine.request import Request, RequestOutput
+from kvlm.engine.runner import ModelRunner
+from kvlm.engine.scheduler import Scheduler, SchedulerConfig
+from kvlm.kv.block_manager import BlockManager
+from kvlm.kv.pool import KVPool, PoolShape, block_bytes
+from kvlm.loading import load_model
+from kvlm.loading.gguf_loader import open_gguf
+from kvlm.models.transformer import CausalLM
+from kvlm.sampling import Sampler, SamplingParams, make_generator
+from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class InputError(ValueError):
+    """A request the engine refuses, with the value and the limit in the message."""
+
+
+def load_tokenizer(path_str: str) -> Tokenizer:
+    from kvlm.loading import resolve_model_path
+
+    path = resolve_model_path(path_str)
+    if path.is_dir():
+        return Tokenizer.from_hf_dir(path)
+    open_gguf(path)  # a corrupt file fails here with kvlm's message, not the tokenizer's
+    return Tokenizer.from_gguf(path)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        loaded = load_model(config.model, config.torch_dtype)
+        self.model_config = loaded.config
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = CausalLM(loaded).to_device(self.device).eval()
+        self.max_model_len = config.max_model_len or min(
+            DEFAULT_MAX_MODEL_LEN, self.model_config.max_model_len
+        )
+        if self.max_model_len > self.model_config.max_model_len:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's context of "
+                f"{self.model_config.max_model_len}"
+            )
+        self.kv_pool: KVPool | None = None
+        self.block_manager: BlockManager | None = None
+        if config.use_cache:
+            self._make_cache()
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.use_cache),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, self.device, self.kv_pool, self.block_manager)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        torch.manual_seed(config.seed)
+        self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(
+            self.model_config.eos_token_ids
+        )
+
+    def _make_cache(self) -> None:
+        cfg, mc = self.config, self.model_config
+        per_block = block_bytes(mc, cfg.block_size, cfg.torch_dtype)
+        budget = parse_bytes(cfg.kv_cache_memory)
+        num_blocks = budget // per_block
+        needed = -(-self.max_model_len // cfg.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"kv_cache_memory {budget:,} bytes holds {num_blocks} blocks of "
+                f"{cfg.block_size} tokens ({per_block:,} bytes each), but one "
+                f"{self.max_model_len}-token sequence needs {needed} blocks "
+                f"({needed * per_block:,} bytes): raise kv_cache_memory or lower max_model_len"
+            )
+        shape = PoolShape(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_pool = KVPool(shape, cfg.torch_dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | None,
+        prompt_token_ids: Sequence[int] | None,
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text, or token ids when given); returns its request id."""
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        token_ids = self._check_prompt(list(prompt_token_ids))
+        request_id = request_id or str(next(self._ids))
+        if request_id in self.requests:
+            raise InputError(f"request id {request_id!r} is already in use")
+        request = Request(
+            request_id=request_id,
+            prompt=prompt,
+            token_ids=token_ids,
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+            generator=make_generator(params.seed, self.device),
+            cache_salt=cache_salt,
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, token_ids: list[int]) -> list[int]:
+        if not token_ids:
+            raise InputError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
+        bad += [t for t in token_ids if isinstance(t, int) and not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise InputError(
+                f"prompt has {len(token_ids):,} tokens; the context is {self.max_model_len:,} "
+                "(and at least one token must be generated): shorten it or raise max_model_len"
+            )
+        return token_ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (a client went away)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.finished:
+            request.finish_reason = "abort"
+            self.scheduler.finish(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over the scheduled batch; returns outputs of requests that changed."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            if self.scheduler.waiting:
+                raise RuntimeError("no request could be scheduled: the KV pool is too small")
+            return []
+        logits, sampled = self.runner.run(batch)
+        changed = []
+        for request, num_tokens in zip(batch.requests, batch.num_new_tokens, strict=True):
+            request.num_computed_tokens += num_tokens
+            if self.block_manager is not None:
+                self.block_manager.cache_full_blocks(
+                    request.request_id, request.token_ids, request.num_computed_tokens,
+                    request.cache_salt,
+                )  # fmt: skip
+        if sampled:
+            requests = [batch.requests[i] for i in sampled]
+            out = self.sampler(
+                logits,
+                [r.params for r in requests],
+                [r.generator for r in requests],
+                [r.token_ids for r in requests],
+            )
+            now = time.perf_counter()
+            for request, token_id, logprobs in zip(
+                requests, out.token_ids, out.logprobs, strict=True
+            ):
+                self._append_token(request, token_id, logprobs, now)
+                changed.append(request)
+        outputs = [r.to_output() for r in changed]
+        for request in changed:
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprobs, now: float) -> None:
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.token_ids.append(token_id)
+        request.metrics.num_generated_tokens += 1
+        if logprobs is not None:
+            for tid, lp in logprobs.items():
+                lp.decoded_token = self.tokenizer.id_to_token(tid)
+            request.logprobs.append(logprobs)
+        params = request.params
+        delta = request.detokenizer.push(token_id)
+        request.text += delta
+        if (
+            params.stop_token_ids
+            and token_id in params.stop_token_ids
+            or not params.ignore_eos
+            and token_id in self.stop_token_ids
+        ):
+            self._finish(request, "stop", token_id, now)
+        elif match := request.stop_checker.check(request.text, len(delta)):
+            request.text = request.text[: match.truncate_at]
+            self._finish(request, "stop", match.stop, now)
+        elif (
+            params.max_tokens is not None
+            and request.num_output_tokens >= params.max_tokens
+            or len(request.token_ids) >= self.max_model_len
+        ):
+            self._finish(request, "length", None, now)
+
+    def _finish(self, request: Request, reason: str, stop_reason, now: float) -> None:
+        if not isinstance(stop_reason, str):  # a stop string already cut the text
+            request.text += request.detokenizer.flush()
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+        request.metrics.finish_time = now
+        self.scheduler.finish(request)
+
+    def kv_cache_bytes_used(self) -> int:
+        if self.kv_pool is None or self.block_manager is None:
+            return 0
+        used = self.block_manager.num_blocks - self.block_manager.num_free_blocks
+        return used * self.kv_pool.nbytes // self.block_manager.num_blocks

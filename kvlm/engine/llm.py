@@ -1,0 +1,108 @@
+"""`LLM`: the offline API, shaped like vLLM's (`generate`, `chat`, `SamplingParams`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from kvlm.engine.config import EngineConfig
+from kvlm.engine.engine import InputError, LLMEngine
+from kvlm.engine.request import RequestOutput
+from kvlm.sampling import SamplingParams
+
+PromptType = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} / {"prompt": "..."}
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model once, then generate for batches of prompts.
+
+    >>> llm = LLM("smollm2")
+    >>> params = SamplingParams(max_tokens=8, temperature=0)
+    >>> out = llm.generate(["The capital of France is"], params)
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(self, model: str = "smollm2", **kwargs: Any) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion as one continuously batched workload."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = _per_prompt(sampling_params, len(prompts))
+        ids = [self._add(p, sp, cache_salt) for p, sp in zip(prompts, params, strict=True)]
+        return self._run(ids)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or several) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {
+                "prompt_token_ids": self.tokenizer.encode_chat(conv, add_generation_prompt),
+                "prompt": self.tokenizer.apply_chat_template(conv, add_generation_prompt),
+            }
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params)
+
+    def stream(
+        self, prompt: PromptType, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield an output each time the request produces text; the last one is finished."""
+        request_id = self._add(prompt, sampling_params or SamplingParams(), None)
+        try:
+            while True:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
+        finally:
+            self.engine.abort(request_id)
+
+    def _add(self, prompt: PromptType, params: SamplingParams, cache_salt: str | None) -> str:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt and "prompt" not in prompt:
+                raise InputError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            return self.engine.add_request(
+                prompt.get("prompt"), prompt.get("prompt_token_ids"), params, cache_salt
+            )
+        return self.engine.add_request(prompt, None, params, cache_salt)
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        final[output.request_id] = output
+        finally:
+            for request_id in request_ids:
+                if request_id not in final:
+                    self.engine.abort(request_id)
+        return [final[i] for i in request_ids]
+
+
+def _per_prompt(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise InputError(f"got {len(params)} SamplingParams for {count} prompts")
+    return list(params)

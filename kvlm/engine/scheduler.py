@@ -1,0 +1,149 @@
+"""Decides, each step, which requests run and how many of their tokens are computed.
+
+Continuous batching: running requests first (a one-token decode, or the next chunk of a long
+prompt), then waiting ones join while the token budget and sequence limit allow. Prompts are
+prefilled in chunks of at most the remaining budget, so decodes keep flowing beside them. When
+blocks run out, the newest running request is preempted: its blocks are freed and it is
+recomputed later (its generated tokens are kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvlm.engine.request import Request, RequestStatus
+from kvlm.kv.block_manager import BlockManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # per request, tokens computed now
+
+    def add(self, request: Request, num_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_new_tokens.append(num_tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+@dataclass
+class SchedulerStats:
+    num_prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_hits: int = 0  # of those, tokens whose K/V were reused
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None) -> None:
+        self.config = config
+        self.block_manager = block_manager  # None in no-cache mode
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            if not self.config.use_cache:
+                request.num_computed_tokens = 0  # the baseline recomputes everything
+            num_tokens = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            if self._reserve(request, num_tokens):
+                batch.add(request, num_tokens)
+                budget -= num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_tokens = self._admit(request, budget)
+            if num_tokens == 0:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.add(request, num_tokens)
+            budget -= num_tokens
+        return batch
+
+    def finish(self, request: Request) -> None:
+        """Take a finished (or aborted) request out and return its blocks to the pool."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        if self.block_manager and request.request_id in self.block_manager.block_tables:
+            self.block_manager.free(request.request_id)
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Allocate a waiting request's first chunk; 0 if it does not fit now."""
+        if self.block_manager is None:
+            total = len(request.token_ids)
+            return total if total <= budget or not self.running else 0
+        bm = self.block_manager
+        cached = bm.find_cached_prefix(request.token_ids, request.cache_salt)
+        num_cached = len(cached) * bm.block_size
+        num_tokens = min(len(request.token_ids) - num_cached, budget)
+        if not bm.can_allocate(request.request_id, num_cached + num_tokens, cached):
+            return 0
+        bm.allocate(request.request_id, num_cached + num_tokens, cached)
+        request.num_computed_tokens = num_cached
+        if request.metrics.num_preemptions == 0:
+            request.metrics.num_cached_tokens = num_cached
+            self.stats.num_prefix_queries += request.num_prompt_tokens
+            self.stats.num_prefix_hits += num_cached
+        return num_tokens
+
+    def _reserve(self, request: Request, num_tokens: int) -> bool:
+        """Make room for a running request's next tokens, preempting newer requests if needed.
+
+        Returns False when the request itself had to be preempted.
+        """
+        bm = self.block_manager
+        if bm is None:
+            return True
+        needed = request.num_computed_tokens + num_tokens
+        while not bm.can_allocate(request.request_id, needed):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        bm.allocate(request.request_id, needed)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        assert self.block_manager is not None
+        self.block_manager.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.metrics.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(request)

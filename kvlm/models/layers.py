@@ -1,0 +1,76 @@
+"""The small building blocks every architecture shares: linear, RMSNorm, rotary embedding.
+
+Notation: T = tokens in this step (all sequences concatenated), H = hidden size,
+nh / nkv = query / key-value heads, hd = head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x @ W.T — the one interface every projection goes through.
+
+    Holding weights behind this class is what lets another weight format (bf16, weight-only
+    int8/int4 kernels) replace it later without touching the model code. `split` returns the
+    output columns of several fused projections (qkv, gate/up) in one matmul.
+    """
+
+    def __init__(self, weight: torch.Tensor, out_splits: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [out_features, in_features]
+        self.out_splits = out_splits
+
+    @classmethod
+    def fused(cls, *weights: torch.Tensor) -> Linear:
+        return cls(torch.cat(weights, dim=0), tuple(w.shape[0] for w in weights))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # [..., out_features]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        assert self.out_splits is not None, "split() needs a fused Linear"
+        return self(x).split(self.out_splits, dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32. `weight` is the full scale (Gemma's 1+w folded)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [dim]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half rope; cos/sin are computed from positions per step (no length-sized table)."""
+
+    def __init__(self, head_dim: int, theta: float, scale: float = 1.0) -> None:
+        super().__init__()
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (theta**exponent) / scale  # [hd / 2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, hd]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd]; cos/sin: [T, 1, hd] (float32). Returns x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def activation(name: str) -> nn.Module:
+    return nn.SiLU() if name == "silu" else nn.GELU(approximate="tanh")

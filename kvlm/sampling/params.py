@@ -1,0 +1,181 @@
+"""Per-request sampling parameters, with vLLM's field names and meanings.
+
+A `SamplingParams` is immutable once built and validated: every field is checked in
+`__post_init__`, and the list-like fields are normalised to tuples (so the object is hashable and
+can be shared between requests). Use `dataclasses.replace` to derive a variant; it re-validates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Below this temperature a request is sampled greedily (dividing logits by a smaller number only
+# overflows; vLLM uses the same cut-off).
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit seeds
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range or of the wrong type."""
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_int(name: str, value: Any, *, optional: bool = False) -> None:
+    # bool is a subclass of int; `max_tokens=True` is a bug, never a count.
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        wanted = "an int or None" if optional else "an int"
+        raise SamplingParamsError(f"{name} must be {wanted}, got {_describe(value)}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingParamsError(f"{name} must be a number, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SamplingParamsError(f"{name} must be True or False, got {_describe(value)}")
+
+
+def _normalize_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise SamplingParamsError(
+            f"stop must be a string, a list of strings or None, got {_describe(value)}"
+        )
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise SamplingParamsError(
+                f"stop must contain only non-empty strings, got {_describe(item)} in {value!r}"
+            )
+    return tuple(items)
+
+
+def _normalize_stop_token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise SamplingParamsError(
+            f"stop_token_ids must be a list of ints or None, got {_describe(value)}"
+        )
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise SamplingParamsError(
+                f"stop_token_ids must contain only ints >= 0, got {_describe(item)} in {value!r}"
+            )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each generated token of one request, and when to stop.
+
+    Invariants after construction: `stop` is a tuple of non-empty strings, `stop_token_ids` a
+    tuple of ints >= 0 (both empty when unset), and `top_k` is 0 when top-k is off (-1 on input
+    is accepted and normalised to 0).
+    """
+
+    # Completions per prompt; only 1 is supported for now.
+    n: int = 1
+    # 0 (or anything below GREEDY_TEMPERATURE) means greedy: argmax of the penalised logits.
+    temperature: float = 1.0
+    # Keep the smallest set of most likely tokens whose probability mass reaches top_p.
+    top_p: float = 1.0
+    # Keep the top_k most likely tokens; 0 or -1 = off.
+    top_k: int = 0
+    # Drop tokens whose probability is below min_p times the most likely token's.
+    min_p: float = 0.0
+    # For every token id already in the prompt or output: positive logits are divided by it,
+    # negative logits multiplied (the HF / vLLM rule). 1.0 = off.
+    repetition_penalty: float = 1.0
+    # Seeds the request's own generator, so its tokens do not depend on the batch it ran in.
+    seed: int | None = None
+    # Generation stops when the text contains one of these; normalised to tuple[str, ...].
+    stop: str | Sequence[str] | None = None
+    # Generation stops after emitting one of these ids; normalised to tuple[int, ...].
+    stop_token_ids: Sequence[int] | None = None
+    # Generated-token budget; None = until the model's context is full.
+    max_tokens: int | None = 16
+    # Keep generating past the model's end-of-sequence token.
+    ignore_eos: bool = False
+    # Number of top log-probabilities to return per generated token (the sampled token's is
+    # always added); None = none at all.
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n)
+        if self.n != 1:
+            raise SamplingParamsError(
+                f"n must be 1 (several completions per prompt are not supported yet), "
+                f"got {self.n}; send the prompt {self.n} times with different seeds instead"
+            )
+
+        temperature = _check_float("temperature", self.temperature)
+        if temperature < 0:
+            raise SamplingParamsError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        top_p = _check_float("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_int("top_k", self.top_k)
+        if self.top_k < -1:
+            raise SamplingParamsError(
+                f"top_k must be >= 1, or 0 / -1 to disable it, got {self.top_k}"
+            )
+        min_p = _check_float("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        penalty = _check_float("repetition_penalty", self.repetition_penalty)
+        if penalty <= 0:
+            raise SamplingParamsError(
+                f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}"
+            )
+
+        _check_int("seed", self.seed, optional=True)
+        if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
+            raise SamplingParamsError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
+        _check_int("max_tokens", self.max_tokens, optional=True)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SamplingParamsError(
+                f"max_tokens must be >= 1 (or None for 'until the context is full'), "
+                f"got {self.max_tokens}"
+            )
+        _check_int("logprobs", self.logprobs, optional=True)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingParamsError(
+                f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}"
+            )
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+
+        # Normalise (frozen dataclass: assign through object.__setattr__).
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
+        object.__setattr__(self, "min_p", min_p)
+        object.__setattr__(self, "repetition_penalty", penalty)
+        object.__setattr__(self, "stop", _normalize_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalize_stop_token_ids(self.stop_token_ids))
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the token is the argmax; top-k / top-p / min-p / seed are then unused."""
+        return self.temperature < GREEDY_TEMPERATURE

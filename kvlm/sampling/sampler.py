@@ -1,0 +1,192 @@
+"""Turn one step's logits into one token per sequence, plus optional log-probabilities.
+
+Per row, in this order:
+  1. repetition penalty (on the raw logits; rows with penalty 1 are untouched);
+  2. greedy rows (temperature 0) take the argmax of the penalised logits and stop here;
+  3. temperature: logits / temperature;
+  4. top-k, 5. top-p, 6. min-p (see `filters.apply_top_k_top_p_min_p`);
+  7. sample with the exponential race: argmax(p_i / q_i), q_i ~ Exp(1), computed as
+     argmax(logit_i - log q_i). q for a row comes from that row's generator (or torch's global
+     RNG when it has none) and has vocab_size entries, so a seeded row's token depends only on
+     its seed, its logits and how many steps its generator has run, never on the rest of the
+     batch.
+Log-probabilities are those of the raw model output (log_softmax before penalty and
+temperature), as vLLM returns by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvlm.sampling.filters import apply_repetition_penalty, apply_top_k_top_p_min_p
+from kvlm.sampling.params import SamplingParams
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability; rank 1 = most likely (1 + count of strictly likelier)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None  # filled in by the engine, which owns the tokenizer
+
+
+@dataclass
+class SamplerOutput:
+    """One entry per sequence, in the order of the logits rows."""
+
+    token_ids: list[int]
+    # Top-`params.logprobs` entries in rank order, then the sampled token if it was not among
+    # them; None for rows whose params.logprobs is None.
+    logprobs: list[dict[int, Logprob] | None]
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The per-request generator for `seed`; None (= torch's global RNG) when seed is None.
+
+    It must live on the device the logits live on.
+    """
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Stateless; all per-request state (generators, history) is passed in by the engine."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        past_token_ids: Sequence[Sequence[int]],
+    ) -> SamplerOutput:
+        """Sample one token for each row of `logits` ([num_seqs, vocab_size]).
+
+        `generators[i]` is request i's generator (from `make_generator`) or None;
+        `past_token_ids[i]` its prompt + generated ids, read only when its repetition penalty
+        is not 1. Moves data to the host once for the token ids, and once more for the
+        log-probabilities when any row asks for them.
+        """
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [num_seqs, vocab_size], got shape {logits.shape}")
+        num_seqs = logits.shape[0]
+        if not len(params) == len(generators) == len(past_token_ids) == num_seqs:
+            raise ValueError(
+                f"need one entry per logits row ({num_seqs}): got {len(params)} params, "
+                f"{len(generators)} generators, {len(past_token_ids)} past_token_ids"
+            )
+        logits = logits.float()
+        penalties = [p.repetition_penalty for p in params]
+        penalised = apply_repetition_penalty(logits, penalties, past_token_ids)
+        token_ids = _select_tokens(penalised, params, generators)  # [num_seqs] int64
+        if all(p.logprobs is None for p in params):
+            logprobs: list[dict[int, Logprob] | None] = [None] * num_seqs
+        else:
+            logprobs = _gather_logprobs(logits, token_ids, params)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+
+def _select_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Greedy rows: argmax. Other rows: temperature, filters, exponential race. -> [num_seqs]"""
+    num_seqs = logits.shape[0]
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not random_rows:
+        return logits.argmax(dim=-1)
+    if len(random_rows) == num_seqs:
+        return _sample(logits, params, generators)
+    token_ids = logits.argmax(dim=-1)
+    rows = torch.tensor(random_rows, dtype=torch.long).to(logits.device)
+    token_ids[rows] = _sample(
+        logits[rows],
+        [params[i] for i in random_rows],
+        [generators[i] for i in random_rows],
+    )
+    return token_ids
+
+
+def _sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Random sampling for non-greedy rows. logits: [num_rows, vocab_size] -> [num_rows]"""
+    vocab_size = logits.shape[1]
+    device, dtype = logits.device, logits.dtype
+
+    def row_tensor(values: list[float] | list[int], tensor_dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=tensor_dtype).to(device)  # [num_rows]
+
+    temperatures = [p.temperature for p in params]
+    if any(t != 1.0 for t in temperatures):
+        logits = logits / row_tensor(temperatures, dtype).unsqueeze(1)
+
+    top_k = top_p = min_p = None
+    if any(p.top_k > 0 for p in params):
+        ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
+        top_k = row_tensor(ks, torch.long)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = row_tensor([p.top_p for p in params], dtype)
+    if any(p.min_p > 0.0 for p in params):
+        min_p = row_tensor([p.min_p for p in params], dtype)
+    logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+
+    q = torch.empty_like(logits)  # [num_rows, vocab_size], ~ Exp(1)
+    if any(g is None for g in generators):
+        q.exponential_()  # global RNG, one call for the whole batch
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            q[row].exponential_(generator=generator)
+    # A zero draw would make log(q) -inf and turn a masked (-inf) logit into NaN.
+    q.clamp_(min=torch.finfo(dtype).tiny)
+    return (logits - q.log()).argmax(dim=-1)
+
+
+def _gather_logprobs(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    params: Sequence[SamplingParams],
+) -> list[dict[int, Logprob] | None]:
+    """Raw-logit log-probs: each asking row's top-k plus its sampled token, in one transfer."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    counts = [params[i].logprobs or 0 for i in rows]
+    k_max = max(counts)
+    device = logits.device
+    if len(rows) < len(params):
+        row_idx = torch.tensor(rows, dtype=torch.long).to(device)
+        logits, token_ids = logits[row_idx], token_ids[row_idx]
+
+    logprobs = logits.log_softmax(dim=-1)  # [num_rows, vocab_size]
+    sampled = token_ids.unsqueeze(1)  # [num_rows, 1]
+    sampled_lp = logprobs.gather(1, sampled)  # [num_rows, 1]
+    sampled_rank = 1 + (logprobs > sampled_lp).sum(dim=-1, keepdim=True)  # [num_rows, 1]
+    top_lp, top_ids = logprobs.topk(k_max, dim=-1)  # [num_rows, k_max]
+    # Any token likelier than a top-k entry is itself in the top-k, so counting within the
+    # top-k gives the exact rank.
+    top_rank = 1 + (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(dim=-1)  # [num_rows, k_max]
+
+    # float64 holds token ids and ranks exactly; one transfer for everything.
+    parts = [sampled, sampled_lp, sampled_rank, top_ids, top_lp, top_rank]
+    payload = torch.cat([t.to(torch.float64) for t in parts], dim=1)  # [num_rows, 3 + 3 * k_max]
+    host_rows = payload.tolist()
+
+    out: list[dict[int, Logprob] | None] = [None] * len(params)
+    for row, count, values in zip(rows, counts, host_rows, strict=True):
+        ids = values[3 : 3 + k_max]
+        lps = values[3 + k_max : 3 + 2 * k_max]
+        ranks = values[3 + 2 * k_max :]
+        entries = {int(ids[j]): Logprob(lps[j], int(ranks[j])) for j in range(count)}
+        sampled_id = int(values[0])
+        if sampled_id not in entries:
+            entries[sampled_id] = Logprob(values[1], int(values[2]))
+        out[row] = entries
+    return out
