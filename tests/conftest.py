@@ -17,3 +17,17 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     return resolve_model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    from kvlm import LLM
+
+    return LLM("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_llm():
+    from kvlm import LLM
+
+    return LLM("gemma3-270m")

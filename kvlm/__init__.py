@@ -1,0 +1,8 @@
+"""kvlm: an LLM inference engine whose centre is the KV cache."""
+
+from kvlm.engine.engine import InputError
+from kvlm.engine.llm import LLM
+from kvlm.engine.request import CompletionOutput, RequestOutput
+from kvlm.sampling import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "InputError", "RequestOutput", "SamplingParams"]
