@@ -1,0 +1,1 @@
+"""The `kvlm` command line: `generate`, `chat` and `bench`, one module per command."""

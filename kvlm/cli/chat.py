@@ -1,0 +1,104 @@
+"""`kvlm chat`: a multi-turn conversation read line by line from stdin (a terminal or a pipe).
+
+Each turn sends the whole conversation through the chat template. The previous turns' prompt
+and reply are still in the prefix cache, so only the new tail is prefilled: the stats line after
+each reply shows how many prompt tokens were reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from kvlm.cli.common import USER_ERRORS, add_model_options, add_sampling_options, load_llm
+from kvlm.cli.common import sampling_params as make_sampling_params
+from kvlm.cli.stats import format_chat_stats, turn_stats
+from kvlm.engine.llm import LLM, Message
+from kvlm.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 256
+EXIT_COMMANDS = frozenset({"/exit", "/quit"})
+RESET_COMMAND = "/reset"
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="multi-turn chat on stdin, keeping the KV cache between turns",
+        description="Chat with the model: one user message per stdin line; the reply streams to "
+        "stdout and a stats line (prompt tokens, tokens reused from the cache, tokens "
+        "prefilled, TTFT, decode speed) goes to stderr. Ends on EOF or /exit; /reset starts a "
+        "new conversation. A turn the engine refuses (e.g. the conversation outgrew the "
+        "context) prints `error: ...` and the chat goes on; the exit code is then 2.",
+    )
+    parser.add_argument("--system", default=None, help="a system message to start with")
+    add_model_options(parser)
+    add_sampling_options(parser, max_tokens=DEFAULT_MAX_TOKENS)
+    parser.set_defaults(run=run)
+
+
+@dataclass
+class Conversation:
+    system: str | None = None
+    messages: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+
+
+def read_line(stdin: TextIO) -> str | None:
+    """The next user line without its newline; None at end of input."""
+    if stdin.isatty():
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+    line = stdin.readline()
+    return None if line == "" else line.rstrip("\r\n")
+
+
+def reply(llm: LLM, conversation: Conversation, params: SamplingParams, turn: int) -> str:
+    """Stream the assistant's answer to the conversation; returns its full text."""
+    prompt_ids = llm.tokenizer.encode_chat(conversation.messages)
+    last = None
+    for output in llm.stream({"prompt_token_ids": prompt_ids}, params):
+        sys.stdout.write(output.outputs[0].delta)
+        sys.stdout.flush()
+        last = output
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    assert last is not None and last.finished, "the stream ends with a finished output"
+    print(format_chat_stats(turn, turn_stats(llm.engine, last.metrics)), file=sys.stderr)
+    return last.outputs[0].text
+
+
+def run(args: argparse.Namespace) -> int:
+    params = make_sampling_params(args)
+    llm = load_llm(args)
+    conversation = Conversation(args.system)
+    llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # has a template?
+    exit_code, turn = 0, 0
+    while (line := read_line(sys.stdin)) is not None:
+        text = line.strip()
+        if text in EXIT_COMMANDS:
+            break
+        if text == RESET_COMMAND:
+            conversation.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        conversation.messages.append({"role": "user", "content": line})
+        turn += 1
+        try:
+            answer = reply(llm, conversation, params, turn)
+        except USER_ERRORS as e:  # e.g. the conversation outgrew the context: say so, go on
+            conversation.messages.pop()
+            print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
+            exit_code = 2
+            continue
+        conversation.messages.append({"role": "assistant", "content": answer})
+    return exit_code

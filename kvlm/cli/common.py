@@ -1,0 +1,140 @@
+"""Options shared by the commands, and the errors that become one `error: ...` line.
+
+Every command checks what it can before loading a model (sampling values, the prompt), so a
+typo fails in milliseconds, not after a 15-second load.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, NoReturn
+
+from kvlm.config import ModelConfigError
+from kvlm.engine.config import DTYPES, EngineConfig, EngineConfigError
+from kvlm.engine.engine import InputError
+from kvlm.engine.llm import LLM
+from kvlm.loading import DEFAULT_MODEL, ModelLoadError, ModelNotFoundError
+from kvlm.sampling import SamplingParams, SamplingParamsError
+from kvlm.tokenizer import TokenizerError
+
+# vLLM's quick-start sampling (temperature 0.8, top-p 0.95); --temperature 0 is greedy.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+EXIT_USAGE = 2  # bad input of any kind: argparse's code for a bad command line, kept for all
+
+
+class CLIError(ValueError):
+    """A bad input found by the command line itself; printed as `error: <message>`."""
+
+
+# Bad input, as the engine reports it: each becomes `error: <message>` and exit code 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CLIError,
+    EngineConfigError,
+    InputError,
+    SamplingParamsError,
+    ModelNotFoundError,
+    ModelLoadError,
+    ModelConfigError,
+    TokenizerError,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one `error: ...` line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"alias (smollm2, gemma3-270m), a .gguf file or a HF folder (default {DEFAULT_MODEL})",
+    )
+    group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and KV")
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    group.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="baseline without a KV cache: recompute the whole sequence every step",
+    )
+    group.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: model's, ≤8192)"
+    )
+    group.add_argument(
+        "--kv-cache-memory", default=None, help="KV pool size, e.g. 512MiB (default 1GiB)"
+    )
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate ({max_tokens})"
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        help=f"0 = greedy (default {DEFAULT_TEMPERATURE})",
+    )
+    group.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, help=f"nucleus mass ({DEFAULT_TOP_P})"
+    )
+    group.add_argument("--top-k", type=int, default=0, help="keep the k likeliest; 0 = off")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop below min_p × best (0)")
+    group.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="1.0 = off (HF / vLLM rule)"
+    )
+    group.add_argument("--seed", type=int, default=None, help="seed this request's sampler")
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="S",
+        help="stop when the text contains S (repeatable)",
+    )
+    group.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence"
+    )
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The request's SamplingParams; raises SamplingParamsError on a value out of range."""
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "use_cache": not args.no_cache,
+        "max_model_len": args.max_model_len,
+    }
+    if args.kv_cache_memory is not None:
+        kwargs["kv_cache_memory"] = args.kv_cache_memory
+    return kwargs
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Validate the engine settings without loading anything."""
+    EngineConfig(**engine_kwargs(args))
+
+
+def load_llm(args: argparse.Namespace) -> LLM:
+    """Load the model named by the options; a bad setting becomes a CLIError."""
+    check_engine_options(args)
+    return LLM(**engine_kwargs(args))

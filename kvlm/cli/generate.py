@@ -1,0 +1,65 @@
+"""`kvlm generate PROMPT`: stream one completion to stdout, then a stats line to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kvlm.cli.common import (
+    CLIError,
+    add_model_options,
+    add_sampling_options,
+    load_llm,
+    sampling_params,
+)
+from kvlm.cli.stats import format_generate_stats, turn_stats
+from kvlm.engine.llm import LLM
+
+DEFAULT_MAX_TOKENS = 64
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="complete one prompt, streaming the text",
+        description="Complete PROMPT, streaming text to stdout as it is produced; a stats line "
+        "(time to first token, decode speed, token counts, KV cache held) goes to stderr.",
+    )
+    parser.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
+    parser.add_argument(
+        "--chat", action="store_true", help="send PROMPT as one user message via the chat template"
+    )
+    add_model_options(parser)
+    add_sampling_options(parser, max_tokens=DEFAULT_MAX_TOKENS)
+    parser.set_defaults(run=run)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise CLIError("prompt is empty: give at least one character of text")
+    return prompt
+
+
+def encode(llm: LLM, prompt: str, chat: bool) -> dict[str, Any]:
+    if not chat:
+        return {"prompt": prompt}
+    messages = [{"role": "user", "content": prompt}]
+    return {"prompt_token_ids": llm.tokenizer.encode_chat(messages)}
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
+    params = sampling_params(args)
+    llm = load_llm(args)
+    last = None
+    for output in llm.stream(encode(llm, prompt, args.chat), params):
+        sys.stdout.write(output.outputs[0].delta)
+        sys.stdout.flush()
+        last = output
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    assert last is not None and last.finished, "the stream ends with a finished output"
+    print(format_generate_stats(turn_stats(llm.engine, last.metrics)), file=sys.stderr)
+    return 0

@@ -1,0 +1,105 @@
+"""The one-line summaries the commands print on stderr after each generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvlm.engine.engine import LLMEngine
+from kvlm.engine.request import RequestMetrics
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    """KV blocks one request held at its last step, and what they take in the pool."""
+
+    num_blocks: int
+    block_size: int
+    num_bytes: int
+    pool_bytes: int
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    ttft_s: float | None
+    decode_tok_s: float | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_generated_tokens: int
+    kv: KVUsage | None  # None in no-cache mode
+
+    @property
+    def num_prefilled_tokens(self) -> int:
+        """Prompt tokens computed this request (the rest came from the prefix cache)."""
+        return self.num_prompt_tokens - self.num_cached_tokens
+
+
+def kv_usage_at_last_step(engine: LLMEngine, metrics: RequestMetrics) -> KVUsage | None:
+    """Blocks the request held when its last token was sampled, before they were freed.
+
+    The engine frees a request's blocks in the same step that finishes it, so they cannot be
+    read afterwards. They follow from the block manager's rule instead: a request holds exactly
+    `ceil(num_tokens_with_kv / block_size)` blocks, and at the last step every token except
+    the one just sampled has its K/V in the pool (the prompt and all earlier outputs).
+    """
+    bm, pool = engine.block_manager, engine.kv_pool
+    if bm is None or pool is None:
+        return None
+    num_tokens_with_kv = metrics.num_prompt_tokens + max(metrics.num_generated_tokens - 1, 0)
+    num_blocks = bm.blocks_needed(num_tokens_with_kv)
+    block_bytes = pool.nbytes // bm.num_blocks
+    return KVUsage(num_blocks, bm.block_size, num_blocks * block_bytes, pool.nbytes)
+
+
+def turn_stats(engine: LLMEngine, metrics: RequestMetrics) -> TurnStats:
+    return TurnStats(
+        ttft_s=metrics.ttft_s,
+        decode_tok_s=metrics.decode_tok_s,
+        num_prompt_tokens=metrics.num_prompt_tokens,
+        num_cached_tokens=metrics.num_cached_tokens,
+        num_generated_tokens=metrics.num_generated_tokens,
+        kv=kv_usage_at_last_step(engine, metrics),
+    )
+
+
+def format_bytes(num_bytes: int) -> str:
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.0f} ms"
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} tok/s"
+
+
+def format_generate_stats(stats: TurnStats) -> str:
+    """E.g. `[kvlm] ttft 210 ms | decode 41.3 tok/s | prompt 6 tok | generated 64 tok | ...`."""
+    if stats.kv is None:
+        kv = "no cache (every step recomputes the whole sequence)"
+    else:
+        kv = (
+            f"kv cache {format_bytes(stats.kv.num_bytes)} held at the last step "
+            f"({stats.kv.num_blocks} blocks × {stats.kv.block_size} tokens, "
+            f"pool {format_bytes(stats.kv.pool_bytes)})"
+        )
+    return (
+        f"[kvlm] ttft {_seconds(stats.ttft_s)} | decode {_rate(stats.decode_tok_s)} | "
+        f"prompt {stats.num_prompt_tokens} tok | generated {stats.num_generated_tokens} tok | "
+        f"{kv}"
+    )
+
+
+def format_chat_stats(turn: int, stats: TurnStats) -> str:
+    """E.g. `[turn 2] prompt 83 tok | reused from cache 64 | prefilled 19 | ttft ... | ...`."""
+    cache = "no cache" if stats.kv is None else f"reused from cache {stats.num_cached_tokens}"
+    return (
+        f"[turn {turn}] prompt {stats.num_prompt_tokens} tok | {cache} | "
+        f"prefilled {stats.num_prefilled_tokens} | generated {stats.num_generated_tokens} | "
+        f"ttft {_seconds(stats.ttft_s)} | decode {_rate(stats.decode_tok_s)}"
+    )

@@ -1,0 +1,118 @@
+"""`kvlm bench decode`: the table, the JSON, and the pure parts of the measuring code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvlm import LLM
+from kvlm.bench.backends import BackendUnavailable, HFBackend, LlamaCppBackend, RunTiming
+from kvlm.bench.decode import (
+    BenchConfigError,
+    DecodeBenchConfig,
+    DecodeBenchResult,
+    Measurement,
+    prompt_ids,
+)
+from kvlm.bench.machine import machine_info
+from kvlm.bench.report import markdown, to_json
+from kvlm.cli.main import main
+
+
+def test_bench_decode_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    argv = ["bench", "decode", "--new-tokens", "4", "--baselines", "no-cache", "--json", str(path)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "| kvlm | 4 | 1 |" in out and "| kvlm-no-cache | 4 | 1 |" in out
+    assert "| 4 | kvlm-no-cache |" in out  # the speedup row
+    assert "kvlm N=4 run 1/1" in err  # progress goes to stderr
+    data = json.loads(path.read_text())
+    assert set(data) >= {"config", "machine", "results", "speedups", "skipped", "notes"}
+    assert data["config"]["new_tokens"] == [4] and data["config"]["baselines"] == ["no-cache"]
+    assert set(data["machine"]) >= {"cpu_count", "torch_version", "torch_num_threads", "date"}
+    assert [(r["engine"], r["new_tokens"]) for r in data["results"]] == [
+        ("kvlm", 4),
+        ("kvlm-no-cache", 4),
+    ]
+    for result in data["results"]:
+        assert set(result) >= {"wall_s", "tok_s", "decode_tok_s", "prefill_s", "runs"}
+        assert result["runs"][0]["num_generated_tokens"] == 4
+        assert result["tok_s"] == pytest.approx(4 / result["wall_s"])
+    (speedup,) = data["speedups"]
+    assert speedup["baseline"] == "kvlm-no-cache" and speedup["num_new_tokens"] == 4
+    assert data["prompt_token_ids"] and len(data["prompt_token_ids"][0]) == 16
+
+
+def test_prompt_ids_are_distinct_rows_of_exact_length(smollm2_llm: LLM) -> None:
+    rows = prompt_ids(smollm2_llm.tokenizer, prompt_tokens=40, batch_size=3)
+    assert [len(r) for r in rows] == [40, 40, 40]
+    assert len({tuple(r[1:17]) for r in rows}) == 3  # no shared first block
+    assert rows == prompt_ids(smollm2_llm.tokenizer, prompt_tokens=40, batch_size=3)  # fixed
+    long = prompt_ids(smollm2_llm.tokenizer, prompt_tokens=300, batch_size=1)
+    assert len(long[0]) == 300  # the passage repeats as needed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"new_tokens": ()}, "new_tokens"),
+        ({"baselines": ("no-cache", "tgi")}, "unknown baseline(s) tgi"),
+        ({"repeats": 0}, "repeats must be >= 1"),
+        ({"prompt_tokens": 0}, "prompt_tokens must be >= 1"),
+    ],
+)
+def test_config_checks_itself(kwargs: dict, message: str) -> None:
+    with pytest.raises(BenchConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DecodeBenchConfig(**kwargs)
+
+
+def _result() -> DecodeBenchResult:
+    config = DecodeBenchConfig(new_tokens=(8,), baselines=("no-cache", "hf"), repeats=3)
+    result = DecodeBenchResult(config, machine_info(), [[1, 2, 3]])
+    walls = {"kvlm": (1.0, 2.0, 9.0), "kvlm-no-cache": (4.0, 4.0, 4.0), "hf": (2.0, 2.0, 2.0)}
+    for engine, runs in walls.items():
+        timings = tuple(RunTiming(w, 8, 0.1, 8 / w) for w in runs)
+        result.measurements.append(Measurement(engine, 8, 1, timings))
+    return result
+
+
+def test_measurement_medians_and_speedups() -> None:
+    result = _result()
+    ours = result.find("kvlm", 8)
+    assert ours is not None
+    assert ours.wall_s == 2.0 and ours.tok_s == 4.0  # the median run, not the mean
+    speedups = {s.baseline: s for s in result.speedups()}
+    assert speedups["kvlm-no-cache"].tok_s == pytest.approx(2.0)
+    assert speedups["hf"].tok_s == pytest.approx(1.0)
+    assert speedups["hf"].decode_tok_s == pytest.approx(1.0)
+
+
+def test_report_table_and_json() -> None:
+    result = _result()
+    table = markdown(result)
+    assert "| kvlm | 8 | 1 | 2.00 | 4.0 | 4.0 | 0.100 |" in table
+    assert "| 8 | kvlm-no-cache | 2.00× | 2.00× |" in table
+    assert "torch" in table and "threads" in table
+    data = json.loads(json.dumps(to_json(result)))  # plain JSON values only
+    assert len(data["results"][0]["runs"]) == 3
+
+
+def test_missing_optional_libraries_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    with pytest.raises(BackendUnavailable, match="transformers not installed"):
+        HFBackend(Path("model.gguf"), "float32")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(BackendUnavailable, match="llama_cpp module not importable"):
+        LlamaCppBackend(Path("model.gguf"), num_ctx=64)
+
+
+def test_kvlm_import_does_not_import_transformers() -> None:
+    modules = "kvlm, kvlm.cli.main, kvlm.bench.decode, kvlm.bench.report"
+    code = f"import sys, {modules}; print('transformers' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr

@@ -1,0 +1,59 @@
+"""`kvlm generate`: streamed text on stdout, one stats line on stderr."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from kvlm.cli.main import main
+
+GREEDY = ["--temperature", "0", "--max-tokens", "8"]
+
+
+def test_generate_streams_text_and_prints_stats(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "The capital of France is", *GREEDY]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    assert "Traceback" not in err
+    stats = err.strip().splitlines()[-1]
+    assert re.search(r"ttft \d+ ms", stats), stats
+    assert re.search(r"decode [\d.]+ tok/s", stats), stats
+    assert "prompt 5 tok" in stats and "generated 8 tok" in stats
+    # 5 prompt tokens + 7 computed outputs: 12 tokens with K/V fit one 16-token block.
+    assert re.search(r"kv cache [\d.]+ KiB held at the last step \(1 blocks × 16 tokens", stats)
+
+
+def test_generate_streams_each_delta(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[str] = []
+    monkeypatch.setattr("sys.stdout.write", writes.append)
+    assert main(["generate", "The capital of France is", *GREEDY]) == 0
+    # One write per step that produced text, then the closing newline: the text streams.
+    assert len(writes) >= 5
+    assert "".join(writes).startswith(" Paris")
+
+
+def test_generate_no_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "The capital of France is", "--no-cache", *GREEDY]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out  # greedy: the same text as with the cache
+    assert "no cache" in err.strip().splitlines()[-1]
+
+
+def test_generate_chat_template(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "What is the capital of France?", "--chat", *GREEDY]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    # The SmolLM2 template adds its system prompt: far more than the 7 tokens of the text.
+    prompt_tokens = int(re.search(r"prompt (\d+) tok", err).group(1))
+    assert prompt_tokens > 20
+
+
+def test_generate_stop_string(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "The capital of France is", "--temperature", "0", "--stop", "."]
+    assert main([*args, "--max-tokens", "16"]) == 0
+    out, _ = capsys.readouterr()
+    assert out == " Paris\n"
