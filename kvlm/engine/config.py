@@ -13,13 +13,17 @@ DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
+class EngineConfigError(ValueError):
+    """An engine setting is invalid or does not fit the model or the memory budget."""
+
+
 def parse_bytes(value: int | str) -> int:
     """`1073741824`, `"512MiB"`, `"2GB"` or `"1.5G"` -> bytes (binary units throughout)."""
     if isinstance(value, int):
         return value
     m = _SIZE_RE.match(value)
     if not m:
-        raise ValueError(f"cannot read {value!r} as a size; write e.g. 512MiB or 2GiB")
+        raise EngineConfigError(f"cannot read {value!r} as a size; write e.g. 512MiB or 2GiB")
     number, unit = float(m.group(1)), m.group(2).upper()
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
@@ -40,13 +44,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+            raise EngineConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            raise EngineConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if parse_bytes(self.kv_cache_memory) <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+            raise EngineConfigError(
+                f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

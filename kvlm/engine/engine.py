@@ -8,14 +8,18 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlm.engine.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, parse_bytes
+from kvlm.engine.config import (
+    DEFAULT_MAX_MODEL_LEN,
+    EngineConfig,
+    EngineConfigError,
+    parse_bytes,
+)
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
 from kvlm.kv.block_manager import BlockManager
 from kvlm.kv.pool import KVPool, PoolShape, block_bytes
-from kvlm.loading import load_model
-from kvlm.loading.gguf_loader import open_gguf
+from kvlm.loading import load_model, resolve_model_path
 from kvlm.models.transformer import CausalLM
 from kvlm.sampling import Sampler, SamplingParams, make_generator
 from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -25,14 +29,9 @@ class InputError(ValueError):
     """A request the engine refuses, with the value and the limit in the message."""
 
 
-def load_tokenizer(path_str: str) -> Tokenizer:
-    from kvlm.loading import resolve_model_path
-
-    path = resolve_model_path(path_str)
-    if path.is_dir():
-        return Tokenizer.from_hf_dir(path)
-    open_gguf(path)  # a corrupt file fails here with kvlm's message, not the tokenizer's
-    return Tokenizer.from_gguf(path)
+def load_tokenizer(name: str) -> Tokenizer:
+    path = resolve_model_path(name)
+    return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
 
 class LLMEngine:
@@ -47,7 +46,7 @@ class LLMEngine:
             DEFAULT_MAX_MODEL_LEN, self.model_config.max_model_len
         )
         if self.max_model_len > self.model_config.max_model_len:
-            raise ValueError(
+            raise EngineConfigError(
                 f"max_model_len {self.max_model_len} exceeds the model's context of "
                 f"{self.model_config.max_model_len}"
             )
@@ -75,7 +74,7 @@ class LLMEngine:
         num_blocks = budget // per_block
         needed = -(-self.max_model_len // cfg.block_size)
         if num_blocks < needed:
-            raise ValueError(
+            raise EngineConfigError(
                 f"kv_cache_memory {budget:,} bytes holds {num_blocks} blocks of "
                 f"{cfg.block_size} tokens ({per_block:,} bytes each), but one "
                 f"{self.max_model_len}-token sequence needs {needed} blocks "
