@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from kvlm.config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError
+from kvlm.loading.gguf_file import GGUFFormatError, GGUFTensorInfo, read_gguf, read_tensor_bytes
 from kvlm.loading.weights import LoadedModel, ModelLoadError, unpermute_rope_rows
 
 Q = gguf.GGMLQuantizationType
@@ -22,28 +23,7 @@ GEMMA3_SLIDING_PATTERN = 6
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    """Open a GGUF file, turning the reader's low-level failures into one clear error."""
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors, ...
-        raise ModelLoadError(
-            f"{path} is not a readable GGUF file (corrupt or truncated?): {type(e).__name__}: {e}"
-        ) from e
-
-
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Scalar and string fields by key; array fields become their length (vocabularies are big)."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
-            meta[key] = len(field.data)
-        else:
-            meta[key] = field.contents()
-    return meta
-
-
-def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_metadata(meta: dict[str, Any], tensors: dict[str, GGUFTensorInfo]) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelConfigError(
@@ -62,7 +42,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
     eos = meta.get("tokenizer.ggml.eos_token_id")
     common = dict(
         architecture=arch,
-        vocab_size=int(meta.get(f"{arch}.vocab_size") or meta["tokenizer.ggml.tokens"]),
+        vocab_size=tensors["token_embd.weight"].shape[0],
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length")),
         num_layers=num_layers,
@@ -72,7 +52,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         max_model_len=int(get("context_length")),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(get("rope.freq_base", 10_000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
+        tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
@@ -97,42 +77,48 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
     )
 
 
-def dequantize(tensor: Any) -> torch.Tensor:
-    """One GGUF tensor as float32 in PyTorch layout (GGUF lists dims innermost first)."""
-    qtype = tensor.tensor_type
+def dequantize(path: Path, info: GGUFTensorInfo) -> torch.Tensor:
+    """One GGUF tensor as float32 in PyTorch layout."""
+    qtype = info.tensor_type
     if qtype not in SUPPORTED_TENSOR_TYPES:
         names = ", ".join(t.name for t in SUPPORTED_TENSOR_TYPES)
         raise ModelLoadError(
-            f"tensor {tensor.name!r} has type {qtype.name}; kvlm dequantizes {names}"
+            f"tensor {info.name!r} has type {qtype.name}; kvlm dequantizes {names}"
         )
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    raw = np.asarray(tensor.data)
+    raw = read_tensor_bytes(path, info)  # [rows, bytes per row] uint8
     if qtype == Q.Q8_0:
         # Each block: a float16 scale then 32 int8 values; done in torch, ~10x numpy's speed.
-        blocks = torch.from_numpy(raw.reshape(-1, 34).copy())  # [num_blocks, 34] uint8
+        blocks = torch.from_numpy(raw).view(-1, 34)  # [num_blocks, 34] uint8
         scale = blocks[:, :2].view(torch.float16).float()  # [num_blocks, 1]
         values = blocks[:, 2:].view(torch.int8).float()  # [num_blocks, 32]
-        return (values * scale).reshape(shape)
+        return (values * scale).reshape(info.shape)
     if qtype in (Q.F32, Q.F16):
-        return torch.from_numpy(raw.copy()).float().reshape(shape)
-    return torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(shape)
+        dtype = np.float32 if qtype == Q.F32 else np.float16
+        return torch.from_numpy(raw.view(dtype)).float().reshape(info.shape)
+    return torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(info.shape)
 
 
 def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
-    reader = open_gguf(path)
-    names = {t.name for t in reader.tensors}
-    config = config_from_metadata(read_metadata(reader), names)
-    weights: dict[str, torch.Tensor] = {}
     try:
-        for tensor in reader.tensors:
-            w = dequantize(tensor)
-            if config.architecture == "llama" and tensor.name.endswith("attn_q.weight"):
-                w = unpermute_rope_rows(w, config.num_heads)
-            elif config.architecture == "llama" and tensor.name.endswith("attn_k.weight"):
-                w = unpermute_rope_rows(w, config.num_kv_heads)
-            weights[tensor.name] = w.to(dtype)
-    except (ValueError, IndexError, RuntimeError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"{path}: tensor data is corrupt or truncated: {e}") from e
+        # The vocabulary is the tokenizer's business; only scalar tokenizer ids are read here.
+        contents = read_gguf(
+            path, lambda key: not key.startswith("tokenizer.ggml.") or key.endswith("_id")
+        )
+    except GGUFFormatError as e:
+        raise ModelLoadError(f"{e} (corrupt or truncated?)") from e
+    tensors = {info.name: info for info in contents.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{path}: no token_embd.weight tensor: not a language model file")
+    config = config_from_metadata(contents.metadata, tensors)
+    weights: dict[str, torch.Tensor] = {}
+    for info in contents.tensors:
+        try:
+            w = dequantize(path, info)
+        except GGUFFormatError as e:
+            raise ModelLoadError(f"{e} (corrupt or truncated?)") from e
+        if config.architecture == "llama" and info.name.endswith("attn_q.weight"):
+            w = unpermute_rope_rows(w, config.num_heads)
+        elif config.architecture == "llama" and info.name.endswith("attn_k.weight"):
+            w = unpermute_rope_rows(w, config.num_kv_heads)
+        weights[info.name] = w.to(dtype)
     return LoadedModel(config=config, weights=weights, source=str(path))

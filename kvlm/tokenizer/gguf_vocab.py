@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from gguf import Keys
 
+from kvlm.loading.gguf_file import GGUFFormatError, read_gguf_metadata
 from kvlm.tokenizer.errors import TokenizerError
-from kvlm.tokenizer.gguf_metadata import read_gguf_metadata
 
 K = Keys.Tokenizer
 
@@ -79,7 +79,10 @@ class GGUFVocab:
     def from_file(cls, path: str | Path) -> GGUFVocab:
         """Read and check the tokenizer fields of a GGUF file; raise TokenizerError if absent."""
         path = Path(path)
-        meta = read_gguf_metadata(path, lambda key: key.startswith(("general.", "tokenizer.")))
+        try:
+            meta = read_gguf_metadata(path, lambda key: key.startswith(("general.", "tokenizer.")))
+        except GGUFFormatError as e:
+            raise TokenizerError(str(e)) from e
         return cls.from_metadata(meta, str(path), default_name=path.name)
 
     @classmethod

@@ -63,7 +63,7 @@ def test_truncated_gguf_is_reported(tmp_path: Path, smollm2_path: Path) -> None:
 def test_not_a_gguf_is_reported(tmp_path: Path) -> None:
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"definitely not a model" * 100)
-    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
         load_model(str(junk))
 
 
