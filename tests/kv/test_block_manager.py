@@ -163,3 +163,21 @@ def test_randomized_workload_keeps_invariants(seed: int) -> None:
 @given(st.integers(min_value=0, max_value=2**32))
 def test_randomized_workload_property(seed: int) -> None:
     _random_workload(seed, steps=60)
+
+
+def test_preempted_request_readmits_with_prefix_hit() -> None:
+    """Free a running request (preemption), then readmit it: its full blocks are hits."""
+    bm = BlockManager(num_blocks=6, block_size=2)
+    tokens = [5, 6, 7, 8, 9]
+    bm.allocate("a", 5)
+    bm.cache_full_blocks("a", tokens, 5)
+    assert bm.block_table("a") == [0, 1, 2]
+    bm.free("a")  # preempted: blocks 2, 1, 0 return to the free queue, hashes kept
+    bm.allocate("b", 6)  # another request takes 3, 4, 5 first, then nothing else
+    assert bm.block_table("b") == [3, 4, 5]
+    cached = bm.find_cached_prefix(tokens)
+    assert [b.block_id for b in cached] == [0, 1]
+    assert bm.can_allocate("a", 5, cached)
+    bm.allocate("a", 5, cached)
+    assert bm.block_table("a") == [0, 1, 2]
+    bm.check_integrity()
