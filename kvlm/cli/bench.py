@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 from kvlm.bench.decode import BASELINES, BenchConfigError, DecodeBenchConfig, run_decode_bench
 from kvlm.bench.report import markdown, to_json
+from kvlm.bench.serve import ServeBenchConfig, run_serve_bench
+from kvlm.bench.serve import markdown as serve_markdown
 from kvlm.cli.common import CLIError
 from kvlm.engine.config import DTYPES
 from kvlm.loading import DEFAULT_MODEL
@@ -54,6 +57,21 @@ def add_parser(subparsers: Any) -> None:
     decode.add_argument("--json", type=Path, default=None, metavar="F", help="write JSON to F")
     decode.set_defaults(run=run_decode)
 
+    serve = benches.add_parser(
+        "serve",
+        help="continuous batching and prefix caching: tok/s by concurrency, TTFT with a hit",
+        description="In-process serving workloads on one engine: aggregate generated tok/s with "
+        "N concurrent streams, TTFT of a long-prefix request cold vs cached, prefix-cache hit "
+        "rate over requests sharing that prefix, and KV waste (allocated, unwritten slots).",
+    )
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
+    serve.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    serve.add_argument("--streams", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
+    serve.add_argument("--new-tokens", type=int, default=64, help="tokens per stream")
+    serve.add_argument("--prefix-tokens", type=int, default=1000, help="shared prefix length")
+    serve.add_argument("--json", type=Path, default=None, metavar="F", help="write JSON to F")
+    serve.set_defaults(run=run_serve)
+
 
 def run_decode(args: argparse.Namespace) -> int:
     try:
@@ -74,5 +92,23 @@ def run_decode(args: argparse.Namespace) -> int:
     print(markdown(result))
     if args.json is not None:
         args.json.write_text(json.dumps(to_json(result), indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if not args.streams or min(args.streams) < 1 or args.new_tokens < 1 or args.prefix_tokens < 16:
+        raise CLIError("--streams need values >= 1, --new-tokens >= 1 and --prefix-tokens >= 16")
+    config = ServeBenchConfig(
+        model=args.model,
+        dtype=args.dtype,
+        streams=args.streams,
+        new_tokens=args.new_tokens,
+        prefix_tokens=args.prefix_tokens,
+    )
+    result = run_serve_bench(config, progress=lambda line: print(line, file=sys.stderr))
+    print(serve_markdown(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
