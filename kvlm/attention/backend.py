@@ -28,8 +28,8 @@ def attention(
     else:
         k_src, v_src = k, v
     view = ctx.views[window]
-    keys = k_src[view.gather_index].transpose(1, 2)  # [B, nkv, S, hd]
-    values = v_src[view.gather_index].transpose(1, 2)  # [B, nkv, S, hd]
+    keys = _gather(k_src, view.gather_index)  # [B, nkv, S, hd]
+    values = _gather(v_src, view.gather_index)  # [B, nkv, S, hd]
     queries = _pad_queries(q, ctx).transpose(1, 2)  # [B, nh, Q, hd]
     if softcap is None:
         out = F.scaled_dot_product_attention(
@@ -43,6 +43,12 @@ def attention(
         return out.reshape(num_tokens, num_heads * head_dim)
     flat = out.reshape(-1, num_heads * head_dim)  # [B * Q, nh * hd]
     return flat.index_select(0, ctx.query_pad_index)
+
+
+def _gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of `source` [N, nkv, hd] at `index` [B, S] -> [B, nkv, S, hd]."""
+    rows = source.index_select(0, index.view(-1))  # [B * S, nkv, hd]
+    return rows.view(*index.shape, *source.shape[1:]).transpose(1, 2)
 
 
 def _pad_queries(q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

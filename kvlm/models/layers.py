@@ -57,13 +57,12 @@ class RMSNorm(nn.Module):
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # [dim]
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)  # [dim], float32
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        normed = F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)
+        return normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -76,16 +75,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin, [T, 1, hd] float32, for `apply_rope`."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd / 2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, hd]
-        return angles.cos(), angles.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, hd]; cos/sin: [T, 1, hd] (float32). Returns x's dtype."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, hd]. rotate_half(x) * sin == roll(x, hd/2) * (-sin | sin), exactly."""
+    x32 = x.float()
+    rolled = torch.roll(x32, x.shape[-1] // 2, dims=-1)
+    return (x32 * cos + rolled * signed_sin).to(x.dtype)
 
 
 def activation(name: str) -> nn.Module:
