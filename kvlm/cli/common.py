@@ -67,6 +67,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-cache-memory", default=None, help="KV pool size, e.g. 512MiB (default 1GiB)"
     )
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's, one per core); use fewer than the cores "
+        "when other work shares the machine",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -123,6 +130,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "use_cache": not args.no_cache,
         "max_model_len": args.max_model_len,
+        "num_threads": args.threads,
     }
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = args.kv_cache_memory

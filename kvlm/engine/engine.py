@@ -38,6 +38,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.torch_device
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         loaded = load_model(config.model, config.torch_dtype)
         self.model_config = loaded.config
         self.tokenizer = load_tokenizer(config.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
@@ -137,5 +138,5 @@ class Request:
             prompt_token_ids=self.token_ids[: self.num_prompt_tokens],
             outputs=[completion],
             finished=self.finished,
-            metrics=self.metrics,
+            metrics=dataclasses.replace(self.metrics),  # a snapshot: the engine keeps updating
         )
