@@ -1,0 +1,85 @@
+"""`kvlm serve`: an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions,
+/v1/models, /health, /metrics) in front of one engine."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kvlm.cli.common import CLIError, add_model_options, engine_kwargs
+from kvlm.engine.config import EngineConfig
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the model over HTTP (OpenAI-compatible API)",
+        description="Serve the model over an OpenAI-compatible HTTP API: POST /v1/completions "
+        "and /v1/chat/completions (streaming with stream=true), GET /v1/models, /health and "
+        "/metrics (Prometheus). Stop with Ctrl-C.",
+    )
+    add_model_options(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default=DEFAULT_HOST, help=f"address ({DEFAULT_HOST})")
+    group.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port, 0 = any free ({DEFAULT_PORT})"
+    )
+    group.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes"
+    )
+    group.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients send as 'model' (default: the --model value)",
+    )
+    group.add_argument(
+        "--max-num-seqs", type=int, default=32, help="requests batched together at most (32)"
+    )
+    group.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (info)",
+    )
+    parser.set_defaults(run=run)
+
+
+def server_engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**engine_kwargs(args), max_num_seqs=args.max_num_seqs)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: the server's dependencies load only for this command.
+    from kvlm.engine.async_engine import AsyncLLMEngine
+    from kvlm.engine.engine import LLMEngine
+    from kvlm.server import build_app
+    from kvlm.server.launch import bind_socket, make_server, socket_url
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_num_seqs < 1:
+        raise CLIError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    config = server_engine_config(args)  # checked before the model loads
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        raise CLIError(
+            f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; "
+            "pick another --port (0 = any free one)"
+        ) from e
+    engine = AsyncLLMEngine(LLMEngine(config))
+    name = args.served_model_name or args.model
+    try:
+        app = build_app(engine, name, args.api_key)
+        url = socket_url(sock)
+        print(f"kvlm: serving {name!r} at {url}/v1 (health: {url}/health)", flush=True)
+        make_server(app, args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C
+        pass
+    finally:
+        engine.shutdown()
+        sock.close()
+    return 0

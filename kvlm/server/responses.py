@@ -1,0 +1,209 @@
+"""Response bodies in OpenAI's shapes: completions, chat completions, their stream chunks.
+
+kvlm's prefix-cache facts ride where OpenAI puts them: `usage.prompt_tokens_details.
+cached_tokens` (prompt tokens whose K/V came from the cache). `stop_reason` (the stop string
+or token id that ended a choice) is vLLM's extra field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from kvlm.engine.request import RequestOutput
+from kvlm.sampling import Logprob
+from kvlm.tokenizer import Tokenizer
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, output: RequestOutput) -> Usage:
+        num_prompt = len(output.prompt_token_ids)
+        num_completion = len(output.outputs[0].token_ids)
+        return cls(
+            prompt_tokens=num_prompt,
+            completion_tokens=num_completion,
+            total_tokens=num_prompt + num_completion,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=output.metrics.num_cached_tokens
+            ),
+        )
+
+
+# --- log-probabilities -----------------------------------------------------------------------
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
+def _piece(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(
+    tokenizer: Tokenizer,
+    token_ids: list[int],
+    entries: list[dict[int, Logprob]],
+    text_offset: int,
+) -> CompletionLogprobs:
+    """Log-probabilities of `token_ids` (their own entry plus the top ones) from `entries`."""
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        piece = _piece(tokenizer, token_id)
+        result.tokens.append(piece)
+        result.token_logprobs.append(entry[token_id].logprob)
+        result.top_logprobs.append({_piece(tokenizer, t): lp.logprob for t, lp in entry.items()})
+        result.text_offset.append(text_offset)
+        text_offset += len(piece)
+    return result
+
+
+def chat_logprobs(
+    tokenizer: Tokenizer,
+    token_ids: list[int],
+    entries: list[dict[int, Logprob]],
+    num_top: int,
+) -> ChatLogprobs:
+    """Per token: its log-probability and the `num_top` likeliest alternatives, in order."""
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        piece = _piece(tokenizer, token_id)
+        top = [
+            TopLogprob(token=(p := _piece(tokenizer, t)), logprob=lp.logprob, bytes=_bytes(p))
+            for t, lp in list(entry.items())[:num_top]  # rank order; the sampled one is last
+        ]
+        content.append(
+            ChatTokenLogprob(
+                token=piece,
+                logprob=entry[token_id].logprob,
+                bytes=_bytes(piece),
+                top_logprobs=top,
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+# --- completions -----------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "abort"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Also a stream chunk (with `usage` unset, or with `choices` empty for the usage chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# --- chat completions ------------------------------------------------------------------------
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvlm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,141 @@
+"""`AsyncLLMEngine` on its own: outputs, errors raised to the caller, aborts when the consumer
+stops, request-id reuse, shutdown. Real-engine tests borrow the live server's engine (a second
+event loop is fine: each request answers on the loop that made it)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from live_server import LiveServer
+
+from kvlm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from kvlm.engine.engine import InputError
+from kvlm.engine.scheduler import SchedulerStats
+from kvlm.sampling import SamplingParams
+from kvlm.server import build_app
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def test_generate_yields_every_token_then_a_finished_output(server: LiveServer) -> None:
+    async def run() -> list:
+        return [o async for o in server.engine.generate("Once upon a time", params=GREEDY)]
+
+    outputs = asyncio.run(asyncio.wait_for(run(), 60))
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3, 4, 5, 6]
+    assert [o.finished for o in outputs] == [False] * 5 + [True]
+    assert "".join(o.outputs[0].delta for o in outputs) == outputs[-1].outputs[0].text
+
+
+def test_add_request_errors_reach_the_caller(server: LiveServer) -> None:
+    async def run() -> None:
+        async for _ in server.engine.generate(prompt_token_ids=[], params=GREEDY):
+            pass
+
+    with pytest.raises(InputError, match="prompt is empty"):
+        asyncio.run(asyncio.wait_for(run(), 30))
+
+
+@pytest.mark.parametrize("how", ["break", "cancel"])
+def test_a_consumer_that_stops_aborts_its_request(server: LiveServer, how: str) -> None:
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+
+    async def consume() -> None:
+        generator = server.engine.generate("Count to a thousand:", params=params)
+        async for output in generator:
+            if len(output.outputs[0].token_ids) == 2 and how == "break":
+                await generator.aclose()
+                return
+
+    async def run() -> None:
+        task = asyncio.ensure_future(consume())
+        if how == "cancel":
+            await asyncio.sleep(1.0)
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    before = server.metrics()["kvlm_generation_tokens_total"]
+    asyncio.run(asyncio.wait_for(run(), 60))
+    after = server.wait_idle(timeout=10)
+    assert after["kvlm_num_requests_running"] == 0
+    assert after["kvlm_kv_cache_blocks_used"] == 0
+    assert after["kvlm_generation_tokens_total"] - before < 100
+    server.check_integrity()
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_request_survives(
+    server: LiveServer,
+) -> None:
+    async def run() -> tuple[str, BaseException | None]:
+        first = await server.engine.add_request("Hello", None, GREEDY, request_id="same")
+        error = None
+        try:
+            await server.engine.add_request("Hi", None, GREEDY, request_id="same")
+        except InputError as e:
+            error = e
+        outputs = [o async for o in first]
+        return outputs[-1].outputs[0].finish_reason, error
+
+    finish_reason, error = asyncio.run(asyncio.wait_for(run(), 60))
+    assert finish_reason == "length"
+    assert isinstance(error, InputError) and "'same'" in str(error)
+
+
+class _NeverFinishingEngine:
+    """Just enough of LLMEngine: requests are accepted and then never produce a token."""
+
+    def __init__(self) -> None:
+        self.tokenizer = None
+        self.max_model_len = 64
+        self.block_manager = None
+        self.scheduler = SimpleNamespace(running=[], waiting=[], stats=SchedulerStats())
+        self.requests: dict[str, SimpleNamespace] = {}
+        self.stepping = threading.Event()
+
+    def add_request(self, prompt, prompt_token_ids, params, cache_salt, request_id) -> str:
+        self.requests[request_id] = SimpleNamespace(num_prompt_tokens=1)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list:
+        self.stepping.set()
+        threading.Event().wait(0.01)
+        return []
+
+
+def test_shutdown_fails_in_flight_requests_and_refuses_new_ones() -> None:
+    fake = _NeverFinishingEngine()
+    engine = AsyncLLMEngine(fake)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        stream = await engine.add_request("x", None, GREEDY)
+        assert fake.stepping.wait(5)
+        engine.shutdown()
+        assert not engine.is_alive
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(stream.__anext__(), 5)
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("y", None, GREEDY)
+        with pytest.raises(EngineDeadError):
+            engine.call(lambda e: None).result(timeout=5)
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert fake.requests == {}  # the in-flight request was aborted
+    with TestClient(build_app(engine, "fake")) as client:
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert "stopped" in health.json()["error"]["message"]
+        assert client.get("/metrics").status_code == 200
+        body = {"prompt": [1, 2], "max_tokens": 2}
+        refused = client.post("/v1/completions", json=body)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "engine_dead"
