@@ -12,7 +12,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from kvlm.cli.common import USER_ERRORS, add_model_options, add_sampling_options, load_llm
+from kvlm.cli.common import (
+    USER_ERRORS,
+    add_model_options,
+    add_sampling_options,
+    load_llm,
+    stream_to_stdout,
+)
 from kvlm.cli.common import sampling_params as make_sampling_params
 from kvlm.cli.stats import format_chat_stats, turn_stats
 from kvlm.engine.llm import LLM, Message
@@ -63,14 +69,7 @@ def read_line(stdin: TextIO) -> str | None:
 def reply(llm: LLM, conversation: Conversation, params: SamplingParams, turn: int) -> str:
     """Stream the assistant's answer to the conversation; returns its full text."""
     prompt_ids = llm.tokenizer.encode_chat(conversation.messages)
-    last = None
-    for output in llm.stream({"prompt_token_ids": prompt_ids}, params):
-        sys.stdout.write(output.outputs[0].delta)
-        sys.stdout.flush()
-        last = output
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    assert last is not None and last.finished, "the stream ends with a finished output"
+    last = stream_to_stdout(llm, {"prompt_token_ids": prompt_ids}, params)
     print(format_chat_stats(turn, turn_stats(llm.engine, last.metrics)), file=sys.stderr)
     return last.outputs[0].text
 

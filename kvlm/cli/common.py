@@ -7,12 +7,14 @@ typo fails in milliseconds, not after a 15-second load.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, NoReturn
 
 from kvlm.config import ModelConfigError
 from kvlm.engine.config import DTYPES, EngineConfig, EngineConfigError
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
+from kvlm.engine.request import RequestOutput
 from kvlm.loading import DEFAULT_MODEL, ModelLoadError, ModelNotFoundError
 from kvlm.sampling import SamplingParams, SamplingParamsError
 from kvlm.tokenizer import TokenizerError
@@ -146,3 +148,16 @@ def load_llm(args: argparse.Namespace) -> LLM:
     """Load the model named by the options; a bad setting becomes a CLIError."""
     check_engine_options(args)
     return LLM(**engine_kwargs(args))
+
+
+def stream_to_stdout(llm: LLM, prompt: dict[str, Any], params: SamplingParams) -> RequestOutput:
+    """Write each new piece of text as it is produced; returns the finished output."""
+    last = None
+    for output in llm.stream(prompt, params):
+        sys.stdout.write(output.outputs[0].delta)
+        sys.stdout.flush()
+        last = output
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    assert last is not None and last.finished, "the stream ends with a finished output"
+    return last

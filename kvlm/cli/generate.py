@@ -12,6 +12,7 @@ from kvlm.cli.common import (
     add_sampling_options,
     load_llm,
     sampling_params,
+    stream_to_stdout,
 )
 from kvlm.cli.stats import format_generate_stats, turn_stats
 from kvlm.engine.llm import LLM
@@ -53,13 +54,6 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     params = sampling_params(args)
     llm = load_llm(args)
-    last = None
-    for output in llm.stream(encode(llm, prompt, args.chat), params):
-        sys.stdout.write(output.outputs[0].delta)
-        sys.stdout.flush()
-        last = output
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    assert last is not None and last.finished, "the stream ends with a finished output"
+    last = stream_to_stdout(llm, encode(llm, prompt, args.chat), params)
     print(format_generate_stats(turn_stats(llm.engine, last.metrics)), file=sys.stderr)
     return 0
