@@ -75,12 +75,14 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            if not self.config.use_cache:
-                request.num_computed_tokens = 0  # the baseline recomputes everything
-            num_tokens = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            if self.config.use_cache:
+                num_tokens = min(len(request.token_ids) - request.num_computed_tokens, budget)
+            else:  # the baseline recomputes the whole sequence, never in chunks
+                request.num_computed_tokens = 0
+                num_tokens = len(request.token_ids)
             if self._reserve(request, num_tokens):
                 batch.add(request, num_tokens)
-                budget -= num_tokens
+                budget = max(budget - num_tokens, 0)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             num_tokens = self._admit(request, budget)

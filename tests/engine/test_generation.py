@@ -127,3 +127,8 @@ def test_stream_deltas_add_up_to_the_text(smollm2_llm) -> None:
     assert chunks[-1].finished
     assert "".join(c.outputs[0].delta for c in chunks) == chunks[-1].outputs[0].text
     assert smollm2_llm.engine.block_manager.num_free_blocks > 0
+
+
+def test_no_cache_finishes_sequences_longer_than_the_token_budget(alone) -> None:
+    llm = LLM("smollm2", use_cache=False, max_num_batched_tokens=8)
+    assert _ids(llm.generate(PROMPTS, GREEDY)) == alone
