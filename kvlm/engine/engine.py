@@ -21,7 +21,7 @@ from kvlm.kv.block_manager import BlockManager
 from kvlm.kv.pool import KVPool, PoolShape, block_bytes
 from kvlm.loading import load_model, resolve_model_path
 from kvlm.models.transformer import CausalLM
-from kvlm.sampling import Sampler, SamplingParams, make_generator
+from kvlm.sampling import Logprob, Sampler, SamplingParams, make_generator
 from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -181,7 +181,9 @@ class LLMEngine:
                 self.requests.pop(request.request_id, None)
         return outputs
 
-    def _append_token(self, request: Request, token_id: int, logprobs, now: float) -> None:
+    def _append_token(
+        self, request: Request, token_id: int, logprobs: dict[int, Logprob] | None, now: float
+    ) -> None:
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
         request.token_ids.append(token_id)
@@ -193,24 +195,21 @@ class LLMEngine:
         params = request.params
         delta = request.detokenizer.push(token_id)
         request.text += delta
-        if (
-            params.stop_token_ids
-            and token_id in params.stop_token_ids
-            or not params.ignore_eos
-            and token_id in self.stop_token_ids
-        ):
+        is_eos = not params.ignore_eos and token_id in self.stop_token_ids
+        out_of_room = len(request.token_ids) >= self.max_model_len
+        if params.max_tokens is not None:
+            out_of_room |= request.num_output_tokens >= params.max_tokens
+        if is_eos or token_id in params.stop_token_ids:
             self._finish(request, "stop", token_id, now)
         elif match := request.stop_checker.check(request.text, len(delta)):
             request.text = request.text[: match.truncate_at]
             self._finish(request, "stop", match.stop, now)
-        elif (
-            params.max_tokens is not None
-            and request.num_output_tokens >= params.max_tokens
-            or len(request.token_ids) >= self.max_model_len
-        ):
+        elif out_of_room:
             self._finish(request, "length", None, now)
 
-    def _finish(self, request: Request, reason: str, stop_reason, now: float) -> None:
+    def _finish(
+        self, request: Request, reason: str, stop_reason: int | str | None, now: float
+    ) -> None:
         if not isinstance(stop_reason, str):  # a stop string already cut the text
             request.text += request.detokenizer.flush()
         request.finish_reason = reason
