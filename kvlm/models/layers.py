@@ -39,8 +39,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [M, in_features]
         num_rows = rows.shape[0]
-        if num_rows > self.GEMM_ROWS_MAX or not rows.is_cpu:  # GPUs: cuBLAS picks well
-            out = F.linear(rows, self.weight)
+        if num_rows > self.GEMM_ROWS_MAX or not rows.is_cpu or rows.dtype != torch.float32:
+            out = F.linear(rows, self.weight)  # cuBLAS and oneDNN's bf16 kernels pick well
         elif num_rows == 1:
             out = (self.weight @ torch.cat((rows, rows)).T)[:, :1].T.contiguous()
         else:
