@@ -92,14 +92,13 @@ class BlockManager:
         table = self.block_tables.get(request_id)
         if table is None and cached:
             assert all(b.block_hash is not None for b in cached), "cached blocks must be full"
-        num_new = self.blocks_needed(num_tokens) - len(table or cached)
-        # Reviving a cached free block takes it out of the free queue too.
-        revived = sum(1 for b in cached if b.ref_count == 0) if table is None else 0
-        if num_new + revived > self.num_free_blocks:
+        demand = self._free_blocks_demanded(request_id, num_tokens, cached)
+        if demand > self.num_free_blocks:
             raise OutOfBlocksError(
-                f"request {request_id} needs {num_new + revived} more blocks of "
+                f"request {request_id} needs {demand} more blocks of "
                 f"{self.block_size} tokens; {self.num_free_blocks} free of {self.num_blocks}"
             )
+        num_new = self.blocks_needed(num_tokens) - len(table or cached)
         if table is None:
             table = self.block_tables[request_id] = []
             self.hashes[request_id] = []
@@ -113,10 +112,17 @@ class BlockManager:
     def can_allocate(
         self, request_id: str, num_tokens: int, cached: Sequence[KVBlock] = ()
     ) -> bool:
+        return self._free_blocks_demanded(request_id, num_tokens, cached) <= self.num_free_blocks
+
+    def _free_blocks_demanded(
+        self, request_id: str, num_tokens: int, cached: Sequence[KVBlock]
+    ) -> int:
+        """Free-queue blocks `allocate` would take: new blocks plus revived cached ones."""
         table = self.block_tables.get(request_id)
         num_new = self.blocks_needed(num_tokens) - len(table or cached)
+        # Reviving a cached free block takes it out of the free queue too.
         revived = sum(1 for b in cached if b.ref_count == 0) if table is None else 0
-        return num_new + revived <= self.num_free_blocks
+        return num_new + revived
 
     def cache_full_blocks(
         self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
