@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -29,8 +30,7 @@ class InputError(ValueError):
     """A request the engine refuses, with the value and the limit in the message."""
 
 
-def load_tokenizer(name: str) -> Tokenizer:
-    path = resolve_model_path(name)
+def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
 
@@ -40,9 +40,10 @@ class LLMEngine:
         self.device = config.torch_device
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model, config.torch_dtype)
+        path = resolve_model_path(config.model)  # once: an alias may hash a large file
+        loaded = load_model(str(path), config.torch_dtype)
         self.model_config = loaded.config
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(path)
         self.model = CausalLM(loaded).to_device(self.device).eval()
         self.max_model_len = config.max_model_len or min(
             DEFAULT_MAX_MODEL_LEN, self.model_config.max_model_len
