@@ -11,7 +11,13 @@ import sys
 from typing import Any, NoReturn
 
 from kvlm.config import ModelConfigError
-from kvlm.engine.config import DTYPES, EngineConfig, EngineConfigError
+from kvlm.engine.config import (
+    DTYPES,
+    KV_CACHE_DTYPES,
+    WEIGHT_FORMATS,
+    EngineConfig,
+    EngineConfigError,
+)
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import RequestOutput
@@ -68,6 +74,30 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kv-cache-memory", default=None, help="KV pool size, e.g. 512MiB (default 1GiB)"
+    )
+    group.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help=f"K/V storage: {', '.join(KV_CACHE_DTYPES)} (default auto = the model's dtype)",
+    )
+    group.add_argument(
+        "--sliding-window",
+        type=int,
+        default=None,
+        metavar="W",
+        help="attend to the last W tokens only; blocks behind the window are freed",
+    )
+    group.add_argument(
+        "--attention-sinks",
+        type=int,
+        default=0,
+        metavar="S",
+        help="with --sliding-window: also keep the first S tokens (StreamingLLM)",
+    )
+    group.add_argument(
+        "--weight-format",
+        default="float",
+        help=f"how linear weights are held: {', '.join(WEIGHT_FORMATS)} (default float)",
     )
     group.add_argument(
         "--threads",
@@ -133,6 +163,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "use_cache": not args.no_cache,
         "max_model_len": args.max_model_len,
         "num_threads": args.threads,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "sliding_window": args.sliding_window,
+        "attention_sinks": args.attention_sinks,
+        "weight_format": args.weight_format,
     }
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = args.kv_cache_memory

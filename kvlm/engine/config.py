@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How K/V are stored: "auto" follows the model's dtype; see kvlm.kv.quant for the integer formats.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4", "fp8")
+# How linear weights are held: "float" dequantizes at load (the exact path the oracle tests use).
+WEIGHT_FORMATS = ("float",)
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -44,8 +48,34 @@ class EngineConfig:
     # torch's CPU threads (process-wide). Under oversubscription (other busy processes on the
     # cores) OpenMP barriers stall every op: on 2 shared cores decode fell ~30x with 2 threads.
     num_threads: int | None = None
+    kv_cache_dtype: str = "auto"
+    # Every layer attends to at most this many recent tokens (the model's own windows, e.g.
+    # Gemma 3's 512, are kept where smaller); blocks behind every window go back to the pool.
+    sliding_window: int | None = None
+    # StreamingLLM: keep the first `attention_sinks` tokens beside the window (needs a window).
+    attention_sinks: int = 0
+    weight_format: str = "float"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise EngineConfigError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise EngineConfigError(
+                f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, "
+                f"got {self.weight_format!r}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise EngineConfigError(f"sliding_window must be >= 1 token, got {self.sliding_window}")
+        if self.attention_sinks < 0:
+            raise EngineConfigError(f"attention_sinks must be >= 0, got {self.attention_sinks}")
+        if self.attention_sinks and self.sliding_window is None:
+            raise EngineConfigError(
+                f"attention_sinks ({self.attention_sinks}) needs a sliding_window: sinks are "
+                "kept beside a window of recent tokens; pass --sliding-window N too"
+            )
         if self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -41,7 +41,7 @@ class LLMEngine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         path = resolve_model_path(config.model)  # once: an alias may hash a large file
-        loaded = load_model(str(path), config.torch_dtype)
+        loaded = load_model(str(path), config.torch_dtype, config.weight_format)
         self.model_config = loaded.config
         self.tokenizer = load_tokenizer(path)
         self.model = CausalLM(loaded).to_device(self.device).eval()

@@ -31,6 +31,8 @@ class RequestMetrics:
     finish_time: float | None = None
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    # The most KV bytes (all layer groups, scales included) the request's tables held at once.
+    kv_peak_bytes: int = 0
 
     @property
     def ttft_s(self) -> float | None:

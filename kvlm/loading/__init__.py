@@ -20,8 +20,13 @@ __all__ = [
 ]
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load an alias, a `.gguf` file or a safetensors folder; weights come out in `dtype`."""
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, weight_format: str = "float"
+) -> LoadedModel:
+    """Load an alias, a `.gguf` file or a safetensors folder; weights come out in `dtype`.
+
+    `weight_format` "float" dequantizes every tensor to `dtype` at load.
+    """
     path = resolve_model_path(name)
     if path.is_dir():
         return load_hf_folder(path, dtype)
