@@ -1,9 +1,10 @@
-"""Batched logit transforms used by the sampler: repetition penalty and top-k / top-p / min-p.
+"""Batched logit transforms used by the sampler: logit bias, banned tokens (min_tokens),
+repetition / presence / frequency penalties, and top-k / top-p / min-p.
 
 Each function takes `[num_seqs, vocab_size]` float logits plus one parameter per row, returns
 new logits (the input is never modified) and leaves a row untouched when its parameter is the
-neutral value (penalty 1, top_k 0, top_p 1, min_p 0), bit for bit. Filtered-out tokens get
-logit -inf. None of them moves data from the device to the host.
+neutral value (no bias, nothing banned, penalty 1 or 0, top_k 0, top_p 1, min_p 0), bit for
+bit. Filtered-out tokens get logit -inf. None of them moves data from the device to the host.
 """
 
 from __future__ import annotations
@@ -41,6 +42,73 @@ def apply_repetition_penalty(
     penalty = torch.tensor(penalties, dtype=logits.dtype).to(device).view(num_seqs, 1)
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def _row_token_pairs(
+    rows: Sequence[int], ids_per_row: Sequence[Sequence[int]], vocab_size: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened (row, token id) index pairs, built on the host: `ids_per_row[k]` are row
+    `rows[k]`'s ids. Raises ValueError naming `what` for an id outside the vocabulary."""
+    flat_rows = [row for row, ids in zip(rows, ids_per_row, strict=True) for _ in ids]
+    flat_ids = [token_id for ids in ids_per_row for token_id in ids]
+    bad = [t for t in flat_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{what} token id {bad[0]} is outside the vocabulary of {vocab_size}")
+    return torch.tensor(flat_rows, dtype=torch.long), torch.tensor(flat_ids, dtype=torch.long)
+
+
+def apply_logit_bias(
+    logits: torch.Tensor, logit_biases: Sequence[Sequence[tuple[int, float]]]
+) -> torch.Tensor:
+    """Add each row's `(token_id, bias)` pairs to its logits (OpenAI's `logit_bias`)."""
+    rows = [i for i, pairs in enumerate(logit_biases) if pairs]
+    if not rows:
+        return logits
+    ids = [[token_id for token_id, _ in logit_biases[i]] for i in rows]
+    row_idx, token_idx = _row_token_pairs(rows, ids, logits.shape[1], "logit_bias")
+    biases = torch.tensor([b for i in rows for _, b in logit_biases[i]], dtype=logits.dtype)
+    device = logits.device
+    return logits.index_put((row_idx.to(device), token_idx.to(device)), biases.to(device),
+                            accumulate=True)  # fmt: skip
+
+
+def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Give `banned[i]`'s ids logit -inf in row i (min_tokens: no stop token yet)."""
+    rows = [i for i, ids in enumerate(banned) if ids]
+    if not rows:
+        return logits
+    row_idx, token_idx = _row_token_pairs(rows, [banned[i] for i in rows], logits.shape[1], "stop")
+    device = logits.device
+    return logits.index_put(
+        (row_idx.to(device), token_idx.to(device)), torch.tensor(float("-inf"), device=device)
+    )
+
+
+def apply_presence_frequency_penalties(
+    logits: torch.Tensor,
+    presence: Sequence[float],
+    frequency: Sequence[float],
+    output_token_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """OpenAI's rule over each row's generated tokens (never its prompt):
+    `logit[j] -= frequency * count[j] + presence * (count[j] > 0)`.
+
+    `output_token_ids[i]` is read only when row i has a non-zero presence or frequency.
+    """
+    rows = [i for i in range(len(presence)) if presence[i] != 0.0 or frequency[i] != 0.0]
+    if not rows:
+        return logits
+    num_seqs, vocab_size = logits.shape
+    device, dtype = logits.device, logits.dtype
+    ids = [output_token_ids[i] for i in rows]
+    row_idx, token_idx = _row_token_pairs(rows, ids, vocab_size, "output")
+    counts = torch.zeros_like(logits)  # [num_seqs, vocab_size]
+    ones = torch.ones(len(token_idx), dtype=dtype, device=device)
+    counts.index_put_((row_idx.to(device), token_idx.to(device)), ones, accumulate=True)
+    alpha_frequency = torch.tensor(frequency, dtype=dtype).to(device).view(num_seqs, 1)
+    alpha_presence = torch.tensor(presence, dtype=dtype).to(device).view(num_seqs, 1)
+    penalty = alpha_frequency * counts + alpha_presence * (counts > 0).to(dtype)
+    return torch.where(counts > 0, logits - penalty, logits)
 
 
 def apply_top_k_top_p_min_p(

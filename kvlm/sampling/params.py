@@ -8,7 +8,7 @@ can be shared between requests). Use `dataclasses.replace` to derive a variant; 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,8 @@ from typing import Any
 # overflows; vLLM uses the same cut-off).
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty is [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value is [-100, 100]
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit seeds
 
 
@@ -80,13 +82,46 @@ def _normalize_stop_token_ids(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _normalize_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items: Sequence[Any] = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise SamplingParamsError(
+            f"logit_bias must map token ids to numbers (or be None), got {_describe(value)}"
+        )
+    pairs: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise SamplingParamsError(
+                f"logit_bias must map token ids to numbers, got the entry {_describe(item)}"
+            )
+        token_id, bias = item
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise SamplingParamsError(
+                f"logit_bias keys must be token ids (ints >= 0), got {_describe(token_id)}"
+            )
+        bias = _check_float(f"logit_bias[{token_id}]", bias)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise SamplingParamsError(
+                f"logit_bias[{token_id}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {bias!r}"
+            )
+        pairs[token_id] = bias
+    return tuple(sorted(pairs.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each generated token of one request, and when to stop.
 
     Invariants after construction: `stop` is a tuple of non-empty strings, `stop_token_ids` a
-    tuple of ints >= 0 (both empty when unset), and `top_k` is 0 when top-k is off (-1 on input
-    is accepted and normalised to 0).
+    tuple of ints >= 0 (both empty when unset), `logit_bias` a tuple of (token_id, bias) pairs
+    sorted by id (empty when unset), and `top_k` is 0 when top-k is off (-1 on input is
+    accepted and normalised to 0).
     """
 
     # Completions per prompt; only 1 is supported for now.
@@ -117,6 +152,16 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # OpenAI's penalties, counted over generated tokens only (never the prompt), in [-2, 2]:
+    # logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Added to these token ids' logits before any other transform, each in [-100, 100]
+    # (+100 all but forces a token, -100 all but bans it); a {token_id: bias} mapping,
+    # normalised to a tuple of (token_id, bias) pairs sorted by id.
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None = None
+    # EOS (unless ignore_eos) and stop_token_ids cannot be sampled before this many tokens.
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
@@ -148,6 +193,16 @@ class SamplingParams:
                 f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}"
             )
 
+        presence = _check_float("presence_penalty", self.presence_penalty)
+        frequency = _check_float("frequency_penalty", self.frequency_penalty)
+        for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise SamplingParamsError(
+                    f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 = off), "
+                    f"got {value!r}"
+                )
+        logit_bias = _normalize_logit_bias(self.logit_bias)
+
         _check_int("seed", self.seed, optional=True)
         if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
             raise SamplingParamsError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
@@ -156,6 +211,13 @@ class SamplingParams:
             raise SamplingParamsError(
                 f"max_tokens must be >= 1 (or None for 'until the context is full'), "
                 f"got {self.max_tokens}"
+            )
+        _check_int("min_tokens", self.min_tokens)
+        if self.min_tokens < 0:
+            raise SamplingParamsError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamsError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
         _check_int("logprobs", self.logprobs, optional=True)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
@@ -172,6 +234,9 @@ class SamplingParams:
         object.__setattr__(self, "top_k", max(self.top_k, 0))
         object.__setattr__(self, "min_p", min_p)
         object.__setattr__(self, "repetition_penalty", penalty)
+        object.__setattr__(self, "presence_penalty", presence)
+        object.__setattr__(self, "frequency_penalty", frequency)
+        object.__setattr__(self, "logit_bias", logit_bias)
         object.__setattr__(self, "stop", _normalize_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _normalize_stop_token_ids(self.stop_token_ids))
 

@@ -1,27 +1,37 @@
 """Turn one step's logits into one token per sequence, plus optional log-probabilities.
 
 Per row, in this order:
-  1. repetition penalty (on the raw logits; rows with penalty 1 are untouched);
-  2. greedy rows (temperature 0) take the argmax of the penalised logits and stop here;
-  3. temperature: logits / temperature;
-  4. top-k, 5. top-p, 6. min-p (see `filters.apply_top_k_top_p_min_p`);
-  7. sample with the exponential race: argmax(p_i / q_i), q_i ~ Exp(1), computed as
+  1. min_tokens: while fewer than `min_tokens` tokens were generated, the stop token ids
+     (EOS unless ignore_eos, and `stop_token_ids`) get logit -inf;
+  2. logit_bias: added to the raw logits;
+  3. repetition penalty (every id in the prompt or output), then presence and frequency
+     penalties (generated ids only, OpenAI's rule); rows at the neutral value are untouched;
+  4. greedy rows (temperature 0) take the argmax of the result and stop here;
+  5. temperature: logits / temperature;
+  6. top-k, 7. top-p, 8. min-p (see `filters.apply_top_k_top_p_min_p`);
+  9. sample with the exponential race: argmax(p_i / q_i), q_i ~ Exp(1), computed as
      argmax(logit_i - log q_i). q for a row comes from that row's generator (or torch's global
      RNG when it has none) and has vocab_size entries, so a seeded row's token depends only on
      its seed, its logits and how many steps its generator has run, never on the rest of the
      batch.
-Log-probabilities are those of the raw model output (log_softmax before penalty and
+Log-probabilities are those of the raw model output (log_softmax before bias, penalties and
 temperature), as vLLM returns by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kvlm.sampling.filters import apply_repetition_penalty, apply_top_k_top_p_min_p
+from kvlm.sampling.filters import (
+    apply_logit_bias,
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    apply_top_k_top_p_min_p,
+    ban_tokens,
+)
 from kvlm.sampling.params import SamplingParams
 
 
@@ -57,7 +67,15 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 
 class Sampler:
-    """Stateless; all per-request state (generators, history) is passed in by the engine."""
+    """Stateless apart from the model's EOS ids; all per-request state (generators, history)
+    is passed in by the engine.
+
+    `eos_token_ids` are the ids that end a request unless its params say `ignore_eos`; they
+    are banned, with `params.stop_token_ids`, while a request has not reached `min_tokens`.
+    """
+
+    def __init__(self, eos_token_ids: Collection[int] = ()) -> None:
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(eos_token_ids))
 
     def __call__(
         self,
@@ -65,12 +83,15 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         past_token_ids: Sequence[Sequence[int]],
+        num_output_tokens: Sequence[int] | None = None,
     ) -> SamplerOutput:
         """Sample one token for each row of `logits` ([num_seqs, vocab_size]).
 
         `generators[i]` is request i's generator (from `make_generator`) or None;
-        `past_token_ids[i]` its prompt + generated ids, read only when its repetition penalty
-        is not 1. Moves data to the host once for the token ids, and once more for the
+        `past_token_ids[i]` its prompt + generated ids, read only when a penalty is set;
+        `num_output_tokens[i]` how many of those were generated, required when a row sets
+        min_tokens or a presence / frequency penalty (the rule counts generated tokens only).
+        Moves data to the host once for the token ids, and once more for the
         log-probabilities when any row asks for them.
         """
         if logits.dim() != 2:
@@ -81,15 +102,67 @@ class Sampler:
                 f"need one entry per logits row ({num_seqs}): got {len(params)} params, "
                 f"{len(generators)} generators, {len(past_token_ids)} past_token_ids"
             )
-        logits = logits.float()
+        if num_output_tokens is not None and len(num_output_tokens) != num_seqs:
+            raise ValueError(
+                f"need one num_output_tokens entry per logits row ({num_seqs}), "
+                f"got {len(num_output_tokens)}"
+            )
+        raw = logits.float()
+        logits = self._ban_stop_tokens(raw, params, num_output_tokens)
+        logits = apply_logit_bias(logits, [p.logit_bias for p in params])
         penalties = [p.repetition_penalty for p in params]
-        penalised = apply_repetition_penalty(logits, penalties, past_token_ids)
-        token_ids = _select_tokens(penalised, params, generators)  # [num_seqs] int64
+        logits = apply_repetition_penalty(logits, penalties, past_token_ids)
+        logits = apply_presence_frequency_penalties(
+            logits,
+            [p.presence_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            _output_token_ids(params, past_token_ids, num_output_tokens),
+        )
+        token_ids = _select_tokens(logits, params, generators)  # [num_seqs] int64
         if all(p.logprobs is None for p in params):
             logprobs: list[dict[int, Logprob] | None] = [None] * num_seqs
         else:
-            logprobs = _gather_logprobs(logits, token_ids, params)
+            logprobs = _gather_logprobs(raw, token_ids, params)
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def _ban_stop_tokens(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        num_output_tokens: Sequence[int] | None,
+    ) -> torch.Tensor:
+        if all(p.min_tokens == 0 for p in params):
+            return logits
+        if num_output_tokens is None:
+            raise ValueError("min_tokens needs num_output_tokens (generated tokens per row)")
+        banned = [
+            (p.stop_token_ids + (() if p.ignore_eos else self.eos_token_ids))
+            if n < p.min_tokens
+            else ()
+            for p, n in zip(params, num_output_tokens, strict=True)
+        ]
+        return ban_tokens(logits, banned)
+
+
+def _output_token_ids(
+    params: Sequence[SamplingParams],
+    past_token_ids: Sequence[Sequence[int]],
+    num_output_tokens: Sequence[int] | None,
+) -> list[Sequence[int]]:
+    """Each row's generated ids (the tail of its past ids); empty for rows without
+    presence / frequency penalties, which never read them."""
+    wanted = [p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params]
+    if not any(wanted):
+        return [()] * len(params)
+    if num_output_tokens is None:
+        raise ValueError(
+            "presence_penalty and frequency_penalty need num_output_tokens "
+            "(generated tokens per row)"
+        )
+    return [
+        past[len(past) - n :] if want and n > 0 else ()
+        for want, past, n in zip(wanted, past_token_ids, num_output_tokens, strict=True)
+    ]
 
 
 def _select_tokens(

@@ -42,7 +42,7 @@ class StopChecker:
             raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
         self.stop: tuple[str, ...] = tuple(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
-        self._max_len = max((len(s) for s in self.stop), default=0)
+        self.max_len = max((len(s) for s in self.stop), default=0)  # the longest stop string
 
     @classmethod
     def from_params(cls, params: SamplingParams) -> StopChecker:
@@ -60,7 +60,7 @@ class StopChecker:
             )
         if not self.stop or new_text_len == 0:
             return None
-        search_from = max(0, len(text_so_far) - new_text_len - (self._max_len - 1))
+        search_from = max(0, len(text_so_far) - new_text_len - (self.max_len - 1))
         best: tuple[int, int, str] | None = None  # (start, len, stop)
         for stop in self.stop:
             start = text_so_far.find(stop, search_from)
@@ -81,7 +81,7 @@ class StopChecker:
         """
         if self.include_stop_str_in_output:
             return 0
-        for length in range(min(len(text), self._max_len - 1), 0, -1):
+        for length in range(min(len(text), self.max_len - 1), 0, -1):
             tail = text[-length:]
             if any(len(s) > length and s.startswith(tail) for s in self.stop):
                 return length

@@ -26,6 +26,8 @@ def test_defaults_match_vllm() -> None:
     assert params.logprobs is None
     assert params.skip_special_tokens is True
     assert params.include_stop_str_in_output is False
+    assert params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+    assert params.logit_bias == () and params.min_tokens == 0
     assert not params.is_greedy
 
 
@@ -97,6 +99,18 @@ def test_accepted_edges() -> None:
         ({"logprobs": False}, "logprobs must be an int or None, got False (bool)"),
         ({"ignore_eos": 1}, "ignore_eos must be True or False, got 1 (int)"),
         ({"skip_special_tokens": None}, "skip_special_tokens must be True or False, got None"),
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2] (0 = off), got 2.5"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty must be in [-2, 2] (0 = off), got -2.1"),
+        ({"frequency_penalty": "1"}, "frequency_penalty must be a number, got '1' (str)"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be token ids (ints >= 0), got '5'"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias keys must be token ids (ints >= 0), got -1"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias[5] must be in [-100, 100], got 100.5"),
+        ({"logit_bias": {5: math.nan}}, "logit_bias[5] must be a finite number, got nan"),
+        ({"logit_bias": 5}, "logit_bias must map token ids to numbers (or be None), got 5"),
+        ({"logit_bias": [5]}, "logit_bias must map token ids to numbers, got the entry 5"),
+        ({"min_tokens": -1}, "min_tokens must be >= 0, got -1"),
+        ({"min_tokens": 1.0}, "min_tokens must be an int, got 1.0 (float)"),
+        ({"min_tokens": 17}, "min_tokens (17) must not exceed max_tokens (16)"),
         (
             {"include_stop_str_in_output": "yes"},
             "include_stop_str_in_output must be True or False, got 'yes' (str)",
@@ -108,6 +122,14 @@ def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
     assert str(info.value).startswith(message), str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_logit_bias_is_normalised_to_sorted_pairs() -> None:
+    params = SamplingParams(logit_bias={7: -100, 2: 0.5})
+    assert params.logit_bias == ((2, 0.5), (7, -100.0))
+    assert SamplingParams(logit_bias=[(7, -100), (2, 0.5)]) == params
+    hash(params)  # still shareable between requests
+    SamplingParams(logit_bias={0: 100, 1: -100}, min_tokens=16, presence_penalty=-2.0)
 
 
 def test_max_tokens_message_names_value() -> None:

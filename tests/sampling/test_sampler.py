@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from kvlm.sampling import Logprob, Sampler, SamplerOutput, SamplingParams, make_generator
-from kvlm.sampling.filters import apply_repetition_penalty, apply_top_k_top_p_min_p
+from kvlm.sampling.filters import (
+    apply_logit_bias,
+    apply_presence_frequency_penalties,
+    apply_repetition_penalty,
+    apply_top_k_top_p_min_p,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NEG_INF = float("-inf")
@@ -388,3 +393,87 @@ def test_mixed_batch_on_device(device: str) -> None:
     assert out.token_ids[1] in logits[1].topk(10).indices.tolist()
     assert out.logprobs[1] is not None and len(out.logprobs[1]) in (2, 3)
     assert all(0 <= t < 100 for t in out.token_ids)
+
+
+# --- logit bias, min_tokens, presence and frequency penalties --------------------------------
+
+
+def test_logit_bias_is_added_to_the_logits_it_names() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
+    biased = apply_logit_bias(logits, [((0, 2.5), (3, -1.0)), ()])
+    assert biased.tolist() == [[3.5, 2.0, 3.0, -1.0], [1.0, 2.0, 3.0, 0.0]]
+    assert logits[0, 0] == 1.0  # the input is not modified
+
+
+def test_logit_bias_forces_and_bans_greedy_tokens() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]] * 3)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={3: 100}),  # the least likely, forced
+        SamplingParams(temperature=0.0, logit_bias={2: -100}),  # the argmax, banned
+        SamplingParams(temperature=0.0),
+    ]
+    assert sample(logits, params).token_ids == [3, 1, 2]
+
+
+def test_logit_bias_leaves_raw_logprobs_alone() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    out = sample(logits, [SamplingParams(temperature=0.0, logprobs=1, logit_bias={0: 100})])
+    assert out.token_ids == [0]
+    assert out.logprobs[0][0].rank == 3  # the model's own ranking, as vLLM reports it
+
+
+def test_logit_bias_outside_the_vocabulary_is_an_error() -> None:
+    with pytest.raises(ValueError, match="logit_bias token id 4 is outside the vocabulary of 4"):
+        sample(torch.zeros(1, 4), [SamplingParams(logit_bias={4: 1})])
+
+
+def test_presence_and_frequency_penalties_follow_openai_exactly() -> None:
+    # Row 0's prompt is [0, 0] and its output [1, 1, 1, 2]: counts 1 -> 3, 2 -> 1, 0 -> 0
+    # (prompt tokens are never counted).
+    logits = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    past = [[0, 0, 1, 1, 1, 2]]
+    penalised = apply_presence_frequency_penalties(logits, [0.5], [0.25], [past[0][2:]])
+    # logit[j] - frequency * count[j] - presence * (count[j] > 0)
+    assert penalised.tolist() == [[5.0, 5.0 - 0.75 - 0.5, 5.0 - 0.25 - 0.5, 5.0]]
+    negative = apply_presence_frequency_penalties(logits, [-1.0], [-2.0], [past[0][2:]])
+    assert negative.tolist() == [[5.0, 5.0 + 6.0 + 1.0, 5.0 + 2.0 + 1.0, 5.0]]
+
+
+def test_penalties_count_output_tokens_only_through_the_sampler() -> None:
+    logits = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0]])
+    params = [SamplingParams(temperature=0.0, frequency_penalty=0.2)] * 2
+    past = [[0, 0, 0], [0, 0, 0]]
+    # Row 0 generated nothing yet (all its 0s are prompt); row 1 generated one 0.
+    out = Sampler()(logits, params, [None, None], past, num_output_tokens=[0, 1])
+    assert out.token_ids == [0, 1]
+
+
+def test_zero_penalties_leave_rows_bit_for_bit() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(3, 20)
+    out = apply_presence_frequency_penalties(logits, [0.0, 1.0, 0.0], [0.0, 0.0, 0.0],
+                                             [[], [4, 4], []])  # fmt: skip
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert out[1, 4] == logits[1, 4] - 1.0
+
+
+def test_penalties_need_the_output_counts() -> None:
+    with pytest.raises(ValueError, match="num_output_tokens"):
+        sample(torch.zeros(1, 4), [SamplingParams(presence_penalty=1.0)])
+    with pytest.raises(ValueError, match="num_output_tokens"):
+        sample(torch.zeros(1, 4), [SamplingParams(min_tokens=2, max_tokens=4)])
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
+    logits = torch.tensor([[0.0, 9.0, 8.0, 7.0, 1.0]] * 4)  # 1 = EOS is the argmax
+    sampler = Sampler(eos_token_ids=[1])
+    params = [
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[2]),
+        SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[2]),
+        SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0.0),
+    ]
+    out = sampler(logits, params, [None] * 4, [[0]] * 4, num_output_tokens=[2, 3, 0, 0])
+    # row 0: 2 < 3 tokens so far, EOS (1) and stop id 2 banned; row 1 reached min_tokens;
+    # row 2 ignores EOS, which is then no stop token; row 3 has no min_tokens.
+    assert out.token_ids == [3, 1, 1, 1]
