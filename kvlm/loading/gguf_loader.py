@@ -11,8 +11,14 @@ import numpy as np
 import torch
 
 from kvlm.config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelConfigError
+from kvlm.kernels import REPACKABLE, QuantizedTensor, repack_gguf
 from kvlm.loading.gguf_file import GGUFFormatError, GGUFTensorInfo, read_gguf, read_tensor_bytes
-from kvlm.loading.weights import LoadedModel, ModelLoadError, unpermute_rope_rows
+from kvlm.loading.weights import (
+    LoadedModel,
+    ModelLoadError,
+    rope_row_order,
+    unpermute_rope_rows,
+)
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = (
@@ -98,7 +104,18 @@ def dequantize(path: Path, info: GGUFTensorInfo) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(info.shape)
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+def load_quantized(path: Path, info: GGUFTensorInfo, rope_heads: int | None) -> QuantizedTensor:
+    """One quantized GGUF matrix repacked for the kernels, bytes to blocks with no float detour;
+    `rope_heads` undoes llama.cpp's q/k row permutation (rows move whole)."""
+    plain = repack_gguf(read_tensor_bytes(path, info), info.tensor_type, info.shape)
+    if rope_heads is not None:
+        plain = plain.permute_rows(rope_row_order(info.shape[0], rope_heads))
+    return QuantizedTensor.from_plain(plain)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, weight_format: str = "float") -> LoadedModel:
+    """`weight_format` "float" dequantizes every tensor to `dtype`; any other keeps the file's
+    quantized matrices quantized (see weights.WEIGHT_FORMATS)."""
     try:
         # The vocabulary is the tokenizer's business; only scalar tokenizer ids are read here.
         contents = read_gguf(
@@ -112,13 +129,19 @@ def load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     config = config_from_metadata(contents.metadata, tensors)
     weights: dict[str, torch.Tensor] = {}
     for info in contents.tensors:
+        rope_heads = None
+        if config.architecture == "llama" and info.name.endswith("attn_q.weight"):
+            rope_heads = config.num_heads
+        elif config.architecture == "llama" and info.name.endswith("attn_k.weight"):
+            rope_heads = config.num_kv_heads
         try:
+            if weight_format != "float" and info.tensor_type in REPACKABLE:
+                weights[info.name] = load_quantized(path, info, rope_heads)
+                continue
             w = dequantize(path, info)
         except GGUFFormatError as e:
             raise ModelLoadError(f"{e} (corrupt or truncated?)") from e
-        if config.architecture == "llama" and info.name.endswith("attn_q.weight"):
-            w = unpermute_rope_rows(w, config.num_heads)
-        elif config.architecture == "llama" and info.name.endswith("attn_k.weight"):
-            w = unpermute_rope_rows(w, config.num_kv_heads)
+        if rope_heads is not None:
+            w = unpermute_rope_rows(w, rope_heads)
         weights[info.name] = w.to(dtype)
     return LoadedModel(config=config, weights=weights, source=str(path))

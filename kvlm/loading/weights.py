@@ -14,6 +14,12 @@ import torch
 
 from kvlm.config import ModelConfig
 
+# "float": every tensor dequantized to the load dtype (the exact path the oracle tests use).
+# "gguf": GGUF's quantized matrices stay quantized for kvlm's kernels (QuantizedTensor).
+# "q8_0" / "q4_1": as "gguf", and float matrices (safetensors, F16/F32 GGUF tensors) are
+# quantized to that GGUF type at load.
+WEIGHT_FORMATS = ("float", "gguf", "q8_0", "q4_1")
+
 
 class ModelLoadError(ValueError):
     """A model file is unreadable, truncated, or holds something kvlm cannot run."""
@@ -42,3 +48,10 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     out_features, in_features = weight.shape
     half = out_features // num_heads // 2
     return weight.view(num_heads, half, 2, in_features).transpose(1, 2).reshape(weight.shape)
+
+
+def rope_row_order(out_features: int, num_heads: int) -> torch.Tensor:
+    """The same permutation as row indices: unpermute_rope_rows(w, h) == w[rope_row_order(.., h)]
+    (for quantized rows, which move as whole rows)."""
+    half = out_features // num_heads // 2
+    return torch.arange(out_features).view(num_heads, half, 2).transpose(1, 2).reshape(-1)

@@ -10,19 +10,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlm.kernels import QuantizedTensor
+
 
 class Linear(nn.Module):
     """y = x @ W.T — the one interface every projection goes through.
 
-    Holding weights behind this class is what lets another weight format (bf16, weight-only
-    int8/int4 kernels) replace it later without touching the model code. `split` returns the
-    output columns of several fused projections (qkv, gate/up) in one matmul.
+    Holding weights behind this class is what lets another weight format replace it without
+    touching the model code. `split` returns the output columns of several fused projections
+    (qkv, gate/up) in one matmul. A `QuantizedTensor` weight (GGUF blocks kept quantized) goes
+    to kvlm's kernels, which quantize `x` once for all fused parts; a float weight takes the
+    path below, unchanged.
 
-    The GEMM is issued in the orientation the CPU BLAS runs fastest for the row count (measured
-    on this 2-core machine over all SmolLM2 fp32 weights, ms per forward): one row costs 28 as
-    a duplicated two-column `W @ x.T` vs 42 for `F.linear` (the GEMV path is slow); 2-64 rows
-    cost 27-65 as `W @ x.T` vs 46-92 for `F.linear`; past `GEMM_ROWS_MAX` rows (prefill)
-    `F.linear` wins again.
+    The float GEMM is issued in the orientation the CPU BLAS runs fastest for the row count
+    (measured on this 2-core machine over all SmolLM2 fp32 weights, ms per forward): one row
+    costs 28 as a duplicated two-column `W @ x.T` vs 42 for `F.linear` (the GEMV path is slow);
+    2-64 rows cost 27-65 as `W @ x.T` vs 46-92 for `F.linear`; past `GEMM_ROWS_MAX` rows
+    (prefill) `F.linear` wins again.
     """
 
     GEMM_ROWS_MAX = 64
@@ -30,16 +34,28 @@ class Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, out_splits: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [out_features, in_features]
+        self.quantized = isinstance(weight, QuantizedTensor)
         self.out_splits = out_splits
 
     @classmethod
     def fused(cls, *weights: torch.Tensor) -> Linear:
-        return cls(torch.cat(weights, dim=0), tuple(w.shape[0] for w in weights))
+        splits = tuple(w.shape[0] for w in weights)
+        quantized = [isinstance(w, QuantizedTensor) for w in weights]
+        if all(quantized):
+            return cls(QuantizedTensor.stack(weights), splits)
+        if any(quantized):  # a float part among quantized ones: fuse in float
+            dtype = next(w.dtype for w in weights if not isinstance(w, QuantizedTensor))
+            weights = tuple(
+                w.dequantize().to(dtype) if isinstance(w, QuantizedTensor) else w for w in weights
+            )
+        return cls(torch.cat(weights, dim=0), splits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [M, in_features]
         num_rows = rows.shape[0]
-        if num_rows > self.GEMM_ROWS_MAX or not rows.is_cpu or rows.dtype != torch.float32:
+        if self.quantized:
+            out = self.weight.linear(rows.float()).to(x.dtype)
+        elif num_rows > self.GEMM_ROWS_MAX or not rows.is_cpu or rows.dtype != torch.float32:
             out = F.linear(rows, self.weight)  # cuBLAS and oneDNN's bf16 kernels pick well
         elif num_rows == 1:
             out = (self.weight @ torch.cat((rows, rows)).T)[:, :1].T.contiguous()

@@ -1,0 +1,147 @@
+// Torch operator registrations (namespace kvlm) and run-time ISA dispatch.
+//
+//   kvlm::cpu_isa() -> int                 best kernel this CPU runs: 1 ref, 2 avx2, 3 avx512
+//   kvlm::quantize_act(x) -> (qa, da, asum)
+//   kvlm::qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
+//   kvlm::qlinear(x, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
+//
+// isa 0 means "the best this CPU runs"; asking for one the CPU lacks is an error, never a crash.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <cpuid.h>
+#include <torch/library.h>
+
+#include "qgemm.h"
+
+namespace kvlm {
+namespace {
+
+constexpr int64_t kIsaRef = 1, kIsaAvx2 = 2, kIsaAvx512 = 3;
+
+bool has_f16c() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+}
+
+int64_t detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && has_f16c())
+    return kIsaAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
+    return kIsaAvx2;
+  return kIsaRef;
+}
+
+int64_t cpu_isa() {
+  static const int64_t isa = detect_isa();
+  return isa;
+}
+
+int64_t block_bytes(int64_t bits, int64_t group, int64_t scale_bytes) {
+  return kTileRows * group * bits / 8 + 2 * kTileRows * scale_bytes;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_cpu() && x.scalar_type() == at::kFloat,
+              "kvlm::quantize_act expects a 2-D float32 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), Kp = (K + kActBlock - 1) / kActBlock * kActBlock;
+  at::Tensor qa = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  at::Tensor da = at::empty({M, Kp / kActBlock}, x.options());
+  at::Tensor asum = at::empty({M, Kp / 16}, x.options().dtype(at::kInt));
+  const float* xp = xc.data_ptr<float>();
+  int8_t* qp = qa.data_ptr<int8_t>();
+  float* dp = da.data_ptr<float>();
+  int32_t* sp = asum.data_ptr<int32_t>();
+  const int64_t ldx = xc.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(Kp, 1)),
+                   [&](int64_t m0, int64_t m1) { quantize_rows(xp, ldx, K, Kp, qp, dp, sp, m0, m1); });
+  return {qa, da, asum};
+}
+
+at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& asum,
+                 const at::Tensor& w, int64_t bits, int64_t group, int64_t scale_bytes, int64_t n,
+                 int64_t isa) {
+  TORCH_CHECK((bits == 4 && group == 32) || (bits == 8 && (group == 32 || group == 16)),
+              "kvlm::qgemm: unsupported format bits=", bits, " group=", group);
+  TORCH_CHECK(scale_bytes == 2 || scale_bytes == 4, "kvlm::qgemm: scale_bytes must be 2 or 4");
+  TORCH_CHECK(qa.dim() == 2 && qa.scalar_type() == at::kChar && qa.is_contiguous(),
+              "kvlm::qgemm: qa must be contiguous int8 [M, Kp]");
+  const int64_t M = qa.size(0), Kp = qa.size(1);
+  TORCH_CHECK(Kp % kActBlock == 0, "kvlm::qgemm: Kp must be a multiple of 32");
+  TORCH_CHECK(da.is_contiguous() && da.scalar_type() == at::kFloat && da.numel() == M * (Kp / 32),
+              "kvlm::qgemm: da must be contiguous float32 [M, Kp / 32]");
+  TORCH_CHECK(asum.is_contiguous() && asum.scalar_type() == at::kInt &&
+                  asum.numel() == M * (Kp / 16),
+              "kvlm::qgemm: asum must be contiguous int32 [M, Kp / 16]");
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
+              "kvlm::qgemm: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
+  TORCH_CHECK(w.size(1) * group == Kp, "kvlm::qgemm: weight has ", w.size(1) * group,
+              " input columns, activations ", Kp);
+  TORCH_CHECK(w.size(2) == block_bytes(bits, group, scale_bytes),
+              "kvlm::qgemm: block of ", w.size(2), " bytes, format needs ",
+              block_bytes(bits, group, scale_bytes));
+  TORCH_CHECK(n > (w.size(0) - 1) * kTileRows && n <= w.size(0) * kTileRows,
+              "kvlm::qgemm: n=", n, " does not match ", w.size(0), " tiles of 16 rows");
+  const int64_t best = cpu_isa();
+  if (isa == 0) isa = best;
+  TORCH_CHECK(isa >= kIsaRef && isa <= best, "kvlm::qgemm: isa ", isa,
+              " is not available on this CPU (best: ", best, ")");
+  void (*kernel)(const QGemmArgs&, int64_t, int64_t) =
+      isa == kIsaAvx512 ? qgemm_avx512 : isa == kIsaAvx2 ? qgemm_avx2 : qgemm_ref;
+
+  at::Tensor out = at::empty({M, n}, qa.options().dtype(at::kFloat));
+  QGemmArgs a;
+  a.w = w.data_ptr<uint8_t>();
+  a.n_groups = w.size(1);
+  a.block_bytes = w.size(2);
+  a.bits = (int)bits;
+  a.group = (int)group;
+  a.scale_bytes = (int)scale_bytes;
+  a.qa = qa.data_ptr<int8_t>();
+  a.lda = Kp;
+  a.da = da.data_ptr<float>();
+  a.ldd = Kp / kActBlock;
+  a.asum = asum.data_ptr<int32_t>();
+  a.lds = Kp / 16;
+  a.out = out.data_ptr<float>();
+  a.ldo = n;
+  a.M = M;
+  a.N = n;
+  // Enough work per chunk (~64k multiply-adds) that a thread is worth waking for.
+  const int64_t macs_per_tile = std::max<int64_t>(1, M * Kp * kTileRows);
+  const int64_t grain = std::max<int64_t>(1, 65536 / macs_per_tile);
+  at::parallel_for(0, w.size(0), grain, [&](int64_t t0, int64_t t1) { kernel(a, t0, t1); });
+  return out;
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group,
+                   int64_t scale_bytes, int64_t n, int64_t isa) {
+  auto [qa, da, asum] = quantize_act(x);
+  return qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvlm, m) {
+  m.def("cpu_isa() -> int", &cpu_isa);
+  m.def("quantize_act(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "qgemm(Tensor qa, Tensor da, Tensor asum, Tensor w, int bits, int group, int scale_bytes, "
+      "int n, int isa) -> Tensor");
+  m.def(
+      "qlinear(Tensor x, Tensor w, int bits, int group, int scale_bytes, int n, int isa) -> "
+      "Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvlm, CPU, m) {
+  m.impl("quantize_act", &quantize_act);
+  m.impl("qgemm", &qgemm);
+  m.impl("qlinear", &qlinear);
+}
+
+}  // namespace kvlm

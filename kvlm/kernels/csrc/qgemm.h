@@ -1,0 +1,77 @@
+// Shared declarations for the quantized matmul kernels. No torch headers here: the ISA files
+// include only this and <immintrin.h>, so nothing compiled for AVX-512 can leak into code that
+// runs on a CPU without it.
+//
+// Weight layout (one uint8 tensor [n_tiles, n_groups, block_bytes]): 16 output rows form a tile;
+// each tile holds one block per group of G (16 or 32) input columns. A block is
+//   quants: G/4 k-groups of 4 columns; k-group j is 64 bytes [16 rows][4 columns], one value per
+//           byte for 8-bit formats; for 4-bit formats chunk c (c < G/8) holds k-group c in its low
+//           nibbles and k-group c + G/8 in its high nibbles (so 16 * G / 2 bytes)
+//   d:      16 scales (fp16 or fp32), one per row
+//   m:      16 minimums (same type)
+// and row r's weights in the block are w[k] = d[r] * q[r][k] + m[r], q unsigned (0..15 / 0..255).
+//
+// Activations are quantized per row in blocks of 32: x[k] ~= da[k / 32] * qa[k], qa int8 in
+// [-127, 127], with integer sums asum[k / 16] of qa over each 16 columns (for the m term).
+#pragma once
+#include <cstdint>
+
+namespace kvlm {
+
+struct QGemmArgs {
+  const uint8_t* w;    // [n_tiles, n_groups, block_bytes]
+  int64_t n_groups;    // padded in_features / group
+  int64_t block_bytes;
+  int bits;            // 4 or 8
+  int group;           // 16 or 32
+  int scale_bytes;     // 2 (fp16) or 4 (fp32)
+  const int8_t* qa;    // [M, lda]
+  int64_t lda;
+  const float* da;     // [M, ldd]
+  int64_t ldd;
+  const int32_t* asum; // [M, lds]
+  int64_t lds;
+  float* out;          // [M, ldo]
+  int64_t ldo;
+  int64_t M;
+  int64_t N;           // valid output columns (rows of the weight)
+};
+
+constexpr int kTileRows = 16;
+constexpr int kActBlock = 32;
+
+// Each computes out[:, 16 * t0 : 16 * t1] (clipped to N) for all M rows.
+void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1);
+void qgemm_avx2(const QGemmArgs& a, int64_t t0, int64_t t1);
+void qgemm_avx512(const QGemmArgs& a, int64_t t0, int64_t t1);
+
+// Quantize rows [m0, m1) of x [M, K] (row stride ldx) into qa/da/asum (padded to a multiple of 32).
+void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa, float* da,
+                   int32_t* asum, int64_t m0, int64_t m1);
+
+// Scalar fp16 -> fp32 (exact, subnormals included).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) {
+        man <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+}  // namespace kvlm
