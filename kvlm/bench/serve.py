@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from kvlm.bench.machine import MachineInfo, machine_info
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.llm import LLM
+from kvlm.engine.request import RequestOutput
 from kvlm.sampling import SamplingParams
 
 QUESTIONS = [
@@ -89,8 +90,9 @@ class ServeBenchResult:
     waste_shared: float = 0.0
 
 
-def _run(engine: LLMEngine, waste: WasteMeter) -> dict[str, object]:
-    """Step until idle; returns the final output of every request."""
+def _run(engine: LLMEngine, waste: WasteMeter) -> dict[str, RequestOutput]:
+    """Step until idle; returns the last (delta) output of every request: its metrics are
+    final, its text and token ids only the last step's."""
     final = {}
     while engine.has_unfinished():
         for output in engine.step():
@@ -119,7 +121,7 @@ def bench_streams(llm: LLM, num_streams: int, new_tokens: int, waste: WasteMeter
     outputs = _run(engine, waste).values()
     wall = time.perf_counter() - start
     ttfts = [o.metrics.ttft_s for o in outputs]
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    generated = sum(o.metrics.num_generated_tokens for o in outputs)
     return StreamsResult(num_streams, wall, generated, sum(ttfts) / len(ttfts))
 
 

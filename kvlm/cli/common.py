@@ -20,7 +20,7 @@ from kvlm.engine.config import (
 )
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
-from kvlm.engine.request import RequestOutput
+from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.loading import DEFAULT_MODEL, ModelLoadError, ModelNotFoundError
 from kvlm.sampling import SamplingParams, SamplingParamsError
 from kvlm.tokenizer import TokenizerError
@@ -185,13 +185,14 @@ def load_llm(args: argparse.Namespace) -> LLM:
 
 
 def stream_to_stdout(llm: LLM, prompt: dict[str, Any], params: SamplingParams) -> RequestOutput:
-    """Write each new piece of text as it is produced; returns the finished output."""
-    last = None
-    for output in llm.stream(prompt, params):
-        sys.stdout.write(output.outputs[0].delta)
+    """Write each new piece of text as it is produced; returns the whole finished output."""
+    accumulated = OutputAccumulator()
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta.outputs[0].text)
         sys.stdout.flush()
-        last = output
+        accumulated.add(delta)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    assert last is not None and last.finished, "the stream ends with a finished output"
-    return last
+    final = accumulated.build()
+    assert final.finished, "the stream ends with a finished output"
+    return final

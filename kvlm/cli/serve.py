@@ -11,6 +11,9 @@ from kvlm.engine.config import EngineConfig
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# kvlm.server.limits.DEFAULT_MAX_REQUEST_BYTES (a test holds them equal); not imported, so the
+# server's dependencies load only when it runs.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 def add_parser(subparsers: Any) -> None:
@@ -39,6 +42,13 @@ def add_parser(subparsers: Any) -> None:
         "--max-num-seqs", type=int, default=32, help="requests batched together at most (32)"
     )
     group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="refuse (413) request bodies larger than this, before reading them "
+        f"({DEFAULT_MAX_REQUEST_BYTES:,})",
+    )
+    group.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -62,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_num_seqs < 1:
         raise CLIError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.max_request_bytes < 1:
+        raise CLIError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     config = server_engine_config(args)  # checked before the model loads
     try:
         sock = bind_socket(args.host, args.port)
@@ -73,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine(LLMEngine(config))
     name = args.served_model_name or args.model
     try:
-        app = build_app(engine, name, args.api_key)
+        app = build_app(engine, name, args.api_key, args.max_request_bytes)
         url = socket_url(sock)
         print(f"kvlm: serving {name!r} at {url}/v1 (health: {url}/health)", flush=True)
         make_server(app, args.log_level).run(sockets=[sock])

@@ -71,6 +71,9 @@ class RequestStream:
 
     Items are put by the engine thread; `abort()` (idempotent, any thread) stops the request
     in the engine and frees its blocks unless it already finished.
+    Each output is a delta (what the step added: `LLM.stream` explains the kind); an
+    `OutputAccumulator` assembles the whole.
+
     """
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
@@ -153,6 +156,7 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self._cond = threading.Condition()
         self._commands: deque[_Command] = deque()  # guarded by _cond
+        self.vocab_size = engine.model_config.vocab_size  # logits rows: valid token ids
         self._stopping = False  # guarded by _cond
         self._closed = False  # guarded by _cond: the thread has ended
         self._streams: dict[str, RequestStream] = {}  # engine thread only
@@ -202,7 +206,7 @@ class AsyncLLMEngine:
         request_id: str | None = None,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield each output of one request; aborts it if the consumer stops early."""
+        """Yield each (delta) output of one request; aborts it if the consumer stops early."""
         stream = await self.add_request(
             prompt, prompt_token_ids, params or SamplingParams(), request_id, cache_salt
         )

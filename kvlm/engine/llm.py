@@ -7,8 +7,9 @@ from typing import Any
 
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import InputError, LLMEngine
-from kvlm.engine.request import RequestOutput
+from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.sampling import SamplingParams
+from kvlm.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} / {"prompt": "..."}
 Message = dict[str, str]
@@ -28,13 +29,18 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
 
+    def get_tokenizer(self) -> Tokenizer:
+        """The tokenizer the engine encodes prompts and decodes outputs with (as vLLM's)."""
+        return self.tokenizer
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         cache_salt: str | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion as one continuously batched workload."""
+        """Run every prompt to completion as one continuously batched workload; each result
+        holds the whole completion (text, token ids, logprobs) and its final metrics."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
@@ -61,7 +67,13 @@ class LLM:
     def stream(
         self, prompt: PromptType, sampling_params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
-        """Yield an output each time the request produces text; the last one is finished."""
+        """Yield an output each step the request produces a token; the last one is finished.
+
+        Outputs are deltas (vLLM's DELTA kind): `outputs[0].text`, `.token_ids` and
+        `.logprobs` hold only what is new since the previous output, so joining the texts
+        gives the completion (`OutputAccumulator` assembles the whole). Text that may still
+        turn into a stop string is held back until it cannot; `metrics` is a snapshot.
+        """
         request_id = self._add(prompt, sampling_params or SamplingParams(), None)
         try:
             while True:
@@ -83,17 +95,19 @@ class LLM:
         return self.engine.add_request(prompt, None, params, cache_salt)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        final: dict[str, RequestOutput] = {}
+        outputs = {request_id: OutputAccumulator() for request_id in request_ids}
+        num_finished = 0
         try:
-            while len(final) < len(request_ids):
-                for output in self.engine.step():
-                    if output.finished:
-                        final[output.request_id] = output
+            while num_finished < len(request_ids):
+                for delta in self.engine.step():
+                    if delta.request_id in outputs:
+                        outputs[delta.request_id].add(delta)
+                        num_finished += delta.finished
         finally:
-            for request_id in request_ids:
-                if request_id not in final:
+            for request_id, accumulated in outputs.items():
+                if accumulated.last is None or not accumulated.last.finished:
                     self.engine.abort(request_id)
-        return [final[i] for i in request_ids]
+        return [outputs[i].build() for i in request_ids]
 
 
 def _per_prompt(

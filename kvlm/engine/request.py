@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvlm.sampling import Logprob, SamplingParams, StopChecker
+from kvlm.sampling import Logprob, SamplingParams, StopChecker, StopMatch
 
 if TYPE_CHECKING:
     from kvlm.tokenizer import IncrementalDetokenizer
@@ -54,23 +54,119 @@ class RequestMetrics:
 
 @dataclass
 class CompletionOutput:
+    """One completion of a request. In the engine's per-step outputs (the DELTA kind) every
+    list and the text hold only what is new since the request's previous output; the
+    assembled result (`OutputAccumulator.build`, what `LLM.generate` returns) holds it all."""
+
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, Logprob]] | None = None
-    delta: str = ""  # text new since the previous output of this request (for streaming)
 
 
 @dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # the request's own list, shared by its outputs: do not modify
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: RequestMetrics
+    metrics: RequestMetrics  # a snapshot taken when the output was made
+
+
+class TextBuffer:
+    """Append-only text kept as pieces, joined once when the whole is asked for.
+
+    Reading a short tail or the text after an offset near the end walks pieces from the end,
+    so a step's work does not grow with the length of the text.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: list[str] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, piece: str) -> None:
+        if piece:
+            self._pieces.append(piece)
+            self._len += len(piece)
+
+    def tail(self, num_chars: int) -> str:
+        """The last `num_chars` characters (fewer when the text is shorter)."""
+        return self.text_from(self._len - num_chars) if num_chars > 0 else ""
+
+    def text_from(self, start: int) -> str:
+        """text[start:], reading and copying only the pieces it spans."""
+        wanted = self._len - max(start, 0)
+        if wanted <= 0:
+            return ""
+        parts, covered = [], 0
+        for piece in reversed(self._pieces):
+            parts.append(piece)
+            covered += len(piece)
+            if covered >= wanted:
+                break
+        parts[-1] = parts[-1][covered - wanted :]  # the earliest piece, cut to the start
+        return "".join(reversed(parts))
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` characters."""
+        while self._pieces and self._len - len(self._pieces[-1]) >= length:
+            self._len -= len(self._pieces.pop())
+        if self._len > length:
+            last = self._pieces.pop()
+            self._pieces.append(last[: len(last) - (self._len - length)])
+            self._len = length
+
+    def text(self) -> str:
+        """The whole text (joins the pieces into one)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+
+class OutputAccumulator:
+    """Builds a request's full output from its delta outputs, joining the text once."""
+
+    def __init__(self) -> None:
+        self.last: RequestOutput | None = None
+        self._text = TextBuffer()
+        self._token_ids: list[int] = []
+        self._logprobs: list[dict[int, Logprob]] | None = None
+
+    def add(self, delta: RequestOutput) -> None:
+        completion = delta.outputs[0]
+        self._text.append(completion.text)
+        self._token_ids.extend(completion.token_ids)
+        if completion.logprobs is not None:
+            if self._logprobs is None:
+                self._logprobs = []
+            self._logprobs.extend(completion.logprobs)
+        self.last = delta
+
+    @property
+    def num_token_ids(self) -> int:
+        return len(self._token_ids)
+
+    def build(self) -> RequestOutput:
+        """The output as if one snapshot held everything: full text, ids and logprobs; the
+        finish reason, `finished` and metrics of the latest delta."""
+        if self.last is None:
+            raise ValueError("no output was added")
+        last = self.last.outputs[0]
+        completion = CompletionOutput(
+            index=last.index,
+            text=self._text.text(),
+            token_ids=self._token_ids,
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
+            logprobs=self._logprobs,
+        )
+        return dataclasses.replace(self.last, outputs=[completion])
 
 
 @dataclass
@@ -79,6 +175,8 @@ class Request:
 
     `num_computed_tokens` counts the leading tokens whose K/V are in the cache; the engine
     computes the rest. Only a request whose computed tokens reach the end samples a new one.
+    Text, token ids and logprobs go out once each: `to_output` hands over what is new since
+    its previous call (the stop-string holdback excepted, which goes out when safe).
     """
 
     request_id: str
@@ -93,16 +191,21 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""
-    num_emitted_chars: int = 0
+    # Generated entries not yet handed out by `to_output` (the engine appends to this list).
     logprobs: list[dict[int, Logprob]] | None = None
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+    prompt_token_ids: list[int] = field(init=False)
     metrics: RequestMetrics = field(init=False)
     stop_checker: StopChecker = field(init=False)
+    _text: TextBuffer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        self.prompt_token_ids = list(self.token_ids)
         self.metrics = RequestMetrics(time.perf_counter(), self.num_prompt_tokens)
         self.stop_checker = StopChecker.from_params(self.params)
+        self._text = TextBuffer()
         if self.params.logprobs is not None:
             self.logprobs = []
 
@@ -118,26 +221,58 @@ class Request:
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
+    def append_text(self, piece: str, check_stop: bool = True) -> StopMatch | None:
+        """Append newly detokenized text. When it completes a stop string, the text is cut
+        where the stop rule says and the match returned; the caller finishes the request.
+
+        Reads only the tail a stop string can span, so a step costs the same at any length.
+        """
+        context = self._text.tail(self.stop_checker.max_len - 1) if check_stop else ""
+        self._text.append(piece)
+        if not check_stop or not piece:
+            return None
+        match = self.stop_checker.check(context + piece, len(piece))
+        if match is not None:
+            self._text.truncate(len(self._text) - len(context) - len(piece) + match.truncate_at)
+        return match
+
+    @property
+    def text(self) -> str:
+        """All generated text so far (joins the pieces: not for per-step use)."""
+        return self._text.text()
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = TextBuffer()
+        self._text.append(value)
+
     def to_output(self) -> RequestOutput:
-        """Snapshot for the user; `delta` is text not emitted before (minus stop holdback)."""
-        visible = len(self.text)
+        """What is new since the previous call: token ids, logprobs and text (minus a tail
+        that may still become a stop string, held back until the request finishes)."""
+        visible = len(self._text)
         if not self.finished:
-            visible -= self.stop_checker.holdback(self.text)
-        delta = self.text[self.num_emitted_chars : visible]
-        self.num_emitted_chars = max(self.num_emitted_chars, visible)
+            visible -= self.stop_checker.holdback(self._text.tail(self.stop_checker.max_len - 1))
+        delta = ""
+        if visible > self.num_emitted_chars:
+            delta = self._text.text_from(self.num_emitted_chars)[: visible - self.num_emitted_chars]
+            self.num_emitted_chars = visible
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs, self.logprobs = self.logprobs, []
+        first_new = self.num_prompt_tokens + self.num_emitted_tokens
+        self.num_emitted_tokens = self.num_output_tokens
         completion = CompletionOutput(
             index=0,
-            text=self.text[:visible],
-            token_ids=list(self.output_token_ids),
+            text=delta,
+            token_ids=self.token_ids[first_new:],
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-            delta=delta,
+            logprobs=logprobs,
         )
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=self.token_ids[: self.num_prompt_tokens],
+            prompt_token_ids=self.prompt_token_ids,
             outputs=[completion],
             finished=self.finished,
             metrics=dataclasses.replace(self.metrics),  # a snapshot: the engine keeps updating

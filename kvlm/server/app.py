@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible routes under /v1, plus /health and /metrics.
+"""The FastAPI app: OpenAI-compatible routes under /v1, plus /health, /metrics and the
+OpenAPI schema at /openapi.json.
 
 `build_app` wires an `AsyncLLMEngine` (already running) to the routes; it does not own the
 engine, so the caller shuts the engine down after the server stops.
@@ -7,26 +8,47 @@ engine, so the caller shuts the engine down after the server stops.
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvlm.engine.async_engine import AsyncLLMEngine
-from kvlm.server.chat import create_chat_completion
-from kvlm.server.completions import create_completion
+from kvlm.server.driver import CHAT_COMPLETIONS, COMPLETIONS, generate
 from kvlm.server.errors import APIError, install_error_handlers
+from kvlm.server.limits import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    BodySizeLimitMiddleware,
+    PromptLengthLimit,
+)
 from kvlm.server.metrics import ServerMetrics
-from kvlm.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from kvlm.server.responses import ModelCard, ModelList, now
+from kvlm.server.params import ModelLimits
+from kvlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvlm.server.responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    now,
+)
 from kvlm.server.serving import ClientDisconnected, ServingContext
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; never seen
+_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
 
 
 class APIKeyMiddleware:
-    """Every /v1 route needs `Authorization: Bearer <key>`; /health and /metrics do not.
+    """Every /v1 route needs `Authorization: Bearer <key>`; /health, /metrics and
+    /openapi.json do not (the schema describes the API and holds nothing secret).
 
     Checked before the body is read, so a bad key is a 401 whatever the body holds.
     """
@@ -51,16 +73,32 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def model_limits(engine: AsyncLLMEngine, served_model_name: str) -> ModelLimits:
+    max_model_len = engine.max_model_len
+    return ModelLimits(
+        name=served_model_name,
+        max_model_len=max_model_len,
+        vocab_size=engine.vocab_size,
+        prompt_length=PromptLengthLimit(engine.tokenizer, max_model_len),
+    )
+
+
 def build_app(
-    engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    app = FastAPI(title="kvlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="kvlm", version="0.1.0", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(engine, served_model_name)
-    ctx = ServingContext(engine, served_model_name, metrics)
+    ctx = ServingContext(engine, model_limits(engine, served_model_name), metrics)
     app.state.serving = ctx
     install_error_handlers(app)
+    # Added last = outermost: the key is checked first, then the size, both before the body.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _document_bodies(app, secured=bool(api_key))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -77,21 +115,75 @@ def build_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_ERRORS)
     async def models() -> ModelList:
         card = ModelCard(id=served_model_name, created=now(), max_model_len=engine.max_model_len)
         return ModelList(data=[card])
 
     # Bodies are parsed by hand (not as FastAPI parameters) so every bad body is a 400 that
-    # says what is wrong, whatever the Content-Type.
-    @app.post("/v1/completions")
+    # says what is wrong, whatever the Content-Type; `_document_bodies` puts them in the schema.
+    @app.post("/v1/completions", responses=_generation_responses(CompletionResponse))
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), CompletionRequest)
-        return await create_completion(ctx, body, request)
+        return await generate(ctx, COMPLETIONS, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await request.body(), ChatCompletionRequest)
-        return await create_chat_completion(ctx, body, request)
+        return await generate(ctx, CHAT_COMPLETIONS, request)
 
     return app
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "invalid or unsupported request (the message names the field)"),
+        (401, "missing or wrong API key"),
+        (413, "request body over --max-request-bytes"),
+        (500, "internal error"),
+        (503, "the engine has stopped"),
+    ]
+}
+
+
+def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    ok = {
+        "model": model,
+        "description": "the completion; with stream=true, server-sent events of chunks",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+    return {200: ok, **_ERRORS}
+
+
+def _document_bodies(app: FastAPI, secured: bool) -> None:
+    """Add the hand-parsed request bodies (and the bearer key, when one is set) to the schema
+    FastAPI generates, so clients and fuzzers see every field."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema(
+            [(model, "validation") for model in _BODIES.values()],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+        for path, model in _BODIES.items():
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                    }
+                },
+            }
+        if secured:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -79,6 +79,13 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     path = [str(p) for p in loc if isinstance(p, int) or not _TYPE_TAG.search(str(p))]
     param = ".".join(path) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        return APIError(
+            f"unknown field {param!r}: it is neither one of OpenAI's fields nor a kvlm "
+            "extension (see /openapi.json); remove it",
+            param=param,
+            code="unknown_parameter",
+        )
     if first.get("type") == "missing":
         if param is None:
             return APIError("request body is missing: send a JSON object", code="bad_json")

@@ -117,14 +117,16 @@ class RequestTimer:
         self.last: float | None = None  # when the latest new token arrived
         self.num_tokens = 0
 
-    def on_output(self, num_output_tokens: int, finish_reason: str | None) -> None:
+    def on_output(self, num_new_tokens: int, finish_reason: str | None) -> None:
+        """An output (a delta) arrived carrying `num_new_tokens` tokens."""
         t = time.perf_counter()
-        if num_output_tokens > self.num_tokens:
+        if num_new_tokens > 0:
             if self.last is None:
                 self.metrics.ttft.observe(t - self.start)
             else:
                 self.metrics.itl.observe(t - self.last)
-            self.last, self.num_tokens = t, num_output_tokens
+            self.last = t
+            self.num_tokens += num_new_tokens
         if finish_reason is not None:
             self.metrics.e2e.observe(t - self.start)
             self.metrics.finished.labels(self.metrics.model_name, finish_reason).inc()

@@ -1,8 +1,12 @@
 """Request body -> (prompt, SamplingParams), refusing what kvlm cannot honour with a 400.
 
 Each refusal names the field, the value and the limit. Range checks `SamplingParams` already
-makes (top_p, top_k, seed, stop, logprobs, ...) are passed on with its message; a prompt
-longer than the context is refused by the engine (`InputError`), which names both numbers.
+makes (top_p, top_k, seed, stop, penalties, ...) are passed on with its message; a prompt
+longer than the context is refused here when its length in characters proves it, else by the
+engine (`InputError`) once tokenized, which names both numbers.
+
+Everything here runs on a worker thread (tokenizing a long prompt takes a while), never on
+the event loop.
 """
 
 from __future__ import annotations
@@ -12,15 +16,40 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kvlm.sampling import SamplingParams, SamplingParamsError
-from kvlm.sampling.params import MAX_LOGPROBS
+from kvlm.sampling.params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from kvlm.server.errors import APIError
-from kvlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from kvlm.server.limits import PromptLengthLimit
+from kvlm.server.protocol import (
+    UNSUPPORTED_CHAT,
+    UNSUPPORTED_COMPLETION,
+    UNSUPPORTED_MESSAGE,
+    UNSUPPORTED_STREAM_OPTIONS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    check_unsupported,
+    parse_body,
+)
 from kvlm.tokenizer import Tokenizer, TokenizerError
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 _PARAM_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 _FIRST_WORD = re.compile(r"^(\w+)")
+_TOKEN_ID = re.compile(r"^[0-9]{1,10}$")
+# Roles the chat templates understand; "developer" is OpenAI's newer name for "system".
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TOOL_ROLES = ("tool", "function")
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model allows, known once at startup."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int  # token ids in [0, vocab_size) are valid in logit_bias and prompts
+    prompt_length: PromptLengthLimit  # refuses text that cannot fit, before tokenizing
 
 
 @dataclass(frozen=True)
@@ -40,7 +69,9 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
-def completion_prompt(request: CompletionRequest, tokenizer: Tokenizer) -> Prompt:
+def completion_prompt(
+    request: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+) -> Prompt:
     """`prompt` as text or token ids; a list holding one prompt is unwrapped."""
     prompt = request.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -48,6 +79,7 @@ def completion_prompt(request: CompletionRequest, tokenizer: Tokenizer) -> Promp
     if isinstance(prompt, str):
         if not prompt:
             raise APIError("prompt is empty: give at least one character", param="prompt")
+        limits.prompt_length.check(prompt, "prompt")
         return Prompt(prompt, tokenizer.encode(prompt))
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise APIError(
@@ -73,21 +105,42 @@ def completion_prompt(request: CompletionRequest, tokenizer: Tokenizer) -> Promp
     )
 
 
-def chat_prompt(request: ChatCompletionRequest, tokenizer: Tokenizer) -> Prompt:
+def chat_prompt(
+    request: ChatCompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+) -> Prompt:
     """The conversation rendered with the model's chat template, then tokenized."""
     if not request.messages:
         raise APIError("messages is empty: give at least one message", param="messages")
     messages = []
     for i, message in enumerate(request.messages):
-        fields_ = message.model_dump(exclude_none=True)
-        fields_["content"] = _text_content(message.content, f"messages.{i}.content")
-        messages.append(fields_)
+        check_unsupported(message, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
+        rendered: dict[str, Any] = {"role": _chat_role(message.role, f"messages.{i}.role")}
+        rendered["content"] = _text_content(message.content, f"messages.{i}.content")
+        if message.name is not None:
+            rendered["name"] = message.name
+        messages.append(rendered)
     try:
         text = tokenizer.apply_chat_template(messages, request.add_generation_prompt)
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
     except TokenizerError as e:
         raise APIError(str(e), param="messages") from e
-    return Prompt(text, token_ids)
+    limits.prompt_length.check(text, "messages")
+    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_role(role: str, param: str) -> str:
+    if role in CHAT_ROLES:
+        return CHAT_ROLES[role]
+    if role in _TOOL_ROLES:
+        raise APIError(
+            f"{param}: role {role!r} is not supported: kvlm does not implement tool or "
+            "function calls",
+            param=param,
+            code="unsupported_parameter",
+        )
+    raise APIError(
+        f"{param} must be one of {', '.join(map(repr, CHAT_ROLES))}; got {role!r}",
+        param=param,
+    )
 
 
 def _text_content(content: Any, param: str) -> str:
@@ -111,6 +164,29 @@ def _text_content(content: Any, param: str) -> str:
     )
 
 
+def logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `{"token id": bias}` as ids; 400 for a key that is no token id of this model
+    or a bias outside [-100, 100]."""
+    if request.logit_bias is None:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in request.logit_bias.items():
+        if not _TOKEN_ID.match(key) or int(key) >= vocab_size:
+            raise APIError(
+                f"logit_bias: key {key!r} is not a token id of this model: keys are token ids "
+                f'as strings, "0" to "{vocab_size - 1}"',
+                param="logit_bias",
+            )
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise APIError(
+                f"logit_bias: the bias for token {key} must be in "
+                f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value!r}",
+                param="logit_bias",
+            )
+        bias[int(key)] = value
+    return bias
+
+
 def sampling_params(
     request: SamplingRequest,
     *,
@@ -118,11 +194,12 @@ def sampling_params(
     max_tokens_param: str,
     logprobs: int | None,
     num_prompt_tokens: int,
-    max_model_len: int,
+    limits: ModelLimits,
 ) -> SamplingParams:
     """Check what SamplingParams cannot know (OpenAI's ranges, the context) and build it."""
-    _check_unsupported(request)
-    if request.n != 1:
+    if request.stream_options is not None:
+        check_unsupported(request.stream_options, UNSUPPORTED_STREAM_OPTIONS, "stream_options.")
+    if request.n not in (None, 1):
         raise APIError(
             f"n must be 1 (one completion per request), got {request.n}: "
             "send the request several times with different seeds instead",
@@ -138,12 +215,12 @@ def sampling_params(
         raise APIError(
             f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param
         )
-    room = max_model_len - num_prompt_tokens
+    room = limits.max_model_len - num_prompt_tokens
     if max_tokens is not None and room > 0 and max_tokens > room:
         raise APIError(
             f"{max_tokens_param} is {max_tokens:,} but the prompt has {num_prompt_tokens:,} "
-            f"tokens and the context is {max_model_len:,}: at most {room:,} tokens can be "
-            f"generated; lower {max_tokens_param} or shorten the prompt",
+            f"tokens and the context is {limits.max_model_len:,}: at most {room:,} tokens can "
+            f"be generated; lower {max_tokens_param} or shorten the prompt",
             param=max_tokens_param,
         )
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -154,6 +231,9 @@ def sampling_params(
         "top_k": request.top_k,
         "min_p": request.min_p,
         "repetition_penalty": request.repetition_penalty,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "min_tokens": request.min_tokens,
     }
     try:
         return SamplingParams(
@@ -166,6 +246,7 @@ def sampling_params(
             logprobs=logprobs,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            logit_bias=logit_bias(request, limits.vocab_size),
             **{k: v for k, v in optional.items() if v is not None},
         )
     except SamplingParamsError as e:
@@ -174,22 +255,66 @@ def sampling_params(
         raise APIError(str(e), param=param) from e
 
 
-def _check_unsupported(request: SamplingRequest) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(request, name)
-        if value not in (None, 0):
-            raise APIError(
-                f"{name} is not supported (got {value!r}); use repetition_penalty instead",
-                param=name,
-            )
-    if isinstance(request, CompletionRequest):
-        if request.echo:
-            raise APIError(
-                "echo=true is not supported: the response holds only the completion; "
-                "prepend the prompt yourself",
-                param="echo",
-            )
-        if request.suffix is not None:
-            raise APIError("suffix is not supported", param="suffix")
-        if request.best_of not in (None, 1):
-            raise APIError(f"best_of must be 1, got {request.best_of}", param="best_of")
+@dataclass(frozen=True)
+class Prepared:
+    """A request checked and ready for the engine: its body, prompt and sampling params."""
+
+    body: SamplingRequest
+    prompt: Prompt
+    params: SamplingParams
+
+
+def prepare_completion(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
+    """Cheap checks first (fields, model), then the prompt (tokenized), then the params."""
+    body = parse_body(raw, CompletionRequest)
+    check_model(body.model, limits.name)
+    check_unsupported(body, UNSUPPORTED_COMPLETION)
+    prompt = completion_prompt(body, tokenizer, limits)
+    return Prepared(body, prompt, completion_params(body, prompt, limits))
+
+
+def prepare_chat(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
+    body = parse_body(raw, ChatCompletionRequest)
+    check_model(body.model, limits.name)
+    check_unsupported(body, UNSUPPORTED_CHAT)
+    prompt = chat_prompt(body, tokenizer, limits)
+    return Prepared(body, prompt, chat_params(body, prompt, limits))
+
+
+def completion_params(
+    request: CompletionRequest, prompt: Prompt, limits: ModelLimits
+) -> SamplingParams:
+    if request.echo and request.logprobs is not None:
+        raise APIError(
+            "echo=true with logprobs would need the prompt's log-probabilities, which kvlm "
+            "does not compute: drop echo or logprobs",
+            param="echo",
+            code="unsupported_parameter",
+        )
+    return sampling_params(
+        request,
+        max_tokens=request.max_tokens,
+        max_tokens_param="max_tokens",
+        logprobs=request.logprobs,
+        num_prompt_tokens=len(prompt.token_ids),
+        limits=limits,
+    )
+
+
+def chat_params(
+    request: ChatCompletionRequest, prompt: Prompt, limits: ModelLimits
+) -> SamplingParams:
+    if request.max_completion_tokens is not None:
+        max_tokens, max_tokens_param = request.max_completion_tokens, "max_completion_tokens"
+    else:  # unset: until the context is full, as vLLM does
+        max_tokens, max_tokens_param = request.max_tokens, "max_tokens"
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
+    return sampling_params(
+        request,
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+        num_prompt_tokens=len(prompt.token_ids),
+        limits=limits,
+    )

@@ -1,13 +1,21 @@
 """Request bodies of the OpenAI-compatible routes (pydantic), with OpenAI's field names.
 
+Every field OpenAI's specification defines for `CreateCompletionRequest` and
+`CreateChatCompletionRequest` is declared here (tests hold the list to the `openai` package's
+types), so none is dropped silently: a field kvlm honours is typed and used; one it does not is
+declared `Any` and refused with a 400 naming it (`UNSUPPORTED`) unless it holds its neutral
+value. kvlm's extensions (vLLM's names: top_k, min_p, ignore_eos, cache_salt, ...) are
+declared too, and anything else is an unknown field: 400, as OpenAI answers.
+
 Types are strict (`true` is not a token count, `"0.5"` is not a temperature); ranges are checked
-later, where the limit is known (`params.py`, `SamplingParams`). Fields OpenAI defines that
-kvlm does not implement are accepted only at their neutral value; unknown fields are ignored.
+later, where the limit is known (`params.py`, `SamplingParams`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import (
@@ -26,64 +34,168 @@ Number = StrictFloat  # accepts JSON ints too, never booleans or strings
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    include_usage: StrictBool = False
+    include_usage: StrictBool | None = None
+    include_obfuscation: Any = None  # only false: kvlm adds no obfuscation field
 
 
 class SamplingRequest(BaseModel):
     """The fields `/v1/completions` and `/v1/chat/completions` share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
+    # OpenAI's fields that kvlm honours
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
+    presence_penalty: Number | None = None  # [-2, 2], over generated tokens
+    frequency_penalty: Number | None = None  # [-2, 2], over generated tokens
+    logit_bias: dict[StrictStr, Number] | None = None  # {"token id": bias in [-100, 100]}
+    seed: StrictInt | None = None
+    stop: Any = None  # str | list[str]; checked by SamplingParams
+    n: StrictInt | None = None  # only 1
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None  # an end-user id: accepted, changes nothing
+    # kvlm's extensions (vLLM's names)
     top_k: StrictInt | None = None
     min_p: Number | None = None
     repetition_penalty: Number | None = None
-    presence_penalty: Number | None = None  # only 0 (not implemented)
-    frequency_penalty: Number | None = None  # only 0 (not implemented)
-    seed: StrictInt | None = None
-    stop: Any = None  # str | list[str]; checked by SamplingParams
+    min_tokens: StrictInt | None = None
     stop_token_ids: Any = None  # list[int]; checked by SamplingParams
-    n: StrictInt = 1
-    stream: StrictBool = False
-    stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     cache_salt: StrictStr | None = None
-    user: StrictStr | None = None  # accepted and ignored
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
 
 class CompletionRequest(SamplingRequest):
     prompt: Any = None  # str, list of token ids, or a one-element list of either
     max_tokens: StrictInt | None = 16  # OpenAI's default for completions
     logprobs: StrictInt | None = None  # top log-probabilities per token (0..20)
-    echo: StrictBool = False  # only false
-    suffix: StrictStr | None = None  # only unset
-    best_of: StrictInt | None = None  # only 1
+    echo: StrictBool | None = None  # prepend the prompt to the completion
+    suffix: Any = None  # only unset
+    best_of: Any = None  # only 1
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. "name", passed on to the chat template
+    model_config = ConfigDict(extra="forbid")
 
-    role: StrictStr
+    role: StrictStr  # checked in params.py, which names the roles kvlm supports
     content: Any = None  # str, or a list of {"type": "text", "text": ...} parts
+    name: StrictStr | None = None  # passed on to the chat template
+    # OpenAI's fields of assistant / tool messages that kvlm cannot honour (no tool calls)
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None  # the newer name for max_tokens
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None  # with logprobs: alternatives per token (0..20)
+    metadata: dict[StrictStr, StrictStr] | None = None  # tags for stored completions: no effect
+    safety_identifier: StrictStr | None = None  # an end-user id: accepted, changes nothing
+    prompt_cache_key: StrictStr | None = None  # a routing hint: kvlm's prefix cache needs none
+    # OpenAI's fields kvlm refuses unless neutral (see UNSUPPORTED)
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    parallel_tool_calls: Any = None
+    prediction: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    response_format: Any = None
+    service_tier: Any = None
+    store: Any = None
+    tool_choice: Any = None
+    tools: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    # kvlm's extension (vLLM's name)
     add_generation_prompt: StrictBool = True
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """An OpenAI field kvlm does not honour: refused unless `neutral(value)`."""
+
+    reason: str  # why, and what to send instead
+    neutral: Callable[[Any], bool] = lambda value: value is None
+
+
+def _one_of(*values: Any) -> Callable[[Any], bool]:
+    """None or one of `values` (same type too: `0` is not `false`, `true` is not `1`)."""
+    return lambda value: value is None or any(type(value) is type(v) and value == v for v in values)
+
+
+_NO_TOOLS = "kvlm does not implement tool or function calls"
+UNSUPPORTED_COMPLETION: dict[str, Unsupported] = {
+    "suffix": Unsupported("kvlm does not fill in text before a suffix", _one_of("")),
+    "best_of": Unsupported("kvlm generates one completion per request; send 1", _one_of(1)),
+}
+UNSUPPORTED_CHAT: dict[str, Unsupported] = {
+    "audio": Unsupported("kvlm generates text only"),
+    "function_call": Unsupported(_NO_TOOLS, _one_of("none")),
+    "functions": Unsupported(_NO_TOOLS, _one_of([])),
+    "modalities": Unsupported('kvlm generates text only; send ["text"]', _one_of(["text"])),
+    "moderation": Unsupported("kvlm runs no moderation"),
+    "parallel_tool_calls": Unsupported(_NO_TOOLS),
+    "prediction": Unsupported("kvlm has no predicted outputs"),
+    "prompt_cache_options": Unsupported("kvlm's prefix cache takes no options"),
+    "prompt_cache_retention": Unsupported(
+        'kvlm keeps cached prefixes in memory only; send "in_memory"', _one_of("in_memory")
+    ),
+    "reasoning_effort": Unsupported("kvlm's models are not reasoning models"),
+    "response_format": Unsupported(
+        'kvlm generates plain text only (no JSON mode or schema); send {"type": "text"}',
+        _one_of({"type": "text"}),
+    ),
+    "service_tier": Unsupported(
+        'kvlm has one service tier; send "auto" or "default"', _one_of("auto", "default")
+    ),
+    "store": Unsupported("kvlm does not store completions", _one_of(False)),
+    "tool_choice": Unsupported(_NO_TOOLS, _one_of("none")),
+    "tools": Unsupported(_NO_TOOLS, _one_of([])),
+    "verbosity": Unsupported("kvlm's models take no verbosity setting"),
+    "web_search_options": Unsupported("kvlm does not search the web"),
+}
+UNSUPPORTED_STREAM_OPTIONS: dict[str, Unsupported] = {
+    "include_obfuscation": Unsupported("kvlm adds no obfuscation field", _one_of(False)),
+}
+UNSUPPORTED_MESSAGE: dict[str, Unsupported] = {
+    "tool_calls": Unsupported(_NO_TOOLS, _one_of([])),
+    "tool_call_id": Unsupported(_NO_TOOLS),
+    "function_call": Unsupported(_NO_TOOLS),
+    "refusal": Unsupported("kvlm's chat templates have no refusal field; send it as content"),
+    "audio": Unsupported("kvlm takes text only"),
+}
+
+
+def check_unsupported(model: BaseModel, table: dict[str, Unsupported], prefix: str = "") -> None:
+    """400 naming the first field of `table` that `model` holds with a non-neutral value."""
+    for name, rule in table.items():
+        value = getattr(model, name)
+        if not rule.neutral(value):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise APIError(
+                f"{prefix}{name} is not supported ({rule.reason}); got {shown}",
+                param=f"{prefix}{name}",
+                code="unsupported_parameter",
+            )
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -95,7 +207,7 @@ def parse_body(raw: bytes, model: type[Body]) -> Body:
         raise APIError("request body is empty: send a JSON object", code="bad_json")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise APIError(f"request body is not valid JSON: {e}", code="bad_json") from e
     if not isinstance(data, dict):
         raise APIError(

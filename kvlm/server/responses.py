@@ -38,8 +38,9 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, output: RequestOutput) -> Usage:
-        num_prompt = len(output.prompt_token_ids)
-        num_completion = len(output.outputs[0].token_ids)
+        """From any output of the request (a delta too): counts come from its metrics."""
+        num_prompt = output.metrics.num_prompt_tokens
+        num_completion = output.metrics.num_generated_tokens
         return cls(
             prompt_tokens=num_prompt,
             completion_tokens=num_completion,
@@ -191,6 +192,22 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer (see `errors.APIError`)."""
+
+    error: ErrorDetail
 
 
 # --- models ------------------------------------------------------------------------------------

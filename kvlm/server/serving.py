@@ -1,5 +1,4 @@
-"""What both generation routes share: submitting a request, waiting for it while watching the
-client, and server-sent events.
+"""Submitting a request, waiting for it while watching the client, and server-sent events.
 
 A request's blocks must go back to the pool however the client leaves: every path that stops
 reading a `RequestStream` before its last output calls `stream.abort()` (idempotent).
@@ -23,11 +22,11 @@ from kvlm.engine.async_engine import (
     RequestStream,
 )
 from kvlm.engine.engine import InputError
-from kvlm.engine.request import RequestOutput
+from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.sampling import SamplingParams
 from kvlm.server.errors import APIError, server_error
 from kvlm.server.metrics import RequestTimer, ServerMetrics
-from kvlm.server.params import Prompt
+from kvlm.server.params import ModelLimits, Prompt
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 SSE_DONE = "data: [DONE]\n\n"
@@ -40,8 +39,12 @@ class ClientDisconnected(Exception):
 @dataclass(frozen=True)
 class ServingContext:
     engine: AsyncLLMEngine
-    model_name: str
+    limits: ModelLimits
     metrics: ServerMetrics
+
+    @property
+    def model_name(self) -> str:
+        return self.limits.name
 
 
 async def submit(
@@ -64,16 +67,18 @@ async def submit(
 
 
 async def collect(stream: RequestStream, client: Request, timer: RequestTimer) -> RequestOutput:
-    """Wait for the last output; abort the request if the client goes away meanwhile."""
+    """Wait for the last output and return the whole (assembled) output; abort the request
+    if the client goes away meanwhile."""
 
     async def drain() -> RequestOutput:
-        last = None
-        async for output in stream:
-            completion = output.outputs[0]
+        accumulated = OutputAccumulator()
+        async for delta in stream:
+            completion = delta.outputs[0]
             timer.on_output(len(completion.token_ids), completion.finish_reason)
-            last = output
-        assert last is not None and last.finished
-        return last
+            accumulated.add(delta)
+        final = accumulated.build()
+        assert final.finished
+        return final
 
     task = asyncio.ensure_future(drain())
     try:

@@ -89,8 +89,12 @@ class Tokenizer:
         )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for `text`; BOS first iff `add_bos` and `add_special_tokens`."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids for `text`; BOS first iff `add_bos` and `add_special_tokens`.
+
+        Through `encode_batch`, which releases the GIL (`encode` holds it throughout): a long
+        prompt tokenized on a worker thread then does not stall the server's event loop.
+        """
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for `ids`; special tokens are left out when `skip_special_tokens`."""

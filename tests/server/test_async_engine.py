@@ -14,6 +14,7 @@ from live_server import LiveServer
 
 from kvlm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from kvlm.engine.engine import InputError
+from kvlm.engine.request import OutputAccumulator
 from kvlm.engine.scheduler import SchedulerStats
 from kvlm.sampling import SamplingParams
 from kvlm.server import build_app
@@ -26,9 +27,36 @@ def test_generate_yields_every_token_then_a_finished_output(server: LiveServer) 
         return [o async for o in server.engine.generate("Once upon a time", params=GREEDY)]
 
     outputs = asyncio.run(asyncio.wait_for(run(), 60))
-    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3, 4, 5, 6]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1] * 6  # deltas: one new token
     assert [o.finished for o in outputs] == [False] * 5 + [True]
-    assert "".join(o.outputs[0].delta for o in outputs) == outputs[-1].outputs[0].text
+    accumulated = OutputAccumulator()
+    for output in outputs:
+        accumulated.add(output)
+    final = accumulated.build()
+    assert final.outputs[0].text == "".join(o.outputs[0].text for o in outputs)
+    assert final.outputs[0].token_ids == [o.outputs[0].token_ids[0] for o in outputs]
+    assert final.metrics.num_generated_tokens == 6
+
+
+def test_a_long_stream_sends_deltas_that_do_not_grow(server: LiveServer) -> None:
+    """Each output carries one step's token, logprobs and text, however long the stream."""
+    params = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True, logprobs=2)
+
+    async def run() -> list:
+        return [o async for o in server.engine.generate("Count: 1, 2, 3,", params=params)]
+
+    outputs = asyncio.run(asyncio.wait_for(run(), 120))
+    assert len(outputs) == 150
+    for output in outputs:
+        completion = output.outputs[0]
+        assert len(completion.token_ids) == 1 and len(completion.logprobs) == 1
+        assert len(completion.text) < 40  # one token's text, plus any held-back characters
+        assert output.prompt_token_ids is outputs[0].prompt_token_ids  # shared, not copied
+    accumulated = OutputAccumulator()
+    for output in outputs:
+        accumulated.add(output)
+    final = accumulated.build().outputs[0]
+    assert len(final.token_ids) == len(final.logprobs) == 150 and final.finish_reason == "length"
 
 
 def test_add_request_errors_reach_the_caller(server: LiveServer) -> None:
@@ -46,8 +74,10 @@ def test_a_consumer_that_stops_aborts_its_request(server: LiveServer, how: str) 
 
     async def consume() -> None:
         generator = server.engine.generate("Count to a thousand:", params=params)
-        async for output in generator:
-            if len(output.outputs[0].token_ids) == 2 and how == "break":
+        num_outputs = 0
+        async for _ in generator:
+            num_outputs += 1
+            if num_outputs == 2 and how == "break":
                 await generator.aclose()
                 return
 
@@ -90,6 +120,7 @@ class _NeverFinishingEngine:
 
     def __init__(self) -> None:
         self.tokenizer = None
+        self.model_config = SimpleNamespace(vocab_size=8)
         self.max_model_len = 64
         self.block_manager = None
         self.scheduler = SimpleNamespace(running=[], waiting=[], stats=SchedulerStats())

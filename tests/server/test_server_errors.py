@@ -46,8 +46,26 @@ BAD_COMPLETIONS = [
     (_completion(seed=-1), "seed", ["seed", "-1"]),
     (_completion(stop=5), "stop", ["stop", "5"]),
     (_completion(logprobs=50), "logprobs", ["logprobs", "20", "50"]),
-    (_completion(echo=True), "echo", ["echo"]),
-    (_completion(frequency_penalty=0.5), "frequency_penalty", ["frequency_penalty", "0.5"]),
+    (_completion(echo=True, logprobs=1), "echo", ["echo", "logprobs", "prompt"]),
+    (_completion(frequency_penalty=2.5), "frequency_penalty", ["frequency_penalty", "2.5"]),
+    (_completion(presence_penalty=-3), "presence_penalty", ["[-2, 2]", "-3"]),
+    (_completion(min_tokens=8), "min_tokens", ["min_tokens (8)", "max_tokens (4)"]),
+    (_completion(min_tokens=-1), "min_tokens", ["min_tokens", "-1"]),
+    (_completion(logit_bias={"abc": 5}), "logit_bias", ["'abc'", "token id", "49151"]),
+    (_completion(logit_bias={"-1": 5}), "logit_bias", ["'-1'"]),
+    (_completion(logit_bias={"49152": 5}), "logit_bias", ["'49152'", "49151"]),
+    (_completion(logit_bias={"5": 101}), "logit_bias", ["[-100, 100]", "101"]),
+    (_completion(logit_bias={"5": "up"}), "logit_bias.5", ["'up'"]),
+    (_completion(logit_bias=[5]), "logit_bias", ["logit_bias", "[5]"]),
+    (_completion(suffix="!"), "suffix", ["suffix is not supported", '"!"']),
+    (_completion(best_of=3), "best_of", ["best_of is not supported", "3"]),
+    (_completion(max_token=5), "max_token", ["unknown field 'max_token'"]),
+    (
+        _completion(stream_options={"include_obfuscation": True}),
+        "stream_options.include_obfuscation",
+        ["not supported"],
+    ),  # fmt: skip
+    (_completion(stream_options={"foo": 1}), "stream_options.foo", ["unknown field"]),
     (_completion(prompt=""), "prompt", ["prompt is empty"]),
     (_completion(prompt=[]), "prompt", ["prompt is empty"]),
     (_completion(prompt=None), "prompt", ["prompt is required"]),
@@ -75,7 +93,70 @@ BAD_CHATS = [
     (_chat(logprobs=True, top_logprobs=21), "top_logprobs", ["20", "21"]),
     (_chat(stream="yes"), "stream", ["stream", "'yes'"]),
     (_chat(stream_options={"include_usage": 1}), "stream_options.include_usage", ["1"]),
+    (_chat(logit_bias={"x": 1}), "logit_bias", ["'x'"]),
+    (_chat(frequency_penalty=-2.01), "frequency_penalty", ["-2.01"]),
+    (_chat(echo=True), "echo", ["unknown field 'echo'"]),  # a completions-only field
+    (
+        _chat(messages=[{"role": "hacker", "content": "Hi"}]),
+        "messages.0.role",
+        ["'hacker'", "'system', 'developer', 'user', 'assistant'"],
+    ),  # fmt: skip
+    (
+        _chat(messages=[{"role": "tool", "content": "4", "tool_call_id": "c1"}]),
+        "messages.0.tool_call_id",
+        ["tool"],
+    ),  # fmt: skip
+    (_chat(messages=[{"role": "tool", "content": "4"}]), "messages.0.role", ["'tool'", "tool"]),
+    (_chat(messages=[{"role": "function", "content": "4"}]), "messages.0.role", ["function"]),
+    (
+        _chat(messages=[{"role": "user", "content": "Hi", "mood": "happy"}]),
+        "messages.0.mood",
+        ["unknown field"],
+    ),  # fmt: skip
+    (
+        _chat(messages=[{"role": "assistant", "tool_calls": [{"id": "c1"}]}]),
+        "messages.0.tool_calls",
+        ["tool"],
+    ),  # fmt: skip
 ]
+
+# OpenAI's chat fields kvlm does not honour, each with a value that asks for something.
+UNSUPPORTED_CHAT_VALUES = {
+    "audio": {"voice": "alloy", "format": "mp3"},
+    "function_call": "auto",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],
+    "modalities": ["text", "audio"],
+    "moderation": {"mode": "block"},
+    "parallel_tool_calls": True,
+    "prediction": {"type": "content", "content": "Hello"},
+    "prompt_cache_options": {"ttl": "1h"},
+    "prompt_cache_retention": "24h",
+    "reasoning_effort": "low",
+    "response_format": {"type": "json_object"},
+    "service_tier": "flex",
+    "store": True,
+    "tool_choice": "auto",
+    "tools": [{"type": "function", "function": {"name": "f"}}],
+    "verbosity": "low",
+    "web_search_options": {},
+}
+# ... and the neutral values they are accepted with.
+NEUTRAL_CHAT_VALUES = {
+    "response_format": {"type": "text"},
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "store": False,
+    "modalities": ["text"],
+    "service_tier": "auto",
+    "prompt_cache_retention": "in_memory",
+    "metadata": {"team": "kvlm"},
+    "user": "u1",
+    "safety_identifier": "s1",
+    "prompt_cache_key": "k1",
+    "stream_options": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +180,22 @@ def test_bad_chat_is_400(http: httpx.Client, body: dict, param: str, words: list
     assert error["param"] == param
     for word in words:
         assert word in error["message"]
+
+
+@pytest.mark.parametrize(("name", "value"), UNSUPPORTED_CHAT_VALUES.items())
+def test_unsupported_openai_chat_field_is_400_naming_it(
+    http: httpx.Client, name: str, value: object
+) -> None:
+    error = _error(http.post("/v1/chat/completions", json=_chat(**{name: value})), 400)
+    assert error["param"] == name and error["code"] == "unsupported_parameter"
+    assert error["message"].startswith(f"{name} is not supported (")
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", json=_chat(max_tokens=2, **NEUTRAL_CHAT_VALUES))
+    assert response.status_code == 200, response.text
+    response = http.post("/v1/completions", json=_completion(suffix="", best_of=1, user="u"))
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(
@@ -150,7 +247,7 @@ def test_unexpected_exception_is_500_and_server_survives(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr("kvlm.server.completions.completion_prompt", broken)
+    monkeypatch.setattr("kvlm.server.params.completion_prompt", broken)
     num_errors = len(server.errors)
     error = _error(http.post("/v1/completions", json=_completion()), 500)
     assert error["type"] == "server_error"
