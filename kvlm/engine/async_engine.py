@@ -69,11 +69,11 @@ _ACCEPTED = object()  # first item of a stream once the engine thread has queued
 class RequestStream:
     """Outputs of one request, as an async iterator; the last one has `finished=True`.
 
-    Items are put by the engine thread; `abort()` (idempotent, any thread) stops the request
-    in the engine and frees its blocks unless it already finished.
     Each output is a delta (what the step added: `LLM.stream` explains the kind); an
     `OutputAccumulator` assembles the whole.
 
+    Items are put by the engine thread; `abort()` (idempotent, any thread) stops the request
+    in the engine and frees its blocks unless it already finished.
     """
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
@@ -154,9 +154,9 @@ class AsyncLLMEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size  # logits rows: valid token ids
         self._cond = threading.Condition()
         self._commands: deque[_Command] = deque()  # guarded by _cond
-        self.vocab_size = engine.model_config.vocab_size  # logits rows: valid token ids
         self._stopping = False  # guarded by _cond
         self._closed = False  # guarded by _cond: the thread has ended
         self._streams: dict[str, RequestStream] = {}  # engine thread only
