@@ -48,7 +48,14 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _build() -> str | None:
-    """Compile (first time) and load the extension; None on success, else why it failed."""
+    """Load the extension, compiling it first if this source version is not cached yet;
+    None on success, else why it failed (in words a user can act on)."""
+    build_dir = _cache_dir()
+    library = build_dir / "kvlm_kernels.so"
+    if library.exists():  # built before: no compiler or ninja needed to load it
+        torch.ops.load_library(str(library))
+        _register_fakes()
+        return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r}) on PATH"
@@ -56,11 +63,8 @@ def _build() -> str | None:
         return "ninja is not installed (pip install ninja)"
     from torch.utils import cpp_extension
 
-    build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / "kvlm_kernels.so"
-    if not library.exists():
-        print(f"kvlm: compiling the C++ kernels into {build_dir} (once)", file=sys.stderr)
+    print(f"kvlm: compiling the C++ kernels into {build_dir} (once)", file=sys.stderr)
     try:
         cpp_extension.load(
             name="kvlm_kernels",
