@@ -24,10 +24,10 @@ from kvlm.server.errors import APIError, install_error_handlers
 from kvlm.server.limits import (
     DEFAULT_MAX_REQUEST_BYTES,
     BodySizeLimitMiddleware,
+    ModelLimits,
     PromptLengthLimit,
 )
 from kvlm.server.metrics import ServerMetrics
-from kvlm.server.params import ModelLimits
 from kvlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvlm.server.responses import (
     ChatCompletionResponse,

@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvlm.engine.async_engine import RequestStream
 from kvlm.sampling import Logprob
 from kvlm.server.formatters import ChatFormatter, CompletionFormatter, Formatter, Header
+from kvlm.server.limits import ModelLimits
 from kvlm.server.metrics import RequestTimer
-from kvlm.server.params import ModelLimits, Prepared, prepare_chat, prepare_completion
+from kvlm.server.params import Prepared, prepare_chat, prepare_completion
 from kvlm.server.responses import Usage, new_id, now
 from kvlm.server.serving import SSE_DONE, ServingContext, collect, guarded_events, sse, submit
 from kvlm.tokenizer import Tokenizer
@@ -46,11 +47,13 @@ async def generate(ctx: ServingContext, api: API, client: Request) -> Response:
     # JSON parsing, the chat template and tokenizing take long for a long prompt: off the loop.
     prepared = await asyncio.to_thread(api.prepare, raw, tokenizer, ctx.limits)
     request_id = new_id(api.id_prefix)
-    stream = await submit(ctx, prepared.prompt, prepared.params, request_id,
-                          prepared.body.cache_salt, api.prompt_param)  # fmt: skip
+    body = prepared.body
+    stream = await submit(
+        ctx, prepared.prompt, prepared.params, request_id, body.cache_salt, api.prompt_param
+    )
     formatter = api.formatter(prepared, tokenizer, Header(request_id, now(), ctx.model_name))
-    if prepared.body.stream:
-        events = _events(formatter, stream, timer, prepared.body.include_usage)
+    if body.stream:
+        events = _events(formatter, stream, timer, body.include_usage)
         return StreamingResponse(guarded_events(events, stream), media_type="text/event-stream")
     final = await collect(stream, client, timer)
     return JSONResponse(formatter.response(final).model_dump(mode="json"))

@@ -8,6 +8,7 @@ make that thread, or JSON parsing, work on more than the context could ever use.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,3 +97,13 @@ class PromptLengthLimit:
                 "shorten it",
                 param=param,
             )
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model allows, known once at startup."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int  # token ids in [0, vocab_size) are valid in logit_bias and prompts
+    prompt_length: PromptLengthLimit  # refuses text that cannot fit, before tokenizing

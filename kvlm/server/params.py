@@ -1,9 +1,12 @@
 """Request body -> (prompt, SamplingParams), refusing what kvlm cannot honour with a 400.
 
+The order is cheap checks first (fields, model), then the prompt (`prompts.py`, tokenized),
+then the sampling parameters.
+
 Each refusal names the field, the value and the limit. Range checks `SamplingParams` already
 makes (top_p, top_k, seed, stop, penalties, ...) are passed on with its message; a prompt
-longer than the context is refused here when its length in characters proves it, else by the
-engine (`InputError`) once tokenized, which names both numbers.
+longer than the context is refused in `prompts.py` when its length in characters proves it,
+else by the engine (`InputError`) once tokenized, which names both numbers.
 
 Everything here runs on a worker thread (tokenizing a long prompt takes a while), never on
 the event loop.
@@ -13,16 +16,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from typing import Any
 
 from kvlm.sampling import SamplingParams, SamplingParamsError
 from kvlm.sampling.params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from kvlm.server.errors import APIError
-from kvlm.server.limits import PromptLengthLimit
+from kvlm.server.limits import ModelLimits
+from kvlm.server.prompts import Prompt, chat_prompt, completion_prompt
 from kvlm.server.protocol import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
-    UNSUPPORTED_MESSAGE,
     UNSUPPORTED_STREAM_OPTIONS,
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,34 +32,13 @@ from kvlm.server.protocol import (
     check_unsupported,
     parse_body,
 )
-from kvlm.tokenizer import Tokenizer, TokenizerError
+from kvlm.tokenizer import Tokenizer
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 _PARAM_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 _FIRST_WORD = re.compile(r"^(\w+)")
 _TOKEN_ID = re.compile(r"^[0-9]{1,10}$")
-# Roles the chat templates understand; "developer" is OpenAI's newer name for "system".
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_TOOL_ROLES = ("tool", "function")
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """What the served model allows, known once at startup."""
-
-    name: str
-    max_model_len: int
-    vocab_size: int  # token ids in [0, vocab_size) are valid in logit_bias and prompts
-    prompt_length: PromptLengthLimit  # refuses text that cannot fit, before tokenizing
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What the engine gets: token ids (always), and the text when the client sent text."""
-
-    text: str | None
-    token_ids: list[int]
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -67,101 +48,6 @@ def check_model(requested: str | None, served: str) -> None:
             param="model",
             code="model_not_found",
         )
-
-
-def completion_prompt(
-    request: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
-) -> Prompt:
-    """`prompt` as text or token ids; a list holding one prompt is unwrapped."""
-    prompt = request.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError("prompt is empty: give at least one character", param="prompt")
-        limits.prompt_length.check(prompt, "prompt")
-        return Prompt(prompt, tokenizer.encode(prompt))
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(
-            f"prompt holds {len(prompt)} prompts; only one prompt per request is supported: "
-            "send one request per prompt",
-            param="prompt",
-        )
-    if isinstance(prompt, list):
-        if not prompt:
-            raise APIError("prompt is empty: give at least one token id", param="prompt")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
-            bad = next(t for t in prompt if isinstance(t, bool) or not isinstance(t, int))
-            raise APIError(
-                f"prompt must be a string or a list of token ids (ints), got {bad!r} in the list",
-                param="prompt",
-            )
-        return Prompt(None, list(prompt))  # the engine checks the ids against the vocabulary
-    if prompt is None:
-        raise APIError("prompt is required", param="prompt")
-    raise APIError(
-        f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
-        param="prompt",
-    )
-
-
-def chat_prompt(
-    request: ChatCompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
-) -> Prompt:
-    """The conversation rendered with the model's chat template, then tokenized."""
-    if not request.messages:
-        raise APIError("messages is empty: give at least one message", param="messages")
-    messages = []
-    for i, message in enumerate(request.messages):
-        check_unsupported(message, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
-        rendered: dict[str, Any] = {"role": _chat_role(message.role, f"messages.{i}.role")}
-        rendered["content"] = _text_content(message.content, f"messages.{i}.content")
-        if message.name is not None:
-            rendered["name"] = message.name
-        messages.append(rendered)
-    try:
-        text = tokenizer.apply_chat_template(messages, request.add_generation_prompt)
-    except TokenizerError as e:
-        raise APIError(str(e), param="messages") from e
-    limits.prompt_length.check(text, "messages")
-    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
-
-
-def _chat_role(role: str, param: str) -> str:
-    if role in CHAT_ROLES:
-        return CHAT_ROLES[role]
-    if role in _TOOL_ROLES:
-        raise APIError(
-            f"{param}: role {role!r} is not supported: kvlm does not implement tool or "
-            "function calls",
-            param=param,
-            code="unsupported_parameter",
-        )
-    raise APIError(
-        f"{param} must be one of {', '.join(map(repr, CHAT_ROLES))}; got {role!r}",
-        param=param,
-    )
-
-
-def _text_content(content: Any, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(
-                    f"{param}.{j}: only text parts are supported, got type {kind!r}", param=param
-                )
-            if not isinstance(part.get("text"), str):
-                raise APIError(f"{param}.{j}.text must be a string", param=param)
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise APIError(
-        f"{param} must be a string or a list of text parts, got {type(content).__name__}",
-        param=param,
-    )
 
 
 def logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float] | None:

@@ -25,8 +25,9 @@ from kvlm.engine.engine import InputError
 from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.sampling import SamplingParams
 from kvlm.server.errors import APIError, server_error
+from kvlm.server.limits import ModelLimits
 from kvlm.server.metrics import RequestTimer, ServerMetrics
-from kvlm.server.params import ModelLimits, Prompt
+from kvlm.server.prompts import Prompt
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 SSE_DONE = "data: [DONE]\n\n"

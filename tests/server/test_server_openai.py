@@ -33,6 +33,12 @@ def reference(smollm2_llm: LLM) -> dict[str, list[int] | str]:
     }
 
 
+def test_llm_get_tokenizer_is_the_engines(smollm2_llm: LLM, server: LiveServer) -> None:
+    tokenizer = smollm2_llm.get_tokenizer()
+    assert tokenizer is smollm2_llm.engine.tokenizer
+    assert tokenizer.encode(PROMPT) == server.engine.tokenizer.encode(PROMPT)
+
+
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]

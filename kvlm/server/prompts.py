@@ -1,0 +1,124 @@
+"""The prompt of a request: text or token ids for completions, the rendered chat template for
+chat. Text that cannot fit the context is refused before it is tokenized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvlm.server.errors import APIError
+from kvlm.server.limits import ModelLimits
+from kvlm.server.protocol import (
+    UNSUPPORTED_MESSAGE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_unsupported,
+)
+from kvlm.tokenizer import Tokenizer, TokenizerError
+
+# Roles the chat templates understand; "developer" is OpenAI's newer name for "system".
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TOOL_ROLES = ("tool", "function")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the engine gets: token ids (always), and the text when the client sent text."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+def completion_prompt(
+    request: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+) -> Prompt:
+    """`prompt` as text or token ids; a list holding one prompt is unwrapped."""
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError("prompt is empty: give at least one character", param="prompt")
+        limits.prompt_length.check(prompt, "prompt")
+        return Prompt(prompt, tokenizer.encode(prompt))
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(
+            f"prompt holds {len(prompt)} prompts; only one prompt per request is supported: "
+            "send one request per prompt",
+            param="prompt",
+        )
+    if isinstance(prompt, list):
+        if not prompt:
+            raise APIError("prompt is empty: give at least one token id", param="prompt")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            bad = next(t for t in prompt if isinstance(t, bool) or not isinstance(t, int))
+            raise APIError(
+                f"prompt must be a string or a list of token ids (ints), got {bad!r} in the list",
+                param="prompt",
+            )
+        return Prompt(None, list(prompt))  # the engine checks the ids against the vocabulary
+    if prompt is None:
+        raise APIError("prompt is required", param="prompt")
+    raise APIError(
+        f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+        param="prompt",
+    )
+
+
+def chat_prompt(
+    request: ChatCompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+) -> Prompt:
+    """The conversation rendered with the model's chat template, then tokenized."""
+    if not request.messages:
+        raise APIError("messages is empty: give at least one message", param="messages")
+    messages = []
+    for i, message in enumerate(request.messages):
+        check_unsupported(message, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
+        rendered: dict[str, Any] = {"role": _chat_role(message.role, f"messages.{i}.role")}
+        rendered["content"] = _text_content(message.content, f"messages.{i}.content")
+        if message.name is not None:
+            rendered["name"] = message.name
+        messages.append(rendered)
+    try:
+        text = tokenizer.apply_chat_template(messages, request.add_generation_prompt)
+    except TokenizerError as e:
+        raise APIError(str(e), param="messages") from e
+    limits.prompt_length.check(text, "messages")
+    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_role(role: str, param: str) -> str:
+    if role in CHAT_ROLES:
+        return CHAT_ROLES[role]
+    if role in _TOOL_ROLES:
+        raise APIError(
+            f"{param}: role {role!r} is not supported: kvlm does not implement tool or "
+            "function calls",
+            param=param,
+            code="unsupported_parameter",
+        )
+    raise APIError(
+        f"{param} must be one of {', '.join(map(repr, CHAT_ROLES))}; got {role!r}",
+        param=param,
+    )
+
+
+def _text_content(content: Any, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(
+                    f"{param}.{j}: only text parts are supported, got type {kind!r}", param=param
+                )
+            if not isinstance(part.get("text"), str):
+                raise APIError(f"{param}.{j}.text must be a string", param=param)
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise APIError(
+        f"{param} must be a string or a list of text parts, got {type(content).__name__}",
+        param=param,
+    )
