@@ -49,6 +49,7 @@ def test_serve_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
     [
         (["--port", "70000"], ["--port", "70000"]),
         (["--max-num-seqs", "0"], ["--max-num-seqs", "0"]),
+        (["--max-request-bytes", "0"], ["--max-request-bytes", "0"]),
         (["--kv-cache-memory", "lots"], ["'lots'"]),
         (["--max-model-len", "1"], ["max_model_len", "1"]),
     ],
@@ -80,5 +81,6 @@ def test_serve_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs"):
+    options = ("--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs")
+    for option in (*options, "--max-request-bytes"):
         assert option in out
