@@ -28,7 +28,15 @@ from kvlm.server.limits import (
     PromptLengthLimit,
 )
 from kvlm.server.metrics import ServerMetrics
-from kvlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvlm.server.protocol import (
+    UNSUPPORTED_CHAT,
+    UNSUPPORTED_COMPLETION,
+    UNSUPPORTED_MESSAGE,
+    UNSUPPORTED_STREAM_OPTIONS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Unsupported,
+)
 from kvlm.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -43,6 +51,12 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; 
 _BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
+}
+_UNSUPPORTED: dict[str, dict[str, Unsupported]] = {  # schema name -> refused fields
+    "CompletionRequest": UNSUPPORTED_COMPLETION,
+    "ChatCompletionRequest": UNSUPPORTED_CHAT,
+    "ChatMessage": UNSUPPORTED_MESSAGE,
+    "StreamOptions": UNSUPPORTED_STREAM_OPTIONS,
 }
 
 
@@ -168,6 +182,10 @@ def _document_bodies(app: FastAPI, secured: bool) -> None:
         )
         components = schema.setdefault("components", {})
         components.setdefault("schemas", {}).update(defs.get("$defs", {}))
+        for model, table in _UNSUPPORTED.items():
+            properties = components["schemas"][model]["properties"]
+            for name, rule in table.items():  # null is always accepted; the rest is a 400
+                properties[name] = {"type": "null", "description": f"not supported: {rule.reason}"}
         for path, model in _BODIES.items():
             schema["paths"][path]["post"]["requestBody"] = {
                 "required": True,

@@ -9,6 +9,7 @@ from typing import Any
 from kvlm.server.errors import APIError
 from kvlm.server.limits import ModelLimits
 from kvlm.server.protocol import (
+    CHAT_ROLES,
     UNSUPPORTED_MESSAGE,
     ChatCompletionRequest,
     CompletionRequest,
@@ -16,8 +17,6 @@ from kvlm.server.protocol import (
 )
 from kvlm.tokenizer import Tokenizer, TokenizerError
 
-# Roles the chat templates understand; "developer" is OpenAI's newer name for "system".
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TOOL_ROLES = ("tool", "function")
 
 

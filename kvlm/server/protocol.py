@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -31,6 +32,24 @@ from pydantic import (
 from kvlm.server.errors import APIError, validation_error
 
 Number = StrictFloat  # accepts JSON ints too, never booleans or strings
+
+
+def _schema(**extra: Any) -> Any:
+    """A field (default None) whose published JSON schema also says `extra`: the ranges and
+    shapes this module leaves to params.py / SamplingParams, so clients and fuzzers see them
+    while the 400 messages stay kvlm's own."""
+    return Field(default=None, json_schema_extra=extra)
+
+
+def _range(low: float, high: float | None = None, **more: Any) -> Any:
+    return _schema(minimum=low, **({} if high is None else {"maximum": high}), **more)
+
+
+# Roles the chat templates understand; "developer" is OpenAI's newer name for "system".
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_ONE_TEXT = {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}
 
 
 class StreamOptions(BaseModel):
@@ -47,24 +66,29 @@ class SamplingRequest(BaseModel):
 
     # OpenAI's fields that kvlm honours
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    presence_penalty: Number | None = None  # [-2, 2], over generated tokens
-    frequency_penalty: Number | None = None  # [-2, 2], over generated tokens
-    logit_bias: dict[StrictStr, Number] | None = None  # {"token id": bias in [-100, 100]}
-    seed: StrictInt | None = None
-    stop: Any = None  # str | list[str]; checked by SamplingParams
-    n: StrictInt | None = None  # only 1
+    max_tokens: StrictInt | None = _range(1)
+    temperature: Number | None = _range(0, 2)
+    top_p: Number | None = _schema(exclusiveMinimum=0, maximum=1)
+    presence_penalty: Number | None = _range(-2, 2)  # over generated tokens
+    frequency_penalty: Number | None = _range(-2, 2)  # over generated tokens
+    # {"token id": bias}
+    logit_bias: dict[StrictStr, Number] | None = _schema(
+        propertyNames={"pattern": "^[0-9]+$"},
+        additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
+    )
+    seed: StrictInt | None = _range(0, 2**64 - 1)
+    # str | list[str]; checked by SamplingParams
+    stop: Any = _schema(anyOf=[_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}])
+    n: StrictInt | None = _range(1, 1)  # only 1
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None  # an end-user id: accepted, changes nothing
     # kvlm's extensions (vLLM's names)
-    top_k: StrictInt | None = None
-    min_p: Number | None = None
-    repetition_penalty: Number | None = None
-    min_tokens: StrictInt | None = None
-    stop_token_ids: Any = None  # list[int]; checked by SamplingParams
+    top_k: StrictInt | None = _range(-1)
+    min_p: Number | None = _range(0, 1)
+    repetition_penalty: Number | None = _schema(exclusiveMinimum=0)
+    min_tokens: StrictInt | None = _range(0)
+    stop_token_ids: Any = _schema(anyOf=[_TOKEN_IDS, {"type": "null"}])  # SamplingParams checks
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
@@ -76,9 +100,13 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Any = None  # str, list of token ids, or a one-element list of either
-    max_tokens: StrictInt | None = 16  # OpenAI's default for completions
-    logprobs: StrictInt | None = None  # top log-probabilities per token (0..20)
+    # str, list of token ids, or a one-element list of either
+    prompt: Any = Field(
+        json_schema_extra={"anyOf": [_TEXT, {**_TOKEN_IDS, "minItems": 1}, _ONE_TEXT]}
+    )
+    # OpenAI's default for completions
+    max_tokens: StrictInt | None = Field(default=16, json_schema_extra={"minimum": 1})
+    logprobs: StrictInt | None = _range(0, 20)  # top log-probabilities per token
     echo: StrictBool | None = None  # prepend the prompt to the completion
     suffix: Any = None  # only unset
     best_of: Any = None  # only 1
@@ -87,8 +115,19 @@ class CompletionRequest(SamplingRequest):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: StrictStr  # checked in params.py, which names the roles kvlm supports
-    content: Any = None  # str, or a list of {"type": "text", "text": ...} parts
+    # checked in prompts.py, which names the roles kvlm supports
+    role: StrictStr = Field(json_schema_extra={"enum": list(CHAT_ROLES)})
+    # str, or a list of {"type": "text", "text": ...} parts
+    content: Any = _schema(
+        anyOf=[
+            {"type": "string"},
+            {"type": "array", "items": {
+                "type": "object", "required": ["type", "text"], "additionalProperties": False,
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+            }},
+            {"type": "null"},
+        ]
+    )  # fmt: skip
     name: StrictStr | None = None  # passed on to the chat template
     # OpenAI's fields of assistant / tool messages that kvlm cannot honour (no tool calls)
     tool_calls: Any = None
@@ -100,9 +139,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
-    max_completion_tokens: StrictInt | None = None  # the newer name for max_tokens
+    max_completion_tokens: StrictInt | None = _range(1)  # the newer name for max_tokens
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None  # with logprobs: alternatives per token (0..20)
+    top_logprobs: StrictInt | None = _range(0, 20)  # with logprobs: alternatives per token
     metadata: dict[StrictStr, StrictStr] | None = None  # tags for stored completions: no effect
     safety_identifier: StrictStr | None = None  # an end-user id: accepted, changes nothing
     prompt_cache_key: StrictStr | None = None  # a routing hint: kvlm's prefix cache needs none
