@@ -1,7 +1,9 @@
-"""Paged attention on torch SDPA: write this step's K/V to the pool, read history by slot.
+"""Paged attention on torch SDPA: write this step's K/V to the cache, read history by row.
 
 The same function serves prefill, decode, mixed batches and the no-cache baseline; only the
-ForwardContext differs. GQA/MQA heads are expanded inside SDPA (`enable_gqa`), never in the pool.
+ForwardContext differs. Rope is applied here because the cache decides positions (places in the
+cache under attention sinks). GQA/MQA heads are expanded inside SDPA (`enable_gqa`), never in
+the cache.
 """
 
 from __future__ import annotations
@@ -10,26 +12,35 @@ import torch
 import torch.nn.functional as F
 
 from kvlm.attention.context import ForwardContext
+from kvlm.attention.rope import RotaryEmbedding, apply_rope
 
 
 def attention(
-    q: torch.Tensor,  # [T, nh, hd]
-    k: torch.Tensor,  # [T, nkv, hd]
+    q: torch.Tensor,  # [T, nh, hd], before rope
+    k: torch.Tensor,  # [T, nkv, hd], before rope
     v: torch.Tensor,  # [T, nkv, hd]
     layer_idx: int,
-    window: int | None,
+    rope: RotaryEmbedding,
     scale: float,
     softcap: float | None,
     ctx: ForwardContext,
 ) -> torch.Tensor:  # [T, nh * hd]
-    if ctx.kv_pool is not None:
-        ctx.kv_pool.write(layer_idx, ctx.slot_mapping, k, v)
-        k_src, v_src = ctx.kv_pool.layer(layer_idx)  # [num_slots, nkv, hd]
+    view = ctx.layer_views[layer_idx]
+    if view.key_positions is None:  # rope by place in the text, keys stored rotated
+        cos, sin = ctx.rope_tables(rope, ctx.positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if view.store is not None:
+        view.store.write(layer_idx, view.write_rows, k, v)
+        keys, values = view.store.gather(layer_idx, view.gather_index)  # [B * S, nkv, hd]
     else:
-        k_src, v_src = k, v
-    view = ctx.views[window]
-    keys = _gather(k_src, view.gather_index)  # [B, nkv, S, hd]
-    values = _gather(v_src, view.gather_index)  # [B, nkv, S, hd]
+        keys, values = k.index_select(0, view.gather_index), v.index_select(0, view.gather_index)
+    if view.key_positions is not None:  # rope by place in the cache, keys stored unrotated
+        keys = apply_rope(keys, *ctx.rope_tables(rope, view.key_positions))
+        q = apply_rope(q, *ctx.rope_tables(rope, view.query_positions))
+    num_tokens, num_heads, head_dim = q.shape
+    shape = (ctx.num_seqs, view.num_keys, *keys.shape[1:])
+    keys = keys.view(shape).transpose(1, 2)  # [B, nkv, S, hd]
+    values = values.view(shape).transpose(1, 2)  # [B, nkv, S, hd]
     queries = _pad_queries(q, ctx).transpose(1, 2)  # [B, nh, Q, hd]
     if softcap is None:
         out = F.scaled_dot_product_attention(
@@ -38,17 +49,10 @@ def attention(
     else:
         out = _softcapped_attention(queries, keys, values, view.mask, scale, softcap)
     out = out.transpose(1, 2)  # [B, Q, nh, hd]
-    num_tokens, num_heads, head_dim = q.shape
     if ctx.query_pad_index is None:
         return out.reshape(num_tokens, num_heads * head_dim)
     flat = out.reshape(-1, num_heads * head_dim)  # [B * Q, nh * hd]
     return flat.index_select(0, ctx.query_pad_index)
-
-
-def _gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of `source` [N, nkv, hd] at `index` [B, S] -> [B, nkv, S, hd]."""
-    rows = source.index_select(0, index.view(-1))  # [B * S, nkv, hd]
-    return rows.view(*index.shape, *source.shape[1:]).transpose(1, 2)
 
 
 def _pad_queries(q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -46,16 +46,19 @@ class ServeBenchConfig:
 
 @dataclass
 class WasteMeter:
-    """Slots allocated to running requests but not holding K/V, summed over sampled steps."""
+    """Slots allocated to running requests but not holding K/V, summed over sampled steps.
+
+    Read from the first layer group (full attention for every model kvlm ships).
+    """
 
     allocated: int = 0
     unused: int = 0
 
     def sample(self, engine: LLMEngine) -> None:
-        bm = engine.block_manager
+        cache = engine.kv_cache
         for request in engine.scheduler.running:
-            if request.request_id in bm.block_tables:
-                slots = len(bm.block_table(request.request_id)) * bm.block_size
+            if cache.holds(request.request_id):
+                slots = cache.groups[0].num_held(request.request_id) * cache.block_size
                 self.allocated += slots
                 self.unused += slots - request.num_computed_tokens
 
@@ -131,7 +134,7 @@ def bench_prefix(llm: LLM, config: ServeBenchConfig, result: ServeBenchResult) -
     result.prefix_len = len(prefix)
     one_token = SamplingParams(max_tokens=1, temperature=0)
     question = llm.tokenizer.encode("\n\n" + QUESTIONS[0], add_special_tokens=False)
-    engine.block_manager.reset_prefix_cache()
+    engine.kv_cache.reset_prefix_cache()
     for attempt in ("cold", "cached"):
         engine.add_request(None, prefix + question, one_token)
         (output,) = _run(engine, WasteMeter()).values()
@@ -141,7 +144,7 @@ def bench_prefix(llm: LLM, config: ServeBenchConfig, result: ServeBenchResult) -
             result.ttft_cached_s = output.metrics.ttft_s
             result.cached_tokens = output.metrics.num_cached_tokens
 
-    engine.block_manager.reset_prefix_cache()
+    engine.kv_cache.reset_prefix_cache()
     stats = engine.scheduler.stats
     queries, hits = stats.num_prefix_queries, stats.num_prefix_hits
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -175,7 +178,7 @@ def run_serve_bench(
         f"prefix {result.prefix_len} tok: TTFT cold {result.ttft_cold_s:.3f} s, cached "
         f"{result.ttft_cached_s:.3f} s; hit rate {result.hit_rate:.1%}"
     )
-    llm.engine.block_manager.check_integrity()
+    llm.engine.kv_cache.check_integrity()
     return result
 
 

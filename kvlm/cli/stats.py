@@ -10,11 +10,10 @@ from kvlm.engine.request import RequestMetrics
 
 @dataclass(frozen=True)
 class KVUsage:
-    """KV blocks one request held at its last step, and what they take in the pool."""
+    """The most KV bytes one request held at once, and the format and pool they came from."""
 
-    num_blocks: int
-    block_size: int
-    num_bytes: int
+    peak_bytes: int
+    kv_format: str
     pool_bytes: int
 
 
@@ -33,21 +32,11 @@ class TurnStats:
         return self.num_prompt_tokens - self.num_cached_tokens
 
 
-def kv_usage_at_last_step(engine: LLMEngine, metrics: RequestMetrics) -> KVUsage | None:
-    """Blocks the request held when its last token was sampled, before they were freed.
-
-    The engine frees a request's blocks in the same step that finishes it, so they cannot be
-    read afterwards. They follow from the block manager's rule instead: a request holds exactly
-    `ceil(num_tokens_with_kv / block_size)` blocks, and at the last step every token except
-    the one just sampled has its K/V in the pool (the prompt and all earlier outputs).
-    """
-    bm, pool = engine.block_manager, engine.kv_pool
-    if bm is None or pool is None:
+def kv_usage(engine: LLMEngine, metrics: RequestMetrics) -> KVUsage | None:
+    if engine.kv_cache is None:
         return None
-    num_tokens_with_kv = metrics.num_prompt_tokens + max(metrics.num_generated_tokens - 1, 0)
-    num_blocks = bm.blocks_needed(num_tokens_with_kv)
-    block_bytes = pool.nbytes // bm.num_blocks
-    return KVUsage(num_blocks, bm.block_size, num_blocks * block_bytes, pool.nbytes)
+    formats = ", ".join(sorted({spec.kv_format for spec in engine.kv_specs}))
+    return KVUsage(metrics.kv_peak_bytes, formats, engine.kv_cache_bytes_total())
 
 
 def turn_stats(engine: LLMEngine, metrics: RequestMetrics) -> TurnStats:
@@ -57,7 +46,7 @@ def turn_stats(engine: LLMEngine, metrics: RequestMetrics) -> TurnStats:
         num_prompt_tokens=metrics.num_prompt_tokens,
         num_cached_tokens=metrics.num_cached_tokens,
         num_generated_tokens=metrics.num_generated_tokens,
-        kv=kv_usage_at_last_step(engine, metrics),
+        kv=kv_usage(engine, metrics),
     )
 
 
@@ -84,8 +73,7 @@ def format_generate_stats(stats: TurnStats) -> str:
         kv = "no cache (every step recomputes the whole sequence)"
     else:
         kv = (
-            f"kv cache {format_bytes(stats.kv.num_bytes)} held at the last step "
-            f"({stats.kv.num_blocks} blocks × {stats.kv.block_size} tokens, "
+            f"kv cache peak {format_bytes(stats.kv.peak_bytes)} ({stats.kv.kv_format}, "
             f"pool {format_bytes(stats.kv.pool_bytes)})"
         )
     return (

@@ -48,7 +48,9 @@ class EngineStats:
     num_waiting: int = 0
     num_blocks: int = 0
     num_free_blocks: int = 0
-    kv_cache_usage: float = 0.0  # num_blocks_used / num_blocks
+    kv_cache_usage: float = 0.0  # fraction of KV bytes held, all layer groups
+    # Per layer group: (label like "layers 0-29, window 512, int8", bytes held, bytes in all)
+    kv_groups: tuple[tuple[str, int, int], ...] = ()
     num_prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     num_prefix_hits: int = 0  # of those, tokens whose K/V were reused
     num_preemptions: int = 0
@@ -346,13 +348,15 @@ class AsyncLLMEngine:
 
     def _publish_stats(self) -> None:
         engine = self.engine
-        bm, scheduler = engine.block_manager, engine.scheduler
+        cache, scheduler = engine.kv_cache, engine.scheduler
+        pools = cache.pools if cache else []
         self._stats = EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
-            num_blocks=bm.num_blocks if bm else 0,
-            num_free_blocks=bm.num_free_blocks if bm else 0,
-            kv_cache_usage=bm.usage if bm else 0.0,
+            num_blocks=sum(p.num_usable_blocks for p in pools),
+            num_free_blocks=sum(p.num_free_blocks for p in pools),
+            kv_cache_usage=cache.usage if cache else 0.0,
+            kv_groups=engine.kv_group_usage() if cache else (),
             num_prefix_queries=scheduler.stats.num_prefix_queries,
             num_prefix_hits=scheduler.stats.num_prefix_hits,
             num_preemptions=scheduler.stats.num_preemptions,

@@ -18,8 +18,9 @@ from kvlm.engine.config import (
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
-from kvlm.kv.block_manager import BlockManager
-from kvlm.kv.pool import KVPool, PoolShape, block_bytes
+from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.spec import KVCacheSpec, layer_groups
+from kvlm.kv.store import KVStore
 from kvlm.loading import load_model, resolve_model_path
 from kvlm.models.transformer import CausalLM
 from kvlm.sampling import Logprob, Sampler, SamplingParams, make_generator
@@ -53,15 +54,26 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's context of "
                 f"{self.model_config.max_model_len}"
             )
-        self.kv_pool: KVPool | None = None
-        self.block_manager: BlockManager | None = None
+        self.kv_specs = layer_groups(
+            self.model_config,
+            config.block_size,
+            self._kv_format(),
+            config.sliding_window,
+            config.attention_sinks,
+        )
+        # With sinks in every group, rope positions are places in the cache: no length limit.
+        self.unbounded_length = all(spec.positions_in_cache for spec in self.kv_specs)
+        self.kv_stores: list[KVStore] | None = None
+        self.kv_cache: KVCacheManager | None = None
         if config.use_cache:
             self._make_cache()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.use_cache),
-            self.block_manager,
+            self.kv_cache,
         )
-        self.runner = ModelRunner(self.model, self.device, self.kv_pool, self.block_manager)
+        self.runner = ModelRunner(
+            self.model, self.device, self.kv_specs, self.kv_stores, self.kv_cache
+        )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -70,22 +82,46 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
 
-    def _make_cache(self) -> None:
-        cfg, mc = self.config, self.model_config
-        per_block = block_bytes(mc, cfg.block_size, cfg.torch_dtype)
-        budget = parse_bytes(cfg.kv_cache_memory)
-        num_blocks = budget // per_block
-        needed = -(-self.max_model_len // cfg.block_size)
-        if num_blocks < needed:
+    def _kv_format(self) -> str:
+        name = self.config.kv_cache_dtype
+        if name == "auto":
+            return self.config.dtype
+        if name == "fp8" and not _fp8_supported(self.device):
             raise EngineConfigError(
-                f"kv_cache_memory {budget:,} bytes holds {num_blocks} blocks of "
-                f"{cfg.block_size} tokens ({per_block:,} bytes each), but one "
-                f"{self.max_model_len}-token sequence needs {needed} blocks "
-                f"({needed * per_block:,} bytes): raise kv_cache_memory or lower max_model_len"
+                f"kv_cache_dtype fp8 needs float8_e4m3fn, which torch {torch.__version__} "
+                f"lacks on {self.device}: use int8 instead"
             )
-        shape = PoolShape(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_pool = KVPool(shape, cfg.torch_dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        return name
+
+    def _make_cache(self) -> None:
+        """Split the KV budget between the layer groups by what one sequence needs of each.
+
+        A full-context sequence holds `max_blocks_held` blocks of each group (a window group
+        only its window, sinks and the largest chunk); the budget is cut in that proportion,
+        so a window group never hoards memory its sequences cannot use.
+        """
+        cfg = self.config
+        budget = parse_bytes(cfg.kv_cache_memory)
+        per_seq = [
+            spec.max_blocks_held(self.max_model_len, cfg.max_num_batched_tokens)
+            for spec in self.kv_specs
+        ]
+        seq_bytes = sum(
+            n * spec.page_nbytes for n, spec in zip(per_seq, self.kv_specs, strict=True)
+        )
+        num_seqs = budget / seq_bytes
+        if num_seqs < 1:
+            raise EngineConfigError(
+                f"kv_cache_memory {budget:,} bytes cannot hold one {self.max_model_len}-token "
+                f"sequence, which needs {seq_bytes:,} bytes of KV ({_describe(self.kv_specs)}): "
+                "raise kv_cache_memory or lower max_model_len"
+            )
+        num_blocks = [int(n * num_seqs) + 1 for n in per_seq]  # + each group's null block
+        self.kv_stores = [
+            KVStore(spec, n, cfg.torch_dtype, self.device)
+            for spec, n in zip(self.kv_specs, num_blocks, strict=True)
+        ]
+        self.kv_cache = KVCacheManager(self.kv_specs, num_blocks, cfg.enable_prefix_caching)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -154,14 +190,8 @@ class LLMEngine:
                 raise RuntimeError("no request could be scheduled: the KV pool is too small")
             return []
         logits, sampled = self.runner.run(batch)
+        self.scheduler.update_after_step(batch)
         changed = []
-        for request, num_tokens in zip(batch.requests, batch.num_new_tokens, strict=True):
-            request.num_computed_tokens += num_tokens
-            if self.block_manager is not None:
-                self.block_manager.cache_full_blocks(
-                    request.request_id, request.token_ids, request.num_computed_tokens,
-                    request.cache_salt,
-                )  # fmt: skip
         if sampled:
             requests = [batch.requests[i] for i in sampled]
             out = self.sampler(
@@ -197,7 +227,7 @@ class LLMEngine:
         delta = request.detokenizer.push(token_id)
         request.text += delta
         is_eos = not params.ignore_eos and token_id in self.stop_token_ids
-        out_of_room = len(request.token_ids) >= self.max_model_len
+        out_of_room = not self.unbounded_length and len(request.token_ids) >= self.max_model_len
         if params.max_tokens is not None:
             out_of_room |= request.num_output_tokens >= params.max_tokens
         if is_eos or token_id in params.stop_token_ids:
@@ -219,7 +249,44 @@ class LLMEngine:
         self.scheduler.finish(request)
 
     def kv_cache_bytes_used(self) -> int:
-        if self.kv_pool is None or self.block_manager is None:
+        """Bytes of the blocks some request (or pin) holds, all groups, scales included."""
+        return 0 if self.kv_cache is None else sum(self.kv_cache.bytes_used())
+
+    def kv_group_usage(self) -> tuple[tuple[str, int, int], ...]:
+        """Per layer group: a label, the bytes held and the bytes of all its usable blocks."""
+        if self.kv_cache is None:
+            return ()
+        used = self.kv_cache.bytes_used()
+        return tuple(
+            (_label(spec), held, pool.num_usable_blocks * spec.page_nbytes)
+            for spec, held, pool in zip(self.kv_specs, used, self.kv_cache.pools, strict=True)
+        )
+
+    def kv_cache_bytes_total(self) -> int:
+        """Bytes of every store's usable blocks (the null blocks left out)."""
+        if self.kv_cache is None:
             return 0
-        used = self.block_manager.num_blocks - self.block_manager.num_free_blocks
-        return used * self.kv_pool.nbytes // self.block_manager.num_blocks
+        pools = zip(self.kv_cache.pools, self.kv_specs, strict=True)
+        return sum(p.num_usable_blocks * s.page_nbytes for p, s in pools)
+
+
+def _fp8_supported(device: torch.device) -> bool:
+    if not hasattr(torch, "float8_e4m3fn"):
+        return False
+    try:
+        torch.ones(2, device=device).to(torch.float8_e4m3fn).float()
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _label(spec: KVCacheSpec) -> str:
+    """E.g. "15 layers, window 512 + 4 sinks, int8"."""
+    window = "full" if spec.window is None else f"window {spec.window}"
+    if spec.num_sinks:
+        window += f" + {spec.num_sinks} sinks"
+    return f"{spec.num_layers} layers, {window}, {spec.kv_format}"
+
+
+def _describe(specs: tuple[KVCacheSpec, ...]) -> str:
+    return "; ".join(f"{_label(s)}: {s.page_nbytes:,} bytes a block" for s in specs)

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvlm.attention.context import AttentionView, ForwardContext
+from kvlm.attention.context import ForwardContext, GroupView
 from kvlm.engine.scheduler import ScheduledBatch
-from kvlm.kv.block_manager import BlockManager
-from kvlm.kv.pool import KVPool
+from kvlm.kv.block_pool import NULL_BLOCK_ID
+from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.spec import KVCacheSpec
+from kvlm.kv.store import KVStore
 from kvlm.models.transformer import CausalLM
 
 
@@ -27,19 +29,38 @@ class StepInput:
     sampled: list[int]  # positions in the batch of requests that sample a token this step
 
 
+@dataclass
+class _StepShape:
+    """Host-side arrays every group's view is built from (numpy)."""
+
+    starts: np.ndarray  # [B] tokens already cached
+    ends: np.ndarray  # [B] sequence lengths after this step
+    counts: np.ndarray  # [B] new tokens
+    token_offsets: np.ndarray  # [B] first row of each sequence in T
+    seq_of_token: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    max_q: int
+
+
 class ModelRunner:
     def __init__(
         self,
         model: CausalLM,
         device: torch.device,
-        kv_pool: KVPool | None,
-        block_manager: BlockManager | None,
+        specs: tuple[KVCacheSpec, ...],
+        stores: list[KVStore] | None,
+        cache: KVCacheManager | None,
     ) -> None:
+        """`stores` and `cache` are None in no-cache mode (the specs still give the windows)."""
         self.model = model
         self.device = device
-        self.kv_pool = kv_pool
-        self.block_manager = block_manager
-        self.windows = sorted(set(model.config.sliding_windows), key=lambda w: w or 0)
+        self.specs = specs
+        self.stores = stores
+        self.cache = cache
+        self.group_of_layer = [0] * model.config.num_layers
+        for g, spec in enumerate(specs):
+            for layer in spec.layer_ids:
+                self.group_of_layer[layer] = g
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -47,6 +68,12 @@ class ModelRunner:
         step = self.prepare(batch)
         hidden = self.model(step.input_ids, step.ctx)  # [T, H]
         return self.model.logits(hidden.index_select(0, step.logits_indices)), step.sampled
+
+    @torch.inference_mode()
+    def run_all(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Final hidden states of every token in the step, [T, H] (for scoring text)."""
+        step = self.prepare(batch)
+        return self.model(step.input_ids, step.ctx)
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         starts = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)  # [B]
@@ -65,72 +92,88 @@ class ModelRunner:
         ]  # requests whose known tokens are all computed after this step
         logits_indices = token_offsets[sampled] + counts[sampled] - 1
 
-        tables = None
-        if self.kv_pool is not None:
-            assert self.block_manager is not None
-            tables = self._block_tables(batch)
-        views = {
-            w: self._view(w, starts, ends, counts, token_offsets, max_q, tables)
-            for w in self.windows
-        }
+        shape = _StepShape(starts, ends, counts, token_offsets, seq_of_token, positions, max_q)
+        tables = self._block_tables(batch)
+        views = [self._view(g, shape, tables[g]) for g in range(len(self.specs))]
         pad_index = None if max_q == 1 else seq_of_token * max_q + local
-        slot_mapping = None
-        if tables is not None:
-            slot_mapping = self._slots(tables, seq_of_token, positions)
         ctx = ForwardContext(
             positions=self._to_device(positions),
             num_seqs=num_seqs,
             max_query_len=max_q,
             query_pad_index=None if pad_index is None else self._to_device(pad_index),
-            views=views,
-            kv_pool=self.kv_pool,
-            slot_mapping=None if slot_mapping is None else self._to_device(slot_mapping),
+            layer_views=[views[g] for g in self.group_of_layer],
         )
         return StepInput(self._to_device(input_ids), ctx, self._to_device(logits_indices), sampled)
 
-    def _block_tables(self, batch: ScheduledBatch) -> np.ndarray:
-        """[B, max_blocks] block ids; short tables are padded by repeating their last block."""
-        assert self.block_manager is not None
-        rows = [self.block_manager.block_table(r.request_id) for r in batch.requests]
-        width = max(len(row) for row in rows)
-        return np.array([row + row[-1:] * (width - len(row)) for row in rows], dtype=np.int64)
+    def _block_tables(self, batch: ScheduledBatch) -> list[np.ndarray | None]:
+        """Per group, [B, max_blocks] block ids padded with the null block; None without cache."""
+        if self.cache is None:
+            return [None] * len(self.specs)
+        per_request = [self.cache.block_tables(r.request_id) for r in batch.requests]
+        arrays = []
+        for g in range(len(self.specs)):
+            rows = [tables[g] for tables in per_request]
+            width = max(len(row) for row in rows)
+            arrays.append(
+                np.array([row + [NULL_BLOCK_ID] * (width - len(row)) for row in rows], np.int64)
+            )
+        return arrays
 
-    def _slots(self, tables: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Pool slot of token `positions` of sequence `rows` (broadcast together)."""
-        block_size = self.kv_pool.shape.block_size
-        return tables[rows, positions // block_size] * block_size + positions % block_size
-
-    def _view(
-        self,
-        window: int | None,
-        starts: np.ndarray,  # [B] tokens already cached
-        ends: np.ndarray,  # [B] sequence lengths after this step
-        counts: np.ndarray,  # [B] new tokens
-        token_offsets: np.ndarray,  # [B]
-        max_q: int,
-        tables: np.ndarray | None,  # [B, max_blocks], None in no-cache mode
-    ) -> AttentionView:
-        # Keys a window can reach: from the first query's window start to the sequence end.
-        first_key = np.zeros_like(starts) if window is None else np.maximum(starts - window + 1, 0)
-        num_keys = ends - first_key  # [B]
+    def _view(self, group: int, shape: _StepShape, table: np.ndarray | None) -> GroupView:
+        spec, s = self.specs[group], shape
+        # Keys the group reads per sequence: its sinks that lie before the window, then every
+        # key from the first query's window start to the sequence end, oldest first.
+        window_start = np.zeros_like(s.starts)
+        if spec.window is not None:
+            window_start = np.maximum(s.starts - spec.window + 1, 0)  # [B]
+        num_sinks = np.minimum(spec.num_sinks, window_start)  # [B]
+        num_keys = num_sinks + s.ends - window_start  # [B]
         max_keys = int(num_keys.max())
-        offsets = np.arange(max_keys)  # [S]
-        key_pos = first_key[:, None] + np.minimum(offsets[None, :], num_keys[:, None] - 1)  # [B, S]
-        if tables is None:  # no-cache: keys are this step's own tokens
-            gather = token_offsets[:, None] + key_pos
+        index = np.arange(max_keys)  # [S]
+        clamped = np.minimum(index[None, :], num_keys[:, None] - 1)  # [B, S]
+        in_window = window_start[:, None] + clamped - num_sinks[:, None]
+        # [B, S] place in the text of each gathered key (padding repeats the last)
+        key_pos = np.where(clamped < num_sinks[:, None], clamped, in_window)
+        store = None if self.stores is None else self.stores[group]
+        if table is None:  # no-cache: keys are this step's own tokens
+            gather = s.token_offsets[:, None] + key_pos
+            write_rows = None
         else:
-            gather = self._slots(tables, np.arange(len(starts))[:, None], key_pos)
-        query_pos = starts[:, None] + np.minimum(np.arange(max_q)[None, :], counts[:, None] - 1)
-        needs_mask = max_q > 1 or bool((num_keys != max_keys).any())
+            rows = np.arange(len(s.starts))[:, None]
+            gather = self._rows(store, table, rows, key_pos)
+            write_rows = self._to_device(self._rows(store, table, s.seq_of_token, s.positions))
         mask = None
-        if needs_mask:
+        if s.max_q > 1 or bool((num_keys != max_keys).any()):
+            query_pos = s.starts[:, None] + np.minimum(
+                np.arange(s.max_q)[None, :], s.counts[:, None] - 1
+            )  # [B, Q]
             qp = query_pos[:, :, None]  # [B, Q, 1]
-            kp = (first_key[:, None] + offsets[None, :])[:, None, :]  # [B, 1, S]
-            allowed = (kp <= qp) & (offsets[None, None, :] < num_keys[:, None, None])
-            if window is not None:
-                allowed &= kp > qp - window
+            kp = key_pos[:, None, :]  # [B, 1, S]
+            allowed = (kp <= qp) & (index[None, None, :] < num_keys[:, None, None])
+            if spec.window is not None:
+                allowed &= (kp > qp - spec.window) | (kp < spec.num_sinks)
             mask = self._to_device(allowed[:, None])  # [B, 1, Q, S]
-        return AttentionView(self._to_device(gather), mask)
+        view = GroupView(
+            gather_index=self._to_device(gather.reshape(-1)),
+            num_keys=max_keys,
+            mask=mask,
+            store=store,
+            write_rows=write_rows,
+        )
+        if spec.positions_in_cache:
+            seq = s.seq_of_token
+            view.key_positions = self._to_device(np.tile(index, len(s.starts)))
+            view.query_positions = self._to_device(num_sinks[seq] + s.positions - window_start[seq])
+        return view
+
+    @staticmethod
+    def _rows(
+        store: KVStore, table: np.ndarray, seqs: np.ndarray, positions: np.ndarray
+    ) -> np.ndarray:
+        """Base row in `store` of token `positions` of sequence `seqs` (broadcast together)."""
+        block_size = store.spec.block_size
+        block_ids = table[seqs, positions // block_size]
+        return block_ids * store.rows_per_block + positions % block_size
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)

@@ -5,6 +5,10 @@ prompt), then waiting ones join while the token budget and sequence limit allow.
 prefilled in chunks of at most the remaining budget, so decodes keep flowing beside them. When
 blocks run out, the newest running request is preempted: its blocks are freed and it is
 recomputed later (its generated tokens are kept).
+
+The scheduler is the one owner of KV state: it allocates, lets windows free what they passed,
+names full blocks for prefix hits (each request's block hashes are computed once, here) and
+frees finished requests.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass, field
 
 from kvlm.engine.config import EngineConfigError
 from kvlm.engine.request import Request, RequestStatus
-from kvlm.kv.block_manager import BlockManager
+from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 
 
 @dataclass(frozen=True)
@@ -54,12 +59,13 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | None) -> None:
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager | None) -> None:
         self.config = config
-        self.block_manager = block_manager  # None in no-cache mode
+        self.cache = cache  # None in no-cache mode
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        self.block_hashes: dict[str, list[bytes]] = {}  # per request, its full blocks' names
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -95,6 +101,16 @@ class Scheduler:
             budget -= num_tokens
         return batch
 
+    def update_after_step(self, batch: ScheduledBatch) -> None:
+        """Count the tokens just computed, name the blocks they filled, and return to the pool
+        the blocks that fell behind a window (the next query cannot read them)."""
+        for request, num_tokens in zip(batch.requests, batch.num_new_tokens, strict=True):
+            request.num_computed_tokens += num_tokens
+            if self.cache is not None:
+                hashes = self._hashes(request, request.num_computed_tokens)
+                self.cache.cache_full_blocks(request.request_id, hashes)
+                self.cache.remove_skipped(request.request_id, request.num_computed_tokens)
+
     def finish(self, request: Request) -> None:
         """Take a finished (or aborted) request out and return its blocks to the pool."""
         if request in self.running:
@@ -102,21 +118,40 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
-        if self.block_manager and request.request_id in self.block_manager.block_tables:
-            self.block_manager.free(request.request_id)
+        self.block_hashes.pop(request.request_id, None)
+        if self.cache is not None and self.cache.holds(request.request_id):
+            self.cache.free(request.request_id)
+
+    def _hashes(self, request: Request, num_tokens: int) -> list[bytes]:
+        """The request's block hashes, extended to its first `num_tokens` tokens."""
+        assert self.cache is not None
+        hashes = self.block_hashes.setdefault(request.request_id, [])
+        extend_block_hashes(
+            hashes, request.token_ids, num_tokens, self.cache.block_size, request.cache_salt
+        )
+        return hashes
+
+    def _allocate(self, request: Request, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Blocks for the request's first `num_tokens` tokens, if they fit; tracks its peak."""
+        assert self.cache is not None
+        if not self.cache.can_allocate(request.request_id, num_tokens, hit):
+            return False
+        self.cache.allocate(request.request_id, num_tokens, hit)
+        held = self.cache.bytes_held(request.request_id)
+        request.metrics.kv_peak_bytes = max(request.metrics.kv_peak_bytes, held)
+        return True
 
     def _admit(self, request: Request, budget: int) -> int:
         """Allocate a waiting request's first chunk; 0 if it does not fit now."""
-        if self.block_manager is None:
+        if self.cache is None:
             total = len(request.token_ids)
             return total if total <= budget or not self.running else 0
-        bm = self.block_manager
-        cached = bm.find_cached_prefix(request.token_ids, request.cache_salt)
-        num_cached = len(cached) * bm.block_size
+        hashes = self._hashes(request, len(request.token_ids))
+        hit = self.cache.find_cached_prefix(hashes, len(request.token_ids))
+        num_cached = hit.num_tokens
         num_tokens = min(len(request.token_ids) - num_cached, budget)
-        if not bm.can_allocate(request.request_id, num_cached + num_tokens, cached):
+        if not self._allocate(request, num_cached + num_tokens, hit):
             return 0
-        bm.allocate(request.request_id, num_cached + num_tokens, cached)
         request.num_computed_tokens = num_cached
         if request.metrics.num_preemptions == 0:
             request.metrics.num_cached_tokens = num_cached
@@ -129,22 +164,20 @@ class Scheduler:
 
         Returns False when the request itself had to be preempted.
         """
-        bm = self.block_manager
-        if bm is None:
+        if self.cache is None:
             return True
         needed = request.num_computed_tokens + num_tokens
-        while not bm.can_allocate(request.request_id, needed):
+        while not self._allocate(request, needed):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is request:
                 return False
-        bm.allocate(request.request_id, needed)
         return True
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        assert self.block_manager is not None
-        self.block_manager.free(request.request_id)
+        assert self.cache is not None
+        self.cache.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1

@@ -1,4 +1,4 @@
-"""The small building blocks every architecture shares: linear, RMSNorm, rotary embedding.
+"""The small building blocks every architecture shares: linear, RMSNorm, activations.
 
 Notation: T = tokens in this step (all sequences concatenated), H = hidden size,
 nh / nkv = query / key-value heads, hd = head dim.
@@ -79,29 +79,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)
         return normed.to(x.dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotate-half rope; cos/sin are computed from positions per step (no length-sized table)."""
-
-    def __init__(self, head_dim: int, theta: float, scale: float = 1.0) -> None:
-        super().__init__()
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = 1.0 / (theta**exponent) / scale  # [hd / 2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin, [T, 1, hd] float32, for `apply_rope`."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd / 2]
-        cos, sin = freqs.cos(), freqs.sin()
-        return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, hd]. rotate_half(x) * sin == roll(x, hd/2) * (-sin | sin), exactly."""
-    x32 = x.float()
-    rolled = torch.roll(x32, x.shape[-1] // 2, dims=-1)
-    return (x32 * cos + rolled * signed_sin).to(x.dtype)
 
 
 def activation(name: str) -> nn.Module:

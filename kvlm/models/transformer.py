@@ -11,9 +11,10 @@ from torch import nn
 
 from kvlm.attention.backend import attention
 from kvlm.attention.context import ForwardContext
+from kvlm.attention.rope import RotaryEmbedding
 from kvlm.config import ModelConfig
 from kvlm.loading.weights import LoadedModel
-from kvlm.models.layers import Linear, RMSNorm, RotaryEmbedding, activation, apply_rope
+from kvlm.models.layers import Linear, RMSNorm, activation
 
 
 class Attention(nn.Module):
@@ -21,7 +22,6 @@ class Attention(nn.Module):
         super().__init__()
         p = f"blk.{layer_idx}."
         self.layer_idx = layer_idx
-        self.window = config.sliding_windows[layer_idx]
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.attn_scale
@@ -35,9 +35,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(lm.take(p + "attn_q_norm.weight"), config.rms_norm_eps)
             self.k_norm = RMSNorm(lm.take(p + "attn_k_norm.weight"), config.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv.split(x)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, nh, hd]
@@ -45,8 +43,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, nkv, hd]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        o = attention(q, k, v, self.layer_idx, self.window, self.scale, self.softcap, ctx)
+        o = attention(q, k, v, self.layer_idx, rope, self.scale, self.softcap, ctx)
         return self.out(o)  # [T, H]
 
 
@@ -77,10 +74,8 @@ class DecoderLayer(nn.Module):
             self.post_attn_norm = RMSNorm(lm.take(p + "post_attention_norm.weight"), eps)
             self.post_ffn_norm = RMSNorm(lm.take(p + "post_ffw_norm.weight"), eps)
 
-    def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
-    ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), cos_sin, ctx)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, ctx: ForwardContext) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, ctx)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -113,9 +108,8 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        cos_sin = {key: rope.cos_sin(ctx.positions) for key, rope in self.ropes.items()}
         for layer in self.layers:
-            x = layer(x, cos_sin[layer.rope_key], ctx)
+            x = layer(x, self.ropes[layer.rope_key], ctx)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

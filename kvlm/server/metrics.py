@@ -62,6 +62,14 @@ class EngineCollector(Collector):
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric([self.model_name], value)
             yield gauge
+        for name, doc, index in (
+            ("kvlm_kv_cache_group_bytes_used", "KV bytes held, per layer group.", 1),
+            ("kvlm_kv_cache_group_bytes_total", "KV bytes in the pool, per layer group.", 2),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name", "group"])
+            for group in s.kv_groups:
+                gauge.add_metric([self.model_name, group[0]], group[index])
+            yield gauge
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)

@@ -25,8 +25,8 @@ def cached_llm(**kwargs: Any) -> LLM:
         _ENGINES[key] = LLM(**kwargs)
     llm = _ENGINES[key]
     assert not llm.engine.has_unfinished(), "a previous test left a request running"
-    if llm.engine.block_manager is not None:
-        llm.engine.block_manager.reset_prefix_cache()
+    if llm.engine.kv_cache is not None:
+        llm.engine.kv_cache.reset_prefix_cache()
     return llm
 
 

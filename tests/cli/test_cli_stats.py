@@ -9,14 +9,15 @@ from kvlm.cli.stats import (
     format_bytes,
     format_chat_stats,
     format_generate_stats,
-    kv_usage_at_last_step,
+    kv_usage,
 )
 
 
-def test_kv_usage_matches_the_pool_between_steps(smollm2_llm: LLM) -> None:
-    """The last-step figure is >= every reading taken between steps, and at most a block more.
+def test_kv_usage_reports_the_requests_peak(smollm2_llm: LLM) -> None:
+    """The peak is >= every reading taken between steps, and exactly the blocks it needed.
 
-    14 prompt tokens + 20 outputs cross block boundaries at 16 and 32 tokens with K/V.
+    14 prompt tokens + 20 outputs: the last step computes the 33rd token's K/V, which takes
+    a third 16-token block inside that step (freed in the same step, so no reading sees it).
     """
     engine = smollm2_llm.engine
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -25,26 +26,23 @@ def test_kv_usage_matches_the_pool_between_steps(smollm2_llm: LLM) -> None:
         if not output.finished:
             readings.append(engine.kv_cache_bytes_used())
     assert engine.kv_cache_bytes_used() == 0  # freed once finished
-    usage = kv_usage_at_last_step(engine, output.metrics)
+    usage = kv_usage(engine, output.metrics)
     assert usage is not None
-    block_bytes = engine.kv_pool.nbytes // engine.block_manager.num_blocks
-    assert usage.num_blocks == 3  # ceil((14 + 19) / 16)
-    assert usage.num_bytes == 3 * block_bytes
-    assert usage.pool_bytes == engine.kv_pool.nbytes
-    # Between steps the pool never held more; the third block was taken inside the last step
-    # (for the 33rd token with K/V) and freed in that same step, so no reading can see it.
-    assert sorted(set(readings)) == [block_bytes, 2 * block_bytes]
-    assert usage.num_bytes == max(readings) + block_bytes
+    (spec,) = engine.kv_specs
+    assert usage.peak_bytes == 3 * spec.page_nbytes
+    assert usage.kv_format == "float32"
+    assert usage.pool_bytes == engine.kv_cache_bytes_total()
+    assert sorted(set(readings)) == [spec.page_nbytes, 2 * spec.page_nbytes]
 
 
 def test_format_lines() -> None:
-    kv = KVUsage(num_blocks=2, block_size=16, num_bytes=1_474_560, pool_bytes=1 << 30)
+    kv = KVUsage(peak_bytes=1_474_560, kv_format="int8", pool_bytes=1 << 30)
     stats = TurnStats(0.0823, 18.07, 83, 64, 30, kv)
     assert stats.num_prefilled_tokens == 19
     line = format_generate_stats(stats)
     assert line == (
         "[kvlm] ttft 82 ms | decode 18.1 tok/s | prompt 83 tok | generated 30 tok | "
-        "kv cache 1.41 MiB held at the last step (2 blocks × 16 tokens, pool 1.00 GiB)"
+        "kv cache peak 1.41 MiB (int8, pool 1.00 GiB)"
     )
     assert format_chat_stats(2, stats) == (
         "[turn 2] prompt 83 tok | reused from cache 64 | prefilled 19 | generated 30 | "

@@ -86,7 +86,8 @@ def test_hf_folder_without_weights_is_reported(tmp_path: Path) -> None:
 
 
 def test_kv_budget_too_small_for_one_sequence_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"one 8192-token sequence needs 512 blocks"):
+    # 8,192 tokens x 46,080 bytes (30 layers x K, V x 3 heads x 64 x fp32)
+    with pytest.raises(ValueError, match=r"one 8192-token sequence, which needs 377,487,360 bytes"):
         LLM("smollm2", kv_cache_memory="1MiB")
 
 

@@ -23,7 +23,7 @@ def test_prefix_hit_on_hybrid_layers_gives_same_tokens(gemma3_llm: LLM) -> None:
     assert first.metrics.num_cached_tokens == 0
     assert second.metrics.num_cached_tokens == 592  # 37 full blocks of 16; the rest computed
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
-    gemma3_llm.engine.block_manager.check_integrity()
+    gemma3_llm.engine.kv_cache.check_integrity()
 
 
 def test_no_cache_matches_cache_past_the_sliding_window(gemma3_llm: LLM) -> None:

@@ -48,26 +48,25 @@ def test_preemption_recomputes_and_keeps_tokens(alone) -> None:
     llm = LLM("smollm2", block_size=4, kv_cache_memory=12 * 4 * 46080, max_model_len=48)
     engine = llm.engine
     ids = [engine.add_request(p, None, GREEDY) for p in PROMPTS]
-    final = {}
+    tokens: dict[str, list[int]] = {}  # each step's outputs carry only the new tokens
     while engine.has_unfinished():
         for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        engine.block_manager.check_integrity()
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        engine.kv_cache.check_integrity()
     assert engine.scheduler.stats.num_preemptions > 0
-    assert [final[i].outputs[0].token_ids for i in ids] == alone
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert [tokens[i] for i in ids] == alone
+    assert engine.kv_cache_bytes_used() == 0
 
 
 def test_prefix_cache_hit_reuses_blocks_and_gives_same_tokens(smollm2_llm) -> None:
     prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
     first = smollm2_llm.generate([prompt], GREEDY)[0]
     second = smollm2_llm.generate([prompt], GREEDY)[0]
-    block = smollm2_llm.engine.block_manager.block_size
+    block = smollm2_llm.engine.kv_cache.block_size
     assert second.metrics.num_cached_tokens == (len(first.prompt_token_ids) - 1) // block * block
     assert second.metrics.num_cached_tokens > 0
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
-    smollm2_llm.engine.block_manager.check_integrity()
+    smollm2_llm.engine.kv_cache.check_integrity()
 
 
 def test_seeded_sampling_is_reproducible_across_batches(smollm2_llm) -> None:
@@ -125,8 +124,10 @@ def test_token_ids_in_and_metrics_out(smollm2_llm) -> None:
 def test_stream_deltas_add_up_to_the_text(smollm2_llm) -> None:
     chunks = list(smollm2_llm.stream(PROMPTS[2], GREEDY))
     assert chunks[-1].finished
-    assert "".join(c.outputs[0].delta for c in chunks) == chunks[-1].outputs[0].text
-    assert smollm2_llm.engine.block_manager.num_free_blocks > 0
+    whole = smollm2_llm.generate([PROMPTS[2]], GREEDY)[0].outputs[0]
+    assert "".join(c.outputs[0].text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.outputs[0].token_ids] == whole.token_ids
+    assert smollm2_llm.engine.kv_cache.pools[0].num_free_blocks > 0
 
 
 def test_no_cache_finishes_sequences_longer_than_the_token_budget(alone) -> None:

@@ -69,4 +69,4 @@ class LiveServer:
 
     def check_integrity(self) -> None:
         """Run the block manager's invariant check on the engine thread, between steps."""
-        self.engine.call(lambda e: e.block_manager.check_integrity()).result(timeout=10)
+        self.engine.call(lambda e: e.kv_cache.check_integrity()).result(timeout=10)

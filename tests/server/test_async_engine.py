@@ -122,7 +122,7 @@ class _NeverFinishingEngine:
         self.tokenizer = None
         self.model_config = SimpleNamespace(vocab_size=8)
         self.max_model_len = 64
-        self.block_manager = None
+        self.kv_cache = None
         self.scheduler = SimpleNamespace(running=[], waiting=[], stats=SchedulerStats())
         self.requests: dict[str, SimpleNamespace] = {}
         self.stepping = threading.Event()

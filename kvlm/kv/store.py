@@ -1,0 +1,72 @@
+"""The memory of one layer group, in its storage format. It owns tensors and decides nothing.
+
+Layout, block-major so one block of every layer of the group is one contiguous piece:
+    data:   [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, row_elements]
+    scales: [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, num_scales]  (quantized)
+Token `t` of block `b` is addressed by its base row `b * rows_per_block + t`; layer `l`'s K and
+V sit `(2 l) * block_size` and `(2 l + 1) * block_size` rows further. The runner computes base
+rows once per step; `write` quantizes and `gather` dequantizes, so attention never sees the
+storage format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlm.kv.spec import KVCacheSpec
+
+
+class KVStore:
+    def __init__(
+        self, spec: KVCacheSpec, num_blocks: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """`dtype`: what `gather` returns (the model's compute dtype)."""
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.format = spec.format
+        self.rows_per_block = spec.num_layers * 2 * spec.block_size
+        self.layer_index = {layer: i for i, layer in enumerate(spec.layer_ids)}
+        head = (spec.num_kv_heads,)
+        num_rows = num_blocks * self.rows_per_block
+        # Rows of every (block, layer, K/V, token), allocated once.
+        row = (self.format.row_elements,)
+        self.data = torch.zeros(
+            num_rows, *head, *row, dtype=self.format.storage_dtype, device=device
+        )
+        self.scales = None
+        if self.format.is_quantized:
+            self.scales = torch.zeros(
+                num_rows, *head, self.format.num_scales, dtype=torch.float16, device=device
+            )
+
+    @property
+    def nbytes(self) -> int:
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + scales
+
+    def _offsets(self, layer_idx: int) -> tuple[int, int]:
+        """Row offsets of K and V of model layer `layer_idx` from a token's base row."""
+        local = self.layer_index[layer_idx]
+        return 2 * local * self.spec.block_size, (2 * local + 1) * self.spec.block_size
+
+    def write(self, layer_idx: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K/V. rows: [T] base rows; k, v: [T, num_kv_heads, head_dim]."""
+        k_off, v_off = self._offsets(layer_idx)
+        for offset, x in ((k_off, k), (v_off, v)):
+            data, scales = self.format.quantize(x)
+            index = rows + offset
+            self.data.index_copy_(0, index, data)
+            if scales is not None:
+                self.scales.index_copy_(0, index, scales)
+
+    def gather(self, layer_idx: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at base rows [N] -> two [N, num_kv_heads, head_dim] tensors in `dtype`."""
+        k_off, v_off = self._offsets(layer_idx)
+        out = []
+        for offset in (k_off, v_off):
+            index = rows + offset
+            data = self.data.index_select(0, index)
+            scales = None if self.scales is None else self.scales.index_select(0, index)
+            out.append(self.format.dequantize(data, scales, self.dtype))
+        return out[0], out[1]
