@@ -21,7 +21,7 @@ def test_generate_streams_text_and_prints_stats(capsys: pytest.CaptureFixture[st
     assert re.search(r"decode [\d.]+ tok/s", stats), stats
     assert "prompt 5 tok" in stats and "generated 8 tok" in stats
     # 5 prompt tokens + 7 computed outputs: 12 tokens with K/V fit one 16-token block.
-    assert re.search(r"kv cache [\d.]+ KiB held at the last step \(1 blocks × 16 tokens", stats)
+    assert re.search(r"kv cache peak [\d.]+ KiB \(float32, pool [\d.]+ MiB\)", stats), stats
 
 
 def test_generate_streams_each_delta(
