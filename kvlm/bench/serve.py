@@ -42,6 +42,7 @@ class ServeBenchConfig:
     new_tokens: int = 64
     prefix_tokens: int = 1000
     shared_requests: int = 8
+    block_size: int = 16
 
 
 @dataclass
@@ -162,9 +163,9 @@ def bench_prefix(llm: LLM, config: ServeBenchConfig, result: ServeBenchResult) -
 def run_serve_bench(
     config: ServeBenchConfig, progress: Callable[[str], None] = lambda line: None
 ) -> ServeBenchResult:
-    progress(f"loading {config.model} ({config.dtype})")
+    progress(f"loading {config.model} ({config.dtype}, blocks of {config.block_size})")
     max_seqs = max(config.streams)
-    llm = LLM(config.model, dtype=config.dtype, max_num_seqs=max_seqs)
+    llm = LLM(config.model, dtype=config.dtype, max_num_seqs=max_seqs, block_size=config.block_size)
     result = ServeBenchResult(config=config, machine=machine_info())
     bench_streams(llm, 1, 8, WasteMeter())  # warm-up
     waste = WasteMeter()
@@ -208,7 +209,8 @@ def markdown(result: ServeBenchResult) -> str:
     ]
     m = result.machine
     lines.append(
-        f"\nMachine: {m.cpu_model}, {m.cpu_count} CPUs, torch {m.torch_version}, "
+        f"\nBlocks of {result.config.block_size} tokens. "
+        f"Machine: {m.cpu_model}, {m.cpu_count} CPUs, torch {m.torch_version}, "
         f"{m.torch_num_threads} threads, load average {m.load_average}, {m.date}."
     )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from kvlm.bench.report import markdown, to_json
 from kvlm.bench.serve import ServeBenchConfig, run_serve_bench
 from kvlm.bench.serve import markdown as serve_markdown
 from kvlm.cli.common import CLIError
-from kvlm.engine.config import DTYPES
+from kvlm.engine.config import DTYPES, EngineConfig
 from kvlm.loading import DEFAULT_MODEL
 
 
@@ -69,6 +69,7 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--streams", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
     serve.add_argument("--new-tokens", type=int, default=64, help="tokens per stream")
     serve.add_argument("--prefix-tokens", type=int, default=1000, help="shared prefix length")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     serve.add_argument("--json", type=Path, default=None, metavar="F", help="write JSON to F")
     serve.set_defaults(run=run_serve)
 
@@ -105,7 +106,9 @@ def run_serve(args: argparse.Namespace) -> int:
         streams=args.streams,
         new_tokens=args.new_tokens,
         prefix_tokens=args.prefix_tokens,
+        block_size=args.block_size,
     )
+    EngineConfig(block_size=args.block_size)  # refuses a bad block size before loading
     result = run_serve_bench(config, progress=lambda line: print(line, file=sys.stderr))
     print(serve_markdown(result))
     if args.json is not None:

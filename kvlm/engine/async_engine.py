@@ -156,6 +156,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.unbounded_length = engine.unbounded_length  # sinks: generation may pass the context
         self.vocab_size = engine.model_config.vocab_size  # logits rows: valid token ids
         self._cond = threading.Condition()
         self._commands: deque[_Command] = deque()  # guarded by _cond

@@ -74,13 +74,13 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.device, self.kv_specs, self.kv_stores, self.kv_cache
         )
-        self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         torch.manual_seed(config.seed)
         self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(
             self.model_config.eos_token_ids
         )
+        self.sampler = Sampler(self.stop_token_ids)  # banned before a request's min_tokens
 
     def _kv_format(self) -> str:
         name = self.config.kv_cache_dtype
@@ -199,6 +199,7 @@ class LLMEngine:
                 [r.params for r in requests],
                 [r.generator for r in requests],
                 [r.token_ids for r in requests],
+                [r.num_output_tokens for r in requests],
             )
             now = time.perf_counter()
             for request, token_id, logprobs in zip(
@@ -224,17 +225,15 @@ class LLMEngine:
                 lp.decoded_token = self.tokenizer.id_to_token(tid)
             request.logprobs.append(logprobs)
         params = request.params
-        delta = request.detokenizer.push(token_id)
-        request.text += delta
+        stop_match = request.append_text(request.detokenizer.push(token_id))
         is_eos = not params.ignore_eos and token_id in self.stop_token_ids
         out_of_room = not self.unbounded_length and len(request.token_ids) >= self.max_model_len
         if params.max_tokens is not None:
             out_of_room |= request.num_output_tokens >= params.max_tokens
         if is_eos or token_id in params.stop_token_ids:
             self._finish(request, "stop", token_id, now)
-        elif match := request.stop_checker.check(request.text, len(delta)):
-            request.text = request.text[: match.truncate_at]
-            self._finish(request, "stop", match.stop, now)
+        elif stop_match is not None:  # append_text already cut the text
+            self._finish(request, "stop", stop_match.stop, now)
         elif out_of_room:
             self._finish(request, "length", None, now)
 
@@ -242,7 +241,7 @@ class LLMEngine:
         self, request: Request, reason: str, stop_reason: int | str | None, now: float
     ) -> None:
         if not isinstance(stop_reason, str):  # a stop string already cut the text
-            request.text += request.detokenizer.flush()
+            request.append_text(request.detokenizer.flush(), check_stop=False)
         request.finish_reason = reason
         request.stop_reason = stop_reason
         request.metrics.finish_time = now

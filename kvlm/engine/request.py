@@ -241,11 +241,6 @@ class Request:
         """All generated text so far (joins the pieces: not for per-step use)."""
         return self._text.text()
 
-    @text.setter
-    def text(self, value: str) -> None:
-        self._text = TextBuffer()
-        self._text.append(value)
-
     def to_output(self) -> RequestOutput:
         """What is new since the previous call: token ids, logprobs and text (minus a tail
         that may still become a stop string, held back until the request finishes)."""

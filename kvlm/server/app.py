@@ -94,6 +94,7 @@ def model_limits(engine: AsyncLLMEngine, served_model_name: str) -> ModelLimits:
         max_model_len=max_model_len,
         vocab_size=engine.vocab_size,
         prompt_length=PromptLengthLimit(engine.tokenizer, max_model_len),
+        unbounded_length=engine.unbounded_length,
     )
 
 

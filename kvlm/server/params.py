@@ -102,7 +102,7 @@ def sampling_params(
             f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param
         )
     room = limits.max_model_len - num_prompt_tokens
-    if max_tokens is not None and room > 0 and max_tokens > room:
+    if max_tokens is not None and room > 0 and max_tokens > room and not limits.unbounded_length:
         raise APIError(
             f"{max_tokens_param} is {max_tokens:,} but the prompt has {num_prompt_tokens:,} "
             f"tokens and the context is {limits.max_model_len:,}: at most {room:,} tokens can "

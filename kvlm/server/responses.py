@@ -1,8 +1,9 @@
 """Response bodies in OpenAI's shapes: completions, chat completions, their stream chunks.
 
 kvlm's prefix-cache facts ride where OpenAI puts them: `usage.prompt_tokens_details.
-cached_tokens` (prompt tokens whose K/V came from the cache). `stop_reason` (the stop string
-or token id that ended a choice) is vLLM's extra field.
+cached_tokens` (prompt tokens whose K/V came from the cache); `usage.kv_peak_bytes` (kvlm's
+own: the most KV bytes the request held at once, all layer groups, scales included).
+`stop_reason` (the stop string or token id that ended a choice) is vLLM's extra field.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    kv_peak_bytes: int = 0
 
     @classmethod
     def of(cls, output: RequestOutput) -> Usage:
@@ -48,6 +50,7 @@ class Usage(BaseModel):
             prompt_tokens_details=PromptTokensDetails(
                 cached_tokens=output.metrics.num_cached_tokens
             ),
+            kv_peak_bytes=output.metrics.kv_peak_bytes,
         )
 
 

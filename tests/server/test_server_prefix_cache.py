@@ -70,3 +70,14 @@ def test_cache_salt_isolates_prefixes(http: httpx.Client) -> None:
     assert _cached(http, prompt, salt="tenant-b")[0] == 0  # another salt: nothing shared
     assert _cached(http, prompt)[0] == 0  # no salt: nothing shared either
     assert _cached(http, prompt, salt="tenant-b")[0] > 0
+
+
+def test_usage_reports_the_requests_kv_peak(http: httpx.Client, server: LiveServer) -> None:
+    body = {"model": MODEL_NAME, "prompt": _long_prompt(), "max_tokens": 5, "temperature": 0}
+    usage = http.post("/v1/completions", json=body).json()["usage"]
+    (spec,) = server.engine.engine.kv_specs
+    # the last step computes token prompt + 4 (the fifth output is sampled, never fed back)
+    num_tokens = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    assert usage["kv_peak_bytes"] == -(-num_tokens // BLOCK_SIZE) * spec.page_nbytes
+    totals = {k: v for k, v in server.metrics().items() if "group_bytes_total" in k}
+    assert list(totals) == ["kvlm_kv_cache_group_bytes_total[group=30 layers, full, float32]"]
