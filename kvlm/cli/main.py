@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kvlm.cli import bench, chat, evaluate, generate, serve
+from kvlm.cli import bench, chat, evaluate, generate, memory, serve
 from kvlm.cli.common import EXIT_USAGE, USER_ERRORS, Parser
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -24,6 +24,7 @@ def build_parser() -> Parser:
     chat.add_parser(subparsers)
     bench.add_parser(subparsers)
     serve.add_parser(subparsers)
+    memory.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     return parser
 
