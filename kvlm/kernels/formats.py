@@ -127,19 +127,21 @@ class QuantizedWeight:
             q = torch.cat([q, q.new_zeros(pad, padded)])
             d, m = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (d, m))
         num_tiles, num_groups = (num_rows + pad) // TILE_ROWS, padded // group
+        packed = torch.empty(num_tiles, num_groups, fmt.block_bytes, dtype=torch.uint8)
         # [tiles, rows, groups, k-groups, 4] -> [tiles, groups, k-groups, rows, 4]
         q = q.view(num_tiles, TILE_ROWS, num_groups, group // 4, 4).permute(0, 2, 3, 1, 4)
+        quants = packed[:, :, : fmt.quant_bytes].view(num_tiles, num_groups, -1, TILE_ROWS, 4)
         if bits == 4:
             half = group // 8
-            q = q[:, :, :half] | (q[:, :, half:] << 4)
-        q = q.reshape(num_tiles, num_groups, fmt.quant_bytes)
+            torch.bitwise_or(q[:, :, :half], q[:, :, half:] << 4, out=quants)
+        else:
+            quants.copy_(q)
         scale_dtype = torch.float16 if scale_bytes == 2 else torch.float32
-
-        def scales(t: torch.Tensor) -> torch.Tensor:  # [N, groups] -> [tiles, groups, bytes]
-            t = t.to(scale_dtype).view(num_tiles, TILE_ROWS, num_groups).transpose(1, 2)
-            return t.contiguous().view(torch.uint8)
-
-        packed = torch.cat([q, scales(d), scales(m)], dim=2).contiguous()
+        size = TILE_ROWS * scale_bytes
+        for offset, t in ((fmt.quant_bytes, d), (fmt.quant_bytes + size, m)):
+            # [N, groups] -> [tiles, groups, 16 rows] in the scale dtype, written as bytes
+            dst = packed[:, :, offset : offset + size].view(scale_dtype)
+            dst.copy_(t.view(num_tiles, TILE_ROWS, num_groups).transpose(1, 2))
         return cls(packed, fmt, num_rows, plain.in_features)
 
     def unpack(self, tiles: torch.Tensor | None = None) -> PlainQuant:
