@@ -19,7 +19,7 @@ from kvlm.cli.common import CLIError
 from kvlm.config import ModelConfig
 from kvlm.engine.config import KV_CACHE_DTYPES, EngineConfig
 from kvlm.kv.memory import KVMemoryError, MemoryEstimate, estimate
-from kvlm.kv.quant import QUANTIZED_FORMATS, KVFormat, KVFormatError
+from kvlm.kv.quant import QUANTIZED_FORMATS, KVFormat, KVFormatError, fp8_supported
 from kvlm.loading import ALIASES, ModelLoadError, ModelNotFoundError, resolve_model_path
 from kvlm.loading.gguf_file import GGUFFormatError, read_gguf
 from kvlm.loading.gguf_loader import config_from_metadata
@@ -170,7 +170,7 @@ def check_context(shape: ModelShape, context: int, attention_sinks: int) -> None
 
 def resolve_kv_format(args: argparse.Namespace, shape: ModelShape) -> str:
     kv_format = shape.auto_dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    if kv_format == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+    if kv_format == "fp8" and not fp8_supported():
         raise CLIError(
             f"--kv-cache-dtype fp8 needs torch.float8_e4m3fn, which torch {torch.__version__} "
             "lacks: choose int8 (the same bytes) or upgrade torch"

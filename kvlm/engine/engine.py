@@ -19,6 +19,7 @@ from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
 from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.quant import fp8_supported
 from kvlm.kv.spec import KVCacheSpec, layer_groups
 from kvlm.kv.store import KVStore
 from kvlm.loading import load_model, resolve_model_path
@@ -41,6 +42,7 @@ class LLMEngine:
         self.device = config.torch_device
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        kv_format = self._kv_format()  # refused before the (slow) load when unsupported
         path = resolve_model_path(config.model)  # once: an alias may hash a large file
         loaded = load_model(str(path), config.torch_dtype, config.weight_format)
         self.model_config = loaded.config
@@ -57,7 +59,7 @@ class LLMEngine:
         self.kv_specs = layer_groups(
             self.model_config,
             config.block_size,
-            self._kv_format(),
+            kv_format,
             config.sliding_window,
             config.attention_sinks,
         )
@@ -86,7 +88,7 @@ class LLMEngine:
         name = self.config.kv_cache_dtype
         if name == "auto":
             return self.config.dtype
-        if name == "fp8" and not _fp8_supported(self.device):
+        if name == "fp8" and not fp8_supported(self.device):
             raise EngineConfigError(
                 f"kv_cache_dtype fp8 needs float8_e4m3fn, which torch {torch.__version__} "
                 f"lacks on {self.device}: use int8 instead"
@@ -267,16 +269,6 @@ class LLMEngine:
             return 0
         pools = zip(self.kv_cache.pools, self.kv_specs, strict=True)
         return sum(p.num_usable_blocks * s.page_nbytes for p, s in pools)
-
-
-def _fp8_supported(device: torch.device) -> bool:
-    if not hasattr(torch, "float8_e4m3fn"):
-        return False
-    try:
-        torch.ones(2, device=device).to(torch.float8_e4m3fn).float()
-    except (RuntimeError, TypeError):
-        return False
-    return True
 
 
 def _label(spec: KVCacheSpec) -> str:

@@ -108,3 +108,14 @@ class KVFormat:
             values = torch.stack((low, high), dim=-1).flatten(-2) - 8  # [..., head_dim]
         groups = values.unflatten(-1, (self.num_scales, self.group_size))
         return (groups * scales.float().unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def fp8_supported(device: torch.device | str = "cpu") -> bool:
+    """Whether this torch can store and read back float8_e4m3fn on `device`."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        return False
+    try:
+        torch.ones(2, device=device).to(torch.float8_e4m3fn).float()
+    except (RuntimeError, TypeError):
+        return False
+    return True

@@ -131,3 +131,29 @@ def test_chat_turn_too_long_reports_and_goes_on(
     assert len(lines) == 2  # both turns refused, each with one line; the loop went on
     assert all(line.startswith("error: prompt has ") for line in lines)
     assert "/reset starts a new conversation" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["generate", "hi", "--kv-cache-dtype", "int3"], "kv_cache_dtype must be one of"),
+        (["generate", "hi", "--sliding-window", "0"], "sliding_window must be >= 1"),
+        (["generate", "hi", "--attention-sinks", "4"], "needs a sliding_window"),
+        (["serve", "--kv-cache-dtype", "int3"], "kv_cache_dtype must be one of"),
+        (["eval", "ppl", "--attention-sinks", "4"], "needs a sliding_window"),
+        (["eval", "ppl", "--max-tokens", "1"], "--max-tokens must be >= 2"),
+    ],
+)
+def test_bad_cache_settings(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before any model loads, on every command that takes them."""
+    assert expected in _fails_cleanly(argv, capsys)
+
+
+def test_fp8_refused_where_torch_lacks_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kvlm.engine.engine.fp8_supported", lambda device: False)
+    line = _fails_cleanly(["generate", "hi", "--kv-cache-dtype", "fp8"], capsys)
+    assert "fp8 needs float8_e4m3fn" in line and "use int8" in line
