@@ -51,9 +51,9 @@ def _build() -> str | None:
     """Load the extension, compiling it first if this source version is not cached yet;
     None on success, else why it failed (in words a user can act on)."""
     build_dir = _cache_dir()
-    library = build_dir / "kvlm_kernels.so"
-    if library.exists():  # built before: no compiler or ninja needed to load it
-        torch.ops.load_library(str(library))
+    done = build_dir / "built.ok"  # written after a build loaded: never a half-linked library
+    if done.exists():  # built before: no compiler or ninja needed to load it
+        torch.ops.load_library(str(build_dir / "kvlm_kernels.so"))
         _register_fakes()
         return None
     compiler = os.environ.get("CXX", "c++")
@@ -78,6 +78,7 @@ def _build() -> str | None:
     except Exception as e:  # a compiler error, a missing header, a linker failure
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"the C++ kernels did not build ({first_line})"
+    done.touch()
     _register_fakes()
     return None
 
