@@ -1,7 +1,9 @@
 """Quantized weight matrices in the kernels' layout, and their exact float reference.
 
 A matrix [N, K] is stored as `w = d * q + m` per row and per group of G columns, q unsigned
-(4-bit 0..15 or 8-bit 0..255), d and m fp16 when that is exact, else fp32. Every GGUF format
+with `bits` giving its range: 4 (0..15, two per byte), 6 (0..63, one per byte: Q5_* and Q6_K,
+which lets the AVX2 kernel skip its saturation guard) or 8 (0..255, one per byte); d and m
+fp16 when that is exact, else fp32. Every GGUF format
 kvlm reads maps onto this without rounding (see `gguf_repack`). `PlainQuant` is the row-major
 form (one q per byte) that loaders build, permute and concatenate; `QuantizedWeight` is the
 packed form the kernels read: tiles of 16 rows, blocks of G columns (layout in csrc/qgemm.h).
@@ -19,19 +21,23 @@ ACT_BLOCK = 32  # activations are quantized in blocks of 32 columns; K is padded
 
 @dataclass(frozen=True)
 class PackFormat:
-    bits: int  # 4 or 8
+    bits: int  # q < 2 ** bits: 4 (packed in nibbles), 6 or 8 (one byte each)
     group: int  # columns per scale: 32, or 16 (Q6_K)
     scale_bytes: int  # 2 (fp16) or 4 (fp32)
 
     def __post_init__(self) -> None:
-        if (self.bits, self.group) not in ((4, 32), (8, 32), (8, 16)):
+        if (self.bits, self.group) not in ((4, 32), (6, 32), (6, 16), (8, 32), (8, 16)):
             raise ValueError(f"no kernel for {self.bits}-bit weights in groups of {self.group}")
         if self.scale_bytes not in (2, 4):
             raise ValueError(f"scale_bytes must be 2 or 4, got {self.scale_bytes}")
 
     @property
+    def storage_bits(self) -> int:
+        return 4 if self.bits == 4 else 8
+
+    @property
     def quant_bytes(self) -> int:
-        return TILE_ROWS * self.group * self.bits // 8
+        return TILE_ROWS * self.group * self.storage_bits // 8
 
     @property
     def block_bytes(self) -> int:
@@ -119,6 +125,8 @@ class QuantizedWeight:
         """Interleave 16 rows per tile; scales stay fp16 only where fp16 holds them exactly."""
         num_rows, padded = plain.q.shape
         bits, group = plain.bits, plain.group
+        if bits == 8 and int(plain.q.max()) < 64:
+            bits = 6  # Q5_*, Q6_K: small enough for AVX2's int16 pair sums to never saturate
         scale_bytes = 2 if _exact_in_fp16(plain.d, plain.m) else 4
         fmt = PackFormat(bits, group, scale_bytes)
         pad = -num_rows % TILE_ROWS

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlm.kernels.formats import TILE_ROWS, PlainQuant, QuantizedWeight
+from kvlm.kernels.formats import TILE_ROWS, PackFormat, PlainQuant, QuantizedWeight
 from kvlm.kernels.matmul import matmul
 
 aten = torch.ops.aten
@@ -80,10 +80,21 @@ class QuantizedTensor(torch.Tensor):
         parts: list[QuantizedWeight] = []
         for part in (p for t in tensors for p in t.parts):
             prev = parts[-1] if parts else None
-            if prev and prev.format == part.format and prev.out_features % TILE_ROWS == 0:
+            fmt = _common_format(prev.format, part.format) if prev else None
+            if fmt and prev.out_features % TILE_ROWS == 0:
                 packed = torch.cat([prev.packed, part.packed])
                 fused = prev.out_features + part.out_features
-                parts[-1] = QuantizedWeight(packed, part.format, fused, part.in_features)
+                parts[-1] = QuantizedWeight(packed, fmt, fused, part.in_features)
             else:
                 parts.append(part)
         return cls(parts)
+
+
+def _common_format(a: PackFormat, b: PackFormat) -> PackFormat | None:
+    """A format both packed matrices already are, byte for byte (6-bit is 8-bit storage)."""
+    if a == b:
+        return a
+    same_storage = {a.bits, b.bits} == {6, 8}
+    if same_storage and (a.group, a.scale_bytes) == (b.group, b.scale_bytes):
+        return PackFormat(8, a.group, a.scale_bytes)
+    return None

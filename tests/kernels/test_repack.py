@@ -29,13 +29,14 @@ def test_repacked_dequantizes_to_ggml_values_exactly(qtype: Q, rows: int) -> Non
 
 def test_fp16_scales_only_where_exact() -> None:
     formats = {}
-    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K):
+    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q5_0):
         raw, _ = gguf_tensor(qtype, 16, _cols(qtype))
         formats[qtype] = QuantizedWeight.pack(repack_gguf(raw, qtype, (16, _cols(qtype))))
     assert formats[Q.Q4_1].format.name == "u4g32f16"
     assert formats[Q.Q8_0].format.name == "u8g32f16"
     assert formats[Q.Q4_K].format.name == "u4g32f32"  # d * 6-bit scale needs 17 bits
-    assert formats[Q.Q6_K].format.name == "u8g16f32"  # 16-column groups
+    assert formats[Q.Q6_K].format.name == "u6g16f32"  # 16-column groups, q < 64
+    assert formats[Q.Q5_0].format.name == "u6g32f16"
 
 
 def test_unpack_round_trips_and_rows_permute_whole() -> None:
@@ -70,7 +71,11 @@ def test_stack_fuses_same_formats_and_keeps_others_apart() -> None:
     }
     fused = QuantizedTensor.stack(list(parts.values()))
     assert fused.shape == (64, 256)
-    assert [p.out_features for p in fused.parts] == [48, 16]  # Q5_0 + Q8_0 share u8g32f16
+    # Q5_0 (u6g32f16) and Q8_0 (u8g32f16) share their bytes' layout: one u8g32f16 part
+    assert [(p.out_features, p.format.name) for p in fused.parts] == [
+        (48, "u8g32f16"),
+        (16, "u6g16f32"),
+    ]
     expected = torch.cat([t.dequantize() for t in parts.values()])
     assert torch.equal(fused.dequantize(), expected)
 

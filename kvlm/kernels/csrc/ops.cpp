@@ -41,7 +41,8 @@ int64_t cpu_isa() {
 }
 
 int64_t block_bytes(int64_t bits, int64_t group, int64_t scale_bytes) {
-  return kTileRows * group * bits / 8 + 2 * kTileRows * scale_bytes;
+  const int64_t storage_bits = bits == 4 ? 4 : 8;
+  return kTileRows * group * storage_bits / 8 + 2 * kTileRows * scale_bytes;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x)
 at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& asum,
                  const at::Tensor& w, int64_t bits, int64_t group, int64_t scale_bytes, int64_t n,
                  int64_t isa) {
-  TORCH_CHECK((bits == 4 && group == 32) || (bits == 8 && (group == 32 || group == 16)),
+  TORCH_CHECK((bits == 4 && group == 32) || ((bits == 6 || bits == 8) && (group == 32 || group == 16)),
               "kvlm::qgemm: unsupported format bits=", bits, " group=", group);
   TORCH_CHECK(scale_bytes == 2 || scale_bytes == 4, "kvlm::qgemm: scale_bytes must be 2 or 4");
   TORCH_CHECK(qa.dim() == 2 && qa.scalar_type() == at::kChar && qa.is_contiguous(),

@@ -5,11 +5,11 @@
 // Weight layout (one uint8 tensor [n_tiles, n_groups, block_bytes]): 16 output rows form a tile;
 // each tile holds one block per group of G (16 or 32) input columns. A block is
 //   quants: G/4 k-groups of 4 columns; k-group j is 64 bytes [16 rows][4 columns], one value per
-//           byte for 8-bit formats; for 4-bit formats chunk c (c < G/8) holds k-group c in its low
+//           byte for 6- and 8-bit formats (6-bit: every value < 64); for 4-bit formats chunk c (c < G/8) holds k-group c in its low
 //           nibbles and k-group c + G/8 in its high nibbles (so 16 * G / 2 bytes)
 //   d:      16 scales (fp16 or fp32), one per row
 //   m:      16 minimums (same type)
-// and row r's weights in the block are w[k] = d[r] * q[r][k] + m[r], q unsigned (0..15 / 0..255).
+// and row r's weights in the block are w[k] = d[r] * q[r][k] + m[r], q unsigned, q < 2^bits.
 //
 // Activations are quantized per row in blocks of 32: x[k] ~= da[k / 32] * qa[k], qa int8 in
 // [-127, 127], with integer sums asum[k / 16] of qa over each 16 columns (for the m term).
@@ -22,7 +22,7 @@ struct QGemmArgs {
   const uint8_t* w;    // [n_tiles, n_groups, block_bytes]
   int64_t n_groups;    // padded in_features / group
   int64_t block_bytes;
-  int bits;            // 4 or 8
+  int bits;            // 4 (nibbles), 6 or 8 (bytes; 6: every q < 64)
   int group;           // 16 or 32
   int scale_bytes;     // 2 (fp16) or 4 (fp32)
   const int8_t* qa;    // [M, lda]

@@ -3,7 +3,8 @@
 // row, so a 16-row tile is two 8-row halves. 4-bit products are small enough to sum all 8
 // k-groups of a block in int16 before widening; 8-bit weights (up to 255) would saturate, so they
 // are recentred to signed (u - 128), multiplied with the abs/sign trick, and 128 * sum(qa) is
-// added back in integers. Only this file is compiled for AVX2/FMA/F16C.
+// added back in integers; 6-bit weights (q < 64: Q5_*, Q6_K) need no guard and sum two
+// k-groups in int16. Only this file is compiled for AVX2/FMA/F16C.
 #include <immintrin.h>
 
 #include "qgemm.h"
@@ -30,7 +31,7 @@ inline __m256 load_scales(const uint8_t* p) {
 template <int BITS, int G, bool F16, int MT>
 inline void half_rows(const QGemmArgs& a, const uint8_t* wb, int h, int64_t m0, __m256* acc) {
   constexpr int NJ = G / 4;
-  constexpr int QB = kTileRows * G * BITS / 8;
+  constexpr int QB = kTileRows * G * (BITS == 4 ? 4 : 8) / 8;
   constexpr int SB = F16 ? 2 : 4;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -63,6 +64,19 @@ inline void half_rows(const QGemmArgs& a, const uint8_t* wb, int h, int64_t m0, 
         }
       }
       for (int m = 0; m < MT; ++m) isum[m] = _mm256_madd_epi16(s16[m], ones16);
+    } else if constexpr (BITS == 6) {
+      // q < 64: a product pair is at most 2 * 63 * 127, so two k-groups add up in int16
+      for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+      for (int j = 0; j < NJ; j += 2) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wh + 64 * j));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wh + 64 * j + 64));
+        for (int m = 0; m < MT; ++m) {
+          const __m256i p = _mm256_add_epi16(
+              _mm256_maddubs_epi16(v0, _mm256_set1_epi32(ap[m][j])),
+              _mm256_maddubs_epi16(v1, _mm256_set1_epi32(ap[m][j + 1])));
+          isum[m] = _mm256_add_epi32(isum[m], _mm256_madd_epi16(p, ones16));
+        }
+      }
     } else {
       for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
       for (int j = 0; j < NJ; ++j) {
@@ -131,6 +145,10 @@ void qgemm_avx2(const QGemmArgs& a, int64_t t0, int64_t t1) {
   const bool f16 = a.scale_bytes == 2;
   if (a.bits == 4) {
     f16 ? run<4, 32, true>(a, t0, t1) : run<4, 32, false>(a, t0, t1);
+  } else if (a.bits == 6 && a.group == 32) {
+    f16 ? run<6, 32, true>(a, t0, t1) : run<6, 32, false>(a, t0, t1);
+  } else if (a.bits == 6) {
+    f16 ? run<6, 16, true>(a, t0, t1) : run<6, 16, false>(a, t0, t1);
   } else if (a.group == 32) {
     f16 ? run<8, 32, true>(a, t0, t1) : run<8, 32, false>(a, t0, t1);
   } else {

@@ -124,7 +124,7 @@ void run(const QGemmArgs& a, int64_t t0, int64_t t1) {
 
 void qgemm_avx512(const QGemmArgs& a, int64_t t0, int64_t t1) {
   const bool f16 = a.scale_bytes == 2;
-  if (a.bits == 4) {
+  if (a.bits == 4) {  // 6-bit values are stored as bytes: the 8-bit kernel reads them as is
     f16 ? run<4, 32, true>(a, t0, t1) : run<4, 32, false>(a, t0, t1);
   } else if (a.group == 32) {
     f16 ? run<8, 32, true>(a, t0, t1) : run<8, 32, false>(a, t0, t1);

@@ -23,7 +23,7 @@ inline float load_scale(const uint8_t* p, int scale_bytes, int r) {
 // Quantized value of row r, column k (0 <= k < group) of one block.
 inline int weight_q(const uint8_t* blk, int bits, int group, int r, int k) {
   const int j = k / 4, i = k % 4;
-  if (bits == 8) return blk[j * 64 + r * 4 + i];
+  if (bits != 4) return blk[j * 64 + r * 4 + i];
   const int half_groups = group / 8;  // k-groups per nibble half
   const uint8_t byte = blk[(j % half_groups) * 64 + r * 4 + i];
   return j < half_groups ? (byte & 0x0F) : (byte >> 4);
@@ -65,7 +65,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* q
 }
 
 void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1) {
-  const int qbytes = kTileRows * a.group * a.bits / 8;
+  const int qbytes = kTileRows * a.group * (a.bits == 4 ? 4 : 8) / 8;
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t m = 0; m < a.M; ++m) {
       float acc[kTileRows] = {0};
