@@ -8,12 +8,13 @@ folded into the minimum, so the kernels' (q, d, m) form holds it without roundin
 | Q4_0 | 32: fp16 d, 4-bit q | 4-bit, d, m = -8 d |
 | Q4_1 | 32: fp16 d, fp16 m, 4-bit q | 4-bit, d, m |
 | Q4_K | 256: fp16 d, dmin, 6-bit (sc, mn) per 32, 4-bit q | 4-bit, d * sc, -(dmin * mn) |
-| Q5_0 | 32: fp16 d, 5-bit q | 8-bit, d, m = -16 d |
-| Q5_1 | 32: fp16 d, m, 5-bit q | 8-bit, d, m |
-| Q5_K | like Q4_K with 5-bit q | 8-bit, d * sc, -(dmin * mn) |
-| Q6_K | 256: fp16 d, int8 sc per 16, 6-bit q | 8-bit groups of 16, d * sc, -32 (d * sc) |
+| Q5_0 | 32: fp16 d, 5-bit q | 6-bit, d, m = -16 d |
+| Q5_1 | 32: fp16 d, m, 5-bit q | 6-bit, d, m |
+| Q5_K | like Q4_K with 5-bit q | 6-bit, d * sc, -(dmin * mn) |
+| Q6_K | 256: fp16 d, int8 sc per 16, 6-bit q | 6-bit groups of 16, d * sc, -32 (d * sc) |
 | Q8_0 | 32: fp16 d, int8 q | 8-bit, d, m = -128 d, q + 128 |
 
+(6-bit formats are one byte per value, marked by `QuantizedWeight.pack` when every q < 64.)
 The products d * sc and dmin * mn are formed in float32 as ggml does, and every w = d * q + m
 equals ggml's float32 result (the products are exact, the one sum rounds the same way).
 """
