@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlm.loading.weights import WEIGHT_FORMATS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How K/V are stored: "auto" follows the model's dtype; see kvlm.kv.quant for the integer formats.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4", "fp8")
-# How linear weights are held: "float" dequantizes at load (the exact path the oracle tests use).
-WEIGHT_FORMATS = ("float",)
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -54,6 +54,8 @@ class EngineConfig:
     sliding_window: int | None = None
     # StreamingLLM: keep the first `attention_sinks` tokens beside the window (needs a window).
     attention_sinks: int = 0
+    # "float" dequantizes at load (the exact path the oracle tests use); "gguf" keeps GGUF
+    # blocks quantized for kvlm's CPU kernels; "q8_0" / "q4_1" also quantize float weights.
     weight_format: str = "float"
 
     def __post_init__(self) -> None:
@@ -66,6 +68,11 @@ class EngineConfig:
             raise EngineConfigError(
                 f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, "
                 f"got {self.weight_format!r}"
+            )
+        if self.weight_format != "float" and self.torch_device.type != "cpu":
+            raise EngineConfigError(
+                f"weight_format {self.weight_format!r} runs on kvlm's CPU kernels; on "
+                f"{self.torch_device.type} use weight_format float (--weight-format float)"
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise EngineConfigError(f"sliding_window must be >= 1 token, got {self.sliding_window}")
