@@ -56,6 +56,32 @@ def test_int8_kv_follows_full_precision_for_16_tokens(smollm2_llm: LLM) -> None:
     quantized.engine.kv_cache.check_integrity()
 
 
+def test_int8_cache_works_chunked_preempted_batched_and_from_prefix_hits() -> None:
+    """Attention always reads K/V back from the store, so with one format chunking, batching,
+    preemption and prefix hits change nothing: the same int8 tokens every way."""
+    prompts = [
+        "The capital of France is",
+        "Here is a recipe for a simple tomato soup. First, wash and chop four ripe tomatoes, "
+        "one onion and two cloves of garlic. Then",
+    ]  # the second fills a 16-token block, so a repeat of it is a prefix hit
+    params = _greedy(24)
+    base = LLM("smollm2", kv_cache_dtype="int8")
+    alone = [base.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    again = base.generate([prompts[1]], params)[0]
+    assert again.metrics.num_cached_tokens > 0 and again.outputs[0].token_ids == alone[1]
+    assert [o.outputs[0].token_ids for o in base.generate(prompts, params)] == alone
+    chunked = LLM("smollm2", kv_cache_dtype="int8", max_num_batched_tokens=5)
+    assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == alone
+    # 16 blocks of 4 tokens at 12,240 bytes a token (30 layers x K, V x 3 heads x 68 bytes):
+    # the two requests need about 8 + 13 blocks, so one is preempted
+    small = LLM(
+        "smollm2", kv_cache_dtype="int8", block_size=4, kv_cache_memory=64 * 12240,
+        max_model_len=64,
+    )  # fmt: skip
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == alone
+    assert small.engine.scheduler.stats.num_preemptions > 0
+
+
 def test_int8_kv_follows_full_precision_on_gemma3(gemma3_llm: LLM) -> None:
     """The first prompt's 14th token is a 0.029-nat near-tie that int8 may flip."""
     quantized = LLM("gemma3-270m", kv_cache_dtype="int8")
