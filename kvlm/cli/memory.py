@@ -21,8 +21,7 @@ from kvlm.engine.config import KV_CACHE_DTYPES, EngineConfig
 from kvlm.kv.memory import KVMemoryError, MemoryEstimate, estimate
 from kvlm.kv.quant import QUANTIZED_FORMATS, KVFormat, KVFormatError, fp8_supported
 from kvlm.loading import ALIASES, ModelLoadError, ModelNotFoundError, resolve_model_path
-from kvlm.loading.gguf_file import GGUFFormatError, read_gguf
-from kvlm.loading.gguf_loader import config_from_metadata
+from kvlm.loading.gguf_loader import read_header
 from kvlm.loading.hf_loader import config_from_hf
 from kvlm.presets import PRESETS, same_kv_layout
 
@@ -123,7 +122,7 @@ def read_model_shape(name: str) -> ModelShape:
         return ModelShape(name, _hf_config(path), "hf", str(path), FILE_AUTO_DTYPE)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-    return ModelShape(name, _gguf_config(path), "gguf", str(path), FILE_AUTO_DTYPE)
+    return ModelShape(name, read_header(path)[0], "gguf", str(path), FILE_AUTO_DTYPE)
 
 
 def _hf_config(path: Path) -> ModelConfig:
@@ -134,20 +133,6 @@ def _hf_config(path: Path) -> ModelConfig:
         return config_from_hf(json.loads(config_file.read_text()))
     except (json.JSONDecodeError, KeyError) as e:
         raise ModelLoadError(f"{config_file} is malformed: {e}") from e
-
-
-def _gguf_config(path: Path) -> ModelConfig:
-    try:
-        # Tensor descriptions (names, shapes, offsets) but no tensor data; no vocabulary.
-        contents = read_gguf(
-            path, lambda key: not key.startswith("tokenizer.ggml.") or key.endswith("_id")
-        )
-    except GGUFFormatError as e:
-        raise ModelLoadError(f"{e} (corrupt or truncated?)") from e
-    tensors = {info.name: info for info in contents.tensors}
-    if "token_embd.weight" not in tensors:
-        raise ModelLoadError(f"{path}: no token_embd.weight tensor: not a language model file")
-    return config_from_metadata(contents.metadata, tensors)
 
 
 def check_context(shape: ModelShape, context: int, attention_sinks: int) -> None:

@@ -113,9 +113,8 @@ def load_quantized(path: Path, info: GGUFTensorInfo, rope_heads: int | None) -> 
     return QuantizedTensor.from_plain(plain)
 
 
-def load_gguf(path: Path, dtype: torch.dtype, weight_format: str = "float") -> LoadedModel:
-    """`weight_format` "float" dequantizes every tensor to `dtype`; any other keeps the file's
-    quantized matrices quantized (see weights.WEIGHT_FORMATS)."""
+def read_header(path: Path) -> tuple[ModelConfig, list[GGUFTensorInfo]]:
+    """A GGUF file's config and tensor descriptions: no tensor data, no vocabulary."""
     try:
         # The vocabulary is the tokenizer's business; only scalar tokenizer ids are read here.
         contents = read_gguf(
@@ -126,9 +125,15 @@ def load_gguf(path: Path, dtype: torch.dtype, weight_format: str = "float") -> L
     tensors = {info.name: info for info in contents.tensors}
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor: not a language model file")
-    config = config_from_metadata(contents.metadata, tensors)
+    return config_from_metadata(contents.metadata, tensors), list(contents.tensors)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, weight_format: str = "float") -> LoadedModel:
+    """`weight_format` "float" dequantizes every tensor to `dtype`; any other keeps the file's
+    quantized matrices quantized (see weights.WEIGHT_FORMATS)."""
+    config, infos = read_header(path)
     weights: dict[str, torch.Tensor] = {}
-    for info in contents.tensors:
+    for info in infos:
         rope_heads = None
         if config.architecture == "llama" and info.name.endswith("attn_q.weight"):
             rope_heads = config.num_heads
