@@ -123,6 +123,7 @@ class _NeverFinishingEngine:
         self.model_config = SimpleNamespace(vocab_size=8)
         self.max_model_len = 64
         self.kv_cache = None
+        self.unbounded_length = False
         self.scheduler = SimpleNamespace(running=[], waiting=[], stats=SchedulerStats())
         self.requests: dict[str, SimpleNamespace] = {}
         self.stepping = threading.Event()
