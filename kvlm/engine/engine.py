@@ -257,18 +257,15 @@ class LLMEngine:
         """Per layer group: a label, the bytes held and the bytes of all its usable blocks."""
         if self.kv_cache is None:
             return ()
-        used = self.kv_cache.bytes_used()
+        used, total = self.kv_cache.bytes_used(), self.kv_cache.bytes_total()
         return tuple(
-            (_label(spec), held, pool.num_usable_blocks * spec.page_nbytes)
-            for spec, held, pool in zip(self.kv_specs, used, self.kv_cache.pools, strict=True)
+            (_label(spec), held, size)
+            for spec, held, size in zip(self.kv_specs, used, total, strict=True)
         )
 
     def kv_cache_bytes_total(self) -> int:
         """Bytes of every store's usable blocks (the null blocks left out)."""
-        if self.kv_cache is None:
-            return 0
-        pools = zip(self.kv_cache.pools, self.kv_specs, strict=True)
-        return sum(p.num_usable_blocks * s.page_nbytes for p, s in pools)
+        return 0 if self.kv_cache is None else sum(self.kv_cache.bytes_total())
 
 
 def _label(spec: KVCacheSpec) -> str:

@@ -113,12 +113,15 @@ class KVCacheManager:
         used = self.num_used_blocks()
         return [n * s.page_nbytes for n, s in zip(used, self.specs, strict=True)]
 
+    def bytes_total(self) -> list[int]:
+        """Per group, bytes of all its usable blocks (the null block left out)."""
+        pools = zip(self.pools, self.specs, strict=True)
+        return [p.num_usable_blocks * s.page_nbytes for p, s in pools]
+
     @property
     def usage(self) -> float:
         """Fraction of all usable KV bytes held."""
-        pools = zip(self.pools, self.specs, strict=True)
-        total = sum(p.num_usable_blocks * s.page_nbytes for p, s in pools)
-        return sum(self.bytes_used()) / total
+        return sum(self.bytes_used()) / sum(self.bytes_total())
 
     def reset_prefix_cache(self) -> None:
         for pool in self.pools:
