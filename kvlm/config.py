@@ -79,7 +79,3 @@ class ModelConfig:
 
     def layer_rope_scale(self, layer_idx: int) -> float:
         return 1.0 if self.sliding_windows[layer_idx] is not None else self.rope_scaling_factor
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K plus V for one token across all layers (GQA stores only KV heads)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

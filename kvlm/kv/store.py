@@ -40,11 +40,6 @@ class KVStore:
                 num_rows, *head, self.format.num_scales, dtype=torch.float16, device=device
             )
 
-    @property
-    def nbytes(self) -> int:
-        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
-        return self.data.numel() * self.data.element_size() + scales
-
     def _offsets(self, layer_idx: int) -> tuple[int, int]:
         """Row offsets of K and V of model layer `layer_idx` from a token's base row."""
         local = self.layer_index[layer_idx]
