@@ -8,6 +8,7 @@ into a number of blocks, and the table manager for the group follows from its wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from kvlm.config import ModelConfig
 from kvlm.kv.quant import KVFormat
@@ -27,7 +28,7 @@ class KVCacheSpec:
         if self.num_sinks and self.window is None:
             raise ValueError(f"{self.num_sinks} attention sinks need a window")
 
-    @property
+    @cached_property  # read on every allocation (bytes held), so built once
     def format(self) -> KVFormat:
         return KVFormat(self.kv_format, self.head_dim)
 
@@ -35,7 +36,7 @@ class KVCacheSpec:
     def num_layers(self) -> int:
         return len(self.layer_ids)
 
-    @property
+    @cached_property
     def bytes_per_token(self) -> int:
         """K and V of one token in every layer of the group, scales included."""
         return 2 * self.num_layers * self.num_kv_heads * self.format.nbytes
