@@ -169,6 +169,7 @@ class AsyncLLMEngine:
         self._num_step_errors = 0
         self._stats = EngineStats()
         self._publish_stats()
+        self._step_listeners: list[Callable[[LLMEngine], None]] = []  # engine thread only
         self._thread = threading.Thread(target=self._run, name="kvlm-engine", daemon=True)
         self._thread.start()
 
@@ -225,6 +226,11 @@ class AsyncLLMEngine:
         self._submit(_Call(fn, future))
         return future
 
+    def add_step_listener(self, listener: Callable[[LLMEngine], None]) -> Future[None]:
+        """Call `listener(engine)` on the engine thread after every round of commands and step
+        (e.g. to drain cache events). It must be quick; one that raises is logged and dropped."""
+        return self.call(lambda engine: self._step_listeners.append(listener))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current step; unfinished requests get EngineDeadError."""
         with self._cond:
@@ -257,6 +263,7 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished():
                     self._step()
                 self._publish_stats()
+                self._notify_listeners()
         except BaseException:
             logger.exception("the engine thread crashed")
         finally:
@@ -346,6 +353,14 @@ class AsyncLLMEngine:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.put(error)
+
+    def _notify_listeners(self) -> None:
+        for listener in list(self._step_listeners):
+            try:
+                listener(self.engine)
+            except Exception:
+                logger.exception("step listener %r failed; it is dropped", listener)
+                self._step_listeners.remove(listener)
 
     def _publish_stats(self) -> None:
         engine = self.engine

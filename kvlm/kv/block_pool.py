@@ -67,6 +67,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.on_evict = on_evict  # told about a cached block just before it loses its hash
+        self.events: list[int] | None = None  # ids of changed blocks, while a log is attached
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Free blocks, least recently freed first; O(1) pop, append and removal by id.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
@@ -103,6 +104,8 @@ class BlockPool:
                 block.block_hash = None
             block.ref_count = 1
             taken.append(block)
+        if self.events is not None:
+            self.events.extend(block.block_id for block in taken)
         return taken
 
     def ref(self, block: KVBlock) -> None:
@@ -110,6 +113,8 @@ class BlockPool:
         if block.ref_count == 0:
             del self.free_queue[block.block_id]
         block.ref_count += 1
+        if self.events is not None:
+            self.events.append(block.block_id)
 
     def release(self, blocks: Iterable[KVBlock]) -> None:
         """One holder fewer for each; blocks left unheld join the free queue in this order."""
@@ -117,12 +122,16 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block.block_id] = None
+            if self.events is not None:
+                self.events.append(block.block_id)
 
     def cache(self, block: KVBlock, block_hash: bytes) -> None:
         """Name a full, computed block so later requests with the same prefix find it."""
         if self.enable_caching and block.block_hash is None and block_hash not in self.prefix_index:
             block.block_hash = block_hash
             self.prefix_index[block_hash] = block
+            if self.events is not None:
+                self.events.append(block.block_id)
 
     def pin(self, block: KVBlock) -> None:
         """Hold a block for the pool itself (e.g. a registered prefix): never evicted."""
@@ -141,6 +150,8 @@ class BlockPool:
             if block.ref_count == 0:
                 block.block_hash = None
                 del self.prefix_index[block_hash]
+                if self.events is not None:
+                    self.events.append(block.block_id)
 
     def check_integrity(self, table_refs: Sequence[int]) -> None:
         """Assert the module's invariants; `table_refs[i]` counts the tables listing block i."""

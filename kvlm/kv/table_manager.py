@@ -24,6 +24,7 @@ class TableManager:
         self.block_size = spec.block_size
         self.tables: dict[str, list[int]] = {}
         self.num_named: dict[str, int] = {}  # leading table entries already offered to the index
+        self.events: list[str] | None = None  # ids of requests whose table changed (kv/events.py)
 
     # --- prefix hits ----------------------------------------------------------------------
 
@@ -65,6 +66,8 @@ class TableManager:
                 table.append(NULL_BLOCK_ID if block is None else block.block_id)
         num_new = -(-num_tokens // self.block_size) - len(table)
         table.extend(block.block_id for block in self.pool.take(max(num_new, 0)))
+        if self.events is not None and num_new > 0:  # a new table always takes a new block
+            self.events.append(request_id)
 
     def remove_skipped(self, request_id: str, num_computed_tokens: int) -> None:
         """Let go of blocks no later query can read (none, under full attention)."""
@@ -84,6 +87,8 @@ class TableManager:
         self.num_named.pop(request_id)
         held = [self.pool.blocks[i] for i in reversed(table) if i != NULL_BLOCK_ID]
         self.pool.release(held)
+        if self.events is not None:
+            self.events.append(request_id)
 
     def num_held(self, request_id: str) -> int:
         return sum(1 for i in self.tables.get(request_id, ()) if i != NULL_BLOCK_ID)
@@ -141,6 +146,8 @@ class SlidingWindowManager(TableManager):
                 table[i] = NULL_BLOCK_ID
         self.pool.release(skipped)
         self.num_skipped[request_id] = max(self.num_skipped[request_id], first)
+        if self.events is not None and skipped:
+            self.events.append(request_id)
 
     def free(self, request_id: str) -> None:
         super().free(request_id)

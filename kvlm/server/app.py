@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI-compatible routes under /v1, plus /health, /metrics and the
-OpenAPI schema at /openapi.json.
+"""The FastAPI app: OpenAI-compatible routes under /v1, plus /health, /metrics, the live cache
+view at /cache and the OpenAPI schema at /openapi.json.
 
 `build_app` wires an `AsyncLLMEngine` (already running) to the routes; it does not own the
 engine, so the caller shuts the engine down after the server stops.
@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvlm.engine.async_engine import AsyncLLMEngine
+from kvlm.server.cache_view_routes import CACHE_VIEW_PATH, browser_key, install_cache_view
 from kvlm.server.driver import CHAT_COMPLETIONS, COMPLETIONS, generate
 from kvlm.server.errors import APIError, install_error_handlers
 from kvlm.server.limits import (
@@ -61,7 +62,8 @@ _UNSUPPORTED: dict[str, dict[str, Unsupported]] = {  # schema name -> refused fi
 
 
 class APIKeyMiddleware:
-    """Every /v1 route needs `Authorization: Bearer <key>`; /health, /metrics and
+    """Every /v1 and /cache route needs `Authorization: Bearer <key>` (/cache routes also take
+    it from a query parameter or cookie: see `cache_view_routes`); /health, /metrics and
     /openapi.json do not (the schema describes the API and holds nothing secret).
 
     Checked before the body is read, so a bad key is a 401 whatever the body holds.
@@ -72,11 +74,16 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(("/v1", CACHE_VIEW_PATH)):
+            browser = path.startswith(CACHE_VIEW_PATH)
             given = dict(scope["headers"]).get(b"authorization")
+            if given is None and browser:
+                given = browser_key(scope)
             if given is None or not hmac.compare_digest(given, self.expected):
+                hint = f" (in a browser: {CACHE_VIEW_PATH}?api_key=<key>)" if browser else ""
                 message = (
-                    "missing API key: send the header 'Authorization: Bearer <key>'"
+                    f"missing API key: send the header 'Authorization: Bearer <key>'{hint}"
                     if given is None
                     else "invalid API key: the Authorization header does not carry the key "
                     "this server was started with (--api-key)"
@@ -129,6 +136,8 @@ def build_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    install_cache_view(app, engine)
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models() -> ModelList:
