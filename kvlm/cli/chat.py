@@ -2,7 +2,9 @@
 
 Each turn sends the whole conversation through the chat template. The previous turns' prompt
 and reply are still in the prefix cache, so only the new tail is prefilled: the stats line after
-each reply shows how many prompt tokens were reused.
+each reply shows how many prompt tokens were reused. With `--session FILE` the conversation and
+its K/V are saved after every turn and restored at start, so a restarted chat resumes without
+recomputing the conversation.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from kvlm.cli.common import (
     USER_ERRORS,
+    CLIError,
     add_model_options,
     add_sampling_options,
     load_llm,
@@ -22,6 +26,7 @@ from kvlm.cli.common import (
 from kvlm.cli.common import sampling_params as make_sampling_params
 from kvlm.cli.stats import format_chat_stats, turn_stats
 from kvlm.engine.llm import LLM, Message
+from kvlm.kv.session_file import SessionFileError
 from kvlm.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
@@ -40,6 +45,14 @@ def add_parser(subparsers: Any) -> None:
         "context) prints `error: ...` and the chat goes on; the exit code is then 2.",
     )
     parser.add_argument("--system", default=None, help="a system message to start with")
+    parser.add_argument(
+        "--session",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="resume the conversation saved in FILE (its K/V restored, not recomputed) and "
+        "save it there after every turn; FILE is created when missing",
+    )
     add_model_options(parser)
     add_sampling_options(parser, max_tokens=DEFAULT_MAX_TOKENS)
     parser.set_defaults(run=run)
@@ -74,10 +87,34 @@ def reply(llm: LLM, conversation: Conversation, params: SamplingParams, turn: in
     return last.outputs[0].text
 
 
+def resume(llm: LLM, path: Path, conversation: Conversation) -> None:
+    """Load a saved conversation and its K/V; refused K/V mean the first turn recomputes."""
+    try:
+        session = llm.load_session(path)
+    except SessionFileError as e:
+        raise CLIError(f"{e}; move the file away to start a new session there") from e
+    if session.messages is None:
+        raise CLIError(f"session {path} holds a request, not a chat conversation")
+    conversation.messages = session.messages
+    total = len(session.token_ids)
+    if session.refused is not None:
+        print(f"warning: {session.refused}; recomputing its {total} tokens", file=sys.stderr)
+    else:
+        print(
+            f"[session {path}: {len(session.messages)} messages, K/V of "
+            f"{session.num_restored_tokens} of {total} tokens restored]",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     params = make_sampling_params(args)
+    if args.session is not None and not args.session.resolve().parent.is_dir():
+        raise CLIError(f"--session {args.session}: its folder does not exist")
     llm = load_llm(args)
     conversation = Conversation(args.system)
+    if args.session is not None and args.session.exists():
+        resume(llm, args.session, conversation)
     llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # has a template?
     exit_code, turn = 0, 0
     while (line := read_line(sys.stdin)) is not None:
@@ -100,4 +137,6 @@ def run(args: argparse.Namespace) -> int:
             exit_code = 2
             continue
         conversation.messages.append({"role": "assistant", "content": answer})
+        if args.session is not None:
+            llm.save_session(conversation.messages, args.session)
     return exit_code

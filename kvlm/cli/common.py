@@ -100,6 +100,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help=f"how linear weights are held: {', '.join(WEIGHT_FORMATS)} (default float)",
     )
     group.add_argument(
+        "--kv-offload",
+        default=None,
+        metavar="TIERS",
+        help="keep blocks evicted from the pool in tiers and reuse them on a later prefix hit: "
+        "e.g. ram:2GiB,disk:DIR:20GiB,redis://HOST:PORT (looked up in that order)",
+    )
+    group.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -167,6 +174,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "sliding_window": args.sliding_window,
         "attention_sinks": args.attention_sinks,
         "weight_format": args.weight_format,
+        "kv_offload": args.kv_offload,
     }
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = args.kv_cache_memory

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.request import RequestOutput
+from kvlm.kv.offload.tier import TierSnapshot
 from kvlm.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class EngineStats:
     num_generation_tokens: int = 0
     num_steps: int = 0
     num_step_errors: int = 0
+    kv_offload: tuple[TierSnapshot, ...] = ()  # per offload tier (RAM, disk, Redis), if any
     taken_at: float = 0.0  # time.time()
 
     @property
@@ -380,6 +382,7 @@ class AsyncLLMEngine:
             num_generation_tokens=self._num_generation_tokens,
             num_steps=self._num_steps,
             num_step_errors=self._num_step_errors,
+            kv_offload=engine.offload.snapshot() if engine.offload else (),
             taken_at=time.time(),
         )
 

@@ -57,6 +57,9 @@ class EngineConfig:
     # "float" dequantizes at load (the exact path the oracle tests use); "gguf" keeps GGUF
     # blocks quantized for kvlm's CPU kernels; "q8_0" / "q4_1" also quantize float weights.
     weight_format: str = "float"
+    # Offload tiers for blocks evicted from the pool, e.g. "ram:2GiB,disk:/tmp/kv:20GiB,
+    # redis://127.0.0.1:6379" (see kvlm.kv.offload.spec); None: evicted blocks are gone.
+    kv_offload: str | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -91,9 +94,24 @@ class EngineConfig:
             raise EngineConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise EngineConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.kv_offload is not None:
+            self._check_offload()
         if parse_bytes(self.kv_cache_memory) <= 0:
             raise EngineConfigError(
                 f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}"
+            )
+
+    def _check_offload(self) -> None:
+        from kvlm.kv.offload.spec import OffloadSpecError, parse_offload
+
+        try:
+            parse_offload(str(self.kv_offload))
+        except OffloadSpecError as e:
+            raise EngineConfigError(str(e)) from e
+        if not (self.use_cache and self.enable_prefix_caching):
+            raise EngineConfigError(
+                "kv_offload brings blocks back through prefix caching: it needs the KV cache "
+                "and enable_prefix_caching (drop --no-cache)"
             )
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -15,10 +16,15 @@ from kvlm.engine.config import (
     EngineConfigError,
     parse_bytes,
 )
+from kvlm.engine.kv_transfer import BlockTransfer
+from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
 from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.fingerprint import CacheIdentity
+from kvlm.kv.offload.spec import parse_offload
+from kvlm.kv.offload.tiered import TieredStore
 from kvlm.kv.quant import fp8_supported
 from kvlm.kv.spec import KVCacheSpec, layer_groups
 from kvlm.kv.store import KVStore
@@ -44,6 +50,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         kv_format = self._kv_format()  # refused before the (slow) load when unsupported
         path = resolve_model_path(config.model)  # once: an alias may hash a large file
+        self.model_path = path
         loaded = load_model(str(path), config.torch_dtype, config.weight_format)
         self.model_config = loaded.config
         self.tokenizer = load_tokenizer(path)
@@ -67,12 +74,18 @@ class LLMEngine:
         self.unbounded_length = all(spec.positions_in_cache for spec in self.kv_specs)
         self.kv_stores: list[KVStore] | None = None
         self.kv_cache: KVCacheManager | None = None
+        self.transfer: BlockTransfer | None = None  # blocks in and out (sessions, offload)
+        self.offload: OffloadConnector | None = None
         if config.use_cache:
             self._make_cache()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.use_cache),
             self.kv_cache,
         )
+        if config.kv_offload and self.transfer is not None:
+            tiers = TieredStore.from_specs(parse_offload(config.kv_offload))
+            self.offload = OffloadConnector(tiers, self.cache_identity, self.transfer)
+            self.scheduler.offload = self.offload
         self.runner = ModelRunner(
             self.model, self.device, self.kv_specs, self.kv_stores, self.kv_cache
         )
@@ -124,6 +137,24 @@ class LLMEngine:
             for spec, n in zip(self.kv_specs, num_blocks, strict=True)
         ]
         self.kv_cache = KVCacheManager(self.kv_specs, num_blocks, cfg.enable_prefix_caching)
+        if cfg.enable_prefix_caching:
+            self.transfer = BlockTransfer(self.kv_cache, self.kv_stores)
+
+    @cached_property
+    def cache_identity(self) -> CacheIdentity:
+        """What this engine's K/V bytes depend on (hashes the model file once, when asked)."""
+        return CacheIdentity.of(
+            self.model_path,
+            self.config.dtype,
+            self.config.weight_format,
+            self.tokenizer.content_hash(),
+            self.kv_specs,
+        )
+
+    def close(self) -> None:
+        """Finish the offload tiers' queued writes and stop their threads (if any)."""
+        if self.offload is not None:
+            self.offload.close()
 
     # --- requests -------------------------------------------------------------------------
 
@@ -190,6 +221,8 @@ class LLMEngine:
         if not batch.requests:
             if self.scheduler.waiting:
                 raise RuntimeError("no request could be scheduled: the KV pool is too small")
+            if self.offload is not None and self.scheduler.loading:
+                self.offload.wait_for_load(timeout=0.05)  # nothing else to run meanwhile
             return []
         logits, sampled = self.runner.run(batch)
         self.scheduler.update_after_step(batch)

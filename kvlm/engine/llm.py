@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from kvlm.engine import session
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import InputError, LLMEngine
 from kvlm.engine.request import OutputAccumulator, RequestOutput
+from kvlm.engine.session import Session
 from kvlm.sampling import SamplingParams
 from kvlm.tokenizer import Tokenizer
 
@@ -84,6 +87,34 @@ class LLM:
                             return
         finally:
             self.engine.abort(request_id)
+
+    def save_session(
+        self,
+        conversation_or_request: list[Message] | RequestOutput,
+        path: str | Path,
+        cache_salt: str | None = None,
+    ) -> int:
+        """Write a conversation's K/V (a chat's messages, or a finished request's prompt and
+        completion) to `path`, computing first whatever of it the cache lacks; returns the
+        number of tokens whose K/V the file holds. `load_session` restores it."""
+        token_ids, messages = session.session_tokens(self.tokenizer, conversation_or_request)
+        whole_blocks = len(token_ids) // self.config.block_size * self.config.block_size
+        if session.num_cached_tokens(self.engine, token_ids, cache_salt) < whole_blocks:
+            prefill = SamplingParams(max_tokens=1, temperature=0)
+            self.generate({"prompt_token_ids": token_ids}, prefill, cache_salt)
+        prefix = session.export(self.engine, token_ids, cache_salt)
+        identity = self.engine.cache_identity
+        header = session.write(identity, Path(path), prefix, token_ids, messages, cache_salt)
+        return header.num_blocks * self.config.block_size
+
+    def load_session(self, path: str | Path) -> Session:
+        """Put a saved session's K/V in the prefix cache, so the conversation's next request
+        is a prefix hit. A file that does not fit this engine (other model, tokenizer, KV
+        format, block size) or whose K/V are damaged is refused: `Session.refused` says why
+        and the conversation is recomputed. Raises SessionFileError when the file cannot be
+        read as a session at all."""
+        loaded = session.read(self.engine.cache_identity, Path(path))
+        return session.restore_blocks(self.engine, loaded)
 
     def _add(self, prompt: PromptType, params: SamplingParams, cache_salt: str | None) -> str:
         if isinstance(prompt, dict):

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvlm.engine.config import EngineConfigError
 from kvlm.engine.request import Request, RequestStatus
 from kvlm.kv.block_pool import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
+
+if TYPE_CHECKING:
+    from kvlm.engine.offload import OffloadConnector
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,16 @@ class Scheduler:
         self.running: list[Request] = []
         self.stats = SchedulerStats()
         self.block_hashes: dict[str, list[bytes]] = {}  # per request, its full blocks' names
+        # Offload tiers (set by the engine): waiting requests whose prefix is being fetched
+        # step aside into `loading`, so they hold up neither the batch nor the queue.
+        self.offload: OffloadConnector | None = None
+        self.loading: dict[str, Request] = {}
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -89,8 +97,17 @@ class Scheduler:
             if self._reserve(request, num_tokens):
                 batch.add(request, num_tokens)
                 budget = max(budget - num_tokens, 0)
+        if self.offload is not None:
+            done = self.offload.finished_loads()
+            loaded = [self.loading.pop(i) for i in done if i in self.loading]
+            self.waiting.extendleft(reversed(loaded))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.offload is not None and self.cache is not None:
+                hashes = self._hashes(request, len(request.token_ids))
+                if self.offload.start_load(request, hashes):
+                    self.loading[self.waiting.popleft().request_id] = request
+                    continue
             num_tokens = self._admit(request, budget)
             if num_tokens == 0:
                 break
@@ -117,6 +134,9 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.loading.pop(request.request_id, None)
+        if self.offload is not None:
+            self.offload.forget(request.request_id)
         request.status = RequestStatus.FINISHED
         self.block_hashes.pop(request.request_id, None)
         if self.cache is not None and self.cache.holds(request.request_id):

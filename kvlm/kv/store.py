@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kvlm.kv.block_codec import BlockData
 from kvlm.kv.spec import KVCacheSpec
 
 
@@ -65,3 +66,21 @@ class KVStore:
             scales = None if self.scales is None else self.scales.index_select(0, index)
             out.append(self.format.dequantize(data, scales, self.dtype))
         return out[0], out[1]
+
+    def _block_rows(self, block_id: int) -> slice:
+        return slice(block_id * self.rows_per_block, (block_id + 1) * self.rows_per_block)
+
+    def read_block(self, block_id: int) -> BlockData:
+        """A copy of one block's rows (every layer, K and V, scales), on the store's device:
+        the copy is queued, so reading it out to the host can happen on another thread."""
+        rows = self._block_rows(block_id)
+        scales = None if self.scales is None else self.scales[rows].clone()
+        return BlockData(self.data[rows].clone(), scales)
+
+    def write_block(self, block_id: int, block: BlockData) -> None:
+        """Overwrite one block's rows with `block` (same spec, any device)."""
+        rows = self._block_rows(block_id)
+        self.data[rows].copy_(block.data, non_blocking=True)
+        if self.scales is not None:
+            assert block.scales is not None, "a quantized block comes with its scales"
+            self.scales[rows].copy_(block.scales, non_blocking=True)

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kvlm.engine.async_engine import AsyncLLMEngine
+from kvlm.kv.offload.tier import TierSnapshot
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -74,6 +75,32 @@ class EngineCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        yield from self._offload(s.kv_offload)
+
+    def _offload(self, tiers: tuple[TierSnapshot, ...]) -> Iterator[Metric]:
+        """Per offload tier: blocks hit, missed, stored, failed operations, bytes, load time."""
+        counters = [
+            ("hits", "Blocks found in the tier when a prefix was looked up."),
+            ("misses", "Blocks looked up in the tier and not found."),
+            ("stores", "Evicted blocks written to the tier."),
+            ("failures", "Tier operations that failed (I/O error, timeout, damaged block)."),
+            ("bytes_stored", "Bytes of blocks written to the tier."),
+            ("bytes_loaded", "Bytes of blocks read back from the tier."),
+            ("load_seconds", "Seconds spent looking blocks up in the tier."),
+        ]
+        labels = ["model_name", "tier"]
+        for field, doc in counters:
+            counter = CounterMetricFamily(f"kvlm_kv_offload_{field}", doc, labels=labels)
+            for tier in tiers:
+                counter.add_metric([self.model_name, tier.name], getattr(tier, field))
+            yield counter
+        gauge = GaugeMetricFamily(
+            "kvlm_kv_offload_bytes_held", "Bytes the tier holds now (RAM, disk).", labels=labels
+        )
+        for tier in tiers:
+            if tier.bytes_held is not None:
+                gauge.add_metric([self.model_name, tier.name], tier.bytes_held)
+        yield gauge
 
 
 class ServerMetrics:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,15 @@ class Tokenizer:
             f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
             f"eos={self.eos_token_id}, add_bos={self.add_bos})"
         )
+
+    def content_hash(self) -> str:
+        """A digest of everything that maps text to ids (vocabulary, merges, normalizers,
+        BOS rule, chat template): equal hashes encode every text to the same ids."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self._backend.to_str(), str(self.add_bos), self.chat_template or ""):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; BOS first iff `add_bos` and `add_special_tokens`.

@@ -1,0 +1,153 @@
+"""The session file: a conversation's tokens and the K/V of its blocks, checked on every read.
+
+Layout (integers little-endian):
+    magic           8 bytes   b"KVLMSESS"
+    format version  u32
+    header length   u64
+    header          JSON (utf-8): model fingerprint, tokenizer hash, per-group layout and KV
+                    format, block size, token ids, cache salt, messages, which blocks the
+                    payload holds, payload length and digest
+    header digest   16 bytes  blake2b over everything above
+    payload         per group, per stored block, the block's bytes (`block_codec`)
+
+The header's own digest makes its token ids trustworthy; the payload's digest (in the header)
+makes the K/V trustworthy. A file whose header fails is unusable (`SessionFileError`); one whose
+header passes but whose K/V cannot be used here (damaged, cut short, or written by another
+model, tokenizer, KV format or block size) is `SessionRefused`: its conversation can still be
+recomputed from the header's tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvlm.kv.fingerprint import CacheIdentity
+
+MAGIC = b"KVLMSESS"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<8sIQ")  # magic, version, header length
+_DIGEST_SIZE = 16
+_MAX_HEADER = 1 << 30
+
+
+class SessionFileError(ValueError):
+    """The file is not a readable session file: nothing in it can be trusted."""
+
+
+class SessionRefused(ValueError):
+    """The header is sound but its K/V cannot be used here; its tokens can be recomputed."""
+
+
+@dataclass(frozen=True)
+class SessionHeader:
+    model_fingerprint: str
+    tokenizer_hash: str
+    block_size: int
+    kv_formats: list[str]  # per layer group
+    layouts: list[str]  # per layer group (`fingerprint.group_layout`)
+    token_ids: list[int]
+    cache_salt: str | None
+    messages: list[dict[str, Any]] | None  # the chat conversation, when one was saved
+    num_blocks: int  # leading blocks of `token_ids` whose K/V the payload holds
+    stored: list[list[int]]  # per group, block indices in the payload, in payload order
+    payload_nbytes: int
+    payload_digest: str
+
+    def check_compatible(self, identity: CacheIdentity) -> None:
+        """SessionRefused, naming both values, unless this cache can read the payload."""
+        checks = [
+            ("model", self.model_fingerprint, identity.model_fingerprint, "load the same model"),
+            ("tokenizer", self.tokenizer_hash, identity.tokenizer_hash, "load the same model"),
+            ("block size", self.block_size, identity.block_size, "pass --block-size"),
+            ("KV format", self.kv_formats, identity.kv_formats, "pass --kv-cache-dtype"),
+            ("cache layout", self.layouts, identity.layouts, "use the same window and sinks"),
+        ]
+        for what, saved, here, fix in checks:
+            if saved != here:
+                raise SessionRefused(
+                    f"the session was saved with {what} {saved}, this engine has {here}; "
+                    f"its K/V cannot be used here ({fix} to restore it)"
+                )
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def payload_digest(blocks: Sequence[bytes]) -> str:
+    h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    for block in blocks:
+        h.update(block)
+    return h.hexdigest()
+
+
+def write_session(path: Path, header: SessionHeader, blocks: Sequence[bytes]) -> None:
+    """Write atomically (a temporary file renamed over `path`), so a crash leaves the old file."""
+    head = json.dumps(asdict(header), separators=(",", ":")).encode()
+    preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head))
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(preamble)
+        f.write(head)
+        f.write(_digest(preamble, head))
+        for block in blocks:
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: Path) -> tuple[SessionHeader, int]:
+    """The checked header and the payload's offset; SessionFileError if it cannot be trusted."""
+    try:
+        with path.open("rb") as f:
+            preamble = f.read(_PREAMBLE.size)
+            if len(preamble) < _PREAMBLE.size or preamble[:8] != MAGIC:
+                raise SessionFileError(f"{path} is not a kvlm session file (no KVLMSESS magic)")
+            _, version, head_len = _PREAMBLE.unpack(preamble)
+            if version != FORMAT_VERSION:
+                raise SessionFileError(
+                    f"{path} has session format {version}; this kvlm reads format {FORMAT_VERSION}"
+                )
+            if head_len > _MAX_HEADER:
+                raise SessionFileError(f"{path}: header length {head_len:,} is not plausible")
+            head = f.read(head_len)
+            digest = f.read(_DIGEST_SIZE)
+    except OSError as e:
+        raise SessionFileError(f"cannot read session file {path}: {e.strerror or e}") from e
+    if len(head) < head_len or len(digest) < _DIGEST_SIZE:
+        raise SessionFileError(f"{path} is cut short inside its header")
+    if not hmac.compare_digest(digest, _digest(preamble, head)):
+        raise SessionFileError(f"{path}: header checksum mismatch (the file is damaged)")
+    try:
+        header = SessionHeader(**json.loads(head))
+    except (ValueError, TypeError) as e:  # digest passed: written by an incompatible kvlm
+        raise SessionFileError(f"{path}: header does not describe a session: {e}") from e
+    return header, _PREAMBLE.size + head_len + _DIGEST_SIZE
+
+
+def read_payload(path: Path, header: SessionHeader, offset: int) -> bytes:
+    """The payload, checked for length and digest; SessionRefused otherwise."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        payload = f.read(header.payload_nbytes + 1)
+    if len(payload) != header.payload_nbytes:
+        state = "cut short" if len(payload) < header.payload_nbytes else "longer than written"
+        raise SessionRefused(
+            f"{path} is {state}: its K/V should be {header.payload_nbytes:,} bytes, "
+            f"found {len(payload):,}"
+        )
+    if payload_digest([payload]) != header.payload_digest:
+        raise SessionRefused(f"{path}: K/V checksum mismatch (the payload is damaged)")
+    return payload
