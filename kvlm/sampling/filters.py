@@ -133,21 +133,50 @@ def apply_top_k_top_p_min_p(
       before it; top-p, applied first, does not see min-p's removals.
 
     The most likely token always survives all three, so no row is left empty.
+
+    Rows are first filtered among their `CANDIDATES` best tokens (`topk`, no full sort); the
+    full-vocabulary sort runs only when some row's kept set may reach past them.
     """
     if top_k is None and top_p is None and min_p is None:
         return logits
-    num_seqs, vocab_size = logits.shape
-    # Stable descending sort: equal logits keep ascending token id order.
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
-    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)  # [num_seqs, vocab_size] sorted
+    filtered, unsettled = _filter_candidates(logits, top_k, top_p, min_p)
+    if unsettled is None:
+        return filtered
+    rows = unsettled.nonzero().squeeze(1)  # [num_unsettled]; the one host sync
 
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[rows]
+
+    filtered[rows] = _filter_sorted(logits[rows], pick(top_k), pick(top_p), pick(min_p))
+    return filtered
+
+
+# The pre-filter's width: the nucleus of a sampled row almost always lies among this many of
+# its best tokens, and `topk` of that many costs a small fraction of sorting 262,144 logits.
+CANDIDATES = 1024
+
+
+def _remove_sorted(
+    sorted_logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+    log_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The removal mask over a row-wise descending list of logits (the whole vocabulary, or
+    its first entries): `[num_seqs, n]` bool. Each filter removes a suffix of the order.
+    `log_norm` ([num_seqs, 1]): the log of the softmax denominator after top-k, needed when
+    the list is only the head of the vocabulary; None computes it from the list itself."""
+    num_seqs, n = sorted_logits.shape
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)  # [num_seqs, n]
     if top_k is not None:
-        positions = torch.arange(vocab_size, device=logits.device)  # [vocab_size]
+        positions = torch.arange(n, device=sorted_logits.device)  # [n]
         remove = positions.unsqueeze(0) >= top_k.unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-
     if top_p is not None or min_p is not None:
-        probs = sorted_logits.softmax(dim=-1)  # [num_seqs, vocab_size] sorted
+        if log_norm is None:
+            log_norm = sorted_logits.logsumexp(dim=-1, keepdim=True)
+        probs = (sorted_logits - log_norm).exp()  # [num_seqs, n]
         if top_p is not None:
             # Exclusive cumsum by shifting (subtracting probs would cancel digits).
             mass_above = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
@@ -157,7 +186,74 @@ def apply_top_k_top_p_min_p(
         if min_p is not None:
             threshold = min_p.unsqueeze(1) * probs[:, :1]
             remove = remove | (probs < threshold)
+    return remove
 
+
+def _filter_candidates(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The filters applied among each row's `CANDIDATES` best tokens, and which rows that
+    leaves unsettled (`[num_seqs]` bool; None when every row is settled, one host sync to
+    know): their entries in the result are meaningless and must come from the full sort.
+
+    A row is settled when its filters remove the last candidate and every token they keep is
+    strictly likelier than it: every token outside the candidates is then removed too.
+    Rows with no filter (top_k == vocab_size, top_p == 1, min_p == 0) are left untouched.
+    """
+    num_seqs, vocab_size = logits.shape
+    width = CANDIDATES + 1  # the candidates, then the best token outside them
+    if 2 * width > vocab_size:
+        return logits.clone(), torch.ones(num_seqs, dtype=torch.bool, device=logits.device)
+    values, ids = logits.topk(width, dim=-1)  # [num_seqs, width], descending
+    # topk's order among equal logits is unspecified; the full sort's is ascending id.
+    by_id = ids.argsort(dim=-1)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, order)
+
+    neutral = torch.ones(num_seqs, dtype=torch.bool, device=logits.device)  # [num_seqs]
+    log_norm = logits.logsumexp(dim=-1, keepdim=True)  # [num_seqs, 1], without top-k
+    if top_k is not None:
+        neutral &= top_k >= vocab_size
+        # A top-k that keeps more than the candidates (but not all) cannot be settled here.
+        cut = (top_k < width) | (top_k >= vocab_size)
+        head = values.masked_fill(
+            torch.arange(width, device=logits.device).unsqueeze(0) >= top_k.unsqueeze(1),
+            float("-inf"),
+        )
+        log_norm = torch.where(
+            (top_k < width).unsqueeze(1), head.logsumexp(dim=-1, keepdim=True), log_norm
+        )
+    else:
+        cut = torch.ones_like(neutral)
+    if top_p is not None:
+        neutral &= top_p >= 1.0
+    if min_p is not None:
+        neutral &= min_p <= 0.0
+
+    remove = _remove_sorted(values, top_k, top_p, min_p, log_norm)  # [num_seqs, width]
+    kept_min = values.masked_fill(remove, float("inf")).amin(dim=-1)  # [num_seqs]
+    settled = neutral | (cut & remove[:, -1] & (kept_min > values[:, -1]))
+    keep = torch.zeros_like(logits, dtype=torch.bool)  # [num_seqs, vocab_size]
+    keep.scatter_(1, ids, ~remove)
+    keep |= neutral.unsqueeze(1)
+    filtered = logits.masked_fill(~keep, float("-inf"))
+    return filtered, None if bool(settled.all()) else ~settled
+
+
+def _filter_sorted(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+) -> torch.Tensor:
+    """The filters over a full-vocabulary stable sort: exact for every row."""
+    # Stable descending sort: equal logits keep ascending token id order.
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
+    remove = _remove_sorted(sorted_logits, top_k, top_p, min_p)  # [num_seqs, vocab_size]
     # Back from sorted positions to token ids.
     remove_by_id = torch.empty_like(remove).scatter_(1, sorted_idx, remove)
     return logits.masked_fill(remove_by_id, float("-inf"))
