@@ -1,17 +1,17 @@
 """The engines a decode benchmark can time, behind one small interface.
 
 Each backend loads its model once (in `__init__`) and then times `run(prompts, n)`: generate
-exactly `n` greedy tokens for every prompt of the batch, ignoring end-of-sequence. The optional
-ones (`hf`, `llama.cpp`) import their library lazily and raise `BackendUnavailable`, with a
-reason, when it is not installed.
+exactly `n` greedy tokens for every prompt of the batch, ignoring end-of-sequence, and note when
+each position was reached. The optional ones (`hf`, `llama.cpp`) import their library lazily and
+raise `BackendUnavailable`, with a reason, when it is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +19,9 @@ from typing import Any, Protocol
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.llm import LLM
 from kvlm.sampling import SamplingParams
+
+# Called with the number of positions every row has reached, as they are reached (progress bars).
+OnToken = Callable[[int], None] | None
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,58 +36,99 @@ class RunTiming:
     num_generated_tokens: int  # over the whole batch
     prefill_s: float | None  # time to the first token (or a 1-token run's wall time)
     decode_tok_s: float | None  # generated tokens per second after the first (None: unknown)
+    # [num_new_tokens]: seconds from the start until every row holds i + 1 generated tokens
+    # (rows run one after another add up). Empty when the backend cannot see single tokens.
+    token_times_s: tuple[float, ...] = ()
+
+    @classmethod
+    def from_token_times(cls, token_times_s: Sequence[float], batch_size: int) -> RunTiming:
+        """The timing of a run whose every position's time is known."""
+        times = tuple(token_times_s)
+        n = len(times)
+        decode_s = times[-1] - times[0]
+        return cls(
+            wall_s=times[-1],
+            num_generated_tokens=n * batch_size,
+            prefill_s=times[0],
+            decode_tok_s=(n - 1) * batch_size / decode_s if n > 1 and decode_s > 0 else None,
+            token_times_s=times,
+        )
+
+    def truncated(self, num_new_tokens: int, batch_size: int) -> RunTiming:
+        """This run as if it had stopped after `num_new_tokens` (greedy: the same first steps)."""
+        if not 1 <= num_new_tokens <= len(self.token_times_s):
+            raise ValueError(
+                f"a run of {len(self.token_times_s)} timed tokens cannot stand for {num_new_tokens}"
+            )
+        return RunTiming.from_token_times(self.token_times_s[:num_new_tokens], batch_size)
 
 
 class Backend(Protocol):
     name: str
     notes: list[str]
 
-    def run(self, prompts: list[list[int]], num_new_tokens: int) -> RunTiming: ...
+    def run(
+        self, prompts: list[list[int]], num_new_tokens: int, on_token: OnToken = None
+    ) -> RunTiming: ...
 
 
 class KvlmBackend:
     """kvlm itself, with its paged KV cache (`use_cache=True`) or recomputing every step."""
 
-    def __init__(self, model: str, dtype: str, use_cache: bool, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        use_cache: bool,
+        max_num_seqs: int,
+        num_threads: int | None = None,
+        weight_format: str = EngineConfig.weight_format,
+    ) -> None:
         self.name = "kvlm" if use_cache else "kvlm-no-cache"
         self.notes: list[str] = []
         max_num_seqs = max(max_num_seqs, EngineConfig.max_num_seqs)  # the whole batch at once
-        self.llm = LLM(model=model, dtype=dtype, use_cache=use_cache, max_num_seqs=max_num_seqs)
+        self.llm = LLM(
+            model=model,
+            dtype=dtype,
+            use_cache=use_cache,
+            max_num_seqs=max_num_seqs,
+            num_threads=num_threads,
+            weight_format=weight_format,
+        )
         self._num_runs = 0
 
     @property
     def max_model_len(self) -> int:
         return self.llm.engine.max_model_len
 
-    def run(self, prompts: list[list[int]], num_new_tokens: int) -> RunTiming:
+    def run(
+        self, prompts: list[list[int]], num_new_tokens: int, on_token: OnToken = None
+    ) -> RunTiming:
         params = SamplingParams(max_tokens=num_new_tokens, temperature=0.0, ignore_eos=True)
-        inputs = [{"prompt_token_ids": ids} for ids in prompts]
+        engine = self.llm.engine
         # A fresh salt per run: no run reuses the prefix cached by an earlier one.
         self._num_runs += 1
+        salt = f"bench-{self._num_runs}"
         start = time.perf_counter()
-        outputs = self.llm.generate(inputs, params, cache_salt=f"bench-{self._num_runs}")
-        wall = time.perf_counter() - start
-        metrics = [o.metrics for o in outputs]
-        counts = [m.num_generated_tokens for m in metrics]
-        assert counts == [num_new_tokens] * len(prompts), f"asked {num_new_tokens}, got {counts}"
-        first = [m.first_token_time for m in metrics]
-        finish = [m.finish_time for m in metrics]
-        assert None not in first and None not in finish
-        # Decode window: from the last request's first token to the last request's finish.
-        decode_s = max(finish) - max(first)  # type: ignore[type-var]
-        decode_tokens = sum(counts) - len(counts)
-        return RunTiming(
-            wall_s=wall,
-            num_generated_tokens=sum(counts),
-            prefill_s=max(first) - start,  # type: ignore[operator]
-            decode_tok_s=decode_tokens / decode_s if decode_tokens and decode_s > 0 else None,
+        counts = {engine.add_request(None, ids, params, salt): 0 for ids in prompts}
+        times: list[float] = []
+        while engine.has_unfinished():
+            for output in engine.step():
+                counts[output.request_id] += len(output.outputs[0].token_ids)
+            now = time.perf_counter() - start
+            times += [now] * (min(counts.values()) - len(times))
+            if on_token is not None:
+                on_token(len(times))
+        assert list(counts.values()) == [num_new_tokens] * len(prompts), (
+            f"asked {num_new_tokens}, got {list(counts.values())}"
         )
+        return RunTiming.from_token_times(times, len(prompts))
 
 
 class HFBackend:
-    """transformers' `generate` on the same GGUF (dequantized to float32), in this process."""
+    """transformers' `generate` on the same GGUF (dequantized at load), in this process."""
 
-    def __init__(self, model_path: Path, dtype: str) -> None:
+    def __init__(self, model_path: Path, dtype: str, device: str = "cpu") -> None:
         try:
             import torch
             import transformers
@@ -94,8 +138,8 @@ class HFBackend:
         transformers.utils.logging.disable_progress_bar()
         self.name = "hf"
         self.notes = [
-            f"transformers {transformers.__version__}; decode tok/s = (N-1)·batch / "
-            "(wall(N) - wall(1)), a 1-token run standing in for prefill"
+            f"transformers {transformers.__version__}, generate() with a streamer noting when "
+            "each token arrives"
         ]
         self._torch = torch
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
@@ -106,87 +150,106 @@ class HFBackend:
         # The GGUF conversion draws a tqdm bar no transformers setting turns off.
         with contextlib.redirect_stderr(io.StringIO()):
             model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        self.model = model.eval()
+        self.device = device
+        self.model = model.to(device).eval()
         self.pad_token_id = self.model.generation_config.eos_token_id
         if isinstance(self.pad_token_id, list):
             self.pad_token_id = self.pad_token_id[0]
 
-    def _generate(self, input_ids: Any, num_new_tokens: int) -> tuple[float, int]:
+    def run(
+        self, prompts: list[list[int]], num_new_tokens: int, on_token: OnToken = None
+    ) -> RunTiming:
         torch = self._torch
-        start = time.perf_counter()
+        # [batch, prompt_len]; rows are equally long
+        input_ids = torch.tensor(prompts, device=self.device)
+        streamer = _TokenClock(time.perf_counter(), on_token)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=num_new_tokens,
-                min_new_tokens=num_new_tokens,
+                min_new_tokens=num_new_tokens,  # bans EOS until then: a fixed length
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=self.pad_token_id,
+                streamer=streamer,
             )
-        wall = time.perf_counter() - start
         num_generated = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
-        return wall, num_generated
-
-    def run(self, prompts: list[list[int]], num_new_tokens: int) -> RunTiming:
-        input_ids = self._torch.tensor(prompts)  # [batch, prompt_len]; rows are equally long
-        wall, num_generated = self._generate(input_ids, num_new_tokens)
         expected = num_new_tokens * len(prompts)
         assert num_generated == expected, f"asked {expected} tokens, got {num_generated}"
-        prefill, _ = self._generate(input_ids, 1)
-        decode_s = wall - prefill
-        decode_tokens = (num_new_tokens - 1) * len(prompts)
-        return RunTiming(
-            wall_s=wall,
-            num_generated_tokens=num_generated,
-            prefill_s=prefill,
-            decode_tok_s=decode_tokens / decode_s if decode_tokens and decode_s > 0 else None,
-        )
+        return RunTiming.from_token_times(streamer.token_times(), len(prompts))
+
+
+class _TokenClock:
+    """A transformers streamer that notes when each generated position arrives.
+
+    `generate` puts the prompt first (ignored), then each step's tokens for the whole batch."""
+
+    def __init__(self, start: float, on_token: OnToken) -> None:
+        self._start = start
+        self._on_token = on_token
+        self._prompt_seen = False
+        self._times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:
+            self._times.append(time.perf_counter() - self._start)
+            if self._on_token is not None:
+                self._on_token(len(self._times))
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def token_times(self) -> list[float]:
+        return self._times
 
 
 class LlamaCppBackend:
-    """llama.cpp through llama-cpp-python on the same GGUF, 2 threads, rows one at a time."""
+    """llama.cpp through llama-cpp-python on the same GGUF, rows one after another.
 
-    def __init__(self, model_path: Path, num_ctx: int, num_threads: int = 2) -> None:
+    End-of-sequence is banned by a logit bias of -inf (what `logit_bias` does in llama-cpp-python's
+    own completion API), so every run generates exactly the tokens asked for."""
+
+    def __init__(self, model_path: Path, num_ctx: int, num_threads: int) -> None:
         try:
             import llama_cpp
+            import numpy as np
         except ImportError as e:
             raise BackendUnavailable(
-                f"llama_cpp module not importable ({e}); pip install llama-cpp-python"
+                f"llama_cpp module not importable ({e}); pip install 'kvlm[bench]' "
+                "(llama-cpp-python)"
             ) from e
         if model_path.is_dir():
             raise BackendUnavailable(f"llama.cpp needs a .gguf file, not the folder {model_path}")
         self.name = "llama.cpp"
         self.notes = [
             f"llama-cpp-python {llama_cpp.__version__}, n_threads={num_threads}, on the GGUF's "
-            "quantized weights as stored (kvlm and hf dequantize them); batch rows run one "
-            "after another"
+            "quantized weights as stored; batch rows run one after another"
         ]
         self.llm = llama_cpp.Llama(
             model_path=str(model_path), n_threads=num_threads, n_ctx=num_ctx, verbose=False
         )
+        eos = self.llm.token_eos()
 
-    def run(self, prompts: list[list[int]], num_new_tokens: int) -> RunTiming:
-        walls, prefills, decode_rates = [], [], []
-        for ids in prompts:
-            start = time.perf_counter()
-            first = None
+        def ban_eos(input_ids: Any, scores: Any) -> Any:  # scores: [vocab_size] float32
+            scores[eos] = -np.inf
+            return scores
+
+        self._processors = llama_cpp.LogitsProcessorList([ban_eos])
+
+    def run(
+        self, prompts: list[list[int]], num_new_tokens: int, on_token: OnToken = None
+    ) -> RunTiming:
+        total = [0.0] * num_new_tokens  # row times add up: rows run one after another
+        for row, ids in enumerate(prompts):
             self.llm.reset()  # forget the last prompt, or `generate` would reuse its prefix
-            # `generate` yields tokens until told to stop; it never stops at EOS by itself.
-            tokens = self.llm.generate(ids, temp=0.0, top_k=1)
-            for count, _ in enumerate(tokens, start=1):
-                first = first or time.perf_counter()
-                if count == num_new_tokens:
+            start = time.perf_counter()
+            tokens = self.llm.generate(ids, temp=0.0, top_k=1, logits_processor=self._processors)
+            for i, _ in enumerate(tokens):
+                total[i] += time.perf_counter() - start
+                if on_token is not None and row == len(prompts) - 1:
+                    on_token(i + 1)
+                if i + 1 == num_new_tokens:
                     break
-            end = time.perf_counter()
-            assert first is not None
-            walls.append(end - start)
-            prefills.append(first - start)
-            if num_new_tokens > 1 and end > first:
-                decode_rates.append((num_new_tokens - 1) / (end - first))
-        return RunTiming(
-            wall_s=sum(walls),
-            num_generated_tokens=num_new_tokens * len(prompts),
-            prefill_s=statistics.mean(prefills),
-            decode_tok_s=statistics.mean(decode_rates) if decode_rates else None,
-        )
+        return RunTiming.from_token_times(total, len(prompts))

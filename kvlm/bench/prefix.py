@@ -1,22 +1,29 @@
-"""The serving benchmark: what continuous batching and prefix caching buy, measured in-process.
+"""The cache's reuse and waste, measured in-process on one engine (the loop `kvlm serve` drives).
 
-Three workloads on one engine (the same loop `kvlm serve` drives):
-1. concurrency: N streams arrive together, each generates `new_tokens` (EOS ignored, greedy);
-   aggregate generated tok/s for each N;
-2. prefix: TTFT of a request whose long shared prefix is cached vs the same request cold;
-3. shared-prefix traffic: requests sharing that prefix with different questions: prefix-cache
-   hit rate (prompt tokens reused / prompt tokens looked up).
+Three workloads:
+1. prefix: for each prefix length, TTFT of a request whose long shared prefix is cached vs the
+   same request cold;
+2. shared-prefix traffic: requests sharing the longest prefix with different questions:
+   prefix-cache hit rate (prompt tokens reused / prompt tokens looked up);
+3. concurrency: N short streams arrive together, each generates `new_tokens` (EOS ignored,
+   greedy); aggregate generated tok/s for each N, without HTTP (`kvlm bench serve` adds it).
 KV waste (slots allocated in held blocks but not yet written) is sampled after every step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pydoc_data.topics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from tqdm import tqdm
+
+from kvlm.bench.decode import BenchConfigError, check_threads
 from kvlm.bench.machine import MachineInfo, machine_info
+from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import RequestOutput
@@ -35,14 +42,30 @@ QUESTIONS = [
 
 
 @dataclass(frozen=True)
-class ServeBenchConfig:
+class PrefixBenchConfig:
     model: str = "smollm2"
     dtype: str = "float32"
     streams: tuple[int, ...] = (1, 4, 16)
     new_tokens: int = 64
-    prefix_tokens: int = 1000
+    prefix_tokens: tuple[int, ...] = (256, 512, 1000)
     shared_requests: int = 8
     block_size: int = 16
+    threads: int | None = None
+    weight_format: str = EngineConfig.weight_format
+
+    def __post_init__(self) -> None:
+        if not self.streams or min(self.streams) < 1 or self.new_tokens < 1:
+            raise BenchConfigError(
+                f"streams need values >= 1 and new_tokens >= 1, got {self.streams} and "
+                f"{self.new_tokens}"
+            )
+        if not self.prefix_tokens or min(self.prefix_tokens) < 16:
+            raise BenchConfigError(f"prefix_tokens must be >= 16 each, got {self.prefix_tokens}")
+        if self.shared_requests < 2:
+            raise BenchConfigError(f"shared_requests must be >= 2, got {self.shared_requests}")
+        check_threads(self.threads)
+        # The engine's own checks (block size, weight format), before any model loads.
+        EngineConfig(block_size=self.block_size, weight_format=self.weight_format)
 
 
 @dataclass
@@ -81,14 +104,25 @@ class StreamsResult:
 
 
 @dataclass
-class ServeBenchResult:
-    config: ServeBenchConfig
+class PrefixTTFT:
+    """One prefix length: TTFT of the same request cold and with its prefix cached."""
+
+    prefix_len: int
+    ttft_cold_s: float
+    ttft_cached_s: float
+    cached_tokens: int
+
+    @property
+    def speedup(self) -> float:
+        return self.ttft_cold_s / self.ttft_cached_s
+
+
+@dataclass
+class PrefixBenchResult:
+    config: PrefixBenchConfig
     machine: MachineInfo
     streams: list[StreamsResult] = field(default_factory=list)
-    prefix_len: int = 0
-    ttft_cold_s: float = 0.0
-    ttft_cached_s: float = 0.0
-    cached_tokens: int = 0
+    prefixes: list[PrefixTTFT] = field(default_factory=list)
     hit_rate: float = 0.0
     waste_streams: float = 0.0
     waste_shared: float = 0.0
@@ -129,88 +163,121 @@ def bench_streams(llm: LLM, num_streams: int, new_tokens: int, waste: WasteMeter
     return StreamsResult(num_streams, wall, generated, sum(ttfts) / len(ttfts))
 
 
-def bench_prefix(llm: LLM, config: ServeBenchConfig, result: ServeBenchResult) -> None:
+def bench_ttft(llm: LLM, prefix: list[int]) -> PrefixTTFT:
+    """TTFT of `prefix` + a question, cold (an empty prefix cache) and then cached."""
     engine = llm.engine
-    prefix = long_prefix(llm, config.prefix_tokens)
-    result.prefix_len = len(prefix)
     one_token = SamplingParams(max_tokens=1, temperature=0)
     question = llm.tokenizer.encode("\n\n" + QUESTIONS[0], add_special_tokens=False)
     engine.kv_cache.reset_prefix_cache()
-    for attempt in ("cold", "cached"):
+    ttfts, cached = [], 0
+    for _ in ("cold", "cached"):
         engine.add_request(None, prefix + question, one_token)
         (output,) = _run(engine, WasteMeter()).values()
-        if attempt == "cold":
-            result.ttft_cold_s = output.metrics.ttft_s
-        else:
-            result.ttft_cached_s = output.metrics.ttft_s
-            result.cached_tokens = output.metrics.num_cached_tokens
+        ttfts.append(output.metrics.ttft_s)
+        cached = output.metrics.num_cached_tokens
+    return PrefixTTFT(len(prefix), ttfts[0], ttfts[1], cached)
 
+
+def bench_shared(llm: LLM, prefix: list[int], num_requests: int) -> tuple[float, float]:
+    """Requests sharing `prefix`, one after another as a chat product's arrive: returns the
+    prefix-cache hit rate and the KV waste over them."""
+    engine = llm.engine
     engine.kv_cache.reset_prefix_cache()
     stats = engine.scheduler.stats
     queries, hits = stats.num_prefix_queries, stats.num_prefix_hits
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     waste = WasteMeter()
-    for i in range(config.shared_requests):
+    for i in range(num_requests):
         text = "\n\n" + QUESTIONS[i % len(QUESTIONS)]
         engine.add_request(
             None, prefix + llm.tokenizer.encode(text, add_special_tokens=False), params
         )
-        _run(engine, waste)  # one after another, as requests of a chat product arrive
-    result.hit_rate = (stats.num_prefix_hits - hits) / (stats.num_prefix_queries - queries)
-    result.waste_shared = waste.fraction
+        _run(engine, waste)
+    hit_rate = (stats.num_prefix_hits - hits) / (stats.num_prefix_queries - queries)
+    return hit_rate, waste.fraction
 
 
-def run_serve_bench(
-    config: ServeBenchConfig, progress: Callable[[str], None] = lambda line: None
-) -> ServeBenchResult:
+def run_prefix_bench(
+    config: PrefixBenchConfig, progress: Callable[[str], None] = lambda line: None
+) -> PrefixBenchResult:
     progress(f"loading {config.model} ({config.dtype}, blocks of {config.block_size})")
-    max_seqs = max(config.streams)
-    llm = LLM(config.model, dtype=config.dtype, max_num_seqs=max_seqs, block_size=config.block_size)
-    result = ServeBenchResult(config=config, machine=machine_info())
+    llm = LLM(
+        model=config.model,
+        dtype=config.dtype,
+        max_num_seqs=max(config.streams),
+        block_size=config.block_size,
+        num_threads=config.threads,
+        weight_format=config.weight_format,
+    )
+    result = PrefixBenchResult(config=config, machine=machine_info())
     bench_streams(llm, 1, 8, WasteMeter())  # warm-up
     waste = WasteMeter()
-    for n in config.streams:
+    for n in tqdm(config.streams, desc="concurrent streams", unit="run"):
         r = bench_streams(llm, n, config.new_tokens, waste)
         progress(f"{n} streams: {r.tok_s:.1f} tok/s aggregate, mean TTFT {r.mean_ttft_s:.3f} s")
         result.streams.append(r)
     result.waste_streams = waste.fraction
-    bench_prefix(llm, config, result)
-    progress(
-        f"prefix {result.prefix_len} tok: TTFT cold {result.ttft_cold_s:.3f} s, cached "
-        f"{result.ttft_cached_s:.3f} s; hit rate {result.hit_rate:.1%}"
-    )
+    for num_tokens in tqdm(config.prefix_tokens, desc="prefix lengths", unit="prefix"):
+        r = bench_ttft(llm, long_prefix(llm, num_tokens))
+        result.prefixes.append(r)
+        progress(
+            f"prefix {r.prefix_len} tok: TTFT cold {r.ttft_cold_s:.3f} s, cached "
+            f"{r.ttft_cached_s:.3f} s ({r.cached_tokens} tokens reused)"
+        )
+    longest = long_prefix(llm, max(config.prefix_tokens))
+    result.hit_rate, result.waste_shared = bench_shared(llm, longest, config.shared_requests)
+    progress(f"{config.shared_requests} requests sharing a prefix: hit rate {result.hit_rate:.1%}")
     llm.engine.kv_cache.check_integrity()
     return result
 
 
-def markdown(result: ServeBenchResult) -> str:
+def markdown(result: PrefixBenchResult) -> str:
     base = result.streams[0].tok_s if result.streams else 0.0
     lines = [
-        "| concurrent streams | aggregate tok/s | vs 1 stream | mean TTFT s |",
+        "| concurrent streams (in-process) | aggregate tok/s | vs 1 stream | mean TTFT s |",
         "|---:|---:|---:|---:|",
     ]
     for r in result.streams:
         lines.append(
             f"| {r.num_streams} | {r.tok_s:.1f} | {r.tok_s / base:.2f}x | {r.mean_ttft_s:.3f} |"
         )
-    speedup = result.ttft_cold_s / result.ttft_cached_s if result.ttft_cached_s else 0.0
+    lines += [
+        "",
+        "| prefix tokens | TTFT cold s | TTFT cached s | tokens reused | speedup |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in result.prefixes:
+        lines.append(
+            f"| {p.prefix_len} | {p.ttft_cold_s:.3f} | {p.ttft_cached_s:.3f} | "
+            f"{p.cached_tokens} | {p.speedup:.1f}x |"
+        )
+    c = result.config
     lines += [
         "",
         "| measure | value |",
         "|---|---:|",
-        f"| TTFT, {result.prefix_len}-token prefix cold | {result.ttft_cold_s:.3f} s |",
-        f"| TTFT, same prefix cached ({result.cached_tokens} tokens reused) | "
-        f"{result.ttft_cached_s:.3f} s |",
-        f"| TTFT speedup from the prefix cache | {speedup:.1f}x |",
-        f"| prefix-cache hit rate, {result.config.shared_requests} requests sharing the prefix | "
-        f"{result.hit_rate:.1%} |",
+        f"| prefix-cache hit rate, {c.shared_requests} requests sharing "
+        f"{max(c.prefix_tokens)} tokens | {result.hit_rate:.1%} |",
         f"| KV waste (allocated, unwritten slots), concurrency runs | {result.waste_streams:.2%} |",
         f"| KV waste, shared-prefix requests | {result.waste_shared:.2%} |",
     ]
     m = result.machine
     lines.append(
-        f"\nBlocks of {result.config.block_size} tokens. "
+        f"\nBlocks of {c.block_size} tokens. "
         f"Machine: {m.cpu_model}, {m.cpu_count} CPUs, torch {m.torch_version}, "
         f"{m.torch_num_threads} threads, load average {m.load_average}, {m.date}."
     )
     return "\n".join(lines)
+
+
+def to_json(result: PrefixBenchResult) -> dict[str, Any]:
+    return {
+        "benchmark": "prefix",
+        "config": dataclasses.asdict(result.config),
+        "machine": dataclasses.asdict(result.machine),
+        "streams": [{**dataclasses.asdict(s), "tok_s": s.tok_s} for s in result.streams],
+        "prefixes": [{**dataclasses.asdict(p), "speedup": p.speedup} for p in result.prefixes],
+        "hit_rate": result.hit_rate,
+        "waste_streams": result.waste_streams,
+        "waste_shared": result.waste_shared,
+    }

@@ -1,11 +1,12 @@
-"""A decode benchmark's result as a markdown table, and as JSON with every raw number."""
+"""A decode benchmark's result as markdown tables, and as JSON with every raw number."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from kvlm.bench.decode import DecodeBenchResult, Measurement
+from kvlm.bench.decode import KVLM, DecodeBenchResult, Measurement
+from kvlm.bench.machine import machine_line
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -19,12 +20,56 @@ def _measurement_row(m: Measurement) -> str:
     )
 
 
+def side_by_side(result: DecodeBenchResult) -> list[str]:
+    """One row per length: each engine's tok/s, then kvlm's ratio to each baseline."""
+    engines = result.engines()
+    baselines = [e for e in engines if e != KVLM]
+    lines = [
+        "| new tokens | "
+        + " | ".join(f"{e} tok/s" for e in engines)
+        + "".join(f" | kvlm vs {b}" for b in baselines)
+        + " |",
+        "|---:|" + "---:|" * (len(engines) + len(baselines)),
+    ]
+    ratios = {(s.baseline, s.num_new_tokens): s.tok_s for s in result.speedups()}
+    for n in result.config.new_tokens:
+        cells = [_num(m.tok_s if (m := result.find(e, n)) else None) for e in engines]
+        cells += ["–" if (b, n) not in ratios else f"{ratios[b, n]:.2f}×" for b in baselines]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def per_token(result: DecodeBenchResult) -> list[str]:
+    """Milliseconds per generated token near each length: flat with a cache, rising without."""
+    traces = result.traces
+    lines = [
+        "| new tokens | " + " | ".join(f"{t.engine} ms/token" for t in traces) + " |",
+        "|---:|" + "---:|" * len(traces),
+    ]
+    for n in result.config.new_tokens:
+        cells = [_num(t.step_ms_near(n)) if n <= len(t.step_s) else "–" for t in traces]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: DecodeBenchResult) -> str:
     c, mi = result.config, result.machine
     lines = [
-        f"## Decode benchmark: {c.model} ({c.dtype}), prompt {c.prompt_tokens} tokens, "
-        f"batch {c.batch_size}, greedy, EOS ignored, median of {c.repeats} run(s)",
+        f"## Decode benchmark: {c.model} ({c.dtype}, {c.weight_format} weights), prompt "
+        f"{c.prompt_tokens} tokens, batch {c.batch_size}, greedy, EOS ignored, median of "
+        f"{c.repeats} run(s)",
         "",
+        *side_by_side(result),
+        "",
+    ]
+    if result.traces:
+        lines += [
+            "Time per token at the end of each length (median of the last 16 steps):",
+            "",
+            *per_token(result),
+            "",
+        ]
+    lines += [
         "| engine | new tokens | batch | wall s | tok/s (total) | decode tok/s | prefill s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -42,8 +87,7 @@ def markdown(result: DecodeBenchResult) -> str:
             f"{_num(s.decode_tok_s, 2)}{'×' if s.decode_tok_s is not None else ''} |"
             for s in speedups
         ]
-    lines += ["", f"Machine: {mi.cpu_count} CPUs ({mi.cpu_model}), torch {mi.torch_version} "
-              f"with {mi.torch_num_threads} threads, {mi.date}."]  # fmt: skip
+    lines += ["", machine_line(mi)]
     if mi.load_average is not None:
         end = result.load_average_end
         lines.append(
@@ -66,7 +110,10 @@ def _measurement_json(m: Measurement) -> dict[str, Any]:
         "tok_s": m.tok_s,
         "decode_tok_s": m.decode_tok_s,
         "prefill_s": m.prefill_s,
-        "runs": [dataclasses.asdict(r) for r in m.runs],
+        # Each run's per-token times live once, in "traces", not in every length's copy.
+        "runs": [
+            {k: v for k, v in dataclasses.asdict(r).items() if k != "token_times_s"} for r in m.runs
+        ],
     }
 
 
@@ -79,6 +126,7 @@ def to_json(result: DecodeBenchResult) -> dict[str, Any]:
         "prompt_token_ids": result.prompt_token_ids,
         "results": [_measurement_json(m) for m in result.measurements],
         "speedups": [dataclasses.asdict(s) for s in result.speedups()],
+        "traces": [dataclasses.asdict(t) for t in result.traces],
         "skipped": [dataclasses.asdict(s) for s in result.skipped],
         "notes": result.notes,
         "load_average_end": result.load_average_end,

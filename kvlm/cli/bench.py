@@ -1,20 +1,26 @@
-"""`kvlm bench decode`: time decoding with the KV cache against baselines, print a table."""
+"""`kvlm bench`: decode, serve, prefix and memory benchmarks, and `all` of them with plots.
+
+Each prints markdown tables to stdout, progress to stderr, and with --json writes every raw
+number beside the settings and the machine (CPU model and flags, threads).
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvlm.bench import memory, prefix, report, serve
 from kvlm.bench.decode import BASELINES, BenchConfigError, DecodeBenchConfig, run_decode_bench
-from kvlm.bench.report import markdown, to_json
-from kvlm.bench.serve import ServeBenchConfig, run_serve_bench
-from kvlm.bench.serve import markdown as serve_markdown
+from kvlm.bench.memory import MemoryBenchConfig
+from kvlm.bench.prefix import PrefixBenchConfig
+from kvlm.bench.serve import SERVE_BASELINES, ServeBenchConfig
 from kvlm.cli.common import CLIError
-from kvlm.engine.config import DTYPES, EngineConfig
+from kvlm.engine.config import DTYPES, WEIGHT_FORMATS, EngineConfig
 from kvlm.loading import DEFAULT_MODEL
 
 
@@ -29,20 +35,49 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _common(parser: argparse.ArgumentParser, json_file: bool = True) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every engine (default: one per core); recorded in the JSON",
+    )
+    if json_file:
+        parser.add_argument("--json", type=Path, default=None, metavar="F", help="write JSON to F")
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument(
+        "--weight-format",
+        default=EngineConfig.weight_format,
+        choices=list(WEIGHT_FORMATS),
+        help=f"how kvlm holds linear weights (default {EngineConfig.weight_format})",
+    )
+
+
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    parser = subparsers.add_parser("bench", help="benchmarks", description=__doc__)
     benches = parser.add_subparsers(title="benchmarks", dest="bench", required=True)
+
     decode = benches.add_parser(
         "decode",
-        help="decode tok/s with the KV cache vs baselines",
+        help="decode tok/s with the KV cache vs baselines, time per token vs position",
         description="For each length N, generate exactly N greedy tokens (EOS ignored) from a "
-        "fixed prompt with kvlm and with each baseline: no-cache (kvlm recomputing every step), "
-        "hf (transformers on the same GGUF), llama.cpp (llama-cpp-python, if installed). "
-        "Prints a markdown table; --json writes every raw number and the machine.",
+        "fixed prompt with kvlm and with each baseline: no-cache (kvlm recomputing every step, "
+        "up to --no-cache-max-tokens), hf (transformers on the same GGUF), llama.cpp "
+        "(llama-cpp-python on the same file, if installed). One run of the longest length "
+        "gives every shorter one and the time of each token.",
     )
-    decode.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
+    _common(decode)
+    _engine_options(decode)
     decode.add_argument(
-        "--new-tokens", type=_int_list, default=(32, 128, 512), help="lengths, e.g. 32,128,512"
+        "--new-tokens", type=_int_list, default=(32, 128, 512, 1024), help="e.g. 32,128,512,1024"
     )
     decode.add_argument(
         "--baselines",
@@ -50,33 +85,118 @@ def add_parser(subparsers: Any) -> None:
         default=("no-cache", "hf"),
         help=f"comma-separated, from {','.join(BASELINES)}; '' for none (default no-cache,hf)",
     )
+    decode.add_argument(
+        "--no-cache-max-tokens",
+        type=int,
+        default=512,
+        help="longest length the no-cache baseline runs (its cost grows with the square)",
+    )
     decode.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
-    decode.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    decode.add_argument("--repeats", type=int, default=1, help="timed runs per length (median)")
-    decode.add_argument("--json", type=Path, default=None, metavar="F", help="write JSON to F")
+    decode.add_argument("--repeats", type=int, default=1, help="timed runs (median)")
     decode.set_defaults(run=run_decode)
 
-    serve = benches.add_parser(
+    srv = benches.add_parser(
         "serve",
-        help="continuous batching and prefix caching: tok/s by concurrency, TTFT with a hit",
-        description="In-process serving workloads on one engine: aggregate generated tok/s with "
-        "N concurrent streams, TTFT of a long-prefix request cold vs cached, prefix-cache hit "
-        "rate over requests sharing that prefix, and KV waste (allocated, unwritten slots).",
+        help="over HTTP: tok/s vs concurrency, TTFT and inter-token latency percentiles",
+        description="Start `kvlm serve` (and each baseline server) on the same GGUF and "
+        "threads, and send N streamed completions at once with one client for each N; reports "
+        "aggregate tok/s and TTFT and inter-token p50/p90/p99 per server.",
     )
-    serve.add_argument("--model", default=DEFAULT_MODEL, help="alias, .gguf file or HF folder")
-    serve.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    serve.add_argument("--streams", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
-    serve.add_argument("--new-tokens", type=int, default=64, help="tokens per stream")
-    serve.add_argument("--prefix-tokens", type=int, default=1000, help="shared prefix length")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    serve.add_argument("--json", type=Path, default=None, metavar="F", help="write JSON to F")
-    serve.set_defaults(run=run_serve)
+    _common(srv)
+    _engine_options(srv)
+    srv.add_argument("--streams", type=_int_list, default=(1, 4, 16, 64), help="e.g. 1,4,16,64")
+    srv.add_argument("--new-tokens", type=int, default=64, help="tokens per stream")
+    srv.add_argument(
+        "--baselines",
+        type=_name_list,
+        default=(),
+        help=f"comma-separated, from {','.join(SERVE_BASELINES)} (default none)",
+    )
+    srv.add_argument(
+        "--llama-server", type=Path, default=None, help="the llama-server binary to run"
+    )
+    srv.set_defaults(run=run_serve)
+
+    pre = benches.add_parser(
+        "prefix",
+        help="TTFT with and without a cached shared prefix, hit rate, KV waste (in-process)",
+        description="On one in-process engine: TTFT of a long-prefix request cold vs cached "
+        "for each prefix length, the prefix-cache hit rate over requests sharing the longest, "
+        "aggregate tok/s of N concurrent streams, and KV waste (allocated, unwritten slots).",
+    )
+    _common(pre)
+    _engine_options(pre)
+    pre.add_argument("--prefix-tokens", type=_int_list, default=(256, 512, 1000), help="lengths")
+    pre.add_argument("--streams", type=_int_list, default=(1, 4, 16), help="e.g. 1,4,16")
+    pre.add_argument("--new-tokens", type=int, default=64, help="tokens per stream")
+    pre.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    pre.set_defaults(run=run_prefix)
+
+    mem = benches.add_parser(
+        "memory",
+        help="KV bytes vs tokens: plain, GQA vs multi-head, window, sinks, int8, int4",
+        description="KV bytes of one sequence against its length for each technique, from the "
+        "calculator (kvlm memory), with points measured by the engine (kv_peak_bytes).",
+    )
+    _common(mem)
+    mem.add_argument("--max-tokens", type=int, default=8192, help="the curve's last length")
+    mem.add_argument(
+        "--measured-tokens", type=_int_list, default=(256, 1024, 2048), help="'' for none"
+    )
+    mem.add_argument("--window", type=int, default=512, help="sliding window in tokens")
+    mem.add_argument("--sinks", type=int, default=4, help="attention sinks beside the window")
+    mem.set_defaults(run=run_memory)
+
+    every = benches.add_parser(
+        "all",
+        help="every benchmark, JSON, tables and PNG plots into --out",
+        description="Run decode (with no-cache, hf and llama.cpp), serve (with llama-server), "
+        "prefix and memory at sizes that finish in under 20 minutes on an idle 2-core "
+        "machine, then write DIR/<name>.json, DIR/<name>.md, the PNG figures and "
+        "DIR/suite.json. Missing baselines are skipped with a line saying so.",
+    )
+    _common(every, json_file=False)
+    _engine_options(every)
+    every.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    every.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes: checks the setup and baselines in about a minute (numbers meaningless)",
+    )
+    every.set_defaults(run=run_all)
+
+
+def _write(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        _progress(f"wrote {path}")
+
+
+def _check_json_path(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise CLIError(f"cannot write --json {path}: {path.parent} is not a folder")
+
+
+def _run(args: argparse.Namespace, make: Callable[[], Any], run: Callable, module: Any) -> int:
+    """Build the config (bad values become CLIError), run, print the tables, write JSON."""
+    try:
+        config = make()
+    except BenchConfigError as e:
+        raise CLIError(str(e)) from e
+    _check_json_path(args.json)
+    try:
+        result = run(config, _progress)
+    except BenchConfigError as e:
+        raise CLIError(str(e)) from e
+    print(module.markdown(result))
+    _write(args.json, module.to_json(result))
+    return 0
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    try:
-        config = DecodeBenchConfig(
+    def make() -> DecodeBenchConfig:
+        return DecodeBenchConfig(
             model=args.model,
             new_tokens=args.new_tokens,
             baselines=args.baselines,
@@ -84,34 +204,79 @@ def run_decode(args: argparse.Namespace) -> int:
             prompt_tokens=args.prompt_tokens,
             dtype=args.dtype,
             repeats=args.repeats,
+            threads=args.threads,
+            no_cache_max_tokens=args.no_cache_max_tokens,
+            weight_format=args.weight_format,
         )
-        if args.json is not None and not args.json.parent.is_dir():
-            raise CLIError(f"cannot write --json {args.json}: {args.json.parent} is not a folder")
-        result = run_decode_bench(config, progress=lambda line: print(line, file=sys.stderr))
-    except BenchConfigError as e:
-        raise CLIError(str(e)) from e
-    print(markdown(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(to_json(result), indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+
+    return _run(args, make, run_decode_bench, report)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if not args.streams or min(args.streams) < 1 or args.new_tokens < 1 or args.prefix_tokens < 16:
-        raise CLIError("--streams need values >= 1, --new-tokens >= 1 and --prefix-tokens >= 16")
-    config = ServeBenchConfig(
-        model=args.model,
-        dtype=args.dtype,
-        streams=args.streams,
-        new_tokens=args.new_tokens,
-        prefix_tokens=args.prefix_tokens,
-        block_size=args.block_size,
+    def make() -> ServeBenchConfig:
+        return ServeBenchConfig(
+            model=args.model,
+            dtype=args.dtype,
+            weight_format=args.weight_format,
+            streams=args.streams,
+            new_tokens=args.new_tokens,
+            baselines=args.baselines,
+            threads=args.threads,
+            llama_server=args.llama_server,
+        )
+
+    return _run(args, make, serve.run_serve_bench, serve)
+
+
+def run_prefix(args: argparse.Namespace) -> int:
+    def make() -> PrefixBenchConfig:
+        return PrefixBenchConfig(
+            model=args.model,
+            dtype=args.dtype,
+            weight_format=args.weight_format,
+            streams=args.streams,
+            new_tokens=args.new_tokens,
+            prefix_tokens=args.prefix_tokens,
+            block_size=args.block_size,
+            threads=args.threads,
+        )
+
+    return _run(args, make, prefix.run_prefix_bench, prefix)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    def make() -> MemoryBenchConfig:
+        return MemoryBenchConfig(
+            model=args.model,
+            max_tokens=args.max_tokens,
+            measured_tokens=args.measured_tokens,
+            window=args.window,
+            sinks=args.sinks,
+            threads=args.threads,
+        )
+
+    return _run(args, make, memory.run_memory_bench, memory)
+
+
+def run_all(args: argparse.Namespace) -> int:
+    from kvlm.bench.suite import default_suite, estimate_s, run_suite  # loads matplotlib
+
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a file, not a folder")
+    try:
+        suite = default_suite(args.model, args.threads, args.weight_format, args.dtype, args.smoke)
+    except BenchConfigError as e:
+        raise CLIError(str(e)) from e
+    estimate = estimate_s(suite)
+    parts = ", ".join(f"{name} {s / 60:.1f}" for name, s in estimate.items())
+    _progress(
+        f"estimated {sum(estimate.values()) / 60:.0f} min on an idle 2-core machine "
+        f"({parts} min); longer when other work shares the CPUs"
     )
-    EngineConfig(block_size=args.block_size)  # refuses a bad block size before loading
-    result = run_serve_bench(config, progress=lambda line: print(line, file=sys.stderr))
-    print(serve_markdown(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    start = time.perf_counter()
+    summary = run_suite(suite, args.out, _progress)
+    for name in summary["elapsed_s"]:
+        print((args.out / f"{name}.md").read_text())
+    _progress(f"done in {(time.perf_counter() - start) / 60:.1f} min; files in {args.out}:")
+    _progress("  " + " ".join(summary["files"]))
     return 0

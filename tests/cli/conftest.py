@@ -34,6 +34,8 @@ def cached_llm(**kwargs: Any) -> LLM:
 def _reuse_loaded_models(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("kvlm.cli.common.LLM", cached_llm)
     monkeypatch.setattr("kvlm.bench.backends.LLM", cached_llm)
+    monkeypatch.setattr("kvlm.bench.prefix.LLM", cached_llm)
+    monkeypatch.setattr("kvlm.bench.memory.LLM", cached_llm)
 
 
 @pytest.fixture

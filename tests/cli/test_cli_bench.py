@@ -25,26 +25,36 @@ from kvlm.cli.main import main
 
 def test_bench_decode_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
-    argv = ["bench", "decode", "--new-tokens", "4", "--baselines", "no-cache", "--json", str(path)]
-    assert main(argv) == 0
+    argv = ["bench", "decode", "--new-tokens", "3,6", "--baselines", "no-cache", "--threads", "1"]
+    assert main([*argv, "--no-cache-max-tokens", "3", "--json", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert "| kvlm | 4 | 1 |" in out and "| kvlm-no-cache | 4 | 1 |" in out
-    assert "| 4 | kvlm-no-cache |" in out  # the speedup row
-    assert "kvlm N=4 run 1/1" in err  # progress goes to stderr
+    assert "| kvlm | 3 | 1 |" in out and "| kvlm-no-cache | 3 | 1 |" in out
+    assert "| 3 | kvlm-no-cache |" in out  # the speedup row
+    assert "| new tokens | kvlm tok/s | kvlm-no-cache tok/s | kvlm vs kvlm-no-cache |" in out
+    assert "kvlm: 100%" in err  # the progress bar goes to stderr
     data = json.loads(path.read_text())
-    assert set(data) >= {"config", "machine", "results", "speedups", "skipped", "notes"}
-    assert data["config"]["new_tokens"] == [4] and data["config"]["baselines"] == ["no-cache"]
-    assert set(data["machine"]) >= {"cpu_count", "torch_version", "torch_num_threads", "date"}
+    assert set(data) >= {"config", "machine", "results", "speedups", "skipped", "notes", "traces"}
+    assert data["config"]["new_tokens"] == [3, 6] and data["config"]["baselines"] == ["no-cache"]
+    assert data["config"]["threads"] == 1 and data["machine"]["torch_num_threads"] == 1
+    assert set(data["machine"]) >= {"cpu_count", "cpu_model", "cpu_flags", "torch_version", "date"}
+    # One run of 6 tokens gives both lengths; no-cache stops at its cap of 3.
     assert [(r["engine"], r["new_tokens"]) for r in data["results"]] == [
-        ("kvlm", 4),
-        ("kvlm-no-cache", 4),
+        ("kvlm", 3),
+        ("kvlm", 6),
+        ("kvlm-no-cache", 3),
     ]
     for result in data["results"]:
         assert set(result) >= {"wall_s", "tok_s", "decode_tok_s", "prefill_s", "runs"}
-        assert result["runs"][0]["num_generated_tokens"] == 4
-        assert result["tok_s"] == pytest.approx(4 / result["wall_s"])
+        assert result["runs"][0]["num_generated_tokens"] == result["new_tokens"]
+        assert result["tok_s"] == pytest.approx(result["new_tokens"] / result["wall_s"])
     (speedup,) = data["speedups"]
-    assert speedup["baseline"] == "kvlm-no-cache" and speedup["num_new_tokens"] == 4
+    assert speedup["baseline"] == "kvlm-no-cache" and speedup["num_new_tokens"] == 3
+    assert [(t["engine"], len(t["step_s"])) for t in data["traces"]] == [
+        ("kvlm", 6),
+        ("kvlm-no-cache", 3),
+    ]
+    (skipped,) = data["skipped"]
+    assert skipped["engine"] == "kvlm-no-cache" and "not run at 6 new tokens" in skipped["reason"]
     assert data["prompt_token_ids"] and len(data["prompt_token_ids"][0]) == 16
 
 
@@ -64,6 +74,9 @@ def test_prompt_ids_are_distinct_rows_of_exact_length(smollm2_llm: LLM) -> None:
         ({"baselines": ("no-cache", "tgi")}, "unknown baseline(s) tgi"),
         ({"repeats": 0}, "repeats must be >= 1"),
         ({"prompt_tokens": 0}, "prompt_tokens must be >= 1"),
+        ({"threads": 0}, "threads must be >= 1"),
+        ({"no_cache_max_tokens": 0}, "no_cache_max_tokens must be >= 1"),
+        ({"weight_format": "q2"}, "weight_format must be one of"),
     ],
 )
 def test_config_checks_itself(kwargs: dict, message: str) -> None:
@@ -108,7 +121,7 @@ def test_missing_optional_libraries_are_reported(monkeypatch: pytest.MonkeyPatch
         HFBackend(Path("model.gguf"), "float32")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(BackendUnavailable, match="llama_cpp module not importable"):
-        LlamaCppBackend(Path("model.gguf"), num_ctx=64)
+        LlamaCppBackend(Path("model.gguf"), num_ctx=64, num_threads=1)
 
 
 def test_kvlm_import_does_not_import_transformers() -> None:

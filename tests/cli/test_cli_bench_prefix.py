@@ -1,4 +1,4 @@
-"""`kvlm bench serve`: concurrency, prefix-cache TTFT, hit rate and KV waste, end to end."""
+"""`kvlm bench prefix`: prefix-cache TTFT by length, hit rate, concurrency and KV waste."""
 
 from __future__ import annotations
 
@@ -10,25 +10,27 @@ import pytest
 from kvlm.cli.main import main
 
 
-def test_bench_serve_reports_every_measure(capsys: pytest.CaptureFixture[str], tmp_path: Path):
-    path = tmp_path / "serve.json"
-    argv = ["bench", "serve", "--streams", "1,3", "--new-tokens", "4", "--prefix-tokens", "96"]
-    assert main([*argv, "--json", str(path)]) == 0
+def test_bench_prefix_reports_every_measure(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    path = tmp_path / "prefix.json"
+    argv = ["bench", "prefix", "--streams", "1,3", "--new-tokens", "4", "--threads", "1"]
+    assert main([*argv, "--prefix-tokens", "48,96", "--json", str(path)]) == 0
     out, _ = capsys.readouterr()
     assert "| 1 | " in out and "| 3 | " in out
-    assert "TTFT speedup from the prefix cache" in out
+    assert "| 48 | " in out and "| 96 | " in out
     data = json.loads(path.read_text())
+    assert data["config"]["threads"] == 1 and data["machine"]["torch_num_threads"] == 1
     assert [s["num_streams"] for s in data["streams"]] == [1, 3]
     assert [s["generated_tokens"] for s in data["streams"]] == [4, 12]
-    assert data["prefix_len"] == 96
-    assert data["cached_tokens"] == 96  # the whole prefix: 6 full blocks of 16
+    assert [p["prefix_len"] for p in data["prefixes"]] == [48, 96]
+    # The whole prefix comes back from the cache: 3 and 6 full blocks of 16.
+    assert [p["cached_tokens"] for p in data["prefixes"]] == [48, 96]
     # 8 requests share 96 prefix tokens; every request after the first reuses all 6 blocks
     assert data["hit_rate"] == pytest.approx(7 * 96 / sum(96 + n for n in _question_lens()))
     assert 0.0 < data["waste_streams"] < 1.0 and 0.0 <= data["waste_shared"] < 1.0
 
 
 def _question_lens() -> list[int]:
-    from kvlm.bench.serve import QUESTIONS
+    from kvlm.bench.prefix import QUESTIONS
     from kvlm.loading import resolve_model_path
     from kvlm.tokenizer import Tokenizer
 
@@ -36,6 +38,17 @@ def _question_lens() -> list[int]:
     return [len(tok.encode("\n\n" + q, add_special_tokens=False)) for q in QUESTIONS]
 
 
-def test_bench_serve_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "serve", "--streams", "0"]) == 2
-    assert "error: --streams" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--streams", "0"], "error: streams need values >= 1"),
+        (["--prefix-tokens", "8"], "error: prefix_tokens must be >= 16"),
+        (["--block-size", "12"], "error: block_size must be a power of two"),
+        (["--threads", "0"], "error: threads must be >= 1"),
+    ],
+)
+def test_bench_prefix_rejects_bad_values(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "prefix", *argv]) == 2
+    assert message in capsys.readouterr().err
