@@ -1,0 +1,38 @@
+"""Finding llama-server, and the line that says why it is skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvlm.bench import servers
+from kvlm.bench.backends import BackendUnavailable
+
+
+def test_missing_llama_server_says_where_it_looked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(servers, "LLAMA_SERVER_DIR", tmp_path / "none")
+    with pytest.raises(BackendUnavailable, match="llama-server not found on PATH or in"):
+        servers.find_llama_server(None)
+
+
+def test_explicit_llama_server_must_be_executable(tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    binary.write_text("not a program")
+    with pytest.raises(BackendUnavailable, match="is not an executable file"):
+        servers.find_llama_server(binary)
+    binary.chmod(0o755)
+    assert servers.find_llama_server(binary) == binary
+
+
+def test_llama_server_gets_slots_threads_and_context(tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\necho 'version: 1 (abc)'\n")
+    binary.chmod(0o755)
+    spec = servers.llama_server(binary, Path("m.gguf"), threads=2, slots=16, ctx_per_slot=128)
+    argv = " ".join(spec.argv)
+    assert "-t 2 -tb 2 -np 16 -c 2048" in argv and "--port {port}" in argv
+    assert spec.version == "llama-server version: 1 (abc)"
