@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from kvlm.cli.common import CLIError, add_model_options, engine_kwargs
@@ -49,6 +50,14 @@ def add_parser(subparsers: Any) -> None:
         f"({DEFAULT_MAX_REQUEST_BYTES:,})",
     )
     group.add_argument(
+        "--session-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep session files here: POST /v1/sessions/NAME saves a conversation's K/V, "
+        "POST /v1/sessions/NAME/restore brings it back (default: sessions off)",
+    )
+    group.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -74,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.max_request_bytes < 1:
         raise CLIError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.session_dir is not None and not args.session_dir.is_dir():
+        raise CLIError(f"--session-dir {args.session_dir} is not a folder; create it first")
     config = server_engine_config(args)  # checked before the model loads
     try:
         sock = bind_socket(args.host, args.port)
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine(LLMEngine(config))
     name = args.served_model_name or args.model
     try:
-        app = build_app(engine, name, args.api_key, args.max_request_bytes)
+        app = build_app(engine, name, args.api_key, args.max_request_bytes, args.session_dir)
         url = socket_url(sock)
         print(f"kvlm: serving {name!r} at {url}/v1 (health: {url}/health)", flush=True)
         make_server(app, args.log_level).run(sockets=[sock])
@@ -93,5 +104,6 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         engine.shutdown()
+        engine.engine.close()  # offload tiers: finish queued writes
         sock.close()
     return 0

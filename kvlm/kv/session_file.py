@@ -73,9 +73,13 @@ class SessionHeader:
         for what, saved, here, fix in checks:
             if saved != here:
                 raise SessionRefused(
-                    f"the session was saved with {what} {saved}, this engine has {here}; "
-                    f"its K/V cannot be used here ({fix} to restore it)"
+                    f"the session was saved with {what} {_show(saved)}, this engine has "
+                    f"{_show(here)}; its K/V cannot be used here ({fix} to restore it)"
                 )
+
+
+def _show(value: object) -> str:
+    return " | ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _digest(*parts: bytes) -> bytes:

@@ -8,6 +8,7 @@ engine, so the caller shuts the engine down after the server stops.
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,7 @@ from kvlm.server.responses import (
     now,
 )
 from kvlm.server.serving import ClientDisconnected, ServingContext
+from kvlm.server.sessions import install_session_routes
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; never seen
 _BODIES: dict[str, type[BaseModel]] = {
@@ -110,7 +112,9 @@ def build_app(
     served_model_name: str,
     api_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    session_dir: Path | None = None,
 ) -> FastAPI:
+    """`session_dir`: where the /v1/sessions routes keep session files (None: sessions off)."""
     app = FastAPI(title="kvlm", version="0.1.0", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(engine, served_model_name)
     ctx = ServingContext(engine, model_limits(engine, served_model_name), metrics)
@@ -138,6 +142,7 @@ def build_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     install_cache_view(app, engine)
+    install_session_routes(app, engine, session_dir)
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models() -> ModelList:
