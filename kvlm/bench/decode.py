@@ -5,15 +5,16 @@ prompt token ids, noting when each position is reached. Greedy runs are determin
 run of the longest length holds every shorter one: its first N positions are what a run of N
 would do, and each length is read from it. Each engine is loaded once, warmed up with one
 untimed short run, then timed `repeats` times. The no-cache baseline recomputes the whole
-sequence every step (its cost grows with the square of the length), so it runs only up to
-`no_cache_max_tokens`. Nothing here prints: `progress` gets status lines, tqdm draws the bars.
+sequence every step (its cost grows with the square of the length), so every step is timed only
+up to `no_cache_max_tokens`; past it one step in `no_cache_stride` is timed and the rest
+interpolated (`sampled.py`), and those lengths say so. Nothing here prints: `progress` gets
+status lines, tqdm draws the bars.
 """
 
 from __future__ import annotations
 
-import statistics
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -25,14 +26,20 @@ from kvlm.bench.backends import (
     LlamaCppBackend,
     RunTiming,
 )
-from kvlm.bench.machine import MachineInfo, load_average, machine_info
-from kvlm.engine.config import WEIGHT_FORMATS, EngineConfig
+from kvlm.bench.common import BenchConfigError, Skipped
+from kvlm.bench.decode_data import (
+    KVLM,
+    NO_CACHE,
+    DecodeBenchConfig,
+    DecodeBenchResult,
+    Measurement,
+    Trace,
+)
+from kvlm.bench.machine import load_average, machine_info
+from kvlm.bench.sampled import extend, sample_steps
 from kvlm.loading import resolve_model_path
 from kvlm.tokenizer import Tokenizer
 
-BASELINES = ("no-cache", "hf", "llama.cpp")
-KVLM = "kvlm"
-NO_CACHE = "kvlm-no-cache"
 NUM_WARMUP_TOKENS = 2
 # A fixed English passage, repeated as needed and cut to --prompt-tokens.
 PROMPT_TEXT = (
@@ -43,157 +50,6 @@ PROMPT_TEXT = (
 )
 
 Progress = Callable[[str], None]
-
-
-class BenchConfigError(ValueError):
-    """A benchmark setting that cannot work; the message says which and why."""
-
-
-def check_threads(threads: int | None) -> None:
-    if threads is not None and threads < 1:
-        raise BenchConfigError(f"threads must be >= 1, got {threads}")
-
-
-@dataclass(frozen=True)
-class DecodeBenchConfig:
-    model: str = "smollm2"
-    new_tokens: tuple[int, ...] = (32, 128, 512, 1024)
-    baselines: tuple[str, ...] = ("no-cache", "hf")
-    batch_size: int = 1
-    prompt_tokens: int = 16
-    dtype: str = "float32"
-    repeats: int = 1
-    threads: int | None = None  # torch's (and llama.cpp's) CPU threads; None: one per core
-    no_cache_max_tokens: int = 512  # lengths above it are not run without the cache
-    weight_format: str = EngineConfig.weight_format
-
-    def __post_init__(self) -> None:
-        if not self.new_tokens or min(self.new_tokens) < 1:
-            raise BenchConfigError(f"new_tokens must be integers >= 1, got {self.new_tokens}")
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise BenchConfigError(
-                f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}"
-            )
-        for name in ("batch_size", "prompt_tokens", "repeats", "no_cache_max_tokens"):
-            if getattr(self, name) < 1:
-                raise BenchConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_threads(self.threads)
-        if self.weight_format not in WEIGHT_FORMATS:
-            raise BenchConfigError(
-                f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, "
-                f"got {self.weight_format!r}"
-            )
-
-    def lengths(self, engine: str) -> tuple[int, ...]:
-        """The lengths `engine` is timed at (the no-cache baseline stops at its cap)."""
-        if engine == NO_CACHE:
-            return tuple(n for n in self.new_tokens if n <= self.no_cache_max_tokens)
-        return self.new_tokens
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One engine at one length: every timed run, and their medians."""
-
-    engine: str
-    num_new_tokens: int
-    batch_size: int
-    runs: tuple[RunTiming, ...]
-
-    @property
-    def wall_s(self) -> float:
-        return statistics.median(r.wall_s for r in self.runs)
-
-    @property
-    def tok_s(self) -> float:
-        """Generated tokens over total wall time (prefill included), median run."""
-        return self.num_new_tokens * self.batch_size / self.wall_s
-
-    @property
-    def decode_tok_s(self) -> float | None:
-        rates = [r.decode_tok_s for r in self.runs if r.decode_tok_s is not None]
-        return statistics.median(rates) if rates else None
-
-    @property
-    def prefill_s(self) -> float | None:
-        times = [r.prefill_s for r in self.runs if r.prefill_s is not None]
-        return statistics.median(times) if times else None
-
-
-@dataclass(frozen=True)
-class Trace:
-    """One engine's time per generated token against its place in the sequence.
-
-    `step_s[i]` is the median over runs of the time between positions i - 1 and i (for i = 0:
-    prefill and the first token); the token sits at position `prompt_tokens + i`."""
-
-    engine: str
-    prompt_tokens: int
-    step_s: tuple[float, ...]
-
-    @classmethod
-    def from_runs(cls, engine: str, prompt_tokens: int, runs: list[RunTiming]) -> Trace:
-        steps = []
-        for r in runs:
-            times = r.token_times_s
-            steps.append([b - a for a, b in zip((0.0, *times[:-1]), times, strict=True)])
-        return cls(engine, prompt_tokens, tuple(map(statistics.median, zip(*steps, strict=True))))
-
-    def step_ms_near(self, num_new_tokens: int, width: int = 16) -> float:
-        """Median ms per token over the `width` steps up to the `num_new_tokens`-th one."""
-        window = self.step_s[max(1, num_new_tokens - width) : num_new_tokens]
-        return 1000 * statistics.median(window or self.step_s[:1])
-
-
-@dataclass(frozen=True)
-class Speedup:
-    """kvlm (with its cache) over one baseline at one length; > 1 means kvlm is faster."""
-
-    baseline: str
-    num_new_tokens: int
-    tok_s: float
-    decode_tok_s: float | None
-
-
-@dataclass(frozen=True)
-class Skipped:
-    engine: str
-    reason: str
-
-
-@dataclass
-class DecodeBenchResult:
-    config: DecodeBenchConfig
-    machine: MachineInfo
-    prompt_token_ids: list[list[int]]
-    measurements: list[Measurement] = field(default_factory=list)
-    traces: list[Trace] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    load_average_end: tuple[float, float, float] | None = None
-
-    def find(self, engine: str, num_new_tokens: int) -> Measurement | None:
-        for m in self.measurements:
-            if m.engine == engine and m.num_new_tokens == num_new_tokens:
-                return m
-        return None
-
-    def engines(self) -> list[str]:
-        return list(dict.fromkeys(m.engine for m in self.measurements))
-
-    def speedups(self) -> list[Speedup]:
-        out = []
-        for n in self.config.new_tokens:
-            ours = self.find(KVLM, n)
-            for m in self.measurements:
-                if ours is None or m.engine == KVLM or m.num_new_tokens != n:
-                    continue
-                decode = None
-                if ours.decode_tok_s is not None and m.decode_tok_s is not None:
-                    decode = ours.decode_tok_s / m.decode_tok_s
-                out.append(Speedup(m.engine, n, ours.tok_s / m.tok_s, decode))
-        return out
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt_tokens: int, batch_size: int) -> list[list[int]]:
@@ -229,24 +85,59 @@ def _load(name: str, config: DecodeBenchConfig, num_ctx: int, threads: int) -> B
 
 
 def _measure(
-    backend: Backend,
-    prompts: list[list[int]],
-    config: DecodeBenchConfig,
-    result: DecodeBenchResult,
-) -> None:
-    """Time `backend` at its longest length `repeats` times; every length is read from that."""
-    lengths = config.lengths(backend.name)
-    longest = max(lengths)
+    backend: Backend, prompts: list[list[int]], config: DecodeBenchConfig, longest: int
+) -> list[RunTiming]:
+    """Time `backend` generating `longest` tokens, `repeats` times, after a warm-up."""
     backend.run(prompts, NUM_WARMUP_TOKENS)
     runs = []
     with tqdm(total=longest * config.repeats, desc=backend.name, unit="tok") as bar:
         for i in range(config.repeats):
             done = i * longest
             runs.append(backend.run(prompts, longest, lambda n, d=done: bar.update(d + n - bar.n)))
+    return runs
+
+
+def _record(
+    name: str, runs: list[RunTiming], lengths: tuple[int, ...], config: DecodeBenchConfig,
+    result: DecodeBenchResult, interpolated_after: int | None = None,
+) -> None:  # fmt: skip
     for n in lengths:
         truncated = tuple(r.truncated(n, config.batch_size) for r in runs)
-        result.measurements.append(Measurement(backend.name, n, config.batch_size, truncated))
-    result.traces.append(Trace.from_runs(backend.name, config.prompt_tokens, runs))
+        result.measurements.append(
+            Measurement(name, n, config.batch_size, truncated, interpolated_after)
+        )
+
+
+def _measure_no_cache(
+    backend: KvlmBackend,
+    prompts: list[list[int]],
+    config: DecodeBenchConfig,
+    result: DecodeBenchResult,
+) -> None:
+    """Every step up to the cap; past it, one step in `no_cache_stride` (see `sampled.py`)."""
+    cap = min(config.no_cache_max_tokens, max(config.new_tokens))
+    runs = _measure(backend, prompts, config, cap)
+    _record(backend.name, runs, config.lengths(NO_CACHE), config, result)
+    trace = Trace.from_runs(backend.name, config.prompt_tokens, runs)
+    beyond = config.sampled_lengths()
+    if beyond:
+        tokenizer = backend.llm.tokenizer
+        last = max(beyond) - 1
+        count = len(range(cap, last + 1, config.no_cache_stride)) + 1
+        with tqdm(total=count, desc=f"{backend.name} sampled steps", unit="step") as bar:
+            samples = sample_steps(
+                backend,
+                lambda num_tokens: prompt_ids(tokenizer, num_tokens, config.batch_size),
+                config.prompt_tokens,
+                cap,
+                last,
+                config.no_cache_stride,
+                lambda: bar.update(1),
+            )
+        extended = [extend(r, samples, config.batch_size) for r in runs]
+        _record(backend.name, extended, beyond, config, result, interpolated_after=cap)
+        trace = dataclasses.replace(trace, sampled=tuple(samples))
+    result.traces.append(trace)
 
 
 def run_decode_bench(
@@ -272,7 +163,9 @@ def run_decode_bench(
     # After the engine set torch's threads: the record says what ran.
     result = DecodeBenchResult(config, machine_info(), prompts)
     threads = result.machine.torch_num_threads
-    _measure(ours, prompts, config, result)
+    runs = _measure(ours, prompts, config, max(config.new_tokens))
+    _record(KVLM, runs, config.new_tokens, config, result)
+    result.traces.append(Trace.from_runs(KVLM, config.prompt_tokens, runs))
     del ours
     for name in config.baselines:
         progress(f"loading {name}")
@@ -283,16 +176,34 @@ def run_decode_bench(
             result.skipped.append(Skipped(name, str(e)))
             continue
         result.notes += backend.notes
-        over = [n for n in config.new_tokens if n not in config.lengths(backend.name)]
-        if over:
-            reason = (
-                f"not run at {', '.join(map(str, over))} new tokens: over no_cache_max_tokens "
-                f"({config.no_cache_max_tokens}); without a cache every step recomputes the "
-                "whole sequence"
-            )
-            result.skipped.append(Skipped(backend.name, reason))
-        if config.lengths(backend.name):
-            _measure(backend, prompts, config, result)
+        if isinstance(backend, KvlmBackend):  # the no-cache baseline
+            _measure_no_cache(backend, prompts, config, result)
+            note_no_cache(config, result)
+        else:
+            runs = _measure(backend, prompts, config, max(config.new_tokens))
+            _record(backend.name, runs, config.new_tokens, config, result)
+            result.traces.append(Trace.from_runs(backend.name, config.prompt_tokens, runs))
         del backend
     result.load_average_end = load_average()
     return result
+
+
+def note_no_cache(config: DecodeBenchConfig, result: DecodeBenchResult) -> None:
+    over = [n for n in config.new_tokens if n > config.no_cache_max_tokens]
+    if not over:
+        return
+    lengths = ", ".join(map(str, over))
+    if config.no_cache_stride:
+        result.notes.append(
+            f"{NO_CACHE} at {lengths} new tokens: every step timed up to "
+            f"{config.no_cache_max_tokens}, then one step in {config.no_cache_stride} (a "
+            "forward pass over the sequence so far, which is what a step without a cache is), "
+            "the steps between interpolated"
+        )
+    else:
+        reason = (
+            f"not run at {lengths} new tokens: over no_cache_max_tokens "
+            f"({config.no_cache_max_tokens}); without a cache every step recomputes the whole "
+            "sequence"
+        )
+        result.skipped.append(Skipped(NO_CACHE, reason))

@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvlm.bench.decode import BenchConfigError, check_threads, prompt_ids
+from kvlm.bench.common import BenchConfigError, check_threads
+from kvlm.bench.decode import prompt_ids
 from kvlm.bench.machine import MachineInfo, machine_info
 from kvlm.cli.memory import read_model_shape
 from kvlm.config import ModelConfig

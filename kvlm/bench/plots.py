@@ -47,11 +47,22 @@ def decode_per_token(data: JSON, path: Path) -> Path:
     """Left: ms per generated token against its position; right: seconds to generate N."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for trace in data["traces"]:
-        steps = trace["step_s"][1:]  # step 0 is the prefill
+        steps = trace["step_s"][1:]  # step 0 is the prefill; step i makes the token at p + i
         positions = trace["prompt_tokens"] + 1 + np.arange(len(steps))
-        left.plot(positions, 1000 * _rolling_median(steps, SMOOTH_STEPS), label=trace["engine"])
+        (line,) = left.plot(
+            positions, 1000 * _rolling_median(steps, SMOOTH_STEPS), label=trace["engine"]
+        )
+        color = line.get_color()
         total = np.cumsum(trace["step_s"])
-        right.plot(np.arange(1, len(total) + 1), total, label=trace["engine"])
+        right.plot(np.arange(1, len(total) + 1), total, color=color, label=trace["engine"])
+        if trace["sampled"]:  # single steps timed past the fully timed run
+            index, seconds = np.array(trace["sampled"]).T
+            label = f"{trace['engine']}, sampled steps"
+            left.plot(trace["prompt_tokens"] + index, 1000 * seconds, "o--", markersize=3,
+                      color=color, label=label)  # fmt: skip
+            tail = np.arange(len(total), index[-1] + 1)
+            cumulative = total[-1] + np.cumsum(np.interp(tail, index, seconds))
+            right.plot(tail + 1, cumulative, "--", color=color, label=f"{label}, interpolated")
     left.set(
         xlabel="position in the sequence (tokens)",
         ylabel=f"ms per generated token (median of {SMOOTH_STEPS} steps)",

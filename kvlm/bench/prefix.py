@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvlm.bench.decode import BenchConfigError, check_threads
+from kvlm.bench.common import BenchConfigError, check_threads
 from kvlm.bench.machine import MachineInfo, machine_info
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import LLMEngine

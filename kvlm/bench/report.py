@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kvlm.bench.decode import KVLM, DecodeBenchResult, Measurement
+from kvlm.bench.decode_data import KVLM, DecodeBenchResult, Measurement
 from kvlm.bench.machine import machine_line
 
 
@@ -15,7 +15,7 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def _measurement_row(m: Measurement) -> str:
     return (
-        f"| {m.engine} | {m.num_new_tokens} | {m.batch_size} | {m.wall_s:.2f} | "
+        f"| {m.engine}{_star(m)} | {m.num_new_tokens} | {m.batch_size} | {m.wall_s:.2f} | "
         f"{m.tok_s:.1f} | {_num(m.decode_tok_s)} | {_num(m.prefill_s, 3)} |"
     )
 
@@ -33,10 +33,22 @@ def side_by_side(result: DecodeBenchResult) -> list[str]:
     ]
     ratios = {(s.baseline, s.num_new_tokens): s.tok_s for s in result.speedups()}
     for n in result.config.new_tokens:
-        cells = [_num(m.tok_s if (m := result.find(e, n)) else None) for e in engines]
+        found = [result.find(e, n) for e in engines]
+        cells = ["–" if m is None else f"{m.tok_s:.1f}{_star(m)}" for m in found]
         cells += ["–" if (b, n) not in ratios else f"{ratios[b, n]:.2f}×" for b in baselines]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if any(m.interpolated_after is not None for m in result.measurements):
+        c = result.config
+        lines += [
+            "",
+            f"\\* every step timed up to {c.no_cache_max_tokens} tokens, then one step in "
+            f"{c.no_cache_stride}, the steps between interpolated.",
+        ]
     return lines
+
+
+def _star(m: Measurement) -> str:
+    return "" if m.interpolated_after is None else "*"
 
 
 def per_token(result: DecodeBenchResult) -> list[str]:
@@ -110,6 +122,7 @@ def _measurement_json(m: Measurement) -> dict[str, Any]:
         "tok_s": m.tok_s,
         "decode_tok_s": m.decode_tok_s,
         "prefill_s": m.prefill_s,
+        "interpolated_after": m.interpolated_after,
         # Each run's per-token times live once, in "traces", not in every length's copy.
         "runs": [
             {k: v for k, v in dataclasses.asdict(r).items() if k != "token_times_s"} for r in m.runs

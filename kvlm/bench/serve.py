@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kvlm.bench.backends import BackendUnavailable
 from kvlm.bench.client import completion_body, run_streams
-from kvlm.bench.decode import BenchConfigError, Skipped, check_threads
+from kvlm.bench.common import BenchConfigError, Skipped, check_threads
 from kvlm.bench.machine import MachineInfo, load_average, machine_info, machine_line
 from kvlm.bench.servers import (
     RunningServer,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from kvlm.bench import memory, plots, prefix, report, serve
-from kvlm.bench.decode import DecodeBenchConfig, run_decode_bench
+from kvlm.bench.decode import run_decode_bench
+from kvlm.bench.decode_data import DecodeBenchConfig
 from kvlm.bench.memory import MemoryBenchConfig
 from kvlm.bench.prefix import PrefixBenchConfig
 from kvlm.bench.serve import ServeBenchConfig

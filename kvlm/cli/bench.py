@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from kvlm.bench import memory, prefix, report, serve
-from kvlm.bench.decode import BASELINES, BenchConfigError, DecodeBenchConfig, run_decode_bench
+from kvlm.bench.common import BenchConfigError
+from kvlm.bench.decode import run_decode_bench
+from kvlm.bench.decode_data import BASELINES, DecodeBenchConfig
 from kvlm.bench.memory import MemoryBenchConfig
 from kvlm.bench.prefix import PrefixBenchConfig
 from kvlm.bench.serve import SERVE_BASELINES, ServeBenchConfig
@@ -90,6 +92,13 @@ def add_parser(subparsers: Any) -> None:
         type=int,
         default=512,
         help="longest length the no-cache baseline runs (its cost grows with the square)",
+    )
+    decode.add_argument(
+        "--no-cache-stride",
+        type=int,
+        default=32,
+        help="past --no-cache-max-tokens, time one no-cache step in this many and interpolate "
+        "the rest (0: do not run those lengths without the cache)",
     )
     decode.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
@@ -206,6 +215,7 @@ def run_decode(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             threads=args.threads,
             no_cache_max_tokens=args.no_cache_max_tokens,
+            no_cache_stride=args.no_cache_stride,
             weight_format=args.weight_format,
         )
 

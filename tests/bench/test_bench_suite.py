@@ -13,7 +13,7 @@ import pytest
 
 from kvlm.bench import suite
 from kvlm.bench.backends import RunTiming
-from kvlm.bench.decode import DecodeBenchResult, Measurement, Trace
+from kvlm.bench.decode_data import DecodeBenchResult, Measurement, Trace
 from kvlm.bench.machine import machine_info
 from kvlm.bench.memory import MemoryBenchConfig, run_memory_bench
 from kvlm.bench.prefix import PrefixBenchResult, PrefixTTFT, StreamsResult

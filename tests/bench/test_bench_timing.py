@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from kvlm.bench.backends import RunTiming
-from kvlm.bench.decode import DecodeBenchConfig, Trace
+from kvlm.bench.common import BenchConfigError
+from kvlm.bench.decode import note_no_cache
+from kvlm.bench.decode_data import DecodeBenchConfig, DecodeBenchResult, Trace
+from kvlm.bench.machine import machine_info
+from kvlm.bench.sampled import extend, sample_steps
 
 
 def test_run_timing_from_token_times() -> None:
@@ -35,3 +39,42 @@ def test_no_cache_stops_at_its_cap() -> None:
     config = DecodeBenchConfig(new_tokens=(32, 128, 512, 1024), no_cache_max_tokens=512)
     assert config.lengths("kvlm-no-cache") == (32, 128, 512)
     assert config.lengths("hf") == (32, 128, 512, 1024)
+
+
+def test_a_run_extended_by_sampled_steps() -> None:
+    run = RunTiming.from_token_times([1.0, 2.0], 1)  # every step timed up to 2 tokens
+    extended = extend(run, [(2, 1.0), (4, 3.0)], batch_size=1)  # steps 2 and 4 timed alone
+    assert extended.token_times_s == pytest.approx((1.0, 2.0, 3.0, 5.0, 8.0))  # step 3: 2.0
+    assert extended.truncated(2, 1) == run
+
+
+def test_sampled_steps_time_one_forward_over_the_sequence_so_far() -> None:
+    seen = []
+
+    class Backend:
+        name = "fake"
+        notes: list[str] = []
+
+        def run(self, prompts, num_new_tokens, on_token=None):  # noqa: ANN001, ANN201
+            seen.append((len(prompts[0]), num_new_tokens))
+            return RunTiming.from_token_times([len(prompts[0]) / 100], 1)
+
+    samples = sample_steps(Backend(), lambda n: [[0] * n], 16, first=4, last=13, stride=4)
+    assert seen == [(20, 1), (24, 1), (28, 1), (29, 1)]  # 16 + i for i = 4, 8, 12 and 13
+    assert samples == [(4, 0.2), (8, 0.24), (12, 0.28), (13, 0.29)]
+
+
+def test_no_cache_past_its_cap_is_noted_or_skipped() -> None:
+    sampled = DecodeBenchConfig(new_tokens=(32, 1024), no_cache_max_tokens=512)
+    result = DecodeBenchResult(sampled, machine_info(), [[1]])
+    note_no_cache(sampled, result)
+    assert result.skipped == [] and "one step in 32" in result.notes[0]
+    assert sampled.sampled_lengths() == (1024,)
+    skipping = DecodeBenchConfig(new_tokens=(32, 1024), no_cache_max_tokens=512, no_cache_stride=0)
+    result = DecodeBenchResult(skipping, machine_info(), [[1]])
+    note_no_cache(skipping, result)
+    assert skipping.sampled_lengths() == ()
+    (skipped,) = result.skipped
+    assert skipped.engine == "kvlm-no-cache" and "not run at 1024 new tokens" in skipped.reason
+    with pytest.raises(BenchConfigError, match="no_cache_stride must be >= 0"):
+        DecodeBenchConfig(no_cache_stride=-1)

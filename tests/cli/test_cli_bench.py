@@ -11,13 +11,9 @@ import pytest
 
 from kvlm import LLM
 from kvlm.bench.backends import BackendUnavailable, HFBackend, LlamaCppBackend, RunTiming
-from kvlm.bench.decode import (
-    BenchConfigError,
-    DecodeBenchConfig,
-    DecodeBenchResult,
-    Measurement,
-    prompt_ids,
-)
+from kvlm.bench.common import BenchConfigError
+from kvlm.bench.decode import prompt_ids
+from kvlm.bench.decode_data import DecodeBenchConfig, DecodeBenchResult, Measurement
 from kvlm.bench.machine import machine_info
 from kvlm.bench.report import markdown, to_json
 from kvlm.cli.main import main
@@ -37,24 +33,27 @@ def test_bench_decode_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert data["config"]["new_tokens"] == [3, 6] and data["config"]["baselines"] == ["no-cache"]
     assert data["config"]["threads"] == 1 and data["machine"]["torch_num_threads"] == 1
     assert set(data["machine"]) >= {"cpu_count", "cpu_model", "cpu_flags", "torch_version", "date"}
-    # One run of 6 tokens gives both lengths; no-cache stops at its cap of 3.
-    assert [(r["engine"], r["new_tokens"]) for r in data["results"]] == [
-        ("kvlm", 3),
-        ("kvlm", 6),
-        ("kvlm-no-cache", 3),
+    # One run of 6 tokens gives both lengths; no-cache times every step up to its cap of 3,
+    # then steps 3 and 5 (one in 32, and the last), interpolating step 4.
+    assert [(r["engine"], r["new_tokens"], r["interpolated_after"]) for r in data["results"]] == [
+        ("kvlm", 3, None),
+        ("kvlm", 6, None),
+        ("kvlm-no-cache", 3, None),
+        ("kvlm-no-cache", 6, 3),
     ]
     for result in data["results"]:
         assert set(result) >= {"wall_s", "tok_s", "decode_tok_s", "prefill_s", "runs"}
         assert result["runs"][0]["num_generated_tokens"] == result["new_tokens"]
         assert result["tok_s"] == pytest.approx(result["new_tokens"] / result["wall_s"])
-    (speedup,) = data["speedups"]
-    assert speedup["baseline"] == "kvlm-no-cache" and speedup["num_new_tokens"] == 3
-    assert [(t["engine"], len(t["step_s"])) for t in data["traces"]] == [
-        ("kvlm", 6),
+    assert [(s["baseline"], s["num_new_tokens"]) for s in data["speedups"]] == [
         ("kvlm-no-cache", 3),
+        ("kvlm-no-cache", 6),
     ]
-    (skipped,) = data["skipped"]
-    assert skipped["engine"] == "kvlm-no-cache" and "not run at 6 new tokens" in skipped["reason"]
+    kvlm, no_cache = data["traces"]
+    assert (kvlm["engine"], len(kvlm["step_s"]), kvlm["sampled"]) == ("kvlm", 6, [])
+    assert len(no_cache["step_s"]) == 3 and [i for i, _ in no_cache["sampled"]] == [3, 5]
+    assert data["skipped"] == []
+    assert "kvlm-no-cache* | 6 |" in out and "one step in 32" in out
     assert data["prompt_token_ids"] and len(data["prompt_token_ids"][0]) == 16
 
 
@@ -125,7 +124,7 @@ def test_missing_optional_libraries_are_reported(monkeypatch: pytest.MonkeyPatch
 
 
 def test_kvlm_import_does_not_import_transformers() -> None:
-    modules = "kvlm, kvlm.cli.main, kvlm.bench.decode, kvlm.bench.report"
+    modules = "kvlm, kvlm.cli.main, kvlm.bench.decode, kvlm.bench.report, kvlm.bench.serve"
     code = f"import sys, {modules}; print('transformers' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr
