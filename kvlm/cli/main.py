@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kvlm.cli import bench, chat, evaluate, generate, memory, serve
+from kvlm.cli import bench, chat, evaluate, generate, memory, serve, visualize
 from kvlm.cli.common import EXIT_USAGE, USER_ERRORS, Parser
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -26,6 +26,7 @@ def build_parser() -> Parser:
     serve.add_parser(subparsers)
     memory.add_parser(subparsers)
     evaluate.add_parser(subparsers)
+    visualize.add_parser(subparsers)
     return parser
 
 
