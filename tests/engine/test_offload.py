@@ -124,3 +124,33 @@ def test_killing_redis_mid_run_loses_no_request(redis_server) -> None:  # noqa: 
         engine.kv_cache.check_integrity()
     finally:
         engine.close()
+
+
+def _evict_everything(llm: LLM) -> None:
+    """Hand every free block out once: each cached block is evicted (to the tiers)."""
+    for pool in llm.engine.kv_cache.pools:
+        pool.release(pool.take(pool.num_free_blocks))
+
+
+@pytest.mark.slow
+def test_gemma3_both_layer_groups_come_back_from_ram() -> None:
+    """Two layer groups, one of them a 512-token window: a 600-token prefix's global blocks
+    and the local group's blocks inside the window come back, with identical logits."""
+    llm = LLM("gemma3-270m", max_model_len=1024, num_threads=1, kv_offload="ram:1GiB")
+    try:
+        rec = LogitsRecorder(llm)
+        prompt = list(range(2000, 2600))
+        fresh_tokens, fresh_logits, _ = rec.generate(llm, prompt)
+        pool_tokens, pool_logits, hit = rec.generate(llm, prompt)
+        assert hit == (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        _evict_everything(llm)
+        assert llm.engine.offload.flush(timeout=60)
+        tier_tokens, tier_logits, cached = rec.generate(llm, prompt)
+        assert cached == hit
+        assert torch.equal(tier_logits, pool_logits)
+        assert tier_tokens == pool_tokens == fresh_tokens
+        [ram] = llm.engine.offload.snapshot()
+        assert ram.hits == 2 * hit // BLOCK_SIZE  # each block of both groups, from RAM
+        llm.engine.kv_cache.check_integrity()
+    finally:
+        llm.engine.close()

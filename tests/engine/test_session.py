@@ -202,3 +202,29 @@ def test_other_model_kv_format_or_block_size_is_refused(
     assert session.num_restored_tokens == 0
     if engine != "gemma3":  # the same model recomputes the same continuation
         _continues_by_recomputing(llm, session, reference)
+
+
+@pytest.mark.slow
+def test_gemma3_session_restores_both_layer_groups(gemma3_llm: LLM, tmp_path: Path) -> None:
+    """Gemma 3's global layers and its 512-token-window layers: a request (no chat template)
+    longer than the window is saved (the window group only where a hit needs it), restored,
+    and continued."""
+    first = gemma3_llm.generate(f"Read this log.\n{DOCUMENT * 2}", GREEDY)[0]
+    path = tmp_path / "gemma.kvs"
+    saved = gemma3_llm.save_session(first, path)
+    assert saved > 600
+    follow_up = {
+        "prompt_token_ids": [
+            *first.prompt_token_ids,
+            *first.outputs[0].token_ids,
+            *gemma3_llm.tokenizer.encode(" How long was it kept?", add_special_tokens=False),
+        ]
+    }
+    reference = gemma3_llm.generate(follow_up, GREEDY)[0]
+    gemma3_llm.engine.kv_cache.reset_prefix_cache()
+    session = gemma3_llm.load_session(path)
+    assert session.refused is None and session.messages is None
+    assert session.num_restored_tokens == saved
+    again = gemma3_llm.generate(follow_up, GREEDY)[0]
+    assert again.outputs[0].token_ids == reference.outputs[0].token_ids
+    assert again.metrics.num_cached_tokens == reference.metrics.num_cached_tokens >= saved
