@@ -63,9 +63,10 @@ def decode_per_token(data: JSON, path: Path) -> Path:
             tail = np.arange(len(total), index[-1] + 1)
             cumulative = total[-1] + np.cumsum(np.interp(tail, index, seconds))
             right.plot(tail + 1, cumulative, "--", color=color, label=f"{label}, interpolated")
+    left.set_yscale("log")
     left.set(
         xlabel="position in the sequence (tokens)",
-        ylabel=f"ms per generated token (median of {SMOOTH_STEPS} steps)",
+        ylabel=f"ms per generated token, log scale (median of {SMOOTH_STEPS} steps)",
         title="Time per token: flat with a KV cache, growing without",
     )
     right.set(

@@ -22,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 from kvlm.bench.backends import BackendUnavailable
-from kvlm.bench.client import completion_body, run_streams
+from kvlm.bench.client import ClientError, completion_body, run_streams
 from kvlm.bench.common import BenchConfigError, Skipped, check_threads
 from kvlm.bench.machine import MachineInfo, load_average, machine_info, machine_line
 from kvlm.bench.servers import (
     RunningServer,
+    ServerError,
     ServerSpec,
     find_llama_server,
     kvlm_server,
@@ -123,7 +124,7 @@ def measure(
     timings = run_streams(url, bodies)
     tokens = [t.num_tokens for t in timings]
     if tokens != [new_tokens] * num_streams:
-        raise BenchConfigError(f"{server} generated {tokens} tokens, not {new_tokens} each")
+        raise ClientError(f"{server} generated {tokens} tokens, not {new_tokens} each")
     gaps = [g for t in timings for g in t.inter_token_s]
     return ConcurrencyResult(
         server=server,
@@ -152,6 +153,23 @@ def _specs(config: ServeBenchConfig, threads: int, result: ServeBenchResult) -> 
     return specs
 
 
+def _measure_all(
+    url: str,
+    server: str,
+    config: ServeBenchConfig,
+    result: ServeBenchResult,
+    progress: Callable[[str], None],
+) -> None:
+    measure(url, server, config.model, 1, WARMUP_TOKENS)
+    for n in tqdm(config.streams, desc=server, unit="run"):
+        r = measure(url, server, config.model, n, config.new_tokens)
+        result.results.append(r)
+        progress(
+            f"{server}, {n} streams: {r.tok_s:.1f} tok/s, TTFT p50 {r.ttft_s.p50:.3f} s, "
+            f"inter-token p50 {r.inter_token_s.p50 * 1000:.1f} ms"
+        )
+
+
 def run_serve_bench(
     config: ServeBenchConfig, progress: Callable[[str], None] = lambda line: None
 ) -> ServeBenchResult:
@@ -164,16 +182,17 @@ def run_serve_bench(
     with tempfile.TemporaryDirectory(prefix="kvlm-bench-") as logs:
         for spec in specs:
             progress(f"starting {spec.name} ({spec.version}, {threads} threads)")
+            try:
+                server = RunningServer(spec, Path(logs) / f"{spec.name}.log")
+            except ServerError as e:
+                if spec.name == "kvlm":
+                    raise
+                progress(f"skipping {spec.name}: {e}")  # a baseline's failure ends only it
+                result.skipped.append(Skipped(spec.name, str(e)))
+                continue
             result.servers[spec.name] = spec.version
-            with RunningServer(spec, Path(logs) / f"{spec.name}.log") as server:
-                measure(server.url, spec.name, config.model, 1, WARMUP_TOKENS)
-                for n in tqdm(config.streams, desc=spec.name, unit="run"):
-                    r = measure(server.url, spec.name, config.model, n, config.new_tokens)
-                    result.results.append(r)
-                    progress(
-                        f"{spec.name}, {n} streams: {r.tok_s:.1f} tok/s, TTFT p50 "
-                        f"{r.ttft_s.p50:.3f} s, inter-token p50 {r.inter_token_s.p50 * 1000:.1f} ms"
-                    )
+            with server:
+                _measure_all(server.url, spec.name, config, result, progress)
     result.load_average_end = load_average()
     return result
 

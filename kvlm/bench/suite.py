@@ -91,9 +91,12 @@ def estimate_s(suite: SuiteConfig) -> dict[str, float]:
     decode_s = LOAD_S["kvlm"] + longest / DECODE_TOK_S["kvlm"]
     for name in d.baselines:
         if name == "no-cache":
-            capped = max(d.lengths("kvlm-no-cache"), default=0)
-            positions = range(d.prompt_tokens, d.prompt_tokens + capped)
-            decode_s += LOAD_S["kvlm"] + sum(p / PREFILL_TOK_S + STEP_OVERHEAD_S for p in positions)
+            cap = min(d.no_cache_max_tokens, longest)
+            steps = list(range(cap))  # every step up to the cap, then one in the stride
+            if d.sampled_lengths():
+                steps += [*range(cap, longest, d.no_cache_stride), longest - 1]
+            cost = sum((d.prompt_tokens + i) / PREFILL_TOK_S + STEP_OVERHEAD_S for i in steps)
+            decode_s += LOAD_S["kvlm"] + cost
         else:
             decode_s += LOAD_S[name] + longest / DECODE_TOK_S[name]
     s = suite.serve

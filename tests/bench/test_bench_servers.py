@@ -36,3 +36,12 @@ def test_llama_server_gets_slots_threads_and_context(tmp_path: Path) -> None:
     argv = " ".join(spec.argv)
     assert "-t 2 -tb 2 -np 16 -c 2048" in argv and "--port {port}" in argv
     assert spec.version == "llama-server version: 1 (abc)"
+
+
+def test_a_server_that_dies_at_start_up_is_reported_with_its_output(tmp_path: Path) -> None:
+    script = tmp_path / "server"
+    script.write_text("#!/bin/sh\necho 'error: unknown argument --port'\nexit 1\n")
+    script.chmod(0o755)
+    spec = servers.ServerSpec("llama-server", (str(script), "--port", "{port}"), "test")
+    with pytest.raises(servers.ServerError, match="exited at start-up: error: unknown argument"):
+        servers.RunningServer(spec, tmp_path / "log")
