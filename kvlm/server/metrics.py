@@ -81,7 +81,7 @@ class EngineCollector(Collector):
         """Per offload tier: blocks hit, missed, stored, failed operations, bytes, load time."""
         counters = [
             ("hits", "Blocks found in the tier when a prefix was looked up."),
-            ("misses", "Blocks looked up in the tier and not found."),
+            ("misses", "Blocks looked up in the tier and not found (or skipped: tier down)."),
             ("stores", "Evicted blocks written to the tier."),
             ("failures", "Tier operations that failed (I/O error, timeout, damaged block)."),
             ("bytes_stored", "Bytes of blocks written to the tier."),

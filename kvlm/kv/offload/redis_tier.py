@@ -42,8 +42,11 @@ class RedisTier(Tier):
         self._quiet_until = 0.0
         self._lock = threading.Lock()
 
+    def _up(self) -> bool:
+        return time.monotonic() >= self._quiet_until
+
     def may_have(self, key: bytes) -> bool:
-        return time.monotonic() >= self._quiet_until  # unknown without asking: ask if up
+        return self._up()  # unknown without asking: worth asking while the server is up
 
     def _failed(self, what: str, error: Exception) -> None:
         self.stats.add(failures=1)
@@ -60,7 +63,7 @@ class RedisTier(Tier):
             )
 
     def _get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        if not self.may_have(b""):
+        if not self._up():
             return [None] * len(keys)
         out: list[bytes | None] = []
         try:
@@ -73,7 +76,7 @@ class RedisTier(Tier):
         return out
 
     def _put(self, key: bytes, blob: bytes) -> bool:
-        if not self.may_have(b""):
+        if not self._up():
             return False
         try:
             return bool(self._client.set(KEY_PREFIX + key, blob, nx=True))

@@ -22,7 +22,7 @@ class TierSnapshot:
 
     name: str
     hits: int = 0  # blocks found when looked up
-    misses: int = 0  # blocks looked up and not found
+    misses: int = 0  # blocks looked up and not found (or not asked for: the tier is down)
     stores: int = 0  # blocks written
     failures: int = 0  # operations that raised (I/O error, timeout, corrupt blob)
     bytes_stored: int = 0
