@@ -193,11 +193,12 @@ def markdown(result: MemoryBenchResult) -> str:
         ratio = plain / _calculate(result.model, t, c.max_tokens, c)
         lines.append(f"| {t.name} | " + " | ".join(cells) + f" | {ratio:.2f}× |")
     disagree = [p for p in measured.values() if p.kv_bytes != p.calculated_bytes]
-    agreement = (
-        "every measured point equals the calculator's figure"
-        if not disagree
-        else f"{len(disagree)} measured point(s) differ from the calculator"
-    )
+    if not measured:
+        agreement = "nothing was measured (--measured-tokens '')"
+    elif not disagree:
+        agreement = "every measured point equals the calculator's figure"
+    else:
+        agreement = f"{len(disagree)} measured point(s) differ from the calculator"
     lines += [
         "",
         f"One sequence of {c.model} ({result.model.num_layers} layers), blocks of "

@@ -130,26 +130,33 @@ def throughput_vs_concurrency(data: JSON, path: Path, engine: JSON | None = None
 
 
 def memory_vs_tokens(data: JSON, path: Path) -> Path:
-    """KV MiB of one sequence against its length: lines calculated, markers measured."""
+    """KV MiB of one sequence against its length: lines calculated, markers measured. Log
+    scale, so the small techniques stay apart; a dashed line keeps sinks visible beside the
+    plain window."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    any_measured = False
     for technique in data["techniques"]:
         name = technique["name"]
         calc = [p for p in data["points"] if p["technique"] == name and p["source"] != MEASURED]
         measured = [p for p in data["points"] if p["technique"] == name and p["source"] == MEASURED]
+        style = "--" if technique["num_sinks"] else "-"
         (line,) = ax.plot([p["num_tokens"] for p in calc], [p["kv_bytes"] / 2**20 for p in calc],
-                          label=name)  # fmt: skip
+                          style, label=name)  # fmt: skip
         if measured:
+            any_measured = True
             ax.plot([p["num_tokens"] for p in measured],
                     [p["kv_bytes"] / 2**20 for p in measured],
                     marker="o", linestyle="none", color=line.get_color())  # fmt: skip
-    ax.plot([], [], marker="o", linestyle="none", color="0.3", label="measured (engine)")
+    if any_measured:
+        ax.plot([], [], marker="o", linestyle="none", color="0.3", label="measured (engine)")
     c = data["config"]
+    ax.set_yscale("log")
     ax.set(
         xlabel="tokens in the sequence",
-        ylabel="KV cache of one sequence (MiB)",
+        ylabel="KV cache of one sequence (MiB, log scale)",
         title=f"KV memory by technique, {c['model']} (lines: calculator)",
     )
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path, data)
 
