@@ -98,9 +98,14 @@ def _measure(
 
 
 def _record(
-    name: str, runs: list[RunTiming], lengths: tuple[int, ...], config: DecodeBenchConfig,
-    result: DecodeBenchResult, interpolated_after: int | None = None,
-) -> None:  # fmt: skip
+    name: str,
+    runs: list[RunTiming],
+    lengths: tuple[int, ...],
+    config: DecodeBenchConfig,
+    result: DecodeBenchResult,
+    interpolated_after: int | None = None,
+) -> None:
+    """One measurement per length, each read from the runs' first `length` tokens."""
     for n in lengths:
         truncated = tuple(r.truncated(n, config.batch_size) for r in runs)
         result.measurements.append(

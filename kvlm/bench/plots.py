@@ -58,8 +58,14 @@ def decode_per_token(data: JSON, path: Path) -> Path:
         if trace["sampled"]:  # single steps timed past the fully timed run
             index, seconds = np.array(trace["sampled"]).T
             label = f"{trace['engine']}, sampled steps"
-            left.plot(trace["prompt_tokens"] + index, 1000 * seconds, "o--", markersize=3,
-                      color=color, label=label)  # fmt: skip
+            left.plot(
+                trace["prompt_tokens"] + index,
+                1000 * seconds,
+                "o--",
+                markersize=3,
+                color=color,
+                label=label,
+            )
             tail = np.arange(len(total), index[-1] + 1)
             cumulative = total[-1] + np.cumsum(np.interp(tail, index, seconds))
             right.plot(tail + 1, cumulative, "--", color=color, label=f"{label}, interpolated")
@@ -92,8 +98,13 @@ def ttft_vs_inter_token(data: JSON, path: Path) -> Path:
         ax.plot(x, y, marker="o", label=server)
         for r, xi, yi in zip(rows, x, y, strict=True):
             n = r["num_streams"]
-            ax.annotate(f"{n} stream{'s' if n > 1 else ''}", (xi, yi), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                f"{n} stream{'s' if n > 1 else ''}",
+                (xi, yi),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
     ax.set(
         xlabel="inter-token latency, median (ms)",
         ylabel="time to first token, median (s)",
@@ -110,12 +121,21 @@ def throughput_vs_concurrency(data: JSON, path: Path, engine: JSON | None = None
     fig, ax = plt.subplots(figsize=(7, 5))
     for server in data["servers"]:
         rows = [r for r in data["results"] if r["server"] == server]
-        ax.plot([r["num_streams"] for r in rows], [r["tok_s"] for r in rows], marker="o",
-                label=f"{server} (HTTP)")  # fmt: skip
+        ax.plot(
+            [r["num_streams"] for r in rows],
+            [r["tok_s"] for r in rows],
+            marker="o",
+            label=f"{server} (HTTP)",
+        )
     if engine is not None:
         rows = engine["streams"]
-        ax.plot([r["num_streams"] for r in rows], [r["tok_s"] for r in rows], marker="s",
-                linestyle="--", label="kvlm engine (in-process, no HTTP)")  # fmt: skip
+        ax.plot(
+            [r["num_streams"] for r in rows],
+            [r["tok_s"] for r in rows],
+            marker="s",
+            linestyle="--",
+            label="kvlm engine (in-process, no HTTP)",
+        )
     ax.set_xscale("log", base=2)
     streams = sorted({r["num_streams"] for r in data["results"]})
     ax.set_xticks(streams, labels=[str(n) for n in streams])
@@ -140,13 +160,21 @@ def memory_vs_tokens(data: JSON, path: Path) -> Path:
         calc = [p for p in data["points"] if p["technique"] == name and p["source"] != MEASURED]
         measured = [p for p in data["points"] if p["technique"] == name and p["source"] == MEASURED]
         style = "--" if technique["num_sinks"] else "-"
-        (line,) = ax.plot([p["num_tokens"] for p in calc], [p["kv_bytes"] / 2**20 for p in calc],
-                          style, label=name)  # fmt: skip
+        (line,) = ax.plot(
+            [p["num_tokens"] for p in calc],
+            [p["kv_bytes"] / 2**20 for p in calc],
+            style,
+            label=name,
+        )
         if measured:
             any_measured = True
-            ax.plot([p["num_tokens"] for p in measured],
-                    [p["kv_bytes"] / 2**20 for p in measured],
-                    marker="o", linestyle="none", color=line.get_color())  # fmt: skip
+            ax.plot(
+                [p["num_tokens"] for p in measured],
+                [p["kv_bytes"] / 2**20 for p in measured],
+                marker="o",
+                linestyle="none",
+                color=line.get_color(),
+            )
     if any_measured:
         ax.plot([], [], marker="o", linestyle="none", color="0.3", label="measured (engine)")
     c = data["config"]
