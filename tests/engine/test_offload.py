@@ -4,6 +4,7 @@ Redis killed mid-run loses no request."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,50 @@ def test_gemma3_both_layer_groups_come_back_from_ram() -> None:
         llm.engine.kv_cache.check_integrity()
     finally:
         llm.engine.close()
+
+
+def test_a_request_waiting_on_a_load_does_not_stall_others() -> None:
+    """While one request's blocks are being fetched (the tier held back here), another request
+    is admitted and decodes; tier writes held back never stop the steps either."""
+    llm = small_llm("ram:64MiB")
+    engine = llm.engine
+    [ram] = engine.offload.tiers.tiers
+    try:
+        llm.generate({"prompt_token_ids": PREFIX}, GREEDY)
+        _evict_everything(llm)  # PREFIX's blocks go to RAM
+        assert engine.offload.flush(timeout=30)
+        llm.generate({"prompt_token_ids": OTHER}, GREEDY)  # cached blocks for later evictions
+        fetch_gate, write_gate = threading.Event(), threading.Event()
+        get_many, put = ram._get_many, ram._put
+
+        def held_get(keys):  # noqa: ANN001, ANN202
+            fetch_gate.wait(30)
+            return get_many(keys)
+
+        def held_put(key, blob):  # noqa: ANN001, ANN202
+            write_gate.wait(30)
+            return put(key, blob)
+
+        ram._get_many, ram._put = held_get, held_put
+        waiting = engine.add_request(None, PREFIX, GREEDY)
+        other = engine.add_request(None, list(range(7000, 7040)), GREEDY)
+        outputs: dict[str, list] = {waiting: [], other: []}
+        for _ in range(6):  # the other request runs to its end meanwhile
+            for out in engine.step():
+                outputs[out.request_id].append(out)
+        assert outputs[other] and outputs[other][-1].finished
+        assert outputs[waiting] == [] and waiting in engine.scheduler.loading
+        fetch_gate.set()
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[out.request_id].append(out)
+        assert outputs[waiting][-1].finished
+        assert outputs[waiting][-1].metrics.num_cached_tokens == (len(PREFIX) - 1) // 16 * 16
+        assert not engine.offload.flush(timeout=0)  # evictions' writes are still held back
+        write_gate.set()
+        assert engine.offload.flush(timeout=30)
+        engine.kv_cache.check_integrity()
+    finally:
+        fetch_gate.set()
+        write_gate.set()
+        engine.close()
