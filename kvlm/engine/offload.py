@@ -164,11 +164,14 @@ class OffloadConnector:
         blob, tier = hit
         key = self.identity.block_key(group, block_hash)
         try:
-            return decode_block(self.identity.specs[group], unseal(key, blob))
+            data = decode_block(self.identity.specs[group], unseal(key, blob))
         except CorruptBlockError as e:
-            logger.warning("offload tier %s returned a damaged block: %s", tier.name, e)
+            logger.warning("offload tier %s returned a damaged block, dropped: %s", tier.name, e)
             tier.stats.add(failures=1)
+            tier.discard(key)  # the recomputed block can be stored again
             return None
+        self.tiers.promote(key, blob, tier)
+        return data
 
     def finished_loads(self) -> list[str]:
         """Engine thread: import every finished fetch into the pools; the ids of the requests

@@ -202,3 +202,30 @@ def test_a_request_waiting_on_a_load_does_not_stall_others() -> None:
         fetch_gate.set()
         write_gate.set()
         engine.close()
+
+
+def test_a_damaged_disk_block_is_refused_dropped_and_stored_again(tmp_path: Path) -> None:
+    llm = small_llm(f"disk:{tmp_path}:64MiB")
+    engine = llm.engine
+    try:
+        fresh = llm.generate({"prompt_token_ids": PREFIX}, GREEDY)[0].outputs[0].token_ids
+        _evict_everything(llm)
+        assert engine.offload.flush(timeout=30)
+        damaged = tmp_path / f"{engine.cache_identity.block_key(0, _hashes()[3]).hex()}.kv"
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        damaged.write_bytes(bytes(data))
+
+        out = llm.generate({"prompt_token_ids": PREFIX}, GREEDY)[0]
+        assert out.metrics.num_cached_tokens == 3 * BLOCK_SIZE  # blocks 0-2; 3 on are recomputed
+        assert out.outputs[0].token_ids == fresh
+        [disk] = engine.offload.snapshot()
+        assert disk.failures == 1 and not damaged.exists()
+
+        _evict_everything(llm)  # the recomputed block 3 is stored again ...
+        assert engine.offload.flush(timeout=30) and damaged.exists()
+        again = llm.generate({"prompt_token_ids": PREFIX}, GREEDY)[0]  # ... and found
+        assert again.metrics.num_cached_tokens == (len(PREFIX) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        assert again.outputs[0].token_ids == fresh
+    finally:
+        engine.close()

@@ -72,12 +72,14 @@ def test_disk_tier_keeps_lru_within_capacity_and_across_restarts(tmp_path: Path)
     assert again.get_many([b"\x01", b"\x02", b"\x03"]) == [None, b"b" * 10, b"c" * 10]
 
 
-def test_tiered_store_promotes_a_disk_hit_into_ram(tmp_path: Path) -> None:
+def test_tiered_store_promotes_a_checked_disk_hit_into_ram(tmp_path: Path) -> None:
     ram, disk = RAMTier(capacity=100), DiskTier(tmp_path, capacity=100)
     disk.put(b"k", b"blob")
     store = TieredStore([ram, disk])
     [(blob, tier)] = store.get_many([b"k"])
     assert (blob, tier) == (b"blob", disk)
+    assert ram.get_many([b"k"]) == [None]  # not before the caller checked it
+    store.promote(b"k", blob, tier)
     assert ram.get_many([b"k"]) == [b"blob"]
 
 

@@ -68,6 +68,11 @@ class RAMTier(Tier):
                 del self._blobs[old]
             return key in self._blobs  # a blob over the whole capacity is not kept
 
+    def discard(self, key: bytes) -> None:
+        with self._lock:
+            self._lru.remove(key)
+            self._blobs.pop(key, None)
+
     def bytes_held(self) -> int:
         return self._lru.total
 
@@ -131,6 +136,11 @@ class DiskTier(Tier):
         with self._lock:
             self._drop(self._lru.add(key, len(blob)))
             return key in self._lru.sizes
+
+    def discard(self, key: bytes) -> None:
+        with self._lock:
+            self._lru.remove(key)
+            self._drop([key])
 
     def _drop(self, keys: list[bytes]) -> None:
         for key in keys:

@@ -84,5 +84,13 @@ class RedisTier(Tier):
             self._failed("a store", e)
             return False
 
+    def discard(self, key: bytes) -> None:
+        if not self._up():
+            return
+        try:
+            self._client.delete(KEY_PREFIX + key)
+        except self._errors as e:
+            self._failed("a delete", e)
+
     def close(self) -> None:
         self._client.close()

@@ -91,6 +91,10 @@ class Tier(ABC):
     def _put(self, key: bytes, blob: bytes) -> bool:
         """Store; False when nothing was written (already there, or a failure counted)."""
 
+    @abstractmethod
+    def discard(self, key: bytes) -> None:
+        """Drop `key` (a damaged blob), so the block can be stored again."""
+
     def bytes_held(self) -> int | None:
         return None
 

@@ -1,5 +1,6 @@
 """The tiers together: every evicted block is written to each tier (write-through), and a lookup
-asks RAM, then disk, then Redis, copying what a slower tier had into RAM.
+asks RAM, then disk, then Redis; what a slower tier had is copied into RAM once the caller
+has checked it (`promote`).
 
 Writing through rather than demoting RAM's victims to disk and disk's to Redis means Redis holds
 every block any replica evicted, which is what lets another replica find it; each tier still
@@ -54,9 +55,12 @@ class TieredStore:
             for i, blob in zip(wanted, tier.get_many([keys[i] for i in wanted]), strict=True):
                 if blob is not None:
                     found[i] = (blob, tier)
-                    if self._ram is not None and tier is not self._ram:
-                        self._ram.put(keys[i], blob)
         return found
+
+    def promote(self, key: bytes, blob: bytes, tier: Tier) -> None:
+        """Copy a blob a slower tier had (and the caller checked) into RAM."""
+        if self._ram is not None and tier is not self._ram:
+            self._ram.put(key, blob)
 
     def snapshot(self) -> tuple[TierSnapshot, ...]:
         return tuple(t.snapshot() for t in self.tiers)
