@@ -1,5 +1,5 @@
 """`kvlm serve`: an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions,
-/v1/models, /health, /metrics) in front of one engine."""
+/v1/models, /health, /metrics) and the live cache view (/cache) in front of one engine."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def add_parser(subparsers: Any) -> None:
         "serve",
         help="serve the model over HTTP (OpenAI-compatible API)",
         description="Serve the model over an OpenAI-compatible HTTP API: POST /v1/completions "
-        "and /v1/chat/completions (streaming with stream=true), GET /v1/models, /health and "
-        "/metrics (Prometheus). Stop with Ctrl-C.",
+        "and /v1/chat/completions (streaming with stream=true), GET /v1/models, /health, "
+        "/metrics (Prometheus) and /cache (the KV cache, live, in a browser). Stop with Ctrl-C.",
     )
     add_model_options(parser)
     group = parser.add_argument_group("server")
@@ -32,7 +32,10 @@ def add_parser(subparsers: Any) -> None:
         "--port", type=int, default=DEFAULT_PORT, help=f"port, 0 = any free ({DEFAULT_PORT})"
     )
     group.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 and /cache routes (a browser opens "
+        "/cache?api_key=KEY)",
     )
     group.add_argument(
         "--served-model-name",
@@ -98,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = build_app(engine, name, args.api_key, args.max_request_bytes, args.session_dir)
         url = socket_url(sock)
-        print(f"kvlm: serving {name!r} at {url}/v1 (health: {url}/health)", flush=True)
+        print(
+            f"kvlm: serving {name!r} at {url}/v1 (health: {url}/health, cache view: {url}/cache)",
+            flush=True,
+        )
         make_server(app, args.log_level).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C
         pass

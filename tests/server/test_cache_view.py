@@ -8,8 +8,13 @@ import threading
 from collections.abc import Callable
 
 import httpx
+from fastapi.testclient import TestClient
 from live_server import API_KEY, MODEL_NAME, TIMEOUT, LiveServer
 
+from kvlm.engine.async_engine import AsyncLLMEngine
+from kvlm.engine.config import EngineConfig
+from kvlm.engine.engine import LLMEngine
+from kvlm.server import build_app
 from kvlm.server.cache_view import CacheDelta, CacheStats, RequestView
 
 
@@ -119,3 +124,15 @@ def test_merged_deltas_have_the_effect_of_both() -> None:
     assert "b" in back.removed and [r.block_tables for r in back.requests if r.id == "b"] == [
         [[4]]
     ]  # the client drops b, then adds it back with its new table
+
+
+def test_a_server_without_a_cache_says_so() -> None:
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model="smollm2", use_cache=False)))
+    try:
+        client = TestClient(build_app(engine, MODEL_NAME))
+        for path in ("/cache", "/cache/events", "/cache/blocks/0/1"):
+            response = client.get(path)
+            assert response.status_code == 404
+            assert "without a KV cache (--no-cache)" in response.json()["error"]["message"]
+    finally:
+        engine.shutdown()
