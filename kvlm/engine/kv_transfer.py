@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kvlm.kv.block_codec import BlockData
 from kvlm.kv.block_pool import KVBlock
-from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 from kvlm.kv.store import KVStore
 
 
@@ -33,10 +33,17 @@ class BlockTransfer:
         self.stores = list(stores)
         self.block_size = cache.block_size
 
+    def _hit(self, block_hashes: Sequence[bytes]) -> PrefixHit:
+        """The longest cached run of `block_hashes` every group can serve (all of them may be
+        cached: no block is held back for a last token to compute)."""
+        return self.cache.find_cached_prefix(block_hashes, len(block_hashes) * self.block_size + 1)
+
+    def num_cached_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        return self._hit(block_hashes).num_tokens // self.block_size
+
     def export_prefix(self, block_hashes: Sequence[bytes]) -> PrefixBlocks:
         """Copies of the longest cached run of `block_hashes` that every group can serve."""
-        num_tokens = len(block_hashes) * self.block_size
-        hit = self.cache.find_cached_prefix(block_hashes, num_tokens + 1)  # no last-token cap
+        hit = self._hit(block_hashes)
         blocks = [
             [None if b is None else store.read_block(b.block_id) for b in group_blocks]
             for store, group_blocks in zip(self.stores, hit.blocks, strict=True)
@@ -64,5 +71,4 @@ class BlockTransfer:
                 held.append((i, block))
             # Later blocks first into the free queue, so a prefix's head is evicted last.
             pool.release(block for _, block in sorted(held, key=lambda x: -x[0]))
-        num_tokens = prefix.num_blocks * self.block_size
-        return self.cache.find_cached_prefix(block_hashes, num_tokens + 1).num_tokens
+        return self._hit(block_hashes[: prefix.num_blocks]).num_tokens

@@ -93,7 +93,7 @@ def _transfer(engine: LLMEngine) -> BlockTransfer:
 def num_cached_tokens(engine: LLMEngine, token_ids: list[int], cache_salt: str | None) -> int:
     """Leading tokens of `token_ids` (whole blocks) whose K/V the cache holds now."""
     hashes = _hashes(engine, token_ids, cache_salt)
-    return _transfer(engine).export_prefix(hashes).num_blocks * engine.config.block_size
+    return _transfer(engine).num_cached_blocks(hashes) * engine.config.block_size
 
 
 def export(engine: LLMEngine, token_ids: list[int], cache_salt: str | None) -> PrefixBlocks:
