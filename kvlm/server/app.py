@@ -87,8 +87,9 @@ class APIKeyMiddleware:
                 message = (
                     f"missing API key: send the header 'Authorization: Bearer <key>'{hint}"
                     if given is None
-                    else "invalid API key: the Authorization header does not carry the key "
-                    "this server was started with (--api-key)"
+                    else "invalid API key: the key sent (the Authorization header"
+                    + (", or api_key / the kvlm_api_key cookie" if browser else "")
+                    + ") is not the one this server was started with (--api-key)"
                 )
                 error = APIError(message, status_code=401, code="invalid_api_key")
                 await error.to_response()(scope, receive, send)

@@ -1,9 +1,10 @@
 """`/cache`: the live cache view page, its event stream and the details of one block.
 
 The page is one static file (`static/cache.html`: HTML, CSS and JS, no build step). It opens
-`/cache/events`, a server-sent event stream: the snapshot, then one delta per engine step
-(merged when the client reads slower than the engine steps), and a comment line every
-`KEEPALIVE_S` while nothing happens. A click on a block asks `/cache/blocks/{group}/{id}`.
+`/cache/events`, a server-sent event stream: the snapshot, then one delta per engine step,
+at most one event every `MIN_INTERVAL_S` (the deltas of faster steps, or of a client reading
+slowly, are merged into one), and a comment line every `KEEPALIVE_S` while nothing happens.
+A click on a block asks `/cache/blocks/{group}/{id}`.
 
 Under `--api-key` the routes need the key like every other route. A browser cannot put an
 `Authorization` header on a page it navigates to or on an `EventSource`, so /cache routes also
@@ -33,6 +34,7 @@ CACHE_VIEW_PATH = "/cache"
 KEY_PARAM = "api_key"
 KEY_COOKIE = "kvlm_api_key"
 KEEPALIVE_S = 15.0
+MIN_INTERVAL_S = 0.05  # at most 20 events a second, however fast the engine steps
 _START_TIMEOUT_S = 30.0
 
 
@@ -117,7 +119,11 @@ def install_cache_view(app: FastAPI, engine: AsyncLLMEngine) -> None:
                 yield sse(snapshot)
                 while engine.is_alive:
                     delta = await sink.next(KEEPALIVE_S)
-                    yield ": keepalive\n\n" if delta is None else sse(delta)
+                    if delta is None:
+                        yield ": keepalive\n\n"
+                        continue
+                    yield sse(delta)
+                    await asyncio.sleep(MIN_INTERVAL_S)  # later deltas wait and merge
             finally:  # the client left (or the server stops): no more deltas for it
                 engine.call(lambda e: current.unsubscribe(sink))
 

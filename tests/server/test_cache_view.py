@@ -41,6 +41,7 @@ def test_the_key_is_taken_from_the_header_the_query_or_the_cookie(server: LiveSe
     assert "/cache?api_key=<key>" in missing.json()["error"]["message"]
     wrong = httpx.get(f"{server.url}/cache", params={"api_key": "nope"}, timeout=TIMEOUT)
     assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    assert "the kvlm_api_key cookie) is not the one" in wrong.json()["error"]["message"]
     assert httpx.get(f"{server.url}/cache/events", timeout=TIMEOUT).status_code == 401
     page = httpx.get(f"{server.url}/cache", params={"api_key": API_KEY}, timeout=TIMEOUT)
     assert page.status_code == 200 and "<canvas" in page.text
