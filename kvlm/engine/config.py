@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,6 +59,10 @@ class EngineConfig:
     # "float" dequantizes at load (the exact path the oracle tests use); "gguf" keeps GGUF
     # blocks quantized for kvlm's CPU kernels; "q8_0" / "q4_1" also quantize float weights.
     weight_format: str = "float"
+    # PEFT prefix-tuning adapters, {name: folder}: each one's K/V is computed once into pinned
+    # blocks, and requests naming the adapter attend to it (kvlm.adapters). Kept as sorted
+    # (name, folder) pairs, so the config stays hashable.
+    prefix_adapters: Mapping[str, str | Path] | tuple[tuple[str, str], ...] = ()
     # Offload tiers for blocks evicted from the pool, e.g. "ram:2GiB,disk:/tmp/kv:20GiB,
     # redis://127.0.0.1:6379" (see kvlm.kv.offload.spec); None: evicted blocks are gone.
     kv_offload: str | None = None
@@ -96,6 +102,11 @@ class EngineConfig:
             raise EngineConfigError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.kv_offload is not None:
             self._check_offload()
+        if self.prefix_adapters:
+            pairs = dict(self.prefix_adapters).items()
+            adapters = tuple(sorted((name, str(path)) for name, path in pairs))
+            object.__setattr__(self, "prefix_adapters", adapters)
+            self._check_prefix_adapters()
         if parse_bytes(self.kv_cache_memory) <= 0:
             raise EngineConfigError(
                 f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}"
@@ -112,6 +123,25 @@ class EngineConfig:
             raise EngineConfigError(
                 "kv_offload brings blocks back through prefix caching: it needs the KV cache "
                 "and enable_prefix_caching (drop --no-cache)"
+            )
+
+    def _check_prefix_adapters(self) -> None:
+        for name, _ in self.prefix_adapters:
+            if not isinstance(name, str) or not name or ":" in name:
+                raise EngineConfigError(
+                    f"prefix adapter name {name!r} must be a non-empty string without ':' "
+                    "(a server's clients ask for it as model 'base:name')"
+                )
+        if not (self.use_cache and self.enable_prefix_caching):
+            raise EngineConfigError(
+                "prefix adapters are pinned blocks found by prefix caching: they need the KV "
+                "cache and enable_prefix_caching (drop --no-cache)"
+            )
+        if self.attention_sinks:
+            raise EngineConfigError(
+                "prefix adapters cannot run with attention_sinks: sinks rotate cached keys by "
+                "their place in the cache, while PEFT attends to prefix keys unrotated; drop "
+                "--attention-sinks or the adapter"
             )
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kvlm.adapters.registry import PrefixAdapters
 from kvlm.engine.config import (
     DEFAULT_MAX_MODEL_LEN,
     EngineConfig,
@@ -21,10 +22,12 @@ from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
+from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
 from kvlm.kv.offload.spec import parse_offload
 from kvlm.kv.offload.tiered import TieredStore
+from kvlm.kv.pinned import VirtualPrefix
 from kvlm.kv.quant import fp8_supported
 from kvlm.kv.spec import KVCacheSpec, layer_groups
 from kvlm.kv.store import KVStore
@@ -78,6 +81,9 @@ class LLMEngine:
         self.offload: OffloadConnector | None = None
         if config.use_cache:
             self._make_cache()
+        self.prefix_adapters: PrefixAdapters | None = None
+        if config.prefix_adapters:
+            self._register_prefix_adapters()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.use_cache),
             self.kv_cache,
@@ -156,6 +162,20 @@ class LLMEngine:
         if self.offload is not None:
             self.offload.close()
 
+    def _register_prefix_adapters(self) -> None:
+        """Compute each prefix-tuning adapter's K/V once, into pinned blocks."""
+        assert self.kv_cache is not None and self.kv_stores is not None  # the config checks
+        self.prefix_adapters = PrefixAdapters(
+            self.kv_cache, self.kv_stores, self.model_config, self.config.torch_dtype, self.device
+        )
+        for name, path in self.config.prefix_adapters:
+            try:
+                self.prefix_adapters.register(name, path)
+            except OutOfBlocksError as e:
+                raise EngineConfigError(
+                    f"prefix adapter {name!r} does not fit the KV pool: {e}; raise kv_cache_memory"
+                ) from e
+
     # --- requests -------------------------------------------------------------------------
 
     def add_request(
@@ -165,13 +185,17 @@ class LLMEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         request_id: str | None = None,
+        prefix_adapter: str | None = None,
     ) -> str:
-        """Queue a prompt (text, or token ids when given); returns its request id."""
+        """Queue a prompt (text, or token ids when given); returns its request id.
+        With `prefix_adapter`, the sequence starts with that adapter's virtual tokens."""
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
             prompt_token_ids = self.tokenizer.encode(prompt)
-        token_ids = self._check_prompt(list(prompt_token_ids))
+        virtual_prefix = self._virtual_prefix(prefix_adapter)
+        num_virtual = 0 if virtual_prefix is None else virtual_prefix.num_tokens
+        token_ids = self._check_prompt(list(prompt_token_ids), num_virtual)
         request_id = request_id or str(next(self._ids))
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
@@ -183,12 +207,25 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
             generator=make_generator(params.seed, self.device),
             cache_salt=cache_salt,
+            virtual_prefix=virtual_prefix,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
 
-    def _check_prompt(self, token_ids: list[int]) -> list[int]:
+    def _virtual_prefix(self, prefix_adapter: str | None) -> VirtualPrefix | None:
+        if prefix_adapter is None:
+            return None
+        known = self.prefix_adapters.names if self.prefix_adapters is not None else []
+        prefix = None if self.prefix_adapters is None else self.prefix_adapters.get(prefix_adapter)
+        if prefix is None:
+            raise InputError(
+                f"unknown prefix adapter {prefix_adapter!r}; this engine has "
+                f"{', '.join(map(repr, known)) or 'none'} (load adapters with prefix_adapters=)"
+            )
+        return prefix
+
+    def _check_prompt(self, token_ids: list[int], num_virtual: int = 0) -> list[int]:
         if not token_ids:
             raise InputError("prompt is empty: give at least one token")
         vocab = self.model_config.vocab_size
@@ -196,10 +233,12 @@ class LLMEngine:
         bad += [t for t in token_ids if isinstance(t, int) and not 0 <= t < vocab]
         if bad:
             raise InputError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) + num_virtual >= self.max_model_len:
+            virtual = f" after the prefix adapter's {num_virtual}" if num_virtual else ""
             raise InputError(
-                f"prompt has {len(token_ids):,} tokens; the context is {self.max_model_len:,} "
-                "(and at least one token must be generated): shorten it or raise max_model_len"
+                f"prompt has {len(token_ids):,} tokens{virtual}; the context is "
+                f"{self.max_model_len:,} (and at least one token must be generated): shorten "
+                "it or raise max_model_len"
             )
         return token_ids
 
@@ -233,7 +272,7 @@ class LLMEngine:
                 logits,
                 [r.params for r in requests],
                 [r.generator for r in requests],
-                [r.token_ids for r in requests],
+                [r.past_token_ids for r in requests],
                 [r.num_output_tokens for r in requests],
             )
             now = time.perf_counter()

@@ -11,10 +11,12 @@ from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import InputError, LLMEngine
 from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.engine.session import Session
+from kvlm.engine.task_prefixes import RegisteredPrefix, TaskPrefixes
 from kvlm.sampling import SamplingParams
 from kvlm.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} / {"prompt": "..."}
+AdapterChoice = str | None | Sequence[str | None]  # one prefix adapter for all, or one each
 Message = dict[str, str]
 
 
@@ -31,6 +33,7 @@ class LLM:
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
+        self.task_prefixes = TaskPrefixes(self.engine.kv_cache)
 
     def get_tokenizer(self) -> Tokenizer:
         """The tokenizer the engine encodes prompts and decodes outputs with (as vLLM's)."""
@@ -41,13 +44,21 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         cache_salt: str | None = None,
+        prefix_adapter: AdapterChoice = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion as one continuously batched workload; each result
-        holds the whole completion (text, token ids, logprobs) and its final metrics."""
+        holds the whole completion (text, token ids, logprobs) and its final metrics.
+
+        `prefix_adapter` names a prefix-tuning adapter loaded with `prefix_adapters=` (or
+        gives one name or None per prompt, mixing adapters in one batch)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
-        ids = [self._add(p, sp, cache_salt) for p, sp in zip(prompts, params, strict=True)]
+        adapters = _adapter_per_prompt(prefix_adapter, len(prompts))
+        ids = [
+            self._add(p, sp, cache_salt, a)
+            for p, sp, a in zip(prompts, params, adapters, strict=True)
+        ]
         return self._run(ids)
 
     def chat(
@@ -55,6 +66,7 @@ class LLM:
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        prefix_adapter: AdapterChoice = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or several) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -65,10 +77,13 @@ class LLM:
             }
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, prefix_adapter=prefix_adapter)
 
     def stream(
-        self, prompt: PromptType, sampling_params: SamplingParams | None = None
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        prefix_adapter: str | None = None,
     ) -> Iterator[RequestOutput]:
         """Yield an output each step the request produces a token; the last one is finished.
 
@@ -77,7 +92,7 @@ class LLM:
         gives the completion (`OutputAccumulator` assembles the whole). Text that may still
         turn into a stop string is held back until it cannot; `metrics` is a snapshot.
         """
-        request_id = self._add(prompt, sampling_params or SamplingParams(), None)
+        request_id = self._add(prompt, sampling_params or SamplingParams(), None, prefix_adapter)
         try:
             while True:
                 for output in self.engine.step():
@@ -116,14 +131,40 @@ class LLM:
         loaded = session.read(self.engine.cache_identity, Path(path))
         return session.restore_blocks(self.engine, loaded)
 
-    def _add(self, prompt: PromptType, params: SamplingParams, cache_salt: str | None) -> str:
+    def register_prefix(self, name: str, text: str) -> RegisteredPrefix:
+        """Compute `text` once (a document, a system prompt) and pin its full blocks, so every
+        later request whose prompt starts with its tokens reuses them however full the pool
+        gets. Build such prompts from `RegisteredPrefix.token_ids` plus the task's own ids
+        to be sure the tokens match (text joined before tokenizing may merge at the seam)."""
+        token_ids = self.tokenizer.encode(text)
+        self.task_prefixes.check_new(name, token_ids)
+        self.generate({"prompt_token_ids": token_ids}, SamplingParams(max_tokens=1, temperature=0))
+        return self.task_prefixes.pin(name, token_ids)
+
+    def unregister_prefix(self, name: str) -> None:
+        """Unpin a registered prefix; its blocks stay cached until the pool needs them."""
+        self.task_prefixes.unpin(name)
+
+    def _add(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        cache_salt: str | None,
+        prefix_adapter: str | None = None,
+    ) -> str:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt and "prompt" not in prompt:
                 raise InputError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
             return self.engine.add_request(
-                prompt.get("prompt"), prompt.get("prompt_token_ids"), params, cache_salt
+                prompt.get("prompt"),
+                prompt.get("prompt_token_ids"),
+                params,
+                cache_salt,
+                prefix_adapter=prefix_adapter,
             )
-        return self.engine.add_request(prompt, None, params, cache_salt)
+        return self.engine.add_request(
+            prompt, None, params, cache_salt, prefix_adapter=prefix_adapter
+        )
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = {request_id: OutputAccumulator() for request_id in request_ids}
@@ -151,3 +192,11 @@ def _per_prompt(
     if len(params) != count:
         raise InputError(f"got {len(params)} SamplingParams for {count} prompts")
     return list(params)
+
+
+def _adapter_per_prompt(adapter: AdapterChoice, count: int) -> list[str | None]:
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * count
+    if len(adapter) != count:
+        raise InputError(f"got {len(adapter)} prefix adapters for {count} prompts")
+    return list(adapter)

@@ -13,6 +13,7 @@ import torch
 from kvlm.sampling import Logprob, SamplingParams, StopChecker, StopMatch
 
 if TYPE_CHECKING:
+    from kvlm.kv.pinned import VirtualPrefix
     from kvlm.tokenizer import IncrementalDetokenizer
 
 
@@ -177,6 +178,10 @@ class Request:
     computes the rest. Only a request whose computed tokens reach the end samples a new one.
     Text, token ids and logprobs go out once each: `to_output` hands over what is new since
     its previous call (the stop-string holdback excepted, which goes out when safe).
+
+    With a `virtual_prefix` (a prefix-tuning adapter), `token_ids` starts with its placeholder
+    ids and `num_computed_tokens` never drops below their count: their K/V are the prefix's
+    pinned blocks. `prompt_token_ids` and the metrics count the real prompt only.
     """
 
     request_id: str
@@ -186,6 +191,7 @@ class Request:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
     cache_salt: str | None = None
+    virtual_prefix: VirtualPrefix | None = None
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -201,13 +207,27 @@ class Request:
     _text: TextBuffer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.num_prompt_tokens = len(self.token_ids)
         self.prompt_token_ids = list(self.token_ids)
-        self.metrics = RequestMetrics(time.perf_counter(), self.num_prompt_tokens)
+        if self.virtual_prefix is not None:
+            self.token_ids = [*self.virtual_prefix.token_ids, *self.token_ids]
+            self.cache_salt = self.virtual_prefix.salted(self.cache_salt)
+        self.num_prompt_tokens = len(self.token_ids)  # outputs start after these
+        self.metrics = RequestMetrics(time.perf_counter(), len(self.prompt_token_ids))
         self.stop_checker = StopChecker.from_params(self.params)
         self._text = TextBuffer()
         if self.params.logprobs is not None:
             self.logprobs = []
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.virtual_prefix is None else self.virtual_prefix.num_tokens
+
+    @property
+    def past_token_ids(self) -> list[int]:
+        """Prompt and generated ids without the virtual prefix (what penalties count)."""
+        if self.virtual_prefix is None:
+            return self.token_ids
+        return self.token_ids[self.virtual_prefix.num_tokens :]
 
     @property
     def output_token_ids(self) -> list[int]:

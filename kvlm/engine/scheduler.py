@@ -45,6 +45,9 @@ class SchedulerConfig:
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)  # per request, tokens computed now
+    # (group, source, destination) whole-block copies to make before the step runs: a prefix
+    # adapter's partial last block, into the block a newly admitted request fills next
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
@@ -108,7 +111,7 @@ class Scheduler:
                 if self.offload.start_load(request, hashes):
                     self.loading[self.waiting.popleft().request_id] = request
                     continue
-            num_tokens = self._admit(request, budget)
+            num_tokens = self._admit(request, budget, batch)
             if num_tokens == 0:
                 break
             self.waiting.popleft()
@@ -145,7 +148,12 @@ class Scheduler:
     def _hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         """The request's block hashes, extended to its first `num_tokens` tokens."""
         assert self.cache is not None
-        hashes = self.block_hashes.setdefault(request.request_id, [])
+        hashes = self.block_hashes.get(request.request_id)
+        if hashes is None:  # a virtual prefix's blocks are named by the prefix's hashes
+            prefix = request.virtual_prefix
+            hashes = self.block_hashes[request.request_id] = list(
+                () if prefix is None else prefix.block_hashes
+            )
         extend_block_hashes(
             hashes, request.token_ids, num_tokens, self.cache.block_size, request.cache_salt
         )
@@ -161,22 +169,31 @@ class Scheduler:
         request.metrics.kv_peak_bytes = max(request.metrics.kv_peak_bytes, held)
         return True
 
-    def _admit(self, request: Request, budget: int) -> int:
+    def _admit(self, request: Request, budget: int, batch: ScheduledBatch) -> int:
         """Allocate a waiting request's first chunk; 0 if it does not fit now."""
         if self.cache is None:
             total = len(request.token_ids)
             return total if total <= budget or not self.running else 0
         hashes = self._hashes(request, len(request.token_ids))
         hit = self.cache.find_cached_prefix(hashes, len(request.token_ids))
-        num_cached = hit.num_tokens
+        num_virtual = request.num_virtual_tokens  # never computed: their K/V are pinned
+        num_cached = max(hit.num_tokens, num_virtual)
         num_tokens = min(len(request.token_ids) - num_cached, budget)
         if not self._allocate(request, num_cached + num_tokens, hit):
             return 0
+        if hit.num_tokens < num_virtual:  # the prefix's partial block is the request's to fill
+            prefix = request.virtual_prefix
+            assert prefix is not None
+            assert hit.num_tokens == len(prefix.block_hashes) * self.cache.block_size, (
+                "a virtual prefix's full blocks are pinned: always a hit"
+            )
+            tables = self.cache.block_tables(request.request_id)
+            batch.block_copies += prefix.tail_copies(tables)
         request.num_computed_tokens = num_cached
         if request.metrics.num_preemptions == 0:
-            request.metrics.num_cached_tokens = num_cached
-            self.stats.num_prefix_queries += request.num_prompt_tokens
-            self.stats.num_prefix_hits += num_cached
+            request.metrics.num_cached_tokens = num_cached - num_virtual
+            self.stats.num_prefix_queries += request.num_prompt_tokens - num_virtual
+            self.stats.num_prefix_hits += num_cached - num_virtual
         return num_tokens
 
     def _reserve(self, request: Request, num_tokens: int) -> bool:

@@ -1,0 +1,87 @@
+"""Runs of blocks the pools themselves hold, and the virtual prefixes built on them.
+
+A pinned block never returns to the free queue, so no pool pressure evicts it, and it keeps its
+name in the prefix index, so every request whose block hashes start with the run's gets it as an
+ordinary prefix hit. Integers only: whoever fills the blocks owns the tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvlm.kv.block_pool import KVBlock, OutOfBlocksError
+from kvlm.kv.cache_manager import KVCacheManager
+
+
+@dataclass(frozen=True)
+class PinnedRun:
+    blocks: tuple[tuple[KVBlock, ...], ...]  # per layer group, the blocks pinned there
+
+    def block_ids(self, group: int) -> list[int]:
+        return [block.block_id for block in self.blocks[group]]
+
+
+def allocate_pinned(
+    cache: KVCacheManager, num_tokens: int, block_hashes: Sequence[bytes]
+) -> PinnedRun:
+    """Fresh pinned blocks for `num_tokens` positions in every group, the full ones named by
+    `block_hashes` (one each), the last partial one unnamed. The caller writes their K/V."""
+    num_blocks = -(-num_tokens // cache.block_size)
+    assert len(block_hashes) == num_tokens // cache.block_size, "one hash per full block"
+    short = [p.num_free_blocks for p in cache.pools if p.num_free_blocks < num_blocks]
+    if short:
+        raise OutOfBlocksError(
+            f"{num_tokens} pinned positions need {num_blocks} blocks of {cache.block_size} "
+            f"tokens in every layer group; only {min(short)} free"
+        )
+    blocks = []
+    for pool in cache.pools:
+        taken = pool.take(num_blocks)
+        for block, block_hash in zip(taken, block_hashes, strict=False):
+            pool.cache(block, block_hash)
+            assert block.block_hash == block_hash, "its hash was already cached elsewhere"
+        for block in taken:
+            pool.pin(block)
+        pool.release(taken)  # the pin alone holds them now
+        blocks.append(tuple(taken))
+    return PinnedRun(tuple(blocks))
+
+
+@dataclass(frozen=True)
+class VirtualPrefix:
+    """The first positions of every sequence that carries it, with K/V given, not computed
+    (a prefix-tuning adapter's virtual tokens): its blocks are pinned and named, so requests
+    find its full blocks as a prefix hit; the last partial block is copied into each request's
+    own block, which the request's first tokens then fill.
+
+    A request's `token_ids` start with `token_ids` (placeholders, never embedded: they are
+    always counted as computed); its block hashes start with `block_hashes`, so a cache salt
+    of the request's own changes only the blocks after them.
+    """
+
+    name: str
+    token_ids: tuple[int, ...]  # one placeholder id per virtual position
+    cache_salt: str  # names this prefix's K/V: the request's blocks after it differ by it too
+    block_hashes: tuple[bytes, ...]  # of its full blocks
+    run: PinnedRun  # ceil(P / block_size) blocks per group, the full ones named
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def salted(self, cache_salt: str | None) -> str:
+        """The salt of a request carrying this prefix (and maybe a salt of its own)."""
+        return self.cache_salt if cache_salt is None else f"{self.cache_salt}\0{cache_salt}"
+
+    def tail_copies(self, block_tables: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+        """(group, source, destination) block copies that put the partial last block into a
+        request's table (`block_tables[g]`: the request's block ids in group g); none when
+        the prefix fills whole blocks."""
+        index = len(self.block_hashes)  # the partial block follows the full ones
+        if len(self.run.blocks[0]) == index:
+            return []
+        return [
+            (g, blocks[index].block_id, block_tables[g][index])
+            for g, blocks in enumerate(self.run.blocks)
+        ]
