@@ -57,7 +57,6 @@ class Recording:
     keys: list[list[list[float] | None]] = field(default_factory=list)
     values: list[list[list[float] | None]] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
-    text: str = ""
 
 
 def record_generation(
@@ -95,7 +94,6 @@ def record_generation(
         engine.tokenizer.decode([t], skip_special_tokens=False) for t in request.token_ids
     ]
     recorder.recording.num_cached_tokens = request.metrics.num_cached_tokens
-    recorder.recording.text = engine.tokenizer.decode(request.output_token_ids)
     return recorder.recording
 
 
