@@ -1,6 +1,7 @@
 """Restore vs recompute: the next turn of a long conversation after a restart.
 
-Builds a chat conversation of about --tokens tokens, saves it as a session file, then (each
+Builds a chat conversation of about --tokens tokens (a plain prompt and its completion for a
+model without a chat template, e.g. gemma3-270m's GGUF), saves it as a session file, then (each
 repeat starting from an empty prefix cache, as a restarted process would) times
   recompute: the next turn's time to first token when the whole conversation is prefilled;
   restore:   reading and checking the session file and copying its blocks into the cache,
@@ -18,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from kvlm import LLM
 from kvlm.sampling import SamplingParams
@@ -28,18 +30,27 @@ FILLER = (
 )
 
 
-def build_conversation(llm: LLM, num_tokens: int) -> list[dict[str, str]]:
-    """Alternating user/assistant turns of filler text until the template reaches the length."""
-    messages: list[dict[str, str]] = []
-    while not messages or len(llm.tokenizer.encode_chat(messages, False)) < num_tokens:
-        role = "user" if len(messages) % 2 == 0 else "assistant"
-        messages.append({"role": role, "content": f"Part {len(messages)}. " + FILLER * 3})
-    return messages
+def build_conversation(llm: LLM, num_tokens: int) -> tuple[Any, list[int]]:
+    """(what `save_session` takes, the next turn's prompt ids): alternating chat turns of
+    filler text, or for a model without a chat template a plain prompt and its completion."""
+    question = "Summarise the survey in one sentence."
+    if llm.tokenizer.chat_template is not None:
+        messages: list[dict[str, str]] = []
+        while not messages or len(llm.tokenizer.encode_chat(messages, False)) < num_tokens:
+            role = "user" if len(messages) % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": f"Part {len(messages)}. " + FILLER * 3})
+        next_turn = [*messages, {"role": "user", "content": question}]
+        return messages, llm.tokenizer.encode_chat(next_turn)
+    text = FILLER * (num_tokens // 20)
+    prompt = llm.tokenizer.encode(text)[:num_tokens]
+    first = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))[0]
+    tail = llm.tokenizer.encode(f" {question}", add_special_tokens=False)
+    return first, [*prompt, *first.outputs[0].token_ids, *tail]
 
 
-def next_turn_ttft(llm: LLM, messages: list[dict[str, str]]) -> tuple[float, int]:
-    question = {"role": "user", "content": "Summarise the survey in one sentence."}
-    out = llm.chat([*messages, question], SamplingParams(max_tokens=1, temperature=0))[0]
+def next_turn_ttft(llm: LLM, prompt_ids: list[int]) -> tuple[float, int]:
+    params = SamplingParams(max_tokens=1, temperature=0)
+    out = llm.generate({"prompt_token_ids": prompt_ids}, params)[0]
     return out.metrics.ttft_s, out.metrics.num_cached_tokens
 
 
@@ -58,17 +69,17 @@ def main() -> None:
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.tokens + 256,
     )
-    messages = build_conversation(llm, args.tokens)
+    conversation, next_prompt = build_conversation(llm, args.tokens)
     cache = llm.engine.kv_cache
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "conversation.kvs"
         start = time.perf_counter()
-        saved = llm.save_session(messages, path)
+        saved = llm.save_session(conversation, path)
         save_s = time.perf_counter() - start
         recompute, restore, restored_ttft, cached = [], [], [], 0
         for _ in range(args.repeats):
             cache.reset_prefix_cache()
-            ttft, hit = next_turn_ttft(llm, messages)
+            ttft, hit = next_turn_ttft(llm, next_prompt)
             assert hit == 0, "the recompute run found cached blocks"
             recompute.append(ttft)
             cache.reset_prefix_cache()
@@ -76,14 +87,14 @@ def main() -> None:
             session = llm.load_session(path)
             load_s = time.perf_counter() - start
             assert session.refused is None, session.refused
-            ttft, cached = next_turn_ttft(llm, messages)
+            ttft, cached = next_turn_ttft(llm, next_prompt)
             restore.append(load_s + ttft)
             restored_ttft.append(ttft)
         file_bytes = path.stat().st_size
     result = {
         "model": args.model,
         "kv_format": llm.engine.kv_specs[0].kv_format,
-        "conversation_tokens": len(llm.tokenizer.encode_chat(messages, False)),
+        "next_turn_tokens": len(next_prompt),
         "saved_tokens": saved,
         "cached_tokens_after_restore": cached,
         "file_bytes": file_bytes,
@@ -95,7 +106,7 @@ def main() -> None:
     result["speedup"] = result["recompute_ttft_s"] / result["restore_total_s"]
     print(json.dumps(result))
     print(
-        f"| {args.model} | {result['kv_format']} | {result['conversation_tokens']:,} | "
+        f"| {args.model} | {result['kv_format']} | {result['next_turn_tokens']:,} | "
         f"{file_bytes / 2**20:.1f} MiB | {result['recompute_ttft_s'] * 1e3:.0f} ms | "
         f"{result['restore_total_s'] * 1e3:.0f} ms | {result['speedup']:.1f}x |"
     )
