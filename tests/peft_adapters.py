@@ -1,4 +1,5 @@
-"""Prefix-tuning adapters saved by PEFT itself, and the reference PEFT + transformers give.
+"""Prefix-tuning adapters for tests: saved by PEFT itself, or written in its saved format; and
+the reference PEFT + transformers give.
 
 The reference is a greedy loop of full forward passes through the `PeftModel` (with
 transformers 5.x / peft 0.21, `PeftModel.generate()` was seen to drop the prefix and return
@@ -7,9 +8,13 @@ the base model's tokens, while its forward pass keeps it).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from kvlm.config import ModelConfig
 
 
 def save_prefix_adapter(hf_model, folder: Path, num_virtual_tokens: int, seed: int):
@@ -34,3 +39,29 @@ def greedy_forward(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
             sequence.append(int(logits[0, -1].argmax()))
     return sequence[len(prompt_ids) :]
+
+
+def write_adapter(folder: Path, config: ModelConfig, num_virtual_tokens: int, seed: int) -> Path:
+    """What `PeftModel.save_pretrained` writes for a prefix-tuning adapter without projection:
+    `adapter_config.json`, and `adapter_model.safetensors` holding `prompt_embeddings`
+    [P, num_layers * 2 * num_kv_heads * head_dim] (layer-major, K before V), here seeded noise."""
+    folder.mkdir(parents=True)
+    token_dim = config.num_kv_heads * config.head_dim
+    peft_config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": num_virtual_tokens,
+        "num_layers": config.num_layers,
+        "num_attention_heads": config.num_kv_heads,
+        "token_dim": token_dim,
+        "encoder_hidden_size": token_dim,
+        "num_transformer_submodules": 1,
+        "prefix_projection": False,
+        "inference_mode": True,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(peft_config))
+    generator = torch.Generator().manual_seed(seed)
+    width = config.num_layers * 2 * token_dim
+    embeddings = torch.randn(num_virtual_tokens, width, generator=generator)
+    save_file({"prompt_embeddings": embeddings}, str(folder / "adapter_model.safetensors"))
+    return folder

@@ -135,6 +135,7 @@ class _Add:
     prompt_token_ids: Sequence[int] | None
     params: SamplingParams
     cache_salt: str | None
+    prefix_adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.unbounded_length = engine.unbounded_length  # sinks: generation may pass the context
         self.vocab_size = engine.model_config.vocab_size  # logits rows: valid token ids
+        adapters = engine.prefix_adapters
+        self.prefix_adapters = () if adapters is None else tuple(adapters.names)
         self._cond = threading.Condition()
         self._commands: deque[_Command] = deque()  # guarded by _cond
         self._stopping = False  # guarded by _cond
@@ -192,6 +195,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        prefix_adapter: str | None = None,
     ) -> RequestStream:
         """Queue a request and wait until the engine accepted it; raises InputError etc.
 
@@ -200,7 +204,7 @@ class AsyncLLMEngine:
         if not self.is_alive:
             raise EngineDeadError("the engine thread has stopped; restart the server")
         stream = RequestStream(self, request_id or uuid.uuid4().hex)
-        self._submit(_Add(stream, prompt, prompt_token_ids, params, cache_salt))
+        self._submit(_Add(stream, prompt, prompt_token_ids, params, cache_salt, prefix_adapter))
         await stream.wait_accepted()
         return stream
 
@@ -308,12 +312,14 @@ class AsyncLLMEngine:
                 command.params,
                 command.cache_salt,
                 stream.request_id,
+                command.prefix_adapter,
             )
         except Exception as e:  # InputError and friends: the caller of add_request gets it
             stream.put(e)
             return
         self._streams[stream.request_id] = stream
-        self._num_prompt_tokens += self.engine.requests[stream.request_id].num_prompt_tokens
+        request = self.engine.requests[stream.request_id]
+        self._num_prompt_tokens += request.metrics.num_prompt_tokens  # no virtual tokens
         if not stream.put(_ACCEPTED):  # the caller's event loop is gone
             del self._streams[stream.request_id]
             self._abort(stream.request_id)

@@ -105,6 +105,7 @@ def model_limits(engine: AsyncLLMEngine, served_model_name: str) -> ModelLimits:
         vocab_size=engine.vocab_size,
         prompt_length=PromptLengthLimit(engine.tokenizer, max_model_len),
         unbounded_length=engine.unbounded_length,
+        prefix_adapters=frozenset(engine.prefix_adapters),
     )
 
 
@@ -147,8 +148,11 @@ def build_app(
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models() -> ModelList:
-        card = ModelCard(id=served_model_name, created=now(), max_model_len=engine.max_model_len)
-        return ModelList(data=[card])
+        names = [served_model_name] + [f"{served_model_name}:{a}" for a in engine.prefix_adapters]
+        created, max_model_len = now(), engine.max_model_len
+        return ModelList(
+            data=[ModelCard(id=n, created=created, max_model_len=max_model_len) for n in names]
+        )
 
     # Bodies are parsed by hand (not as FastAPI parameters) so every bad body is a 400 that
     # says what is wrong, whatever the Content-Type; `_document_bodies` puts them in the schema.

@@ -49,7 +49,13 @@ async def generate(ctx: ServingContext, api: API, client: Request) -> Response:
     request_id = new_id(api.id_prefix)
     body = prepared.body
     stream = await submit(
-        ctx, prepared.prompt, prepared.params, request_id, body.cache_salt, api.prompt_param
+        ctx,
+        prepared.prompt,
+        prepared.params,
+        request_id,
+        body.cache_salt,
+        api.prompt_param,
+        prepared.prefix_adapter,
     )
     formatter = api.formatter(prepared, tokenizer, Header(request_id, now(), ctx.model_name))
     if body.stream:

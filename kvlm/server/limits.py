@@ -108,3 +108,4 @@ class ModelLimits:
     vocab_size: int  # token ids in [0, vocab_size) are valid in logit_bias and prompts
     prompt_length: PromptLengthLimit  # refuses text that cannot fit, before tokenizing
     unbounded_length: bool = False  # attention sinks: generation may run past the context
+    prefix_adapters: frozenset[str] = frozenset()  # served as `prefix_adapter` or 'name:adapter'

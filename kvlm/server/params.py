@@ -50,6 +50,37 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
+def requested_adapter(body: SamplingRequest, limits: ModelLimits) -> str | None:
+    """The prefix adapter a request asks for, as `prefix_adapter` or by the model name
+    '<served name>:<adapter>'; 400 for another model, 404 for an adapter not loaded."""
+    in_model = None
+    if body.model is not None and body.model != limits.name:
+        base, colon, in_model = body.model.rpartition(":")
+        if not colon or base != limits.name:
+            check_model(body.model, limits.name)
+    adapter, param = (
+        (in_model, "model")
+        if body.prefix_adapter is None
+        else (body.prefix_adapter, "prefix_adapter")
+    )
+    if in_model is not None and adapter != in_model:
+        raise APIError(
+            f"model {body.model!r} names adapter {in_model!r} but prefix_adapter is "
+            f"{body.prefix_adapter!r}: give the adapter once",
+            param="prefix_adapter",
+        )
+    if adapter is not None and adapter not in limits.prefix_adapters:
+        known = ", ".join(repr(f"{limits.name}:{a}") for a in sorted(limits.prefix_adapters))
+        raise APIError(
+            f"prefix adapter {adapter!r} does not exist: this server serves "
+            f"{known or 'no adapters'} (start it with --prefix-adapter NAME=PATH)",
+            status_code=404,
+            param=param,
+            code="model_not_found",
+        )
+    return adapter
+
+
 def logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float] | None:
     """OpenAI's `{"token id": bias}` as ids; 400 for a key that is no token id of this model
     or a bias outside [-100, 100]."""
@@ -148,23 +179,24 @@ class Prepared:
     body: SamplingRequest
     prompt: Prompt
     params: SamplingParams
+    prefix_adapter: str | None = None
 
 
 def prepare_completion(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
     """Cheap checks first (fields, model), then the prompt (tokenized), then the params."""
     body = parse_body(raw, CompletionRequest)
-    check_model(body.model, limits.name)
+    adapter = requested_adapter(body, limits)
     check_unsupported(body, UNSUPPORTED_COMPLETION)
     prompt = completion_prompt(body, tokenizer, limits)
-    return Prepared(body, prompt, completion_params(body, prompt, limits))
+    return Prepared(body, prompt, completion_params(body, prompt, limits), adapter)
 
 
 def prepare_chat(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
     body = parse_body(raw, ChatCompletionRequest)
-    check_model(body.model, limits.name)
+    adapter = requested_adapter(body, limits)
     check_unsupported(body, UNSUPPORTED_CHAT)
     prompt = chat_prompt(body, tokenizer, limits)
-    return Prepared(body, prompt, chat_params(body, prompt, limits))
+    return Prepared(body, prompt, chat_params(body, prompt, limits), adapter)
 
 
 def completion_params(

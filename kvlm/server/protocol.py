@@ -93,6 +93,7 @@ class SamplingRequest(BaseModel):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     cache_salt: StrictStr | None = None
+    prefix_adapter: StrictStr | None = None  # a prefix-tuning adapter the server loaded
 
     @property
     def include_usage(self) -> bool:

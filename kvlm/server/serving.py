@@ -55,11 +55,12 @@ async def submit(
     request_id: str,
     cache_salt: str | None,
     prompt_param: str,
+    prefix_adapter: str | None = None,
 ) -> RequestStream:
     """Hand the request to the engine; the engine's refusals become 400s."""
     try:
         return await ctx.engine.add_request(
-            prompt.text, prompt.token_ids, params, request_id, cache_salt
+            prompt.text, prompt.token_ids, params, request_id, cache_salt, prefix_adapter
         )
     except InputError as e:
         raise APIError(str(e), param=prompt_param) from e

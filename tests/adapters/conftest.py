@@ -1,47 +1,16 @@
-"""Prefix-tuning adapters written in PEFT's saved format, for the engine tests.
-
-The files are what `PeftModel.save_pretrained` writes for a prefix-tuning adapter (the oracle
-test, tests/oracle/test_prefix_tuning_oracle.py, uses files PEFT itself saved):
-`adapter_config.json` and `adapter_model.safetensors` holding `prompt_embeddings`
-[P, num_layers * 2 * num_kv_heads * head_dim] (layer-major, K before V).
-"""
+"""Prefix-tuning adapters written in PEFT's saved format (`peft_adapters.write_adapter`) for
+the engine tests; the oracle test uses files PEFT itself saved."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from peft_adapters import write_adapter
 
 from kvlm.config import ModelConfig
 from kvlm.loading.gguf_loader import read_header
-
-MAX_MODEL_LEN = 256
-
-
-def write_adapter(folder: Path, config: ModelConfig, num_virtual_tokens: int, seed: int) -> Path:
-    folder.mkdir(parents=True)
-    token_dim = config.num_kv_heads * config.head_dim
-    peft_config = {
-        "peft_type": "PREFIX_TUNING",
-        "task_type": "CAUSAL_LM",
-        "num_virtual_tokens": num_virtual_tokens,
-        "num_layers": config.num_layers,
-        "num_attention_heads": config.num_kv_heads,
-        "token_dim": token_dim,
-        "encoder_hidden_size": token_dim,
-        "num_transformer_submodules": 1,
-        "prefix_projection": False,
-        "inference_mode": True,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(peft_config))
-    generator = torch.Generator().manual_seed(seed)
-    width = config.num_layers * 2 * token_dim
-    embeddings = torch.randn(num_virtual_tokens, width, generator=generator)
-    save_file({"prompt_embeddings": embeddings}, str(folder / "adapter_model.safetensors"))
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -65,13 +34,14 @@ def smollm2_adapter_folders(smollm2_config, tmp_path_factory) -> dict[str, Path]
 
 
 @pytest.fixture(scope="session")
-def smollm2_with_adapters(smollm2_adapter_folders):
+def smollm2_adapter_settings(smollm2_adapter_folders) -> dict[str, Any]:
+    """LLM settings with both adapters and a short context (so small pools still fit)."""
+    return {"prefix_adapters": smollm2_adapter_folders, "max_model_len": 256}
+
+
+@pytest.fixture(scope="session")
+def smollm2_with_adapters(smollm2_adapter_settings):
     """One smollm2 engine holding both adapters."""
     from kvlm import LLM
 
-    return LLM(
-        "smollm2",
-        prefix_adapters=smollm2_adapter_folders,
-        kv_cache_memory="64MiB",
-        max_model_len=MAX_MODEL_LEN,
-    )
+    return LLM("smollm2", kv_cache_memory="64MiB", **smollm2_adapter_settings)

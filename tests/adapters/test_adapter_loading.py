@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_adapter
+from peft_adapters import write_adapter
 from safetensors.torch import load_file
 
 from kvlm.adapters import AdapterError, load_prefix_adapter

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MAX_MODEL_LEN
 
 from kvlm import LLM, InputError, SamplingParams
 from kvlm.engine.config import EngineConfig, EngineConfigError
@@ -53,14 +52,9 @@ def test_adapter_requests_share_prefix_hits_and_salts(smollm2_with_adapters):
     assert plain.metrics.num_cached_tokens == 0
 
 
-def test_adapter_blocks_stay_pinned_under_pool_pressure(smollm2_adapter_folders):
+def test_adapter_blocks_stay_pinned_under_pool_pressure(smollm2_adapter_settings):
     # 28 blocks of 16 tokens; each request below needs about 7 (20 virtual + prompt + output)
-    llm = LLM(
-        "smollm2",
-        prefix_adapters=smollm2_adapter_folders,
-        kv_cache_memory="20MiB",
-        max_model_len=MAX_MODEL_LEN,
-    )
+    llm = LLM("smollm2", kv_cache_memory="20MiB", **smollm2_adapter_settings)
     cache, adapters = llm.engine.kv_cache, llm.engine.prefix_adapters
     before = _tokens(llm, PROMPTS[:1], "twenty")[0]
     churn = [f"Item {i}: " + "a long list of things to remember, " * 6 for i in range(12)]
@@ -81,14 +75,8 @@ def test_adapter_blocks_stay_pinned_under_pool_pressure(smollm2_adapter_folders)
     assert _tokens(llm, PROMPTS[:1], "twenty")[0] == before
 
 
-def test_int8_kv_with_an_adapter_runs(smollm2_adapter_folders):
-    llm = LLM(
-        "smollm2",
-        prefix_adapters=smollm2_adapter_folders,
-        kv_cache_dtype="int8",
-        kv_cache_memory="16MiB",
-        max_model_len=MAX_MODEL_LEN,
-    )
+def test_int8_kv_with_an_adapter_runs(smollm2_adapter_settings):
+    llm = LLM("smollm2", kv_cache_dtype="int8", kv_cache_memory="16MiB", **smollm2_adapter_settings)
     with_adapter = _tokens(llm, PROMPTS[:1], "twenty")[0]
     assert len(with_adapter) == GREEDY.max_tokens
     assert with_adapter != _tokens(llm, PROMPTS[:1], None)[0]
@@ -104,7 +92,7 @@ def test_unknown_adapter_is_refused(smollm2_with_adapters):
 
 def test_virtual_tokens_count_against_the_context(smollm2_with_adapters):
     llm = smollm2_with_adapters
-    ids = [42] * (MAX_MODEL_LEN - 20)  # fits alone, not after 20 virtual tokens
+    ids = [42] * (llm.engine.max_model_len - 20)  # fits alone, not after 20 virtual tokens
     with pytest.raises(InputError, match="after the prefix adapter's 20; the context is 256"):
         llm.generate({"prompt_token_ids": ids}, GREEDY, prefix_adapter="twenty")
 
