@@ -60,6 +60,7 @@ class EngineStats:
     num_steps: int = 0
     num_step_errors: int = 0
     kv_offload: tuple[TierSnapshot, ...] = ()  # per offload tier (RAM, disk, Redis), if any
+    num_offload_dropped_writes: int = 0  # evicted blocks not offloaded: too many writes queued
     taken_at: float = 0.0  # time.time()
 
     @property
@@ -389,6 +390,7 @@ class AsyncLLMEngine:
             num_steps=self._num_steps,
             num_step_errors=self._num_step_errors,
             kv_offload=engine.offload.snapshot() if engine.offload else (),
+            num_offload_dropped_writes=engine.offload.num_dropped_writes if engine.offload else 0,
             taken_at=time.time(),
         )
 

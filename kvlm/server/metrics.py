@@ -76,6 +76,14 @@ class EngineCollector(Collector):
             counter.add_metric([self.model_name], value)
             yield counter
         yield from self._offload(s.kv_offload)
+        if s.kv_offload:
+            dropped = CounterMetricFamily(
+                "kvlm_kv_offload_dropped_writes",
+                "Evicted blocks not offloaded because too many writes were already queued.",
+                labels=["model_name"],
+            )
+            dropped.add_metric([self.model_name], s.num_offload_dropped_writes)
+            yield dropped
 
     def _offload(self, tiers: tuple[TierSnapshot, ...]) -> Iterator[Metric]:
         """Per offload tier: blocks hit, missed, stored, failed operations, bytes, load time."""

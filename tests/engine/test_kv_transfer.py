@@ -4,6 +4,7 @@ and come back as ordinary cached blocks."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -109,4 +110,32 @@ def test_evicted_blocks_come_back_through_a_ram_tier_exactly(device: str) -> Non
             assert torch.equal(a, b)
         cache.check_integrity()
     finally:
+        connector.close()
+
+
+def test_evictions_past_the_write_backlog_are_dropped_not_waited_for() -> None:
+    cache, stores = make_cache("float32", "cpu")
+    ram = RAMTier(1 << 30)
+    gate = threading.Event()
+    put = ram._put
+
+    def held_put(key: bytes, blob: bytes) -> bool:
+        gate.wait(30)
+        return put(key, blob)
+
+    ram._put = held_put  # type: ignore[method-assign]
+    identity = CacheIdentity("model", "tokenizer", (stores[0].spec,))
+    connector = OffloadConnector(
+        TieredStore([ram]), identity, BlockTransfer(cache, stores), max_pending_writes=2
+    )
+    try:
+        compute(cache, stores, "cpu")
+        pool = cache.pools[0]
+        pool.release(pool.take(pool.num_free_blocks))  # 5 evictions while writes are held
+        assert connector.num_dropped_writes == 3
+        gate.set()
+        assert connector.flush(timeout=30)
+        assert ram.snapshot().stores == 2
+    finally:
+        gate.set()
         connector.close()

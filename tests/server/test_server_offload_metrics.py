@@ -26,7 +26,8 @@ def test_offload_counters_per_tier() -> None:
         TierSnapshot("ram", hits=5, misses=1, stores=9, bytes_held=1000, load_seconds=0.5),
         TierSnapshot("redis", hits=2, failures=3, bytes_loaded=4096),
     )
-    metrics = ServerMetrics(SnapshotOnly(EngineStats(kv_offload=tiers)), "m")  # type: ignore[arg-type]
+    stats = EngineStats(kv_offload=tiers, num_offload_dropped_writes=7)
+    metrics = ServerMetrics(SnapshotOnly(stats), "m")  # type: ignore[arg-type]
     samples = {
         (s.name, s.labels.get("tier")): s.value
         for family in text_string_to_metric_families(metrics.render().decode())
@@ -41,3 +42,4 @@ def test_offload_counters_per_tier() -> None:
     assert samples[("kvlm_kv_offload_bytes_loaded_total", "redis")] == 4096
     assert samples[("kvlm_kv_offload_bytes_held", "ram")] == 1000
     assert ("kvlm_kv_offload_bytes_held", "redis") not in samples  # Redis's size is its own
+    assert samples[("kvlm_kv_offload_dropped_writes_total", None)] == 7
