@@ -64,7 +64,7 @@ class EngineConfig:
     # (name, folder) pairs, so the config stays hashable.
     prefix_adapters: Mapping[str, str | Path] | tuple[tuple[str, str], ...] = ()
     # Offload tiers for blocks evicted from the pool, e.g. "ram:2GiB,disk:/tmp/kv:20GiB,
-    # redis://127.0.0.1:6379" (see kvlm.kv.offload.spec); None: evicted blocks are gone.
+    # redis://127.0.0.1:6379" (see kvlm.engine.offload_spec); None: evicted blocks are gone.
     kv_offload: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,10 +102,10 @@ class EngineConfig:
             raise EngineConfigError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.kv_offload is not None:
             self._check_offload()
-        if self.prefix_adapters:
-            pairs = dict(self.prefix_adapters).items()
-            adapters = tuple(sorted((name, str(path)) for name, path in pairs))
-            object.__setattr__(self, "prefix_adapters", adapters)
+        pairs = dict(self.prefix_adapters).items()
+        adapters = tuple(sorted((name, str(path)) for name, path in pairs))
+        object.__setattr__(self, "prefix_adapters", adapters)
+        if adapters:
             self._check_prefix_adapters()
         if parse_bytes(self.kv_cache_memory) <= 0:
             raise EngineConfigError(
@@ -113,7 +113,7 @@ class EngineConfig:
             )
 
     def _check_offload(self) -> None:
-        from kvlm.kv.offload.spec import OffloadSpecError, parse_offload
+        from kvlm.engine.offload_spec import OffloadSpecError, parse_offload
 
         try:
             parse_offload(str(self.kv_offload))

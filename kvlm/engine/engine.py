@@ -19,14 +19,13 @@ from kvlm.engine.config import (
 )
 from kvlm.engine.kv_transfer import BlockTransfer
 from kvlm.engine.offload import OffloadConnector
+from kvlm.engine.offload_spec import make_tiers, parse_offload
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
 from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
-from kvlm.kv.offload.spec import parse_offload
-from kvlm.kv.offload.tiered import TieredStore
 from kvlm.kv.pinned import VirtualPrefix
 from kvlm.kv.quant import fp8_supported
 from kvlm.kv.spec import KVCacheSpec, layer_groups
@@ -89,7 +88,7 @@ class LLMEngine:
             self.kv_cache,
         )
         if config.kv_offload and self.transfer is not None:
-            tiers = TieredStore.from_specs(parse_offload(config.kv_offload))
+            tiers = make_tiers(parse_offload(config.kv_offload))
             self.offload = OffloadConnector(tiers, self.cache_identity, self.transfer)
             self.scheduler.offload = self.offload
         self.runner = ModelRunner(

@@ -11,32 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvlm.kv.offload.local import DiskTier, RAMTier
-from kvlm.kv.offload.spec import TierSpec
+from kvlm.kv.offload.local import RAMTier
 from kvlm.kv.offload.tier import Tier, TierSnapshot
-
-
-def make_tier(spec: TierSpec) -> Tier:
-    if spec.kind == "ram":
-        assert spec.capacity is not None
-        return RAMTier(spec.capacity)
-    if spec.kind == "disk":
-        assert spec.path is not None and spec.capacity is not None
-        return DiskTier(spec.path, spec.capacity)
-    from kvlm.kv.offload.redis_tier import RedisTier
-
-    assert spec.url is not None
-    return RedisTier(spec.url)
 
 
 class TieredStore:
     def __init__(self, tiers: Sequence[Tier]) -> None:
         self.tiers = list(tiers)
         self._ram = next((t for t in self.tiers if isinstance(t, RAMTier)), None)
-
-    @staticmethod
-    def from_specs(specs: Sequence[TierSpec]) -> TieredStore:
-        return TieredStore([make_tier(s) for s in specs])
 
     def may_have(self, key: bytes) -> bool:
         return any(t.may_have(key) for t in self.tiers)

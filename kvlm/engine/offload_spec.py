@@ -8,9 +8,15 @@ share it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from kvlm.engine.config import EngineConfigError, parse_bytes
+from kvlm.kv.offload.local import DiskTier, RAMTier
+from kvlm.kv.offload.tier import Tier
+from kvlm.kv.offload.tiered import TieredStore
 
 TIER_ORDER = ("ram", "disk", "redis")
 EXAMPLE = "ram:2GiB,disk:/var/cache/kvlm:20GiB,redis://127.0.0.1:6379"
@@ -30,8 +36,6 @@ class TierSpec:
 
 def parse_offload(value: str) -> tuple[TierSpec, ...]:
     """The tiers named by `value`, in lookup order (RAM, disk, Redis)."""
-    from kvlm.engine.config import EngineConfigError, parse_bytes  # sizes read as elsewhere
-
     tiers: dict[str, TierSpec] = {}
     for item in (part.strip() for part in value.split(",")):
         kind = item.split(":", 1)[0].lower()
@@ -67,3 +71,20 @@ def parse_offload(value: str) -> tuple[TierSpec, ...]:
             raise OffloadSpecError(f"--kv-offload: the {kind} tier needs a positive size")
         tiers[kind] = tier
     return tuple(tiers[kind] for kind in TIER_ORDER if kind in tiers)
+
+
+def make_tier(spec: TierSpec) -> Tier:
+    if spec.kind == "ram":
+        assert spec.capacity is not None
+        return RAMTier(spec.capacity)
+    if spec.kind == "disk":
+        assert spec.path is not None and spec.capacity is not None
+        return DiskTier(spec.path, spec.capacity)
+    from kvlm.kv.offload.redis_tier import RedisTier  # loads the redis package
+
+    assert spec.url is not None
+    return RedisTier(spec.url)
+
+
+def make_tiers(specs: Sequence[TierSpec]) -> TieredStore:
+    return TieredStore([make_tier(s) for s in specs])
