@@ -19,9 +19,11 @@ from kvlm.cli.common import (
     USER_ERRORS,
     CLIError,
     add_model_options,
+    add_prefix_adapter_option,
     add_sampling_options,
     load_llm,
     stream_to_stdout,
+    the_prefix_adapter,
 )
 from kvlm.cli.common import sampling_params as make_sampling_params
 from kvlm.cli.stats import format_chat_stats, turn_stats
@@ -54,6 +56,7 @@ def add_parser(subparsers: Any) -> None:
         "save it there after every turn; FILE is created when missing",
     )
     add_model_options(parser)
+    add_prefix_adapter_option(parser, "every turn runs with it")
     add_sampling_options(parser, max_tokens=DEFAULT_MAX_TOKENS)
     parser.set_defaults(run=run)
 
@@ -79,10 +82,16 @@ def read_line(stdin: TextIO) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
-def reply(llm: LLM, conversation: Conversation, params: SamplingParams, turn: int) -> str:
+def reply(
+    llm: LLM,
+    conversation: Conversation,
+    params: SamplingParams,
+    turn: int,
+    prefix_adapter: str | None = None,
+) -> str:
     """Stream the assistant's answer to the conversation; returns its full text."""
     prompt_ids = llm.tokenizer.encode_chat(conversation.messages)
-    last = stream_to_stdout(llm, {"prompt_token_ids": prompt_ids}, params)
+    last = stream_to_stdout(llm, {"prompt_token_ids": prompt_ids}, params, prefix_adapter)
     print(format_chat_stats(turn, turn_stats(llm.engine, last.metrics)), file=sys.stderr)
     return last.outputs[0].text
 
@@ -111,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     params = make_sampling_params(args)
     if args.session is not None and not args.session.resolve().parent.is_dir():
         raise CLIError(f"--session {args.session}: its folder does not exist")
+    adapter = the_prefix_adapter(args)
+    if adapter is not None and args.session is not None:
+        raise CLIError("--session files do not carry a prefix adapter's K/V: drop one of them")
     llm = load_llm(args)
     conversation = Conversation(args.system)
     if args.session is not None and args.session.exists():
@@ -130,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         conversation.messages.append({"role": "user", "content": line})
         turn += 1
         try:
-            answer = reply(llm, conversation, params, turn)
+            answer = reply(llm, conversation, params, turn, adapter)
         except USER_ERRORS as e:  # e.g. the conversation outgrew the context: say so, go on
             conversation.messages.pop()
             print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)

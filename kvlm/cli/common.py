@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
+from kvlm.adapters import AdapterError
 from kvlm.config import ModelConfigError
 from kvlm.engine.config import (
     DTYPES,
@@ -37,6 +38,7 @@ class CLIError(ValueError):
 
 # Bad input, as the engine reports it: each becomes `error: <message>` and exit code 2.
 USER_ERRORS: tuple[type[Exception], ...] = (
+    AdapterError,
     CLIError,
     EngineConfigError,
     InputError,
@@ -115,6 +117,41 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prefix_adapter_option(parser: argparse.ArgumentParser, applies: str) -> None:
+    parser.add_argument(
+        "--prefix-adapter",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="load the PEFT prefix-tuning adapter saved in folder PATH as NAME (its K/V is "
+        f"computed once and pinned in the cache); {applies}",
+    )
+
+
+def prefix_adapters(args: argparse.Namespace) -> dict[str, str]:
+    """{name: folder} from the repeated --prefix-adapter NAME=PATH options."""
+    adapters: dict[str, str] = {}
+    for item in getattr(args, "prefix_adapter", None) or []:
+        name, equals, path = item.partition("=")
+        if not (equals and name and path):
+            raise CLIError(f"--prefix-adapter {item!r}: write NAME=PATH, e.g. poet=./poet-adapter")
+        if name in adapters:
+            raise CLIError(f"--prefix-adapter {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def the_prefix_adapter(args: argparse.Namespace) -> str | None:
+    """The one adapter generate and chat apply (its name), if any."""
+    names = list(prefix_adapters(args))
+    if len(names) > 1:
+        raise CLIError(
+            f"{len(names)} --prefix-adapter options: generate and chat apply one adapter "
+            "(kvlm serve loads several, and each request picks one)"
+        )
+    return names[0] if names else None
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
@@ -175,6 +212,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "attention_sinks": args.attention_sinks,
         "weight_format": args.weight_format,
         "kv_offload": args.kv_offload,
+        "prefix_adapters": prefix_adapters(args),
     }
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = args.kv_cache_memory
@@ -192,10 +230,12 @@ def load_llm(args: argparse.Namespace) -> LLM:
     return LLM(**engine_kwargs(args))
 
 
-def stream_to_stdout(llm: LLM, prompt: dict[str, Any], params: SamplingParams) -> RequestOutput:
+def stream_to_stdout(
+    llm: LLM, prompt: dict[str, Any], params: SamplingParams, prefix_adapter: str | None = None
+) -> RequestOutput:
     """Write each new piece of text as it is produced; returns the whole finished output."""
     accumulated = OutputAccumulator()
-    for delta in llm.stream(prompt, params):
+    for delta in llm.stream(prompt, params, prefix_adapter):
         sys.stdout.write(delta.outputs[0].text)
         sys.stdout.flush()
         accumulated.add(delta)

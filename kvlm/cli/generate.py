@@ -9,10 +9,12 @@ from typing import Any
 from kvlm.cli.common import (
     CLIError,
     add_model_options,
+    add_prefix_adapter_option,
     add_sampling_options,
     load_llm,
     sampling_params,
     stream_to_stdout,
+    the_prefix_adapter,
 )
 from kvlm.cli.stats import format_generate_stats, turn_stats
 from kvlm.engine.llm import LLM
@@ -32,6 +34,7 @@ def add_parser(subparsers: Any) -> None:
         "--chat", action="store_true", help="send PROMPT as one user message via the chat template"
     )
     add_model_options(parser)
+    add_prefix_adapter_option(parser, "the prompt runs with it")
     add_sampling_options(parser, max_tokens=DEFAULT_MAX_TOKENS)
     parser.set_defaults(run=run)
 
@@ -53,7 +56,8 @@ def encode(llm: LLM, prompt: str, chat: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     params = sampling_params(args)
+    adapter = the_prefix_adapter(args)
     llm = load_llm(args)
-    last = stream_to_stdout(llm, encode(llm, prompt, args.chat), params)
+    last = stream_to_stdout(llm, encode(llm, prompt, args.chat), params, adapter)
     print(format_generate_stats(turn_stats(llm.engine, last.metrics)), file=sys.stderr)
     return 0

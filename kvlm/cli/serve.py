@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvlm.cli.common import CLIError, add_model_options, engine_kwargs
+from kvlm.cli.common import CLIError, add_model_options, add_prefix_adapter_option, engine_kwargs
 from kvlm.engine.config import EngineConfig
 
 DEFAULT_HOST = "127.0.0.1"
@@ -26,6 +26,11 @@ def add_parser(subparsers: Any) -> None:
         "/metrics (Prometheus) and /cache (the KV cache, live, in a browser). Stop with Ctrl-C.",
     )
     add_model_options(parser)
+    add_prefix_adapter_option(
+        parser,
+        "repeatable; a request picks one with 'prefix_adapter' or the model name "
+        "'<served name>:NAME'",
+    )
     group = parser.add_argument_group("server")
     group.add_argument("--host", default=DEFAULT_HOST, help=f"address ({DEFAULT_HOST})")
     group.add_argument(

@@ -103,7 +103,7 @@ class EngineConfig:
         if self.kv_offload is not None:
             self._check_offload()
         pairs = dict(self.prefix_adapters).items()
-        adapters = tuple(sorted((name, str(path)) for name, path in pairs))
+        adapters = tuple(sorted(((name, str(path)) for name, path in pairs), key=str))
         object.__setattr__(self, "prefix_adapters", adapters)
         if adapters:
             self._check_prefix_adapters()
