@@ -16,10 +16,12 @@ carry the key without it appearing in more URLs.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from importlib import resources
 from urllib.parse import parse_qs
+from weakref import WeakKeyDictionary
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -77,12 +79,25 @@ class _Subscriber:
         return delta
 
 
+_WATCHES: WeakKeyDictionary[AsyncLLMEngine, CacheWatch] = WeakKeyDictionary()
+_WATCHES_LOCK = threading.Lock()
+
+
+def _watch(engine: AsyncLLMEngine) -> CacheWatch | None:
+    """The engine's one watch (several apps may serve one engine); None without a cache."""
+    if engine.engine.kv_cache is None:
+        return None
+    with _WATCHES_LOCK:
+        if engine not in _WATCHES:
+            watch = engine.call(CacheWatch).result(_START_TIMEOUT_S)  # attached on its thread
+            engine.add_step_listener(watch.on_step).result(_START_TIMEOUT_S)
+            _WATCHES[engine] = watch
+        return _WATCHES[engine]
+
+
 def install_cache_view(app: FastAPI, engine: AsyncLLMEngine) -> None:
-    """Add the /cache routes; the watch attaches to the engine's cache on its thread."""
-    watch: CacheWatch | None = None
-    if engine.engine.kv_cache is not None:
-        watch = engine.call(CacheWatch).result(_START_TIMEOUT_S)
-        engine.add_step_listener(watch.on_step).result(_START_TIMEOUT_S)
+    """Add the /cache routes, fed by the engine's watch."""
+    watch = _watch(engine)
 
     def watching() -> CacheWatch:
         if watch is None:

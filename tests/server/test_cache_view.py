@@ -137,3 +137,10 @@ def test_a_server_without_a_cache_says_so() -> None:
             assert "without a KV cache (--no-cache)" in response.json()["error"]["message"]
     finally:
         engine.shutdown()
+
+
+def test_apps_sharing_an_engine_share_its_watch(server: LiveServer) -> None:
+    """Tests and embedders build several apps on one engine; the cache has one event log."""
+    with TestClient(build_app(server.engine, MODEL_NAME, API_KEY)) as client:
+        response = client.get("/cache/blocks/0/1", params={"api_key": API_KEY})
+        assert response.status_code == 200 and response.json()["block_id"] == 1
