@@ -24,7 +24,8 @@ JSON = dict[str, Any]
 
 def _caption(data: JSON) -> str:
     m = data["machine"]
-    return f"{m['cpu_model']}, {m['cpu_count']} CPUs, {m['torch_num_threads']} threads, {m['date']}"
+    threads = data.get("threads", m["torch_num_threads"])  # serve records the servers' own
+    return f"{m['cpu_model']}, {m['cpu_count']} CPUs, threads: {threads}, {m['date']}"
 
 
 def _save(fig: plt.Figure, path: Path, data: JSON) -> Path:
@@ -82,7 +83,7 @@ def decode_per_token(data: JSON, path: Path) -> Path:
     )
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     c = data["config"]
     fig.suptitle(f"Decode, {c['model']} ({c['dtype']}), batch {c['batch_size']}, greedy")
     return _save(fig, path, data)

@@ -83,7 +83,7 @@ def llama_server(
         version = (out.stdout + out.stderr).strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError) as e:
         raise BackendUnavailable(f"{binary} --version failed: {e}") from e
-    return ServerSpec("llama-server", argv, f"llama-server {version}")
+    return ServerSpec("llama-server", argv, f"llama.cpp {version.removeprefix('version: ')}")
 
 
 def free_port() -> int:

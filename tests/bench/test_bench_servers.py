@@ -35,7 +35,7 @@ def test_llama_server_gets_slots_threads_and_context(tmp_path: Path) -> None:
     spec = servers.llama_server(binary, Path("m.gguf"), threads=2, slots=16, ctx_per_slot=128)
     argv = " ".join(spec.argv)
     assert "-t 2 -tb 2 -np 16 -c 2048" in argv and "--port {port}" in argv
-    assert spec.version == "llama-server version: 1 (abc)"
+    assert spec.version == "llama.cpp 1 (abc)"
 
 
 def test_a_server_that_dies_at_start_up_is_reported_with_its_output(tmp_path: Path) -> None:
