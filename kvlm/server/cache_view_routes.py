@@ -84,8 +84,9 @@ _WATCHES_LOCK = threading.Lock()
 
 
 def _watch(engine: AsyncLLMEngine) -> CacheWatch | None:
-    """The engine's one watch (several apps may serve one engine); None without a cache."""
-    if engine.engine.kv_cache is None:
+    """The engine's one watch (several apps may serve one engine); None without a cache or
+    with the engine thread stopped (the routes then say which)."""
+    if engine.engine.kv_cache is None or not engine.is_alive:
         return None
     with _WATCHES_LOCK:
         if engine not in _WATCHES:
@@ -100,14 +101,14 @@ def install_cache_view(app: FastAPI, engine: AsyncLLMEngine) -> None:
     watch = _watch(engine)
 
     def watching() -> CacheWatch:
+        if not engine.is_alive:
+            raise APIError("the engine thread has stopped", status_code=503, type="server_error")
         if watch is None:
             raise APIError(
                 "this server runs without a KV cache (--no-cache): there is no cache to view",
                 status_code=404,
                 code="no_cache",
             )
-        if not engine.is_alive:
-            raise APIError("the engine thread has stopped", status_code=503, type="server_error")
         return watch
 
     @app.get(CACHE_VIEW_PATH, include_in_schema=False)

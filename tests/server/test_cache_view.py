@@ -135,6 +135,9 @@ def test_a_server_without_a_cache_says_so() -> None:
             response = client.get(path)
             assert response.status_code == 404
             assert "without a KV cache (--no-cache)" in response.json()["error"]["message"]
+        engine.shutdown()
+        stopped = client.get("/cache")
+        assert stopped.status_code == 503 and "stopped" in stopped.json()["error"]["message"]
     finally:
         engine.shutdown()
 
