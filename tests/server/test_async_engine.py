@@ -124,12 +124,16 @@ class _NeverFinishingEngine:
         self.max_model_len = 64
         self.kv_cache = None
         self.unbounded_length = False
+        self.prefix_adapters = None
+        self.offload = None
         self.scheduler = SimpleNamespace(running=[], waiting=[], stats=SchedulerStats())
         self.requests: dict[str, SimpleNamespace] = {}
         self.stepping = threading.Event()
 
-    def add_request(self, prompt, prompt_token_ids, params, cache_salt, request_id) -> str:
-        self.requests[request_id] = SimpleNamespace(num_prompt_tokens=1)
+    def add_request(
+        self, prompt, prompt_token_ids, params, cache_salt, request_id, prefix_adapter
+    ) -> str:
+        self.requests[request_id] = SimpleNamespace(metrics=SimpleNamespace(num_prompt_tokens=1))
         return request_id
 
     def abort(self, request_id: str) -> None:
