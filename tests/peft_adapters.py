@@ -17,13 +17,20 @@ from safetensors.torch import save_file
 from kvlm.config import ModelConfig
 
 
-def save_prefix_adapter(hf_model, folder: Path, num_virtual_tokens: int, seed: int):
+def save_prefix_adapter(
+    hf_model, folder: Path, num_virtual_tokens: int, seed: int, prefix_projection: bool = False
+):
     """Wrap `hf_model` in a fresh prefix-tuning PeftModel (PEFT initialises the prefix with
-    seeded normal noise, so it changes the model's tokens), save it to `folder`, return it."""
+    seeded noise, so it changes the model's tokens), save it to `folder`, return it. With
+    `prefix_projection` PEFT saves the MLP's output, the K/V themselves."""
     import peft
 
     torch.manual_seed(seed)
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_virtual_tokens,
+        prefix_projection=prefix_projection,
+    )
     model = peft.get_peft_model(hf_model, config).eval()
     model.save_pretrained(str(folder))
     return model

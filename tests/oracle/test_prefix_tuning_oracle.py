@@ -2,7 +2,8 @@
 
 Adapters are saved by PEFT itself, freshly initialised (non-zero); one has 20 virtual tokens
 (a full block and a partial one, copied into each request's block), one 16 (exactly one block),
-Gemma's 7 (a partial block only, in both its layer groups). Each case also checks that the
+one 12 made by PEFT's prefix MLP (`prefix_projection`), Gemma's 7 (a partial block only, in
+both its layer groups). Each case also checks that the
 adapter changes the reference's tokens, or the comparison would prove nothing.
 """
 
@@ -17,7 +18,8 @@ pytest.importorskip("peft")
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-SMOLLM2_ADAPTERS = {"twenty": 20, "sixteen": 16}
+# name -> (virtual tokens, prefix_projection)
+SMOLLM2_ADAPTERS = {"twenty": (20, False), "sixteen": (16, False), "projected": (12, True)}
 
 
 def _assert_matches_peft(llm: LLM, peft_model, base_model, adapter: str, prompt: str) -> None:
@@ -35,8 +37,8 @@ def smollm2_peft(hf_smollm2, tmp_path_factory):
     """name -> (PeftModel, folder) for each smollm2 adapter, and a kvlm engine with both."""
     root = tmp_path_factory.mktemp("smollm2_prefix")
     models = {
-        name: save_prefix_adapter(hf_smollm2[0], root / name, size, seed=i)
-        for i, (name, size) in enumerate(SMOLLM2_ADAPTERS.items())
+        name: save_prefix_adapter(hf_smollm2[0], root / name, size, i, prefix_projection=mlp)
+        for i, (name, (size, mlp)) in enumerate(SMOLLM2_ADAPTERS.items())
     }
     folders = {name: root / name for name in models}
     llm = LLM("smollm2", prefix_adapters=folders, kv_cache_memory="64MiB", max_model_len=1024)
