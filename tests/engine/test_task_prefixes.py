@@ -99,3 +99,20 @@ def test_bad_registrations_are_refused(small_pool_llm):
         llm.unregister_prefix("doc")
     with pytest.raises(InputError, match="need the KV cache and enable_prefix_caching"):
         TaskPrefixes(None).check_new("doc", list(range(32)))
+
+
+def test_gemma3_pins_its_local_layers_window_only(gemma3_llm):
+    """840 tokens: the global layers pin every full block, the 512-token local layers only
+    the blocks a query after the document still sees; a task still hits the whole document."""
+    llm = gemma3_llm
+    prefix = llm.register_prefix("with", pydoc_data.topics.topics["with"])
+    try:
+        global_blocks, local_blocks = prefix.block_ids
+        assert len(global_blocks) == prefix.num_pinned_tokens // 16 >= 52
+        assert len(local_blocks) == 512 // 16  # the window behind the document's end (ids of
+        # another pool: each layer group has its own)
+        out = llm.generate({"prompt_token_ids": _task_ids(llm, prefix.token_ids, TASKS[1])}, GREEDY)
+        assert out[0].metrics.num_cached_tokens == prefix.num_pinned_tokens
+    finally:
+        llm.unregister_prefix("with")
+    llm.engine.kv_cache.check_integrity()
