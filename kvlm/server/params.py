@@ -81,6 +81,12 @@ def requested_adapter(body: SamplingRequest, limits: ModelLimits) -> str | None:
     return adapter
 
 
+def unsigned_seed(seed: int | None) -> int | None:
+    """OpenAI's seeds are signed 64-bit integers; a negative one is taken as its unsigned
+    64-bit value (as torch's `manual_seed` does), so -1 and 2**64 - 1 are the same seed."""
+    return seed + 2**64 if seed is not None and -(2**63) <= seed < 0 else seed
+
+
 def logit_bias(request: SamplingRequest, vocab_size: int) -> dict[int, float] | None:
     """OpenAI's `{"token id": bias}` as ids; 400 for a key that is no token id of this model
     or a bias outside [-100, 100]."""
@@ -155,7 +161,7 @@ def sampling_params(
     try:
         return SamplingParams(
             temperature=temperature,
-            seed=request.seed,
+            seed=unsigned_seed(request.seed),
             stop=request.stop,
             stop_token_ids=request.stop_token_ids,
             max_tokens=max_tokens,

@@ -14,6 +14,7 @@ from kvlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     check_unsupported,
+    json_integer,
 )
 from kvlm.tokenizer import Tokenizer, TokenizerError
 
@@ -49,13 +50,14 @@ def completion_prompt(
     if isinstance(prompt, list):
         if not prompt:
             raise APIError("prompt is empty: give at least one token id", param="prompt")
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
-            bad = next(t for t in prompt if isinstance(t, bool) or not isinstance(t, int))
+        token_ids = [json_integer(t) for t in prompt]
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
+            bad = next(t for t in token_ids if isinstance(t, bool) or not isinstance(t, int))
             raise APIError(
                 f"prompt must be a string or a list of token ids (ints), got {bad!r} in the list",
                 param="prompt",
             )
-        return Prompt(None, list(prompt))  # the engine checks the ids against the vocabulary
+        return Prompt(None, token_ids)  # the engine checks the ids against the vocabulary
     if prompt is None:
         raise APIError("prompt is required", param="prompt")
     raise APIError(

@@ -1,14 +1,15 @@
 """Request bodies of the OpenAI-compatible routes (pydantic), with OpenAI's field names.
 
 Every field OpenAI's specification defines for `CreateCompletionRequest` and
-`CreateChatCompletionRequest` is declared here (tests hold the list to the `openai` package's
-types), so none is dropped silently: a field kvlm honours is typed and used; one it does not is
-declared `Any` and refused with a 400 naming it (`UNSUPPORTED`) unless it holds its neutral
-value. kvlm's extensions (vLLM's names: top_k, min_p, ignore_eos, cache_salt, ...) are
-declared too, and anything else is an unknown field: 400, as OpenAI answers.
+`CreateChatCompletionRequest` is declared here (tests hold the list to that specification and
+to the `openai` package's types), so none is dropped silently: a field kvlm honours is typed
+and used; one it does not is declared `Any` and refused with a 400 naming it (`UNSUPPORTED`)
+unless it holds its neutral value. kvlm's extensions (vLLM's names: top_k, min_p, ignore_eos,
+cache_salt, ...) are declared too, and anything else is an unknown field: 400, as OpenAI answers.
 
-Types are strict (`true` is not a token count, `"0.5"` is not a temperature); ranges are checked
-later, where the limit is known (`params.py`, `SamplingParams`).
+Types are strict (`true` is not a token count, `"0.5"` is not a temperature; `3.0` is an
+integer, as JSON Schema says); ranges are checked later, where the limit is known (`params.py`,
+`SamplingParams`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -32,6 +34,15 @@ from pydantic import (
 from kvlm.server.errors import APIError, validation_error
 
 Number = StrictFloat  # accepts JSON ints too, never booleans or strings
+
+
+def json_integer(value: Any) -> Any:
+    """JSON Schema's integers include `3.0` (OpenAI's schema types these fields "integer"):
+    an integral float becomes an int; anything else is left as it is, for the type check."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[StrictInt, BeforeValidator(json_integer)]  # 3 and 3.0, never true or "3"
 
 
 def _schema(**extra: Any) -> Any:
@@ -66,7 +77,7 @@ class SamplingRequest(BaseModel):
 
     # OpenAI's fields that kvlm honours
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = _range(1)
+    max_tokens: Integer | None = _range(1)
     temperature: Number | None = _range(0, 2)
     top_p: Number | None = _schema(exclusiveMinimum=0, maximum=1)
     presence_penalty: Number | None = _range(-2, 2)  # over generated tokens
@@ -76,18 +87,18 @@ class SamplingRequest(BaseModel):
         propertyNames={"pattern": "^[0-9]+$"},
         additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
     )
-    seed: StrictInt | None = _range(0, 2**64 - 1)
+    seed: Integer | None = _range(-(2**63), 2**64 - 1)  # OpenAI's are signed
     # str | list[str]; checked by SamplingParams
     stop: Any = _schema(anyOf=[_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}])
-    n: StrictInt | None = _range(1, 1)  # only 1
+    n: Integer | None = _range(1, 1)  # only 1
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None  # an end-user id: accepted, changes nothing
     # kvlm's extensions (vLLM's names)
-    top_k: StrictInt | None = _range(-1)
+    top_k: Integer | None = _range(-1)
     min_p: Number | None = _range(0, 1)
     repetition_penalty: Number | None = _schema(exclusiveMinimum=0)
-    min_tokens: StrictInt | None = _range(0)
+    min_tokens: Integer | None = _range(0)
     stop_token_ids: Any = _schema(anyOf=[_TOKEN_IDS, {"type": "null"}])  # SamplingParams checks
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
@@ -106,8 +117,8 @@ class CompletionRequest(SamplingRequest):
         json_schema_extra={"anyOf": [_TEXT, {**_TOKEN_IDS, "minItems": 1}, _ONE_TEXT]}
     )
     # OpenAI's default for completions
-    max_tokens: StrictInt | None = Field(default=16, json_schema_extra={"minimum": 1})
-    logprobs: StrictInt | None = _range(0, 20)  # top log-probabilities per token
+    max_tokens: Integer | None = Field(default=16, json_schema_extra={"minimum": 1})
+    logprobs: Integer | None = _range(0, 20)  # top log-probabilities per token
     echo: StrictBool | None = None  # prepend the prompt to the completion
     suffix: Any = None  # only unset
     best_of: Any = None  # only 1
@@ -140,9 +151,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
-    max_completion_tokens: StrictInt | None = _range(1)  # the newer name for max_tokens
+    max_completion_tokens: Integer | None = _range(1)  # the newer name for max_tokens
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = _range(0, 20)  # with logprobs: alternatives per token
+    top_logprobs: Integer | None = _range(0, 20)  # with logprobs: alternatives per token
     metadata: dict[StrictStr, StrictStr] | None = None  # tags for stored completions: no effect
     safety_identifier: StrictStr | None = None  # an end-user id: accepted, changes nothing
     prompt_cache_key: StrictStr | None = None  # a routing hint: kvlm's prefix cache needs none

@@ -36,6 +36,7 @@ BAD_COMPLETIONS = [
     (_completion(max_tokens=10_000), "max_tokens", ["10,000", "8,192"]),
     (_completion(max_tokens="many"), "max_tokens", ["max_tokens", "'many'"]),
     (_completion(max_tokens=True), "max_tokens", ["max_tokens", "True"]),
+    (_completion(max_tokens=2.5), "max_tokens", ["max_tokens", "2.5"]),  # 2.0 is an integer
     (_completion(n=3), "n", ["n must be 1", "3"]),
     (_completion(n=0), "n", ["n must be 1", "0"]),
     (_completion(temperature=2.5), "temperature", ["temperature", "[0, 2]", "2.5"]),
@@ -43,7 +44,8 @@ BAD_COMPLETIONS = [
     (_completion(temperature="hot"), "temperature", ["temperature", "'hot'"]),
     (_completion(top_p=0), "top_p", ["top_p", "(0, 1]", "0"]),
     (_completion(top_k=-2), "top_k", ["top_k", "-2"]),
-    (_completion(seed=-1), "seed", ["seed", "-1"]),
+    (_completion(seed=-(2**63) - 1), "seed", ["seed", str(-(2**63) - 1)]),  # OpenAI's: int64
+    (_completion(seed=2**64), "seed", ["seed", str(2**64)]),
     (_completion(stop=5), "stop", ["stop", "5"]),
     (_completion(logprobs=50), "logprobs", ["logprobs", "20", "50"]),
     (_completion(echo=True, logprobs=1), "echo", ["echo", "logprobs", "prompt"]),
@@ -73,6 +75,7 @@ BAD_COMPLETIONS = [
     (_completion(prompt=[1, 2, 10**9]), "prompt", ["1000000000", "49152"]),
     (_completion(prompt=LONG_PROMPT), "prompt", ["9,001", "8,192"]),
     (_completion(prompt={"text": "hi"}), "prompt", ["prompt must be"]),
+    (_completion(prompt=[1, 2.5]), "prompt", ["prompt must be", "2.5"]),
     (_completion(cache_salt=7), "cache_salt", ["cache_salt", "7"]),
 ]
 
