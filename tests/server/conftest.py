@@ -3,10 +3,12 @@ on a background thread of the test process, so tests can also reach its engine.
 
 Started once per session (the first test that asks for it), stopped at the end; every server
 log record at ERROR or above is kept in `LiveServer.errors` so tests can assert there were none.
+The API fuzzers get a second one with a short context (`fuzz_server`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -20,9 +22,9 @@ from kvlm.server import build_app
 from kvlm.server.launch import ServerThread, bind_socket
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LiveServer]:
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model="smollm2")))
+@contextlib.contextmanager
+def _serve(config: EngineConfig) -> Iterator[LiveServer]:
+    engine = AsyncLLMEngine(LLMEngine(config))
     app = build_app(engine, MODEL_NAME, API_KEY)
     thread = ServerThread(app, bind_socket("127.0.0.1", 0), log_level="warning")
     live = LiveServer(thread.url, engine)
@@ -38,3 +40,17 @@ def server() -> Iterator[LiveServer]:
         engine.shutdown()
         for logger in loggers:
             logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    with _serve(EngineConfig(model="smollm2")) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def fuzz_server() -> Iterator[LiveServer]:
+    """A server for API fuzzers: a 48-token context, so every request that passes the checks
+    generates a few tokens at most, whatever max_tokens the fuzzer picks."""
+    with _serve(EngineConfig(model="smollm2", max_model_len=48)) as live:
+        yield live
