@@ -1,6 +1,8 @@
 """Session files: a conversation saved here and restored in a new process continues with the same
-greedy tokens and a prefix hit's TTFT; every damaged or mismatched file is refused with a clear
-error and the conversation is recomputed, never read with wrong K/V."""
+greedy tokens, prefilling only the tokens after the restored blocks (a prefix hit; the TTFT it
+gives is measured by benchmarks/session_restore.py, not timed here); every damaged or mismatched
+file is refused with a clear error and the conversation is recomputed, never read with wrong
+K/V."""
 
 from __future__ import annotations
 
@@ -71,10 +73,8 @@ print(json.dumps({
     "refused": session.refused,
     "tokens": restored.outputs[0].token_ids,
     "cached": restored.metrics.num_cached_tokens,
-    "ttft": restored.metrics.ttft_s,
     "recomputed_tokens": recomputed.outputs[0].token_ids,
     "recomputed_cached": recomputed.metrics.num_cached_tokens,
-    "recomputed_ttft": recomputed.metrics.ttft_s,
 }))
 """
 
@@ -97,8 +97,6 @@ def test_restored_in_a_new_process_continues_like_the_uninterrupted_conversation
     assert child["cached"] == reference["cached"] >= child["restored_tokens"] - 16  # a prefix hit
     assert child["recomputed_cached"] == 0
     assert child["recomputed_tokens"] == reference["tokens"]
-    # ~450 tokens restored vs recomputed: the restored turn prefills only its new tail.
-    assert child["ttft"] < child["recomputed_ttft"] / 2, child
 
 
 def _flip(path: Path, offset: int) -> None:
