@@ -110,7 +110,7 @@ class KvlmBackend:
         self._num_runs += 1
         salt = f"bench-{self._num_runs}"
         start = time.perf_counter()
-        counts = {engine.add_request(None, ids, params, salt): 0 for ids in prompts}
+        counts = {engine.add_request(None, ids, params, cache_salt=salt): 0 for ids in prompts}
         times: list[float] = []
         while engine.has_unfinished():
             for output in engine.step():

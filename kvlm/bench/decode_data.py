@@ -119,6 +119,11 @@ class Trace:
         window = self.step_s[max(1, num_new_tokens - width) : num_new_tokens]
         return 1000 * statistics.median(window or self.step_s[:1])
 
+    def sampled_ms_at(self, num_new_tokens: int) -> float | None:
+        """Ms of the last sampled step at or before the `num_new_tokens`-th token, if any."""
+        before = [s for i, s in self.sampled if i < num_new_tokens]
+        return 1000 * before[-1] if before else None
+
 
 @dataclass(frozen=True)
 class Speedup:

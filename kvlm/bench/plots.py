@@ -106,12 +106,15 @@ def ttft_vs_inter_token(data: JSON, path: Path) -> Path:
                 xytext=(4, 4),
                 textcoords="offset points",
             )
+    ax.set_xscale("log")  # log-log: light and heavy loads both stay readable
+    ax.set_yscale("log")
+    ax.margins(0.15)  # room for the labels of the outer points
     ax.set(
-        xlabel="inter-token latency, median (ms)",
-        ylabel="time to first token, median (s)",
+        xlabel="inter-token latency, median (ms, log scale)",
+        ylabel="time to first token, median (s, log scale)",
         title="Latency under load: TTFT vs per-token latency",
     )
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save(fig, path, data)
 

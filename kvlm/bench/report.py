@@ -59,7 +59,13 @@ def per_token(result: DecodeBenchResult) -> list[str]:
         "|---:|" + "---:|" * len(traces),
     ]
     for n in result.config.new_tokens:
-        cells = [_num(t.step_ms_near(n)) if n <= len(t.step_s) else "–" for t in traces]
+        cells = []
+        for t in traces:
+            if n <= len(t.step_s):
+                cells.append(_num(t.step_ms_near(n)))
+            else:  # past the fully timed run: the last sampled step, one step's time
+                sampled = t.sampled_ms_at(n)
+                cells.append("–" if sampled is None else f"{sampled:.1f}*")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return lines
 

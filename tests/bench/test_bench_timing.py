@@ -33,6 +33,9 @@ def test_trace_takes_the_median_step_of_the_runs() -> None:
     trace = Trace.from_runs("kvlm", 16, runs)
     assert trace.step_s == (2.0, 1.0, 2.0)
     assert trace.step_ms_near(3, width=2) == pytest.approx(1500.0)  # steps 1 and 2
+    sampled = Trace("kvlm-no-cache", 16, (1.0,), sampled=((4, 2.0), (9, 3.0)))
+    assert sampled.sampled_ms_at(10) == 3000.0 and sampled.sampled_ms_at(9) == 2000.0
+    assert sampled.sampled_ms_at(4) is None  # token 4 is the 5th: no step sampled before it
 
 
 def test_no_cache_stops_at_its_cap() -> None:
