@@ -35,7 +35,7 @@ from kvlm.bench.decode_data import (
     Measurement,
     Trace,
 )
-from kvlm.bench.machine import load_average, machine_info
+from kvlm.bench.machine import kernel_note, load_average, machine_info
 from kvlm.bench.sampled import extend, sample_steps
 from kvlm.loading import resolve_model_path
 from kvlm.tokenizer import Tokenizer
@@ -167,6 +167,8 @@ def run_decode_bench(
     prompts = prompt_ids(ours.llm.tokenizer, config.prompt_tokens, config.batch_size)
     # After the engine set torch's threads: the record says what ran.
     result = DecodeBenchResult(config, machine_info(), prompts)
+    note = kernel_note(config.weight_format)
+    result.notes += [note] if note else []
     threads = result.machine.torch_num_threads
     runs = _measure(ours, prompts, config, max(config.new_tokens))
     _record(KVLM, runs, config.new_tokens, config, result)

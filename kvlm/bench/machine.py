@@ -89,3 +89,14 @@ def machine_info() -> MachineInfo:
         transformers_version=_version("transformers"),
         load_average=load_average(),
     )
+
+
+def kernel_note(weight_format: str) -> str | None:
+    """Which of kvlm's matmul kernels quantized weights run on here, and why; None for float
+    weights (plain torch matmuls)."""
+    if weight_format == "float":
+        return None
+    from kvlm.kernels import kernel_status  # loads (or builds) the C++ extension
+
+    status = kernel_status()
+    return f"kvlm's {weight_format} weights run on its {status.path} kernels ({status.reason})"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvlm.bench.backends import BackendUnavailable
+from kvlm.bench.machine import kernel_note
 
 # Where ../shared/tools/build-llama-server.sh (and `DEST=... ` builds like it) put the binary.
 LLAMA_SERVER_DIR = Path.home() / ".cache" / "kvlm-llamacpp"
@@ -47,7 +48,8 @@ def kvlm_server(
         "--threads", str(threads), "--max-num-seqs", str(max_num_seqs),
         "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
     )  # fmt: skip
-    return ServerSpec("kvlm", argv, "kvlm serve (this checkout)")
+    note = kernel_note(weight_format)
+    return ServerSpec("kvlm", argv, "kvlm serve (this checkout)" + (f"; {note}" if note else ""))
 
 
 def find_llama_server(explicit: Path | None) -> Path:

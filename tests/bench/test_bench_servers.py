@@ -45,3 +45,18 @@ def test_a_server_that_dies_at_start_up_is_reported_with_its_output(tmp_path: Pa
     spec = servers.ServerSpec("llama-server", (str(script), "--port", "{port}"), "test")
     with pytest.raises(servers.ServerError, match="exited at start-up: error: unknown argument"):
         servers.RunningServer(spec, tmp_path / "log")
+
+
+def test_quantized_weights_name_their_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvlm.kernels
+    from kvlm.bench.machine import kernel_note
+    from kvlm.kernels.build import KernelStatus
+
+    status = KernelStatus("avx2", "the CPU has AVX2, not AVX-512 VNNI", ("avx2", "torch"))
+    monkeypatch.setattr(kvlm.kernels, "kernel_status", lambda: status)
+    assert kernel_note("float") is None
+    note = "kvlm's gguf weights run on its avx2 kernels (the CPU has AVX2, not AVX-512 VNNI)"
+    assert kernel_note("gguf") == note
+    spec = servers.kvlm_server("smollm2", "float32", "gguf", threads=2, max_num_seqs=4)
+    assert spec.version == f"kvlm serve (this checkout); {note}"
+    assert "--weight-format gguf --threads 2 --max-num-seqs 4" in " ".join(spec.argv)
