@@ -11,6 +11,9 @@ storage format.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from kvlm.kv.block_codec import BlockData
@@ -32,14 +35,10 @@ class KVStore:
         num_rows = num_blocks * self.rows_per_block
         # Rows of every (block, layer, K/V, token), allocated once.
         row = (self.format.row_elements,)
-        self.data = torch.zeros(
-            num_rows, *head, *row, dtype=self.format.storage_dtype, device=device
-        )
+        self.data = _zeros((num_rows, *head, *row), self.format.storage_dtype, device)
         self.scales = None
         if self.format.is_quantized:
-            self.scales = torch.zeros(
-                num_rows, *head, self.format.num_scales, dtype=torch.float16, device=device
-            )
+            self.scales = _zeros((num_rows, *head, self.format.num_scales), torch.float16, device)
 
     def _offsets(self, layer_idx: int) -> tuple[int, int]:
         """Row offsets of K and V of model layer `layer_idx` from a token's base row."""
@@ -84,3 +83,13 @@ class KVStore:
         if self.scales is not None:
             assert block.scales is not None, "a quantized block comes with its scales"
             self.scales[rows].copy_(block.scales, non_blocking=True)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose host pages are committed only when written: on the CPU, numpy's
+    calloc gets untouched zero pages from the OS, so a 1 GiB pool costs resident memory only
+    for the blocks in use (torch.zeros would write every byte at start)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
