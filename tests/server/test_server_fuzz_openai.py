@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from live_server import API_KEY, MODEL_NAME, LiveServer
-from openai_spec import REQUEST_SCHEMAS, fuzz_document
+from openai_spec import FUZZ_SETTINGS, REQUEST_SCHEMAS, fuzz_document
 from schemathesis.config import SchemathesisConfig
 
 from kvlm.server.protocol import (
@@ -132,13 +132,7 @@ def fuzz(server: LiveServer, path: str, mode: str, max_examples: int) -> collect
     refusals: collections.Counter = collections.Counter()  # by the param the error names
     refused_alone: set[str] = set()
 
-    @settings(
-        max_examples=max_examples,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(FUZZ_SETTINGS, max_examples=max_examples)
     @given(case=strategy)
     def run(case: schemathesis.Case) -> None:
         response = case.call(base_url=server.url, headers=headers, timeout=60)

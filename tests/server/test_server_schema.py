@@ -8,11 +8,17 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from live_server import API_KEY, MODEL_NAME, LiveServer
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
-from openai_spec import MESSAGE_SCHEMA, STREAM_OPTIONS_SCHEMA, official_spec, properties
+from openai_spec import (
+    FUZZ_SETTINGS,
+    MESSAGE_SCHEMA,
+    STREAM_OPTIONS_SCHEMA,
+    official_spec,
+    properties,
+)
 
 from kvlm.server.protocol import (
     UNSUPPORTED_CHAT,
@@ -113,13 +119,7 @@ def test_schemathesis_finds_no_server_error(fuzz_server: LiveServer, path: str, 
     headers = {"Authorization": f"Bearer {API_KEY}"}
     statuses: list[int] = []
 
-    @settings(
-        max_examples=30,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @settings(FUZZ_SETTINGS, max_examples=30)
     @given(case=strategy)
     def run(case: schemathesis.Case) -> None:
         if mode == "positive" and isinstance(case.body, dict):
