@@ -78,8 +78,7 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         for group, source, destination in batch.block_copies:  # before anything reads them
             assert self.stores is not None
-            store = self.stores[group]
-            store.write_block(destination, store.read_block(source))
+            self.stores[group].copy_block(source, destination)
         starts = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)  # [B]
         counts = np.array(batch.num_new_tokens, dtype=np.int64)  # [B]
         ends = starts + counts  # [B] sequence length after this step

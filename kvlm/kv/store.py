@@ -76,6 +76,13 @@ class KVStore:
         scales = None if self.scales is None else self.scales[rows].clone()
         return BlockData(self.data[rows].clone(), scales)
 
+    def copy_block(self, source: int, destination: int) -> None:
+        """Copy one block's rows (every layer, K and V, scales) onto another, in place."""
+        src, dst = self._block_rows(source), self._block_rows(destination)
+        self.data[dst].copy_(self.data[src])
+        if self.scales is not None:
+            self.scales[dst].copy_(self.scales[src])
+
     def write_block(self, block_id: int, block: BlockData) -> None:
         """Overwrite one block's rows with `block` (same spec, any device)."""
         rows = self._block_rows(block_id)
