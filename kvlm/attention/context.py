@@ -27,6 +27,7 @@ class GroupView:
     mask: torch.Tensor | None
     store: KVStore | None  # None: no-cache mode, keys come from this step's tokens only
     write_rows: torch.Tensor | None  # [T] base row receiving each new token's K/V
+    key_counts: torch.Tensor | None = None  # [B] int64 keys sequence b reads (<= S); cache only
     # Attention sinks: rope by place in the cache. [B * S] positions of the gathered keys and
     # [T] of the queries; None when rope uses each token's place in the text.
     key_positions: torch.Tensor | None = None

@@ -59,6 +59,9 @@ class EngineConfig:
     # "float" dequantizes at load (the exact path the oracle tests use); "gguf" keeps GGUF
     # blocks quantized for kvlm's CPU kernels; "q8_0" / "q4_1" also quantize float weights.
     weight_format: str = "float"
+    # Decode steps on quantized weights run the decoder stack as one C++ call where it applies
+    # (kvlm.models.fused_decode); False keeps the layer-by-layer torch path (same results).
+    fused_decode: bool = True
     # PEFT prefix-tuning adapters, {name: folder}: each one's K/V is computed once into pinned
     # blocks, and requests naming the adapter attend to it (kvlm.adapters). Kept as sorted
     # (name, folder) pairs, so the config stays hashable.

@@ -162,6 +162,7 @@ class ModelRunner:
             mask=mask,
             store=store,
             write_rows=write_rows,
+            key_counts=None if table is None else self._to_device(num_keys),
         )
         if spec.positions_in_cache:
             seq = s.seq_of_token

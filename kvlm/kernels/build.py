@@ -24,7 +24,14 @@ PATHS = ("avx512", "avx2", "ref", "torch")  # best first
 ISA_CODES = {"ref": 1, "avx2": 2, "avx512": 3}
 _ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("ops.cpp", "qgemm_ref.cpp", "qgemm_avx2.cpp", "qgemm_avx512.cpp")
+_SOURCES = (
+    "ops.cpp",
+    "qgemm_ref.cpp",
+    "qgemm_avx2.cpp",
+    "qgemm_avx512.cpp",
+    "decode_math_avx2.cpp",
+    "decode_plan.cpp",
+)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -40,8 +47,8 @@ class KernelStatus:
 
 def _cache_dir() -> Path:
     digest = hashlib.sha256()
-    for name in (*_SOURCES, "qgemm.h"):
-        digest.update((_CSRC / name).read_bytes())
+    for path in sorted(_CSRC.glob("*.[ch]*")):  # every source and header
+        digest.update(path.name.encode() + path.read_bytes())
     root = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "kvlm" / "kernels"
     return Path(root) / f"torch{torch.__version__}-{digest.hexdigest()[:12]}"
 
@@ -98,6 +105,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kvlm::qgemm")
     def _qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> torch.Tensor:
         return qa.new_empty((qa.shape[0], n), dtype=torch.float32)
+
+    @torch.library.register_fake("kvlm::dequant_rows")
+    def _dequant_rows(w, ids, bits, group, scale_bytes, k) -> torch.Tensor:
+        return w.new_empty((*ids.shape, k), dtype=torch.float32)
 
     @torch.library.register_fake("kvlm::qlinear")
     def _qlinear(x, w, bits, group, scale_bytes, n, isa) -> torch.Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvlm.kernels.build import resolve_path
+
 TILE_ROWS = 16
 ACT_BLOCK = 32  # activations are quantized in blocks of 32 columns; K is padded to it
 
@@ -186,7 +188,14 @@ class QuantizedWeight:
         return self._dense
 
     def dequantize_rows(self, row_ids: torch.Tensor) -> torch.Tensor:
-        """[len(row_ids), in_features] float32 for an embedding lookup (only their tiles read)."""
+        """[*row_ids.shape, in_features] float32 for an embedding lookup (only their rows read).
+
+        The C++ op where the kernels run, else in torch on the rows' tiles: the same values."""
+        fmt = self.format
+        if self.packed.is_cpu and resolve_path(None) != "torch":
+            return torch.ops.kvlm.dequant_rows(
+                self.packed, row_ids, fmt.bits, fmt.group, fmt.scale_bytes, self.in_features
+            )
         flat = row_ids.reshape(-1)
         tiles, inverse = torch.unique(torch.div(flat, TILE_ROWS, rounding_mode="floor"),
                                       return_inverse=True)  # fmt: skip

@@ -40,14 +40,14 @@ class KVStore:
         if self.format.is_quantized:
             self.scales = _zeros((num_rows, *head, self.format.num_scales), torch.float16, device)
 
-    def _offsets(self, layer_idx: int) -> tuple[int, int]:
+    def layer_offsets(self, layer_idx: int) -> tuple[int, int]:
         """Row offsets of K and V of model layer `layer_idx` from a token's base row."""
         local = self.layer_index[layer_idx]
         return 2 * local * self.spec.block_size, (2 * local + 1) * self.spec.block_size
 
     def write(self, layer_idx: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' K/V. rows: [T] base rows; k, v: [T, num_kv_heads, head_dim]."""
-        k_off, v_off = self._offsets(layer_idx)
+        k_off, v_off = self.layer_offsets(layer_idx)
         for offset, x in ((k_off, k), (v_off, v)):
             data, scales = self.format.quantize(x)
             index = rows + offset
@@ -57,7 +57,7 @@ class KVStore:
 
     def gather(self, layer_idx: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at base rows [N] -> two [N, num_kv_heads, head_dim] tensors in `dtype`."""
-        k_off, v_off = self._offsets(layer_idx)
+        k_off, v_off = self.layer_offsets(layer_idx)
         out = []
         for offset in (k_off, v_off):
             index = rows + offset

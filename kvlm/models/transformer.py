@@ -14,6 +14,7 @@ from kvlm.attention.context import ForwardContext
 from kvlm.attention.rope import RotaryEmbedding
 from kvlm.config import ModelConfig
 from kvlm.loading.weights import LoadedModel
+from kvlm.models.fused_decode import FusedDecoder, why_not_fused
 from kvlm.models.layers import Linear, RMSNorm, activation
 
 
@@ -102,12 +103,23 @@ class CausalLM(nn.Module):
             for key in {layer.rope_key for layer in self.layers}
         }
         self.embed_scale = config.embedding_scale
+        self.fused: FusedDecoder | None = None
+
+    def use_fused_decode(self, path: str | None = None) -> str | None:
+        """Run decode steps through `FusedDecoder` from now on where it applies (kernel `path`,
+        None = the process default); returns None, or why it cannot (then nothing changes)."""
+        reason = why_not_fused(self, path)
+        if reason is None:
+            self.fused = FusedDecoder(self, path)
+        return reason
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: [T] -> final hidden states [T, H]."""
         x = self.embed(input_ids)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if self.fused is not None and self.fused.accepts(ctx):
+            return self.fused(x, ctx)
         for layer in self.layers:
             x = layer(x, self.ropes[layer.rope_key], ctx)
         return self.norm(x)

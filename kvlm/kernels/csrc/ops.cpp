@@ -3,6 +3,7 @@
 //   kvlm::cpu_isa() -> int                 best kernel this CPU runs: 1 ref, 2 avx2, 3 avx512
 //   kvlm::quantize_act(x) -> (qa, da, asum)
 //   kvlm::qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
+//   kvlm::dequant_rows(w, ids, bits, group, scale_bytes, k) -> rows [*ids.shape, k] fp32
 //   kvlm::qlinear(x, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
 //
 // isa 0 means "the best this CPU runs"; asking for one the CPU lacks is an error, never a crash.
@@ -12,12 +13,12 @@
 #include <cpuid.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "qgemm.h"
 
 namespace kvlm {
 namespace {
-
-constexpr int64_t kIsaRef = 1, kIsaAvx2 = 2, kIsaAvx512 = 3;
 
 bool has_f16c() {
   unsigned eax, ebx, ecx, edx;
@@ -35,15 +36,23 @@ int64_t detect_isa() {
   return kIsaRef;
 }
 
+int64_t block_bytes(int64_t bits, int64_t group, int64_t scale_bytes) {
+  const int64_t storage_bits = bits == 4 ? 4 : 8;
+  return kTileRows * group * storage_bits / 8 + 2 * kTileRows * scale_bytes;
+}
+
+}  // namespace
+
 int64_t cpu_isa() {
   static const int64_t isa = detect_isa();
   return isa;
 }
 
-int64_t block_bytes(int64_t bits, int64_t group, int64_t scale_bytes) {
-  const int64_t storage_bits = bits == 4 ? 4 : 8;
-  return kTileRows * group * storage_bits / 8 + 2 * kTileRows * scale_bytes;
+QGemmKernel qgemm_kernel(int64_t isa) {
+  return isa == kIsaAvx512 ? qgemm_avx512 : isa == kIsaAvx2 ? qgemm_avx2 : qgemm_ref;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_cpu() && x.scalar_type() == at::kFloat,
@@ -92,8 +101,7 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
   if (isa == 0) isa = best;
   TORCH_CHECK(isa >= kIsaRef && isa <= best, "kvlm::qgemm: isa ", isa,
               " is not available on this CPU (best: ", best, ")");
-  void (*kernel)(const QGemmArgs&, int64_t, int64_t) =
-      isa == kIsaAvx512 ? qgemm_avx512 : isa == kIsaAvx2 ? qgemm_avx2 : qgemm_ref;
+  const QGemmKernel kernel = qgemm_kernel(isa);
 
   at::Tensor out = at::empty({M, n}, qa.options().dtype(at::kFloat));
   QGemmArgs a;
@@ -120,6 +128,34 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
   return out;
 }
 
+at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits, int64_t group,
+                        int64_t scale_bytes, int64_t k) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
+              "kvlm::dequant_rows: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
+  TORCH_CHECK(w.size(2) == block_bytes(bits, group, scale_bytes) && w.size(1) * group >= k,
+              "kvlm::dequant_rows: the weight does not match its format");
+  const at::Tensor flat = ids.reshape(-1).to(at::kLong).contiguous();
+  const int64_t n = flat.numel(), rows = w.size(0) * kTileRows;
+  const int64_t* id = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < rows, "kvlm::dequant_rows: row ", id[i], " out of range");
+  at::Tensor out = at::empty({n, k}, w.options().dtype(at::kFloat));
+  QGemmArgs a{};
+  a.w = w.data_ptr<uint8_t>();
+  a.n_groups = w.size(1);
+  a.block_bytes = w.size(2);
+  a.bits = (int)bits;
+  a.group = (int)group;
+  a.scale_bytes = (int)scale_bytes;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dequantize_row(a, id[i], k, o + i * k);
+  });
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(k);
+  return out.view(shape);
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group,
                    int64_t scale_bytes, int64_t n, int64_t isa) {
   auto [qa, da, asum] = quantize_act(x);
@@ -135,6 +171,8 @@ TORCH_LIBRARY(kvlm, m) {
       "qgemm(Tensor qa, Tensor da, Tensor asum, Tensor w, int bits, int group, int scale_bytes, "
       "int n, int isa) -> Tensor");
   m.def(
+      "dequant_rows(Tensor w, Tensor ids, int bits, int group, int scale_bytes, int k) -> Tensor");
+  m.def(
       "qlinear(Tensor x, Tensor w, int bits, int group, int scale_bytes, int n, int isa) -> "
       "Tensor");
 }
@@ -142,6 +180,7 @@ TORCH_LIBRARY(kvlm, m) {
 TORCH_LIBRARY_IMPL(kvlm, CPU, m) {
   m.impl("quantize_act", &quantize_act);
   m.impl("qgemm", &qgemm);
+  m.impl("dequant_rows", &dequant_rows);
   m.impl("qlinear", &qlinear);
 }
 

@@ -45,9 +45,20 @@ void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1);
 void qgemm_avx2(const QGemmArgs& a, int64_t t0, int64_t t1);
 void qgemm_avx512(const QGemmArgs& a, int64_t t0, int64_t t1);
 
+using QGemmKernel = void (*)(const QGemmArgs&, int64_t t0, int64_t t1);
+constexpr int64_t kIsaRef = 1, kIsaAvx2 = 2, kIsaAvx512 = 3;
+
+// The best kernel this CPU runs (kIsa*), detected once; and the kernel of an ISA code.
+int64_t cpu_isa();
+QGemmKernel qgemm_kernel(int64_t isa);
+
 // Quantize rows [m0, m1) of x [M, K] (row stride ldx) into qa/da/asum (padded to a multiple of 32).
 void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa, float* da,
                    int32_t* asum, int64_t m0, int64_t m1);
+
+// Row `row` of a packed weight (n_groups blocks per tile), dequantized: out[k] = d * q + m for
+// k < K (the product rounded before the sum, as PlainQuant.dequantize).
+void dequantize_row(const QGemmArgs& a, int64_t row, int64_t K, float* out);
 
 // Scalar fp16 -> fp32 (exact, subnormals included).
 inline float half_to_float(uint16_t h) {

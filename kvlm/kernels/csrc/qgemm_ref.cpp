@@ -64,6 +64,21 @@ void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* q
   }
 }
 
+void dequantize_row(const QGemmArgs& a, int64_t row, int64_t K, float* out) {
+  const int qbytes = kTileRows * a.group * (a.bits == 4 ? 4 : 8) / 8;
+  const int64_t t = row / kTileRows;
+  const int r = (int)(row % kTileRows);
+  for (int64_t g = 0; g * a.group < K; ++g) {
+    const uint8_t* blk = a.w + (t * a.n_groups + g) * a.block_bytes;
+    const float d = load_scale(blk + qbytes, a.scale_bytes, r);
+    const float mn = load_scale(blk + qbytes + kTileRows * a.scale_bytes, a.scale_bytes, r);
+    for (int k = 0; k < a.group && g * a.group + k < K; ++k) {
+      const float prod = (float)weight_q(blk, a.bits, a.group, r, k) * d;  // rounded, then
+      out[g * a.group + k] = prod + mn;                                      // the minimum added
+    }
+  }
+}
+
 void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1) {
   const int qbytes = kTileRows * a.group * (a.bits == 4 ? 4 : 8) / 8;
   for (int64_t t = t0; t < t1; ++t) {

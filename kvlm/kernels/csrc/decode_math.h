@@ -1,0 +1,29 @@
+// Row math of a decode step (norms, rope, attention over cache rows, gated activations), in
+// float32. Compiled for AVX2 + FMA in decode_math_avx2.cpp; the decode plan calls it only on
+// CPUs that have both. No torch headers, like qgemm.h. Widths: n any size unless stated.
+#pragma once
+#include <cstdint>
+
+namespace kvlm {
+namespace decode {
+
+// out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i]; out may be x.
+void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps);
+
+// Rotate-half rope on `heads` rows of hd (hd even) in place, as kvlm's apply_rope:
+// x[i] * cos[i] + roll(x, hd / 2)[i] * sin[i], sin sign-folded ((-sin | sin)).
+void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t hd);
+
+// One query head over n cached keys: out[hd] = softmax(q . k_j * scale) . v_j, where key j is
+// k + rows[j] * stride (v likewise). hd a multiple of 8; scores: scratch of n floats.
+void attend(const float* q, const float* k, const float* v, const int64_t* rows, int64_t n,
+            int64_t stride, int64_t hd, float scale, float* scores, float* out);
+
+// out[i] = act(gate[i]) * up[i]; act 0 = SiLU, 1 = GELU (tanh approximation).
+void gated_act(const float* gate, const float* up, float* out, int64_t n, int act);
+
+// x[i] += y[i]
+void add(float* x, const float* y, int64_t n);
+
+}  // namespace decode
+}  // namespace kvlm

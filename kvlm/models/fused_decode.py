@@ -1,0 +1,142 @@
+"""The decoder stack of a decode step as one C++ call (kvlm.DecodePlan), for quantized weights.
+
+A pure decode step (one new token per sequence) spends most of its time outside the matmuls
+when each layer is ~30 torch ops: norms, rope, cache writes, a gather of the whole history and
+SDPA. `FusedDecoder` hands the whole stack to the C++ plan built once from the model's weights;
+it reads and writes the paged cache rows the runner computed (the same `GroupView`s the torch
+path uses), so the two paths share every scheduling and caching decision.
+
+It applies where the C++ kernels run with AVX2 or better, every projection is quantized and
+the cache holds float32 K/V with rope by place in the text; any other step (prefill, mixed
+chunks, quantized KV, attention sinks, no-cache) takes the torch path, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvlm.kernels.build import ISA_CODES, resolve_path
+from kvlm.kernels.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from kvlm.attention.context import ForwardContext
+    from kvlm.models.layers import Linear
+    from kvlm.models.transformer import CausalLM
+
+_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+
+
+def _parts(linear: Linear) -> tuple[list[torch.Tensor], list[int]]:
+    """Packed tensors of a quantized Linear and 4 ints per part: bits, group, scale_bytes, n."""
+    weight = linear.weight
+    assert isinstance(weight, QuantizedTensor)
+    meta = []
+    for p in weight.parts:
+        meta += [p.format.bits, p.format.group, p.format.scale_bytes, p.out_features]
+    return [p.packed for p in weight.parts], meta
+
+
+def _norm(norm: torch.nn.Module | None) -> torch.Tensor:
+    return torch.empty(0) if norm is None else norm.weight.detach()
+
+
+def why_not_fused(model: CausalLM, path: str | None = None) -> str | None:
+    """None when `FusedDecoder` can run this model; else the reason, in words."""
+    config = model.config
+    linears = [lin for layer in model.layers for lin in (
+        layer.attn.qkv, layer.attn.out, layer.mlp.gate_up, layer.mlp.down)]  # fmt: skip
+    if not all(lin.quantized for lin in linears):
+        return "float weights"
+    kernel_path = resolve_path(path)
+    if kernel_path not in ("avx512", "avx2"):
+        return f"the {kernel_path} kernel path (fused decode needs AVX2 kernels)"
+    if model.layers[0].attn_norm.weight.device.type != "cpu":
+        return "weights not on the CPU"
+    if config.attn_logit_softcapping is not None:
+        return "attention logit soft-capping"
+    if config.head_dim % 8:
+        return f"head_dim {config.head_dim} is not a multiple of 8"
+    return None
+
+
+class FusedDecoder:
+    def __init__(self, model: CausalLM, path: str | None = None) -> None:
+        reason = why_not_fused(model, path)
+        assert reason is None, reason
+        config = model.config
+        rope_keys = list(model.ropes)
+        self.ropes = [model.ropes[key] for key in rope_keys]
+        self.plan = torch.classes.kvlm.DecodePlan(
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.rms_norm_eps,
+            config.attn_scale,
+            _ACTIVATIONS[config.hidden_act],
+            model.norm.weight.detach(),
+            ISA_CODES[resolve_path(path)],
+        )
+        for layer in model.layers:
+            attn, mlp = layer.attn, layer.mlp
+            self.plan.add_layer(
+                _norm(layer.attn_norm),
+                _norm(attn.q_norm),
+                _norm(attn.k_norm),
+                _norm(layer.post_attn_norm),
+                _norm(layer.ffn_norm),
+                _norm(layer.post_ffn_norm),
+                *_parts(attn.qkv),
+                *_parts(attn.out),
+                *_parts(mlp.gate_up),
+                *_parts(mlp.down),
+                rope_keys.index(layer.rope_key),
+            )
+        self._layout: tuple[int, ...] | None = None  # ids of the stores the layout was set for
+
+    def accepts(self, ctx: ForwardContext) -> bool:
+        """A decode step whose every layer reads a float32 cache, rope by place in the text."""
+        if ctx.max_query_len != 1:
+            return False
+        for view in ctx.layer_views:
+            store = view.store
+            if store is None or view.key_positions is not None or view.key_counts is None:
+                return False
+            if store.format.is_quantized or store.data.dtype != torch.float32:
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x [M, H] embedded tokens -> final-normed hidden states [M, H]."""
+        views = list({id(v): v for v in ctx.layer_views}.values())  # one per cache group
+        stores = [v.store for v in views]
+        self._set_layout(ctx, views)
+        tables = [ctx.rope_tables(rope, ctx.positions) for rope in self.ropes]
+        cos = [c.view(-1, c.shape[-1]) for c, _ in tables]  # [M, hd] each
+        sin = [s.view(-1, s.shape[-1]) for _, s in tables]
+        return self.plan.forward(
+            x,
+            cos,
+            sin,
+            [s.data for s in stores],
+            [v.write_rows for v in views],
+            [v.gather_index for v in views],
+            [v.key_counts for v in views],
+        )
+
+    def _set_layout(self, ctx: ForwardContext, views: list) -> None:
+        key = tuple(id(v.store) for v in views)
+        if key == self._layout:
+            return
+        position = {id(v): g for g, v in enumerate(views)}
+        groups, k_offs, v_offs = [], [], []
+        for layer_idx, view in enumerate(ctx.layer_views):
+            k_off, v_off = view.store.layer_offsets(layer_idx)
+            groups.append(position[id(view)])
+            k_offs.append(k_off)
+            v_offs.append(v_off)
+        self.plan.set_layout(groups, k_offs, v_offs)
+        self._layout = key
