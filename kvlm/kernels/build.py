@@ -106,6 +106,10 @@ def _register_fakes() -> None:
     def _qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> torch.Tensor:
         return qa.new_empty((qa.shape[0], n), dtype=torch.float32)
 
+    @torch.library.register_fake("kvlm::argmax_rows")
+    def _argmax_rows(logits) -> torch.Tensor:
+        return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
     @torch.library.register_fake("kvlm::dequant_rows")
     def _dequant_rows(w, ids, bits, group, scale_bytes, k) -> torch.Tensor:
         return w.new_empty((*ids.shape, k), dtype=torch.float32)
@@ -113,6 +117,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kvlm::qlinear")
     def _qlinear(x, w, bits, group, scale_bytes, n, isa) -> torch.Tensor:
         return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def extension_loaded() -> bool:
+    """Whether this process has already loaded the C++ extension (never builds it)."""
+    return _build.cache_info().currsize > 0 and _build() is None
 
 
 @functools.cache

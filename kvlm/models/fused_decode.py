@@ -7,8 +7,8 @@ it reads and writes the paged cache rows the runner computed (the same `GroupVie
 path uses), so the two paths share every scheduling and caching decision.
 
 It applies where the C++ kernels run with AVX2 or better, every projection is quantized and
-the cache holds float32 K/V with rope by place in the text; any other step (prefill, mixed
-chunks, quantized KV, attention sinks, no-cache) takes the torch path, unchanged.
+the cache holds float32, float16 or bfloat16 K/V with rope by place in the text; any other
+step (prefill, mixed chunks, quantized KV, attention sinks, no-cache) takes the torch path.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from kvlm.models.transformer import CausalLM
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # rows the C++ attention reads
 
 
 def _parts(linear: Linear) -> tuple[list[torch.Tensor], list[int]]:
@@ -67,7 +68,6 @@ class FusedDecoder:
         assert reason is None, reason
         config = model.config
         rope_keys = list(model.ropes)
-        self.ropes = [model.ropes[key] for key in rope_keys]
         self.plan = torch.classes.kvlm.DecodePlan(
             config.hidden_size,
             config.num_heads,
@@ -80,6 +80,8 @@ class FusedDecoder:
             model.norm.weight.detach(),
             ISA_CODES[resolve_path(path)],
         )
+        for key in rope_keys:
+            self.plan.add_rope(model.ropes[key].inv_freq)
         for layer in model.layers:
             attn, mlp = layer.attn, layer.mlp
             self.plan.add_layer(
@@ -98,14 +100,14 @@ class FusedDecoder:
         self._layout: tuple[int, ...] | None = None  # ids of the stores the layout was set for
 
     def accepts(self, ctx: ForwardContext) -> bool:
-        """A decode step whose every layer reads a float32 cache, rope by place in the text."""
+        """A decode step whose every layer reads a float cache, rope by place in the text."""
         if ctx.max_query_len != 1:
             return False
         for view in ctx.layer_views:
             store = view.store
             if store is None or view.key_positions is not None or view.key_counts is None:
                 return False
-            if store.format.is_quantized or store.data.dtype != torch.float32:
+            if store.format.is_quantized or store.data.dtype not in _CACHE_DTYPES:
                 return False
         return True
 
@@ -114,13 +116,9 @@ class FusedDecoder:
         views = list({id(v): v for v in ctx.layer_views}.values())  # one per cache group
         stores = [v.store for v in views]
         self._set_layout(ctx, views)
-        tables = [ctx.rope_tables(rope, ctx.positions) for rope in self.ropes]
-        cos = [c.view(-1, c.shape[-1]) for c, _ in tables]  # [M, hd] each
-        sin = [s.view(-1, s.shape[-1]) for _, s in tables]
         return self.plan.forward(
             x,
-            cos,
-            sin,
+            ctx.positions,
             [s.data for s in stores],
             [v.write_rows for v in views],
             [v.gather_index for v in views],

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlm.kernels.reduce import argmax_rows
 from kvlm.sampling.filters import (
     apply_logit_bias,
     apply_presence_frequency_penalties,
@@ -174,10 +175,10 @@ def _select_tokens(
     num_seqs = logits.shape[0]
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if not random_rows:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     if len(random_rows) == num_seqs:
         return _sample(logits, params, generators)
-    token_ids = logits.argmax(dim=-1)
+    token_ids = argmax_rows(logits)
     rows = torch.tensor(random_rows, dtype=torch.long).to(logits.device)
     token_ids[rows] = _sample(
         logits[rows],

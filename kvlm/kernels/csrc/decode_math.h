@@ -14,13 +14,24 @@ void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps);
 // x[i] * cos[i] + roll(x, hd / 2)[i] * sin[i], sin sign-folded ((-sin | sin)).
 void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t hd);
 
+// Element type of cache rows.
+enum KVType { kKVFloat32 = 0, kKVFloat16 = 1, kKVBFloat16 = 2 };
+
 // One query head over n cached keys: out[hd] = softmax(q . k_j * scale) . v_j, where key j is
-// k + rows[j] * stride (v likewise). hd a multiple of 8; scores: scratch of n floats.
-void attend(const float* q, const float* k, const float* v, const int64_t* rows, int64_t n,
-            int64_t stride, int64_t hd, float scale, float* scores, float* out);
+// element k + rows[j] * stride of `k` (v likewise), rows of type `type`. hd a multiple of 8;
+// scores: scratch of n floats.
+void attend(const float* q, const void* k, const void* v, const int64_t* rows, int64_t n,
+            int64_t stride, int64_t hd, float scale, float* scores, float* out, KVType type);
+
+// dst[0 .. n) = x in `type`, rounded to nearest even (as torch's .to(dtype)).
+void store_row(const float* x, void* dst, int64_t n, KVType type);
 
 // out[i] = act(gate[i]) * up[i]; act 0 = SiLU, 1 = GELU (tanh approximation).
 void gated_act(const float* gate, const float* up, float* out, int64_t n, int act);
+
+// Index of the largest of x[0 .. n) (n >= 1): the first one on ties, the first NaN if any
+// (torch.argmax's answer).
+int64_t argmax(const float* x, int64_t n);
 
 // x[i] += y[i]
 void add(float* x, const float* y, int64_t n);

@@ -3,11 +3,12 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "decode_math.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
 namespace kvlm {
 namespace decode {
@@ -92,18 +93,56 @@ void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t h
   }
 }
 
-void attend(const float* q, const float* k, const float* v, const int64_t* rows, int64_t n,
-            int64_t stride, int64_t hd, float scale, float* scores, float* out) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    const float s = dot(q, k + rows[j] * stride, hd) * scale;
-    scores[j] = s;
-    mx = s > mx ? s : mx;
+namespace {
+
+template <int T>  // KVType
+inline __m256 load8(const void* base, int64_t offset) {
+  if constexpr (T == kKVFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
+  } else {
+    const __m128i h = _mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + offset));
+    if constexpr (T == kKVFloat16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
-  const __m256 mxv = _mm256_set1_ps(mx);
-  __m256 sumv = _mm256_setzero_ps();
+}
+
+// Lane r = the sum of the 8 lanes of a[r].
+inline __m256 transpose_sum(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+template <int T>
+void attend_t(const float* q, const void* k, const void* v, const int64_t* rows, int64_t n,
+              int64_t stride, int64_t hd, float scale, float* scores, float* out) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  __m256 mxv = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
+  for (; j + 8 <= n; j += 8) {  // 8 keys a round: 8 independent sums, one transpose to add them
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int r = 0; r < 8; ++r)
+        acc[r] = _mm256_fmadd_ps(qv, load8<T>(k, rows[j + r] * stride + d), acc[r]);
+    }
+    const __m256 s = _mm256_mul_ps(transpose_sum(acc), sv);
+    _mm256_storeu_ps(scores + j, s);
+    mxv = _mm256_max_ps(mxv, s);
+  }
+  float mx = hmax(mxv);
+  for (; j < n; ++j) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<T>(k, rows[j] * stride + d), acc);
+    scores[j] = hsum(acc) * scale;
+    mx = scores[j] > mx ? scores[j] : mx;
+  }
+  mxv = _mm256_set1_ps(mx);
+  __m256 sumv = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
     const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
     _mm256_storeu_ps(scores + j, e);
     sumv = _mm256_add_ps(sumv, e);
@@ -121,16 +160,44 @@ void attend(const float* q, const float* k, const float* v, const int64_t* rows,
   }
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
   for (int64_t c = 0; c < hd; c += 64) {  // 64 output columns (8 registers) per pass over v
-    const int64_t width = hd - c < 64 ? hd - c : 64;
+    const int width = (int)(hd - c < 64 ? hd - c : 64) / 8;
     __m256 acc[8];
     for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; ++t) {
-      const float* vr = v + rows[t] * stride + c;
+      const int64_t base = rows[t] * stride + c;
       const __m256 p = _mm256_set1_ps(scores[t]);
-      for (int r = 0; r < width / 8; ++r)
-        acc[r] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * r), acc[r]);
+      for (int r = 0; r < width; ++r) acc[r] = _mm256_fmadd_ps(p, load8<T>(v, base + 8 * r), acc[r]);
     }
-    for (int r = 0; r < width / 8; ++r) _mm256_storeu_ps(out + c + 8 * r, _mm256_mul_ps(acc[r], inv));
+    for (int r = 0; r < width; ++r) _mm256_storeu_ps(out + c + 8 * r, _mm256_mul_ps(acc[r], inv));
+  }
+}
+
+}  // namespace
+
+void attend(const float* q, const void* k, const void* v, const int64_t* rows, int64_t n,
+            int64_t stride, int64_t hd, float scale, float* scores, float* out, KVType type) {
+  switch (type) {
+    case kKVFloat32: attend_t<kKVFloat32>(q, k, v, rows, n, stride, hd, scale, scores, out); break;
+    case kKVFloat16: attend_t<kKVFloat16>(q, k, v, rows, n, stride, hd, scale, scores, out); break;
+    case kKVBFloat16: attend_t<kKVBFloat16>(q, k, v, rows, n, stride, hd, scale, scores, out); break;
+  }
+}
+
+void store_row(const float* x, void* dst, int64_t n, KVType type) {
+  if (type == kKVFloat32) {
+    std::memcpy(dst, x, n * sizeof(float));
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    if (type == kKVFloat16) {
+      out[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+    } else {
+      uint32_t bits;
+      std::memcpy(&bits, &x[i], 4);
+      const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+      out[i] = nan ? (uint16_t)((bits >> 16) | 0x40) : (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    }
   }
 }
 
@@ -158,6 +225,49 @@ void gated_act(const float* gate, const float* up, float* out, int64_t n, int ac
                              : 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
     out[i] = a * up[i];
   }
+}
+
+int64_t argmax(const float* x, int64_t n) {
+  int64_t i = 0, best = 0;
+  float best_value = x[0];
+  if (n >= 8 && n < (int64_t{1} << 31)) {
+    __m256 maxv = _mm256_loadu_ps(x);
+    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = idx;
+    __m256 nan = _mm256_cmp_ps(maxv, maxv, _CMP_UNORD_Q);
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (i = 8; i + 8 <= n; i += 8) {
+      cur = _mm256_add_epi32(cur, eight);
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 gt = _mm256_cmp_ps(v, maxv, _CMP_GT_OQ);  // strict: a lane keeps its first
+      maxv = _mm256_blendv_ps(maxv, v, gt);
+      idx = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(cur), gt));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (_mm256_movemask_ps(nan)) {  // rare: find the first NaN the plain way
+      for (int64_t j = 0; j < n; ++j)
+        if (std::isnan(x[j])) return j;
+    }
+    alignas(32) float values[8];
+    alignas(32) int32_t indices[8];
+    _mm256_store_ps(values, maxv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(indices), idx);
+    best_value = values[0];
+    best = indices[0];
+    for (int r = 1; r < 8; ++r)  // the largest value; among equal ones, the first index
+      if (values[r] > best_value || (values[r] == best_value && indices[r] < best)) {
+        best_value = values[r];
+        best = indices[r];
+      }
+  }
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > best_value) {
+      best_value = x[i];
+      best = i;
+    }
+  }
+  return best;
 }
 
 void add(float* x, const float* y, int64_t n) {

@@ -1,6 +1,7 @@
 // kvlm.DecodePlan: every decoder layer of a pure decode step (one new token per sequence) in
-// one call, on quantized weights and a float32 paged KV cache. Python builds the plan once per
-// model (weights, norms, shapes) and calls `forward` each step with that step's cache rows:
+// one call, on quantized weights and a paged KV cache of float32, float16 or bfloat16 rows.
+// Python builds the plan once per model (weights, norms, shapes) and calls `forward` each step
+// with that step's cache rows:
 //
 //   x [M, H] embedded tokens -> per layer:
 //     h = attn_norm(x); q, k, v = h @ Wqkv; [q_norm, k_norm per head]; rope(q, k)
@@ -18,6 +19,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <chrono>
+#include <string>
 #include <vector>
 
 #include "decode_math.h"
@@ -61,6 +65,10 @@ Proj make_proj(const std::vector<at::Tensor>& weights, const std::vector<int64_t
   }
   return p;
 }
+
+// Seconds spent per phase of `forward`, summed over calls while profiling is on.
+enum Phase { kNorms, kQkv, kCacheWrite, kAttention, kOut, kGateUp, kAct, kDown, kNumPhases };
+const char* const kPhaseNames[kNumPhases] = {"norms and residuals", "qkv matmul", "rope and cache write", "attention", "o matmul", "gate/up matmul", "activation", "down matmul"};
 
 const float* opt_ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
@@ -112,6 +120,13 @@ class DecodePlan : public torch::CustomClassHolder {
     layers_.push_back(std::move(l));
   }
 
+  // Appends a rope (its inverse frequencies, [hd / 2] float32); layers name ropes by order.
+  void add_rope(at::Tensor inv_freq) {
+    TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == head_dim_ / 2,
+                "DecodePlan.add_rope: inv_freq must be float32 [head_dim / 2]");
+    inv_freqs_.push_back(inv_freq.contiguous());
+  }
+
   // Per layer: its cache group and the row offsets of its K and V from a token's base row.
   void set_layout(std::vector<int64_t> groups, std::vector<int64_t> k_offs,
                   std::vector<int64_t> v_offs) {
@@ -125,11 +140,21 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // x [M, H] float32; cos/sin: per rope [M, hd]; per cache group: store data [rows, nkv, hd]
+  // Time each phase of `forward` from now on (false: stop; the sums are kept).
+  void profile(bool on) { profiling_ = on; }
+
+  // Seconds per phase summed over profiled calls, and the number of those calls.
+  c10::Dict<std::string, double> timings() const {
+    c10::Dict<std::string, double> out;
+    for (int p = 0; p < kNumPhases; ++p) out.insert(kPhaseNames[p], seconds_[p]);
+    out.insert("calls", (double)profiled_calls_);
+    return out;
+  }
+
+  // x [M, H] float32; positions [M] int64 (rope angles: place in the text); per cache group: store data [rows, nkv, hd]
   // float32, write_rows [M] base row of each new token, gather [M * S] base rows each sequence
   // reads (oldest first, S per sequence), key_counts [M] keys of each sequence (<= S).
-  at::Tensor forward(at::Tensor x, std::vector<at::Tensor> cos, std::vector<at::Tensor> sin,
-                     std::vector<at::Tensor> stores, std::vector<at::Tensor> write_rows,
+  at::Tensor forward(at::Tensor x, at::Tensor positions, std::vector<at::Tensor> stores, std::vector<at::Tensor> write_rows,
                      std::vector<at::Tensor> gather, std::vector<at::Tensor> key_counts) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.is_cpu(),
                 "DecodePlan.forward: x must be float32 [M, ", hidden_, "]");
@@ -139,11 +164,12 @@ class DecodePlan : public torch::CustomClassHolder {
                     key_counts.size() == num_groups,
                 "DecodePlan.forward: one write_rows, gather and key_counts per store");
     for (size_t g = 0; g < num_groups; ++g) {
-      TORCH_CHECK(stores[g].scalar_type() == at::kFloat && stores[g].is_contiguous() &&
-                      stores[g].dim() == 3 && stores[g].size(1) == kv_heads_ &&
-                      stores[g].size(2) == head_dim_,
-                  "DecodePlan.forward: stores must be contiguous float32 [rows, ", kv_heads_, ", ",
-                  head_dim_, "]");
+      const at::ScalarType t = stores[g].scalar_type();
+      TORCH_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
+                      stores[g].is_contiguous() && stores[g].dim() == 3 &&
+                      stores[g].size(1) == kv_heads_ && stores[g].size(2) == head_dim_,
+                  "DecodePlan.forward: stores must be contiguous float32, float16 or bfloat16 "
+                  "[rows, ", kv_heads_, ", ", head_dim_, "]");
       for (const at::Tensor* t : {&write_rows[g], &gather[g], &key_counts[g]})
         TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
                     "DecodePlan.forward: row indices must be contiguous int64");
@@ -152,32 +178,66 @@ class DecodePlan : public torch::CustomClassHolder {
                   "DecodePlan.forward: index sizes do not match M=", M);
     }
     for (const Layer& l : layers_)
-      TORCH_CHECK(l.group >= 0 && (size_t)l.group < num_groups && (size_t)l.rope < cos.size(),
+      TORCH_CHECK(l.group >= 0 && (size_t)l.group < num_groups && (size_t)l.rope < inv_freqs_.size(),
                   "DecodePlan.forward: layout not set, or a group or rope out of range");
-    for (size_t r = 0; r < cos.size(); ++r)
-      TORCH_CHECK(cos[r].is_contiguous() && sin[r].is_contiguous() &&
-                      cos[r].numel() == M * head_dim_ && sin[r].numel() == M * head_dim_,
-                  "DecodePlan.forward: cos and sin must be contiguous [M, head_dim]");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                    positions.numel() == M,
+                "DecodePlan.forward: positions must be contiguous int64 [M]");
     int64_t max_keys = 1;
     for (size_t g = 0; g < num_groups; ++g)
       max_keys = std::max<int64_t>(max_keys, M ? gather[g].numel() / M : 1);
     ensure_buffers(M, max_keys);
+    rope_tables(positions.data_ptr<int64_t>(), M);
 
     at::Tensor out = x.contiguous().clone();  // the residual stream, [M, H]
     float* xs = out.data_ptr<float>();
+    if (profiling_) ++profiled_calls_;
+    tick_ = Clock::now();
     for (const Layer& l : layers_) {
-      attention_block(l, xs, M, cos[l.rope].data_ptr<float>(), sin[l.rope].data_ptr<float>(),
-                      stores[l.group], write_rows[l.group].data_ptr<int64_t>(),
+      const float* cos = rope_.data_ptr<float>() + (2 * l.rope) * M * head_dim_;
+      attention_block(l, xs, M, cos, cos + M * head_dim_, stores[l.group], write_rows[l.group].data_ptr<int64_t>(),
                       gather[l.group].data_ptr<int64_t>(), gather[l.group].numel() / M,
                       key_counts[l.group].data_ptr<int64_t>());
       mlp_block(l, xs, M);
     }
     const float* fw = final_norm_.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) decode::rms_norm(xs + m * hidden_, fw, xs + m * hidden_, hidden_, eps_);
+    lap(kNorms);
     return out;
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
+  // Adds the time since the last lap to `phase` (when profiling).
+  void lap(Phase phase) {
+    if (!profiling_) return;
+    const Clock::time_point now = Clock::now();
+    seconds_[phase] += std::chrono::duration<double>(now - tick_).count();
+    tick_ = now;
+  }
+
+  // rope_[2 r] / rope_[2 r + 1]: cos and sign-folded sin [M, hd] of rope r, as RotaryEmbedding:
+  // angle i = position * inv_freq[i], cos | cos and -sin | sin over the two halves.
+  void rope_tables(const int64_t* positions, int64_t M) {
+    const int64_t half = head_dim_ / 2;
+    float* t = rope_.data_ptr<float>();
+    for (size_t r = 0; r < inv_freqs_.size(); ++r) {
+      const float* inv = inv_freqs_[r].data_ptr<float>();
+      float* cos = t + (2 * r) * M * head_dim_;
+      float* sin = cos + M * head_dim_;
+      for (int64_t m = 0; m < M; ++m) {
+        const float pos = (float)positions[m];
+        for (int64_t i = 0; i < half; ++i) {
+          const float angle = pos * inv[i], c = std::cos(angle), s = std::sin(angle);
+          cos[m * head_dim_ + i] = cos[m * head_dim_ + half + i] = c;
+          sin[m * head_dim_ + i] = -s;
+          sin[m * head_dim_ + half + i] = s;
+        }
+      }
+    }
+  }
+
   void ensure_buffers(int64_t M, int64_t max_keys) {
     if (M > rows_) {
       const auto f = at::TensorOptions().dtype(at::kFloat);
@@ -191,6 +251,7 @@ class DecodePlan : public torch::CustomClassHolder {
       qa_ = at::empty({M, kmax}, f.dtype(at::kChar));
       da_ = at::empty({M, kmax / kActBlock}, f);
       asum_ = at::empty({M, kmax / 16}, f.dtype(at::kInt));
+      rope_ = at::empty({(int64_t)inv_freqs_.size() * 2, M, head_dim_}, f);
       rows_ = M;
     }
     const int64_t threads = at::get_num_threads();
@@ -246,10 +307,16 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t qkv_w = (nh + 2 * nkv) * hd, row = nkv * hd;  // floats per cache row
     float* h = h_.data_ptr<float>();
     float* qkv = qkv_.data_ptr<float>();
-    float* data = store.data_ptr<float>();
+    const decode::KVType type = store.scalar_type() == at::kFloat  ? decode::kKVFloat32
+                                : store.scalar_type() == at::kHalf ? decode::kKVFloat16
+                                                                   : decode::kKVBFloat16;
+    char* data = static_cast<char*>(store.data_ptr());
+    const int64_t row_bytes = row * (int64_t)store.element_size();
     const float* an = l.attn_norm.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) decode::rms_norm(xs + m * H, an, h + m * H, H, eps_);
+    lap(kNorms);
     matmul(l.qkv, h, H, M, qkv, qkv_w);
+    lap(kQkv);
     const float* qn = opt_ptr(l.q_norm);
     const float* kn = opt_ptr(l.k_norm);
     for (int64_t m = 0; m < M; ++m) {  // [q nh*hd | k nkv*hd | v nkv*hd]
@@ -262,30 +329,36 @@ class DecodePlan : public torch::CustomClassHolder {
       }
       decode::rope(q, cos + m * hd, sin + m * hd, nh, hd);
       decode::rope(k, cos + m * hd, sin + m * hd, nkv, hd);
-      std::copy(k, k + row, data + (write_rows[m] + l.k_off) * row);
-      std::copy(v, v + row, data + (write_rows[m] + l.v_off) * row);
+      decode::store_row(k, data + (write_rows[m] + l.k_off) * row_bytes, row, type);
+      decode::store_row(v, data + (write_rows[m] + l.v_off) * row_bytes, row, type);
     }
+    lap(kCacheWrite);
     float* attn = attn_.data_ptr<float>();
     float* scores = scores_.data_ptr<float>();
     const int64_t group = nh / nkv;
-    const float* kbase = data + l.k_off * row;
-    const float* vbase = data + l.v_off * row;
+    const int64_t head_bytes = hd * (int64_t)store.element_size();
+    const char* kbase = data + l.k_off * row_bytes;
+    const char* vbase = data + l.v_off * row_bytes;
     const int64_t max_keys = keys_;
     at::parallel_for(0, M * nh, 1, [&](int64_t i0, int64_t i1) {
       float* sc = scores + at::get_thread_num() * max_keys;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / nh, head = i % nh, kvh = head / group;
-        decode::attend(qkv + m * qkv_w + head * hd, kbase + kvh * hd, vbase + kvh * hd,
-                       gather + m * S, key_counts[m], row, hd, scale_, sc, attn + m * nh * hd + head * hd);
+        decode::attend(qkv + m * qkv_w + head * hd, kbase + kvh * head_bytes,
+                       vbase + kvh * head_bytes, gather + m * S, key_counts[m], row, hd, scale_, sc,
+                       attn + m * nh * hd + head * hd, type);
       }
     });
+    lap(kAttention);
     float* a = proj_.data_ptr<float>();
     matmul(l.o, attn, nh * hd, M, a, H);
+    lap(kOut);
     const float* pn = opt_ptr(l.post_attn_norm);
     for (int64_t m = 0; m < M; ++m) {
       if (pn != nullptr) decode::rms_norm(a + m * H, pn, a + m * H, H, eps_);
       decode::add(xs + m * H, a + m * H, H);
     }
+    lap(kNorms);
   }
 
   void mlp_block(const Layer& l, float* xs, int64_t M) {
@@ -295,14 +368,19 @@ class DecodePlan : public torch::CustomClassHolder {
     float* act = act_buf_.data_ptr<float>();
     const float* fn = l.ffn_norm.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) decode::rms_norm(xs + m * H, fn, h + m * H, H, eps_);
+    lap(kNorms);
     matmul(l.gate_up, h, H, M, gu, 2 * I);
+    lap(kGateUp);
     for (int64_t m = 0; m < M; ++m) decode::gated_act(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I, act_);
+    lap(kAct);
     matmul(l.down, act, I, M, h, H);
+    lap(kDown);
     const float* pn = opt_ptr(l.post_ffn_norm);
     for (int64_t m = 0; m < M; ++m) {
       if (pn != nullptr) decode::rms_norm(h + m * H, pn, h + m * H, H, eps_);
       decode::add(xs + m * H, h + m * H, H);
     }
+    lap(kNorms);
   }
 
   int64_t hidden_, heads_, kv_heads_, head_dim_, inter_;
@@ -311,8 +389,13 @@ class DecodePlan : public torch::CustomClassHolder {
   at::Tensor final_norm_;
   int64_t isa_;
   std::vector<Layer> layers_;
+  std::vector<at::Tensor> inv_freqs_;
   int64_t rows_ = 0, keys_ = 0, score_threads_ = 0;
-  at::Tensor h_, qkv_, attn_, proj_, act_buf_, qa_, da_, asum_, scores_;
+  at::Tensor h_, qkv_, attn_, proj_, act_buf_, qa_, da_, asum_, scores_, rope_;
+  bool profiling_ = false;
+  int64_t profiled_calls_ = 0;
+  double seconds_[kNumPhases] = {};
+  Clock::time_point tick_;
 };
 
 TORCH_LIBRARY_FRAGMENT(kvlm, m) {
@@ -320,7 +403,10 @@ TORCH_LIBRARY_FRAGMENT(kvlm, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t,
                        at::Tensor, int64_t>())
       .def("add_layer", &DecodePlan::add_layer)
+      .def("add_rope", &DecodePlan::add_rope)
       .def("set_layout", &DecodePlan::set_layout)
+      .def("profile", &DecodePlan::profile)
+      .def("timings", &DecodePlan::timings)
       .def("forward", &DecodePlan::forward);
 }
 

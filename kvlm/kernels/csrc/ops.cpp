@@ -3,6 +3,7 @@
 //   kvlm::cpu_isa() -> int                 best kernel this CPU runs: 1 ref, 2 avx2, 3 avx512
 //   kvlm::quantize_act(x) -> (qa, da, asum)
 //   kvlm::qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
+//   kvlm::argmax_rows(logits [M, V]) -> [M] int64   (AVX2; torch.argmax(dim=-1)'s answer)
 //   kvlm::dequant_rows(w, ids, bits, group, scale_bytes, k) -> rows [*ids.shape, k] fp32
 //   kvlm::qlinear(x, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
 //
@@ -15,6 +16,7 @@
 
 #include <vector>
 
+#include "decode_math.h"
 #include "qgemm.h"
 
 namespace kvlm {
@@ -156,6 +158,23 @@ at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits
   return out.view(shape);
 }
 
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_cpu() && logits.scalar_type() == at::kFloat &&
+                  logits.size(1) > 0,
+              "kvlm::argmax_rows expects a non-empty 2-D float32 CPU tensor, got ",
+              logits.sizes(), " ", logits.scalar_type());
+  TORCH_CHECK(cpu_isa() >= kIsaAvx2, "kvlm::argmax_rows needs AVX2");
+  const at::Tensor x = logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = decode::argmax(xp + r * n, n);
+  });
+  return out;
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group,
                    int64_t scale_bytes, int64_t n, int64_t isa) {
   auto [qa, da, asum] = quantize_act(x);
@@ -170,6 +189,7 @@ TORCH_LIBRARY(kvlm, m) {
   m.def(
       "qgemm(Tensor qa, Tensor da, Tensor asum, Tensor w, int bits, int group, int scale_bytes, "
       "int n, int isa) -> Tensor");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def(
       "dequant_rows(Tensor w, Tensor ids, int bits, int group, int scale_bytes, int k) -> Tensor");
   m.def(
@@ -180,6 +200,7 @@ TORCH_LIBRARY(kvlm, m) {
 TORCH_LIBRARY_IMPL(kvlm, CPU, m) {
   m.impl("quantize_act", &quantize_act);
   m.impl("qgemm", &qgemm);
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("dequant_rows", &dequant_rows);
   m.impl("qlinear", &qlinear);
 }

@@ -1,0 +1,111 @@
+"""Where a batch-1 decode step's time goes, on quantized weights: the fused C++ stack by phase
+(kvlm.DecodePlan's own timers), the lm_head, and everything else in the step (scheduler, runner
+indices, embedding, sampler, detokenizer), and the same step on the torch path for comparison.
+
+    python benchmarks/decode_profile.py --model smollm2 --new-tokens 128,512 --threads 2
+
+Each length is one greedy generation from a short prompt; the figures are per generated token,
+averaged over the whole generation (so a longer one also averages longer contexts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvlm import LLM, SamplingParams
+from kvlm.bench.machine import machine_info, machine_line
+from kvlm.models.fused_decode import FusedDecoder
+from kvlm.models.layers import Linear
+
+PROMPT = "The history of the printing press"
+
+
+def _timed(fn: Callable, total: list[float]) -> Callable:
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        total[0] += time.perf_counter() - start
+        return out
+
+    return wrapper
+
+
+def profile(llm: LLM, new_tokens: int) -> dict[str, float]:
+    """ms per generated token: the step, and its parts."""
+    model = llm.engine.model
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    llm.generate([PROMPT], SamplingParams(max_tokens=4))  # warm-up: buffers, kernels
+    fused_s, head_s = [0.0], [0.0]
+    head = model.lm_head
+    head.forward = _timed(Linear.forward.__get__(head), head_s)
+    fused = model.fused
+    if fused is not None:
+        fused.plan.profile(True)
+        before = dict(fused.plan.timings())
+    call = FusedDecoder.__call__
+    FusedDecoder.__call__ = _timed(call, fused_s)
+    try:
+        start = time.perf_counter()
+        llm.generate([PROMPT], params)
+        wall = time.perf_counter() - start
+    finally:
+        FusedDecoder.__call__ = call
+        del head.forward
+    per = 1e3 / new_tokens
+    row = {"step": wall * per, "lm_head": head_s[0] * per}
+    if fused is not None:
+        fused.plan.profile(False)
+        after = dict(fused.plan.timings())
+        phases = {k: (after[k] - before.get(k, 0.0)) * per for k in after if k != "calls"}
+        row.update({f"fused: {k}": v for k, v in phases.items()})
+        row["fused call (Python side)"] = fused_s[0] * per - sum(phases.values())
+        row["rest of the step"] = row["step"] - fused_s[0] * per - row["lm_head"]
+    else:
+        row["decoder layers (torch)"] = row["step"] - row["lm_head"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--new-tokens", default="128,512")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache-dtype", default="auto", help="as EngineConfig.kv_cache_dtype")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [int(n) for n in args.new_tokens.split(",")]
+    results = {}
+    for fused in (True, False):
+        llm = LLM(
+            args.model,
+            weight_format="gguf",
+            fused_decode=fused,
+            num_threads=args.threads,
+            kv_cache_dtype=args.kv_cache_dtype,
+        )
+        name = "fused" if fused else "torch"
+        results[name] = {n: profile(llm, n) for n in lengths}
+        del llm
+    print(
+        f"{args.model}, gguf weights, KV cache {args.kv_cache_dtype}, batch 1, ms per token. "
+        f"{machine_line(machine_info())}\n"
+    )
+    for name, rows in results.items():
+        print(f"| {name} path | " + " | ".join(f"{n} tokens" for n in lengths) + " |")
+        print("|---|" + "---:|" * len(lengths))
+        for key in rows[lengths[0]]:
+            print(f"| {key} | " + " | ".join(f"{rows[n][key]:.2f}" for n in lengths) + " |")
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
