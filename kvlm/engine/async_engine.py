@@ -20,8 +20,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.request import RequestOutput
+from kvlm.engine.step_threads import StepThreads
 from kvlm.kv.offload.tier import TierSnapshot
 from kvlm.sampling import SamplingParams
 
@@ -176,6 +179,7 @@ class AsyncLLMEngine:
         self._stats = EngineStats()
         self._publish_stats()
         self._step_listeners: list[Callable[[LLMEngine], None]] = []  # engine thread only
+        self._step_threads = StepThreads(torch.get_num_threads())  # the engine set the count
         self._thread = threading.Thread(target=self._run, name="kvlm-engine", daemon=True)
         self._thread.start()
 
@@ -274,6 +278,7 @@ class AsyncLLMEngine:
         except BaseException:
             logger.exception("the engine thread crashed")
         finally:
+            torch.set_num_threads(self._step_threads.threads)  # as the engine left it
             with self._cond:
                 self._closed = True
                 pending = list(self._commands)
@@ -332,13 +337,14 @@ class AsyncLLMEngine:
             logger.exception("could not abort request %s", request_id)
 
     def _step(self) -> None:
+        scheduler = self.engine.scheduler
+        self._step_threads.apply(len(scheduler.running) + len(scheduler.waiting))
         try:
             outputs = self.engine.step()
         except Exception as e:
             # Fail the requests that were in the batch (the running ones; when none runs, the
             # waiting ones that could not be scheduled) and keep serving the rest.
             self._num_step_errors += 1
-            scheduler = self.engine.scheduler
             affected = [r.request_id for r in scheduler.running or scheduler.waiting]
             logger.exception("engine step failed; aborting %d request(s)", len(affected))
             error = EngineStepError(f"the engine failed while running this request: {e!r}")
