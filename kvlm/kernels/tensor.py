@@ -94,7 +94,7 @@ def _common_format(a: PackFormat, b: PackFormat) -> PackFormat | None:
     """A format both packed matrices already are, byte for byte (6-bit is 8-bit storage)."""
     if a == b:
         return a
-    same_storage = {a.bits, b.bits} == {6, 8}
+    same_storage = {a.bits, b.bits} == {6, 8} and not (a.symmetric or b.symmetric)
     if same_storage and (a.group, a.scale_bytes) == (b.group, b.scale_bytes):
         return PackFormat(8, a.group, a.scale_bytes)
     return None

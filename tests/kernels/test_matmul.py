@@ -48,6 +48,27 @@ def test_kernels_match_reference_and_each_other(qtype: Q, num_rows: int, shape) 
         assert torch.equal(y, outs["ref"]), f"{path} differs from the scalar reference"
 
 
+@pytest.mark.parametrize("num_rows", [1, 5])
+def test_8bit_with_and_without_stored_minimums(num_rows: int) -> None:
+    # Q8_0 packs symmetric (its minimums, -128 d, are not stored); the same quants with other
+    # minimums keep them. Both give the dequantized values' product on every path.
+    w, values = _weight(Q.Q8_0, 40, 256)
+    assert w.format.symmetric and w.format.block_bytes == 16 * 32 + 16 * 2
+    plain = w.unpack()
+    plain.m = plain.m + 0.01 * torch.rand(plain.m.shape, generator=torch.Generator().manual_seed(1))
+    asymmetric = QuantizedWeight.pack(plain)  # m no longer fp16-exact: fp32 d and m
+    assert not asymmetric.format.symmetric and asymmetric.format.block_bytes == 16 * 32 + 16 * 8
+    x = torch.randn(num_rows, 256, generator=torch.Generator().manual_seed(num_rows))
+    for weight, reference in ((w, values), (asymmetric, plain.dequantize())):
+        bound = _error_bound(x, reference)
+        outs = {path: matmul(x, [weight], path) for path in KERNEL_PATHS}
+        for path, y in outs.items():
+            assert ((y.double() - (x @ reference.T).double()).abs() <= bound).all(), path
+            assert torch.equal(y, outs["ref"]), path
+        rows = torch.tensor([0, 17, 39])
+        assert torch.equal(weight.dequantize_rows(rows), reference[rows])
+
+
 @pytest.mark.parametrize("in_features", [32, 96, 100])  # 100: padded to 128 with zeros
 def test_odd_in_features(in_features: int) -> None:
     # Q8_0/Q4_1 rows are whole 32-blocks; 100 columns come from quantize-at-load padding.

@@ -33,7 +33,7 @@ def test_fp16_scales_only_where_exact() -> None:
         raw, _ = gguf_tensor(qtype, 16, _cols(qtype))
         formats[qtype] = QuantizedWeight.pack(repack_gguf(raw, qtype, (16, _cols(qtype))))
     assert formats[Q.Q4_1].format.name == "u4g32f16"
-    assert formats[Q.Q8_0].format.name == "u8g32f16"
+    assert formats[Q.Q8_0].format.name == "s8g32f16"  # m = -128 d: not stored
     assert formats[Q.Q4_K].format.name == "u4g32f32"  # d * 6-bit scale needs 17 bits
     assert formats[Q.Q6_K].format.name == "u6g16f32"  # 16-column groups, q < 64
     assert formats[Q.Q5_0].format.name == "u6g32f16"
@@ -69,14 +69,22 @@ def test_stack_fuses_same_formats_and_keeps_others_apart() -> None:
         qt: QuantizedTensor.from_plain(repack_gguf(gguf_tensor(qt, n, 256)[0], qt, (n, 256)))
         for qt, n in ((Q.Q5_0, 32), (Q.Q8_0, 16), (Q.Q6_K, 16))
     }
-    fused = QuantizedTensor.stack(list(parts.values()))
-    assert fused.shape == (64, 256)
-    # Q5_0 (u6g32f16) and Q8_0 (u8g32f16) share their bytes' layout: one u8g32f16 part
+    # An 8-bit matrix with stored minimums (Q8_0's quants, m = -64 d: still exact in fp16)
+    # shares Q5_0's byte layout
+    plain = repack_gguf(gguf_tensor(Q.Q8_0, 16, 256, seed=3)[0], Q.Q8_0, (16, 256))
+    plain.m = plain.m / 2
+    asymmetric = QuantizedTensor.from_plain(plain)
+    tensors = [parts[Q.Q5_0], asymmetric, parts[Q.Q8_0], parts[Q.Q6_K]]
+    fused = QuantizedTensor.stack(tensors)
+    assert fused.shape == (80, 256)
+    # Q5_0 (u6g32f16) and the u8g32f16 matrix merge into one part; Q8_0 without minimums
+    # (s8g32f16) and Q6_K's 16-column groups stay apart
     assert [(p.out_features, p.format.name) for p in fused.parts] == [
         (48, "u8g32f16"),
+        (16, "s8g32f16"),
         (16, "u6g16f32"),
     ]
-    expected = torch.cat([t.dequantize() for t in parts.values()])
+    expected = torch.cat([t.dequantize() for t in tensors])
     assert torch.equal(fused.dequantize(), expected)
 
 

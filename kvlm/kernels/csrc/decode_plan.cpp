@@ -36,6 +36,7 @@ int64_t pad32(int64_t k) { return (k + kActBlock - 1) / kActBlock * kActBlock; }
 struct Part {
   at::Tensor w;  // [tiles, n_groups, block_bytes] uint8
   int bits, group, scale_bytes;
+  bool symmetric;  // no stored minimums (see qgemm.h)
   int64_t n;    // output columns
   int64_t col;  // first output column in the projection
   int64_t tile0;  // first tile in the projection's tile range
@@ -58,7 +59,10 @@ Proj make_proj(const std::vector<at::Tensor>& weights, const std::vector<int64_t
                 "DecodePlan: packed weights are contiguous uint8 [tiles, groups, block_bytes]");
     TORCH_CHECK(w.size(1) * meta[4 * i + 1] == pad32(k), "DecodePlan: weight has ",
                 w.size(1) * meta[4 * i + 1], " input columns, expected ", pad32(k));
-    Part part{w, (int)meta[4 * i], (int)meta[4 * i + 1], (int)meta[4 * i + 2], meta[4 * i + 3], p.n, p.tiles};
+    const int symmetric = symmetric_blocks(meta[4 * i], meta[4 * i + 1], meta[4 * i + 2], w.size(2));
+    TORCH_CHECK(symmetric >= 0, "DecodePlan: a weight's blocks do not match its format");
+    Part part{w, (int)meta[4 * i], (int)meta[4 * i + 1], (int)meta[4 * i + 2], symmetric == 1,
+              meta[4 * i + 3], p.n, p.tiles};
     p.n += part.n;
     p.tiles += w.size(0);
     p.parts.push_back(part);
@@ -285,6 +289,7 @@ class DecodePlan : public torch::CustomClassHolder {
         a.bits = part.bits;
         a.group = part.group;
         a.scale_bytes = part.scale_bytes;
+        a.symmetric = part.symmetric;
         a.qa = qa;
         a.lda = kp;
         a.da = da;

@@ -14,6 +14,7 @@
 #include <cpuid.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "decode_math.h"
@@ -36,11 +37,6 @@ int64_t detect_isa() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
     return kIsaAvx2;
   return kIsaRef;
-}
-
-int64_t block_bytes(int64_t bits, int64_t group, int64_t scale_bytes) {
-  const int64_t storage_bits = bits == 4 ? 4 : 8;
-  return kTileRows * group * storage_bits / 8 + 2 * kTileRows * scale_bytes;
 }
 
 }  // namespace
@@ -94,9 +90,10 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
               "kvlm::qgemm: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
   TORCH_CHECK(w.size(1) * group == Kp, "kvlm::qgemm: weight has ", w.size(1) * group,
               " input columns, activations ", Kp);
-  TORCH_CHECK(w.size(2) == block_bytes(bits, group, scale_bytes),
-              "kvlm::qgemm: block of ", w.size(2), " bytes, format needs ",
-              block_bytes(bits, group, scale_bytes));
+  const int symmetric = symmetric_blocks(bits, group, scale_bytes, w.size(2));
+  TORCH_CHECK(symmetric >= 0, "kvlm::qgemm: block of ", w.size(2), " bytes, format needs ",
+              block_size(bits, group, scale_bytes, false),
+              bits == 8 ? " (or without minimums " + std::to_string(block_size(bits, group, scale_bytes, true)) + ")" : std::string());
   TORCH_CHECK(n > (w.size(0) - 1) * kTileRows && n <= w.size(0) * kTileRows,
               "kvlm::qgemm: n=", n, " does not match ", w.size(0), " tiles of 16 rows");
   const int64_t best = cpu_isa();
@@ -113,6 +110,7 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
   a.bits = (int)bits;
   a.group = (int)group;
   a.scale_bytes = (int)scale_bytes;
+  a.symmetric = symmetric == 1;
   a.qa = qa.data_ptr<int8_t>();
   a.lda = Kp;
   a.da = da.data_ptr<float>();
@@ -134,7 +132,8 @@ at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits
                         int64_t scale_bytes, int64_t k) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
               "kvlm::dequant_rows: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
-  TORCH_CHECK(w.size(2) == block_bytes(bits, group, scale_bytes) && w.size(1) * group >= k,
+  const int symmetric = symmetric_blocks(bits, group, scale_bytes, w.size(2));
+  TORCH_CHECK(symmetric >= 0 && w.size(1) * group >= k,
               "kvlm::dequant_rows: the weight does not match its format");
   const at::Tensor flat = ids.reshape(-1).to(at::kLong).contiguous();
   const int64_t n = flat.numel(), rows = w.size(0) * kTileRows;
@@ -149,6 +148,7 @@ at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits
   a.bits = (int)bits;
   a.group = (int)group;
   a.scale_bytes = (int)scale_bytes;
+  a.symmetric = symmetric == 1;
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) dequantize_row(a, id[i], k, o + i * k);

@@ -8,7 +8,8 @@
 //           byte for 6- and 8-bit formats (6-bit: every value < 64); for 4-bit formats chunk c (c < G/8) holds k-group c in its low
 //           nibbles and k-group c + G/8 in its high nibbles (so 16 * G / 2 bytes)
 //   d:      16 scales (fp16 or fp32), one per row
-//   m:      16 minimums (same type)
+//   m:      16 minimums (same type); absent from a symmetric 8-bit block (Q8_0: int8 values
+//           stored as q + 128), whose minimums are -128 d
 // and row r's weights in the block are w[k] = d[r] * q[r][k] + m[r], q unsigned, q < 2^bits.
 //
 // Activations are quantized per row in blocks of 32: x[k] ~= da[k / 32] * qa[k], qa int8 in
@@ -25,6 +26,7 @@ struct QGemmArgs {
   int bits;            // 4 (nibbles), 6 or 8 (bytes; 6: every q < 64)
   int group;           // 16 or 32
   int scale_bytes;     // 2 (fp16) or 4 (fp32)
+  bool symmetric;      // no stored minimums: m = -128 d (8-bit only)
   const int8_t* qa;    // [M, lda]
   int64_t lda;
   const float* da;     // [M, ldd]
@@ -39,6 +41,19 @@ struct QGemmArgs {
 
 constexpr int kTileRows = 16;
 constexpr int kActBlock = 32;
+
+// Bytes of one block, with or without its minimums.
+inline int64_t block_size(int64_t bits, int64_t group, int64_t scale_bytes, bool symmetric) {
+  const int64_t storage_bits = bits == 4 ? 4 : 8;
+  return kTileRows * group * storage_bits / 8 + (symmetric ? 1 : 2) * kTileRows * scale_bytes;
+}
+
+// Whether a packed weight whose blocks are `bytes` long is symmetric; -1 if it is neither form.
+inline int symmetric_blocks(int64_t bits, int64_t group, int64_t scale_bytes, int64_t bytes) {
+  if (bytes == block_size(bits, group, scale_bytes, false)) return 0;
+  if (bits == 8 && bytes == block_size(bits, group, scale_bytes, true)) return 1;
+  return -1;
+}
 
 // Each computes out[:, 16 * t0 : 16 * t1] (clipped to N) for all M rows.
 void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1);

@@ -91,7 +91,9 @@ inline void half_rows(const QGemmArgs& a, const uint8_t* wb, int h, int64_t m0, 
       }
     }
     const __m256 d = load_scales<F16>(wh - 32 * h + QB + kHalf * SB * h);
-    const __m256 mn = load_scales<F16>(wh - 32 * h + QB + kTileRows * SB + kHalf * SB * h);
+    const __m256 mn = a.symmetric
+                          ? _mm256_mul_ps(d, _mm256_set1_ps(-128.0f))
+                          : load_scales<F16>(wh - 32 * h + QB + kTileRows * SB + kHalf * SB * h);
     for (int m = 0; m < MT; ++m) {
       const int32_t s = G == 32 ? as[m][2 * g] + as[m][2 * g + 1] : as[m][g];
       if constexpr (BITS == 8) isum[m] = _mm256_add_epi32(isum[m], _mm256_set1_epi32(128 * s));

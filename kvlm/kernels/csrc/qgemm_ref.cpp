@@ -20,6 +20,11 @@ inline float load_scale(const uint8_t* p, int scale_bytes, int r) {
   return f;
 }
 
+// Row r's minimum: stored after the scales, or -128 d in a symmetric block (exact in fp32).
+inline float minimum(const uint8_t* scales, const QGemmArgs& a, int r, float d) {
+  return a.symmetric ? -128.0f * d : load_scale(scales + kTileRows * a.scale_bytes, a.scale_bytes, r);
+}
+
 // Quantized value of row r, column k (0 <= k < group) of one block.
 inline int weight_q(const uint8_t* blk, int bits, int group, int r, int k) {
   const int j = k / 4, i = k % 4;
@@ -71,7 +76,7 @@ void dequantize_row(const QGemmArgs& a, int64_t row, int64_t K, float* out) {
   for (int64_t g = 0; g * a.group < K; ++g) {
     const uint8_t* blk = a.w + (t * a.n_groups + g) * a.block_bytes;
     const float d = load_scale(blk + qbytes, a.scale_bytes, r);
-    const float mn = load_scale(blk + qbytes + kTileRows * a.scale_bytes, a.scale_bytes, r);
+    const float mn = minimum(blk + qbytes, a, r, d);
     for (int k = 0; k < a.group && g * a.group + k < K; ++k) {
       const float prod = (float)weight_q(blk, a.bits, a.group, r, k) * d;  // rounded, then
       out[g * a.group + k] = prod + mn;                                      // the minimum added
@@ -97,7 +102,7 @@ void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1) {
           for (int k = 0; k < a.group; ++k)
             isum += weight_q(blk, a.bits, a.group, r, k) * (int32_t)qa[k0 + k];
           const float d = load_scale(blk + qbytes, a.scale_bytes, r);
-          const float mn = load_scale(blk + qbytes + kTileRows * a.scale_bytes, a.scale_bytes, r);
+          const float mn = minimum(blk + qbytes, a, r, d);
           acc[r] = std::fma((float)isum, d * dav, acc[r]);
           acc[r] = std::fma(mn, sa, acc[r]);
         }
