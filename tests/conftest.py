@@ -1,4 +1,8 @@
-"""Session-wide fixtures: each real model file is located once per test session."""
+"""Session-wide fixtures: each real model file is located once per test session.
+
+`smollm2_llm` / `gemma3_llm` load float weights (weight_format="float", not the "auto"
+default): the transformers oracle and every test comparing tokens with them need its numerics.
+"""
 
 from __future__ import annotations
 
@@ -29,14 +33,14 @@ def gemma3_path() -> Path:
 def smollm2_llm():
     from kvlm import LLM
 
-    return LLM("smollm2")
+    return LLM("smollm2", weight_format="float")
 
 
 @pytest.fixture(scope="session")
 def gemma3_llm():
     from kvlm import LLM
 
-    return LLM("gemma3-270m")
+    return LLM("gemma3-270m", weight_format="float")
 
 
 @dataclass

@@ -6,9 +6,10 @@ import statistics
 from dataclasses import dataclass, field
 
 from kvlm.bench.backends import RunTiming
-from kvlm.bench.common import BenchConfigError, Skipped, check_threads
+from kvlm.bench.common import BenchConfigError, Skipped, check_threads, resolved_weight_format
 from kvlm.bench.machine import MachineInfo
-from kvlm.engine.config import WEIGHT_FORMATS, EngineConfig
+from kvlm.engine.config import EngineConfig
+from kvlm.engine.weight_format import WEIGHT_FORMAT_CHOICES
 
 BASELINES = ("no-cache", "hf", "llama.cpp")
 KVLM = "kvlm"
@@ -43,11 +44,13 @@ class DecodeBenchConfig:
         if self.no_cache_stride < 0:
             raise BenchConfigError(f"no_cache_stride must be >= 0, got {self.no_cache_stride}")
         check_threads(self.threads)
-        if self.weight_format not in WEIGHT_FORMATS:
+        if self.weight_format not in WEIGHT_FORMAT_CHOICES:
             raise BenchConfigError(
-                f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, "
+                f"weight_format must be one of {', '.join(WEIGHT_FORMAT_CHOICES)}, "
                 f"got {self.weight_format!r}"
             )
+        weight_format = resolved_weight_format(self.weight_format, self.model)
+        object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
     def lengths(self, engine: str) -> tuple[int, ...]:
         """The lengths at which every step of `engine` is timed (no-cache: up to its cap)."""

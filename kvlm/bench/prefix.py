@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvlm.bench.common import BenchConfigError, check_threads
+from kvlm.bench.common import BenchConfigError, check_threads, resolved_weight_format
 from kvlm.bench.machine import MachineInfo, machine_info
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import LLMEngine
@@ -66,6 +66,8 @@ class PrefixBenchConfig:
         check_threads(self.threads)
         # The engine's own checks (block size, weight format), before any model loads.
         EngineConfig(block_size=self.block_size, weight_format=self.weight_format)
+        weight_format = resolved_weight_format(self.weight_format, self.model)
+        object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
 
 @dataclass

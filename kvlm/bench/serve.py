@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kvlm.bench.backends import BackendUnavailable
 from kvlm.bench.client import ClientError, completion_body, run_streams
-from kvlm.bench.common import BenchConfigError, Skipped, check_threads
+from kvlm.bench.common import BenchConfigError, Skipped, check_threads, resolved_weight_format
 from kvlm.bench.machine import MachineInfo, load_average, machine_info, machine_line
 from kvlm.bench.servers import (
     RunningServer,
@@ -68,6 +68,8 @@ class ServeBenchConfig:
             )
         check_threads(self.threads)
         EngineConfig(weight_format=self.weight_format, dtype=self.dtype)
+        weight_format = resolved_weight_format(self.weight_format, self.model)
+        object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
 
 @dataclass(frozen=True)

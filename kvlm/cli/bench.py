@@ -22,7 +22,8 @@ from kvlm.bench.memory import MemoryBenchConfig
 from kvlm.bench.prefix import PrefixBenchConfig
 from kvlm.bench.serve import SERVE_BASELINES, ServeBenchConfig
 from kvlm.cli.common import CLIError
-from kvlm.engine.config import DTYPES, WEIGHT_FORMATS, EngineConfig
+from kvlm.engine.config import DTYPES
+from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 from kvlm.loading import DEFAULT_MODEL
 
 
@@ -57,9 +58,10 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument(
         "--weight-format",
-        default=EngineConfig.weight_format,
-        choices=list(WEIGHT_FORMATS),
-        help=f"how kvlm holds linear weights (default {EngineConfig.weight_format})",
+        default=AUTO,
+        choices=list(WEIGHT_FORMAT_CHOICES),
+        help="how kvlm holds linear weights; default auto: gguf for a .gguf model on a CPU with "
+        "kvlm's AVX2 / AVX-512 kernels, else float (the tables and JSON name the one that ran)",
     )
 
 

@@ -12,16 +12,11 @@ from typing import Any, NoReturn
 
 from kvlm.adapters import AdapterError
 from kvlm.config import ModelConfigError
-from kvlm.engine.config import (
-    DTYPES,
-    KV_CACHE_DTYPES,
-    WEIGHT_FORMATS,
-    EngineConfig,
-    EngineConfigError,
-)
+from kvlm.engine.config import DTYPES, KV_CACHE_DTYPES, EngineConfig, EngineConfigError
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import OutputAccumulator, RequestOutput
+from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 from kvlm.loading import DEFAULT_MODEL, ModelLoadError, ModelNotFoundError
 from kvlm.sampling import SamplingParams, SamplingParamsError
 from kvlm.tokenizer import TokenizerError
@@ -30,6 +25,11 @@ from kvlm.tokenizer import TokenizerError
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 EXIT_USAGE = 2  # bad input of any kind: argparse's code for a bad command line, kept for all
+WEIGHT_FORMAT_HELP = (
+    "how linear weights are held: float (dequantized at load), gguf (the file's quantized "
+    "blocks, on kvlm's CPU kernels), q8_0 / q4_1 (float matrices quantized at load); default "
+    "auto: gguf for a .gguf model on a CPU with kvlm's AVX2 / AVX-512 kernels, else float"
+)
 
 
 class CLIError(ValueError):
@@ -98,8 +98,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--weight-format",
-        default="float",
-        help=f"how linear weights are held: {', '.join(WEIGHT_FORMATS)} (default float)",
+        default=AUTO,
+        choices=list(WEIGHT_FORMAT_CHOICES),
+        help=WEIGHT_FORMAT_HELP,
     )
     group.add_argument(
         "--kv-offload",

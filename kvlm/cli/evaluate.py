@@ -98,6 +98,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         "perplexity": math.exp(nll),
         "num_tokens": len(token_ids),
         "model": args.model,
+        "weight_format": llm.config.weight_format,  # "auto" resolved
         "kv_cache_dtype": args.kv_cache_dtype,
         "sliding_window": args.sliding_window,
         "attention_sinks": args.attention_sinks,
@@ -109,7 +110,8 @@ def run_ppl(args: argparse.Namespace) -> int:
     else:
         print(
             f"perplexity {result['perplexity']:.4f} over {len(token_ids):,} tokens "
-            f"(kv {args.kv_cache_dtype}, window {args.sliding_window or 'model'}, "
+            f"({result['weight_format']} weights, kv {args.kv_cache_dtype}, "
+            f"window {args.sliding_window or 'model'}, "
             f"sinks {args.attention_sinks}, chunks of {args.chunk_size})"
         )
     return 0

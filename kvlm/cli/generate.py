@@ -27,7 +27,8 @@ def add_parser(subparsers: Any) -> None:
         "generate",
         help="complete one prompt, streaming the text",
         description="Complete PROMPT, streaming text to stdout as it is produced; a stats line "
-        "(time to first token, decode speed, token counts, KV cache held) goes to stderr.",
+        "(time to first token, decode speed, token counts, KV cache held, weight format) goes "
+        "to stderr.",
     )
     parser.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
     parser.add_argument(

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         app = build_app(engine, name, args.api_key, args.max_request_bytes, args.session_dir)
         url = socket_url(sock)
         print(
-            f"kvlm: serving {name!r} at {url}/v1 (health: {url}/health, cache view: {url}/cache)",
+            f"kvlm: serving {name!r} ({engine.engine.config.weight_format} weights) at {url}/v1 "
+            f"(health: {url}/health, cache view: {url}/cache)",
             flush=True,
         )
         make_server(app, args.log_level).run(sockets=[sock])

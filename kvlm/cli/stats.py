@@ -25,6 +25,7 @@ class TurnStats:
     num_cached_tokens: int
     num_generated_tokens: int
     kv: KVUsage | None  # None in no-cache mode
+    weight_format: str | None = None  # what the engine ran ("auto" resolved); None: not shown
 
     @property
     def num_prefilled_tokens(self) -> int:
@@ -47,6 +48,7 @@ def turn_stats(engine: LLMEngine, metrics: RequestMetrics) -> TurnStats:
         num_cached_tokens=metrics.num_cached_tokens,
         num_generated_tokens=metrics.num_generated_tokens,
         kv=kv_usage(engine, metrics),
+        weight_format=engine.config.weight_format,
     )
 
 
@@ -68,7 +70,8 @@ def _rate(value: float | None) -> str:
 
 
 def format_generate_stats(stats: TurnStats) -> str:
-    """E.g. `[kvlm] ttft 210 ms | decode 41.3 tok/s | prompt 6 tok | generated 64 tok | ...`."""
+    """E.g. `[kvlm] ttft 210 ms | decode 41.3 tok/s | prompt 6 tok | generated 64 tok | ...`,
+    ending with the weight format when the stats name it (`| gguf weights`)."""
     if stats.kv is None:
         kv = "no cache (every step recomputes the whole sequence)"
     else:
@@ -76,10 +79,11 @@ def format_generate_stats(stats: TurnStats) -> str:
             f"kv cache peak {format_bytes(stats.kv.peak_bytes)} ({stats.kv.kv_format}, "
             f"pool {format_bytes(stats.kv.pool_bytes)})"
         )
+    weights = "" if stats.weight_format is None else f" | {stats.weight_format} weights"
     return (
         f"[kvlm] ttft {_seconds(stats.ttft_s)} | decode {_rate(stats.decode_tok_s)} | "
         f"prompt {stats.num_prompt_tokens} tok | generated {stats.num_generated_tokens} tok | "
-        f"{kv}"
+        f"{kv}{weights}"
     )
 
 

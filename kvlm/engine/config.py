@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kvlm.loading.weights import WEIGHT_FORMATS
+from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How K/V are stored: "auto" follows the model's dtype; see kvlm.kv.quant for the integer formats.
@@ -58,7 +58,9 @@ class EngineConfig:
     attention_sinks: int = 0
     # "float" dequantizes at load (the exact path the oracle tests use); "gguf" keeps GGUF
     # blocks quantized for kvlm's CPU kernels; "q8_0" / "q4_1" also quantize float weights.
-    weight_format: str = "float"
+    # "auto": "gguf" for a GGUF file on a CPU where the AVX2 / AVX-512 kernels run, else
+    # "float" (kvlm.engine.weight_format); the engine's config holds the resolved value.
+    weight_format: str = AUTO
     # Decode steps on quantized weights run the decoder stack as one C++ call where it applies
     # (kvlm.models.fused_decode); False keeps the layer-by-layer torch path (same results).
     fused_decode: bool = True
@@ -76,12 +78,12 @@ class EngineConfig:
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                 f"got {self.kv_cache_dtype!r}"
             )
-        if self.weight_format not in WEIGHT_FORMATS:
+        if self.weight_format not in WEIGHT_FORMAT_CHOICES:
             raise EngineConfigError(
-                f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, "
+                f"weight_format must be one of {', '.join(WEIGHT_FORMAT_CHOICES)}, "
                 f"got {self.weight_format!r}"
             )
-        if self.weight_format != "float" and self.torch_device.type != "cpu":
+        if self.weight_format not in (AUTO, "float") and self.torch_device.type != "cpu":
             raise EngineConfigError(
                 f"weight_format {self.weight_format!r} runs on kvlm's CPU kernels; on "
                 f"{self.torch_device.type} use weight_format float (--weight-format float)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from kvlm.engine.offload_spec import make_tiers, parse_offload
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner
 from kvlm.engine.scheduler import Scheduler, SchedulerConfig
+from kvlm.engine.weight_format import resolve_weight_format
 from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
@@ -53,6 +55,9 @@ class LLMEngine:
         kv_format = self._kv_format()  # refused before the (slow) load when unsupported
         path = resolve_model_path(config.model)  # once: an alias may hash a large file
         self.model_path = path
+        # "auto" resolved once, here: `self.config` names the format that runs (logs, JSON).
+        weight_format = resolve_weight_format(config.weight_format, path, self.device)
+        self.config = config = replace(config, weight_format=weight_format)
         loaded = load_model(str(path), config.torch_dtype, config.weight_format)
         self.model_config = loaded.config
         self.tokenizer = load_tokenizer(path)

@@ -30,8 +30,8 @@ class LLM:
     """
 
     def __init__(self, model: str = "smollm2", **kwargs: Any) -> None:
-        self.config = EngineConfig(model=model, **kwargs)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.config = self.engine.config  # with weight_format "auto" resolved
         self.tokenizer = self.engine.tokenizer
         self.task_prefixes = TaskPrefixes(self.engine.kv_cache)
 

@@ -16,12 +16,13 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def smollm2_nocache() -> LLM:
-    return LLM("smollm2", use_cache=False)
+    return LLM("smollm2", use_cache=False, weight_format="float")
 
 
 @pytest.fixture(scope="module")
 def alone(smollm2_llm: LLM) -> list[list[int]]:
-    """Each prompt generated on its own: the reference for every batching variant."""
+    """Each prompt generated on its own: the reference for every batching variant (float
+    weights, so every engine compared with it loads weight_format="float" too)."""
     return [smollm2_llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
 
 
@@ -38,14 +39,20 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(smollm2_llm, alone)
 
 
 def test_chunked_prefill_gives_the_same_tokens(alone) -> None:
-    llm = LLM("smollm2", max_num_batched_tokens=5)  # every prompt needs several chunks
+    llm = LLM("smollm2", max_num_batched_tokens=5, weight_format="float")  # several chunks each
     assert _ids(llm.generate(PROMPTS, GREEDY)) == alone
 
 
 def test_preemption_recomputes_and_keeps_tokens(alone) -> None:
     # 12 blocks of 4 tokens (46,080 bytes of fp32 K/V per token): each request needs ~10
     # blocks for its 7-17 prompt tokens plus 24 generated, so three cannot stay resident.
-    llm = LLM("smollm2", block_size=4, kv_cache_memory=12 * 4 * 46080, max_model_len=48)
+    llm = LLM(
+        "smollm2",
+        block_size=4,
+        kv_cache_memory=12 * 4 * 46080,
+        max_model_len=48,
+        weight_format="float",
+    )
     engine = llm.engine
     ids = [engine.add_request(p, None, GREEDY) for p in PROMPTS]
     tokens: dict[str, list[int]] = {}  # each step's outputs carry only the new tokens
@@ -131,5 +138,5 @@ def test_stream_deltas_add_up_to_the_text(smollm2_llm) -> None:
 
 
 def test_no_cache_finishes_sequences_longer_than_the_token_budget(alone) -> None:
-    llm = LLM("smollm2", use_cache=False, max_num_batched_tokens=8)
+    llm = LLM("smollm2", use_cache=False, max_num_batched_tokens=8, weight_format="float")
     assert _ids(llm.generate(PROMPTS, GREEDY)) == alone

@@ -61,7 +61,7 @@ CHILD = """
 import json, sys
 from kvlm import LLM
 from kvlm.sampling import SamplingParams
-llm = LLM("smollm2", num_threads=1)
+llm = LLM("smollm2", num_threads=1, weight_format="float")
 greedy = SamplingParams(max_tokens=16, temperature=0)
 session = llm.load_session(sys.argv[1])
 messages = session.messages + [json.loads(sys.argv[2])]
@@ -194,7 +194,7 @@ def test_other_model_kv_format_or_block_size_is_refused(
         llm = request.getfixturevalue("gemma3_llm")
     else:
         kwargs = {"int8": {"kv_cache_dtype": "int8"}, "block32": {"block_size": 32}}[engine]
-        llm = LLM("smollm2", num_threads=1, **kwargs)
+        llm = LLM("smollm2", num_threads=1, weight_format="float", **kwargs)  # as the saver
     session = llm.load_session(session_file)
     assert session.refused is not None and message in session.refused
     assert session.num_restored_tokens == 0

@@ -41,7 +41,13 @@ def smollm2_peft(hf_smollm2, tmp_path_factory):
         for i, (name, (size, mlp)) in enumerate(SMOLLM2_ADAPTERS.items())
     }
     folders = {name: root / name for name in models}
-    llm = LLM("smollm2", prefix_adapters=folders, kv_cache_memory="64MiB", max_model_len=1024)
+    llm = LLM(
+        "smollm2",
+        prefix_adapters=folders,
+        kv_cache_memory="64MiB",
+        max_model_len=1024,
+        weight_format="float",
+    )
     return models, llm
 
 
@@ -55,6 +61,12 @@ def test_smollm2_greedy_matches_peft(smollm2_peft, hf_smollm2, adapter):
 def test_gemma3_greedy_matches_peft(hf_gemma3, tmp_path):
     peft_model = save_prefix_adapter(hf_gemma3[0], tmp_path / "ad", 7, seed=3)
     adapters = {"ad": tmp_path / "ad"}
-    llm = LLM("gemma3-270m", prefix_adapters=adapters, kv_cache_memory="64MiB", max_model_len=1024)
+    llm = LLM(
+        "gemma3-270m",
+        prefix_adapters=adapters,
+        kv_cache_memory="64MiB",
+        max_model_len=1024,
+        weight_format="float",
+    )
     prompt = "The history of the printing press begins"
     _assert_matches_peft(llm, peft_model, hf_gemma3[0], "ad", prompt)

@@ -44,7 +44,8 @@ def _serve(config: EngineConfig) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
-    with _serve(EngineConfig(model="smollm2")) as live:
+    """Float weights, as `smollm2_llm`, which tests hold its greedy outputs to."""
+    with _serve(EngineConfig(model="smollm2", weight_format="float")) as live:
         yield live
 
 

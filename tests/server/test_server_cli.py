@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from kvlm.cli.main import main
+from kvlm.engine.config import EngineConfig
+from kvlm.engine.weight_format import resolve_weight_format
 
 KVLM = [sys.executable, "-m", "kvlm.cli.main"]
 
@@ -21,9 +23,15 @@ def test_serve_prints_its_url_serves_and_stops_on_ctrl_c() -> None:
     cmd = [*KVLM, "serve", "--port", "0", "--api-key", "k", "--served-model-name", "tiny"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = proc.stdout.readline()  # printed once the model is loaded
+        # The banner is printed once the model is loaded (after the kernels' stderr lines).
+        lines = [proc.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("kvlm: serving"):
+            lines.append(proc.stdout.readline())
+        line = lines[-1]
         match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-        assert match, line
+        assert match, "".join(lines)
+        weights = resolve_weight_format("auto", "smollm2", EngineConfig().torch_device)
+        assert f"'tiny' ({weights} weights) at" in line  # the format "auto" resolved to
         url = match.group(1)
         deadline = time.monotonic() + 30
         while True:  # uvicorn starts right after the line is printed
