@@ -66,8 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x)
   float* dp = da.data_ptr<float>();
   int32_t* sp = asum.data_ptr<int32_t>();
   const int64_t ldx = xc.stride(0);
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(Kp, 1)),
-                   [&](int64_t m0, int64_t m1) { quantize_rows(xp, ldx, K, Kp, qp, dp, sp, m0, m1); });
+  const QuantizeRows quantize = quantize_rows_for(cpu_isa());
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)),
+                   [&](int64_t m0, int64_t m1) { quantize(xp, ldx, K, Kp, qp, dp, sp, m0, m1); });
   return {qa, da, asum};
 }
 

@@ -68,8 +68,16 @@ int64_t cpu_isa();
 QGemmKernel qgemm_kernel(int64_t isa);
 
 // Quantize rows [m0, m1) of x [M, K] (row stride ldx) into qa/da/asum (padded to a multiple of 32).
+// The AVX2 version gives the same bytes as the scalar one; `quantize_rows_for(isa)` picks.
 void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa, float* da,
                    int32_t* asum, int64_t m0, int64_t m1);
+void quantize_rows_avx2(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa,
+                        float* da, int32_t* asum, int64_t m0, int64_t m1);
+using QuantizeRows = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, float*, int32_t*,
+                              int64_t, int64_t);
+inline QuantizeRows quantize_rows_for(int64_t isa) {
+  return isa >= kIsaAvx2 ? quantize_rows_avx2 : quantize_rows;
+}
 
 // Row `row` of a packed weight (n_groups blocks per tile), dequantized: out[k] = d * q + m for
 // k < K (the product rounded before the sum, as PlainQuant.dequantize).

@@ -7,6 +7,9 @@
 // k-groups in int16. Only this file is compiled for AVX2/FMA/F16C.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "qgemm.h"
 
 #pragma GCC push_options
@@ -142,6 +145,67 @@ void run(const QGemmArgs& a, int64_t t0, int64_t t1) {
 }
 
 }  // namespace
+
+void quantize_rows_avx2(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa,
+                        float* da, int32_t* asum, int64_t m0, int64_t m1) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* qr = qa + m * Kp;
+    for (int64_t b = 0; b < Kp / kActBlock; ++b) {
+      const int64_t k0 = b * kActBlock;
+      if (K - k0 < kActBlock) {  // the zero-padded last block, step by step as the scalar code
+        float amax = 0.0f;
+        for (int64_t k = k0; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int32_t s[2] = {0, 0};
+        for (int64_t k = 0; k < kActBlock; ++k) {
+          const int32_t q = k0 + k < K ? (int32_t)std::nearbyint(xr[k0 + k] * id) : 0;
+          qr[k0 + k] = (int8_t)q;
+          s[k / 16] += q;
+        }
+        da[m * (Kp / kActBlock) + b] = d;
+        asum[m * (Kp / 16) + 2 * b] = s[0];
+        asum[m * (Kp / 16) + 2 * b + 1] = s[1];
+        continue;
+      }
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xr + k0 + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+      a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
+      const float d = _mm_cvtss_f32(a4) / 127.0f;
+      const float id = d > 0.0f ? 1.0f / d : 0.0f;
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i)  // x * id rounded to nearest even, as the scalar code
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], idv),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      // int32 -> int8 (|q| <= 127): packs interleave 128-bit lanes, the permute restores order
+      const __m256i w16 = _mm256_packs_epi32(q[0], q[1]);
+      const __m256i w16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, w16b),
+                                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k0), b8);
+      const __m256i s01 = _mm256_add_epi32(q[0], q[1]), s23 = _mm256_add_epi32(q[2], q[3]);
+      alignas(32) int32_t lo[8], hi[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lo), s01);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(hi), s23);
+      int32_t s0 = 0, s1 = 0;
+      for (int i = 0; i < 8; ++i) {
+        s0 += lo[i];
+        s1 += hi[i];
+      }
+      da[m * (Kp / kActBlock) + b] = d;
+      asum[m * (Kp / 16) + 2 * b] = s0;
+      asum[m * (Kp / 16) + 2 * b + 1] = s1;
+    }
+  }
+}
 
 void qgemm_avx2(const QGemmArgs& a, int64_t t0, int64_t t1) {
   const bool f16 = a.scale_bytes == 2;
