@@ -9,8 +9,8 @@ from kvlm.engine.step_threads import SMALL_BATCH, StepThreads
 
 def test_small_batches_leave_one_core_free() -> None:
     policy = StepThreads(threads=4)
-    assert [policy.for_batch(n) for n in (0, 1, SMALL_BATCH - 1)] == [3, 3, 3]
-    assert [policy.for_batch(n) for n in (SMALL_BATCH, 64)] == [4, 4]
+    assert [policy.for_batch(n) for n in (0, 1, SMALL_BATCH)] == [3, 3, 3]
+    assert [policy.for_batch(n) for n in (SMALL_BATCH + 1, 4 * SMALL_BATCH)] == [4, 4]
 
 
 def test_one_thread_stays_one() -> None:
@@ -23,7 +23,7 @@ def test_apply_sets_torch_threads_and_restores() -> None:
     try:
         policy.apply(1)
         assert torch.get_num_threads() == 1
-        policy.apply(SMALL_BATCH)
+        policy.apply(SMALL_BATCH + 1)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
