@@ -52,7 +52,8 @@ QGemmKernel qgemm_kernel(int64_t isa) {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
+// With the quantizer of `isa` (0: the best here); every one gives the same bytes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_isa(const at::Tensor& x, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.is_cpu() && x.scalar_type() == at::kFloat,
               "kvlm::quantize_act expects a 2-D float32 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
@@ -66,10 +67,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x)
   float* dp = da.data_ptr<float>();
   int32_t* sp = asum.data_ptr<int32_t>();
   const int64_t ldx = xc.stride(0);
-  const QuantizeRows quantize = quantize_rows_for(cpu_isa());
+  const QuantizeRows quantize = quantize_rows_for(isa == 0 ? cpu_isa() : isa);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)),
                    [&](int64_t m0, int64_t m1) { quantize(xp, ldx, K, Kp, qp, dp, sp, m0, m1); });
   return {qa, da, asum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x) {
+  return quantize_act_isa(x, 0);
 }
 
 at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& asum,
@@ -178,7 +183,9 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t group,
                    int64_t scale_bytes, int64_t n, int64_t isa) {
-  auto [qa, da, asum] = quantize_act(x);
+  TORCH_CHECK(isa >= 0 && isa <= cpu_isa(), "kvlm::qlinear: isa ", isa,
+              " is not available on this CPU (best: ", cpu_isa(), ")");
+  auto [qa, da, asum] = quantize_act_isa(x, isa);  // the ref path quantizes in scalar code too
   return qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa);
 }
 
