@@ -1,0 +1,227 @@
+"""Each decoder layer of the fused decode path against the torch layer it replaces.
+
+The quantized path quantizes every matmul input to int8 blocks, so a float difference of 1e-7
+(the C++ rms_norm sums in another order than torch's) can flip an int8 rounding: a layer's fused
+output then moves by up to ~3e-2 relative from the torch layer's, and whole-model outputs drift
+apart after some tokens. So the comparison is one layer at a time, on identical inputs (the
+torch layer's own input and cache) at every decode step, through a one-layer plan, with a
+criterion rounding flips pass and bugs fail (see CLOSE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from kvlm import LLM
+from kvlm.attention.context import ForwardContext
+from kvlm.cli.evaluate import default_text
+from kvlm.models.transformer import CausalLM, DecoderLayer
+from tests.models.conftest import PROMPTS, SIMD_PATHS, greedy, needs_simd, one_layer_plan, unit_norm
+
+pytestmark = needs_simd
+
+# How far one layer's fused output may be from the torch layer's, relative (per sequence, max
+# |fused - torch| / max |torch|). Most steps agree to float precision (~1e-7); an int8 rounding
+# flip moves a step by up to 2.7e-2 (Gemma 3's layer 0 moves as much when the torch path's
+# own input is perturbed by 1e-7), but flips are rare: at most 8% of any layer's (step,
+# sequence) pairs exceed 1e-3, measured over 60 steps of 3 prompts on both models, with a
+# 16-token window, a bfloat16 cache and 505-token prompts. A bug moves every step: with the
+# rope one position off, the oldest or newest key left out, or K/V written to a wrong row,
+# every layer has over 22% of its pairs above 1e-3 and some layer 100%.
+CLOSE = 1e-3
+MAX_FRACTION_NOT_CLOSE = 0.3
+MAX_DIFFERENCE = 0.1  # any single pair (a NaN fails too)
+
+
+@dataclass
+class LayerComparison:
+    """What `compare_layers` saw over the decode steps of one run."""
+
+    # layer -> relative differences, one per (decode step, sequence): of the output, and of
+    # the K/V rows the plan wrote
+    outputs: dict[int, list[float]] = field(default_factory=dict)
+    kv_rows: dict[int, list[float]] = field(default_factory=dict)
+    num_steps: int = 0  # decode steps compared (every layer in each)
+    max_dropped_keys: int = 0  # most keys a window kept out of one sequence's attention
+    shared_rows: bool = False  # two sequences of one step read the same cache row
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> list[float]:
+    """Per row (sequence): max |got - expected| / max |expected|."""
+    diff = (got - expected).abs().flatten(1).amax(1)
+    return (diff / expected.abs().flatten(1).amax(1)).tolist()
+
+
+@contextmanager
+def compare_layers(
+    model: CausalLM, path: str | None = None, position_shift: int = 0
+) -> Iterator[LayerComparison]:
+    """Runs `model` on the torch path; in each decode step, just before a layer runs, a
+    one-layer plan computes the same layer from the same input x and cache, and just after,
+    its output is compared with rms_norm(layer output) and its K/V rows with the torch
+    layer's. The plan's own writes are undone before the torch layer runs, so the cache stays
+    the torch path's. `position_shift` hands the plan wrong positions (to show a bug fails)."""
+    report = LayerComparison()
+    plans = [one_layer_plan(model, layer, path) for layer in model.layers]
+    unit = unit_norm(model)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def before(layer: DecoderLayer, args: tuple) -> None:
+        x, _, ctx = args
+        if ctx.max_query_len != 1:
+            return
+        idx = layer.attn.layer_idx
+        view = ctx.layer_views[idx]
+        k_off, v_off = view.store.layer_offsets(idx)
+        rows = torch.stack([view.write_rows + k_off, view.write_rows + v_off], 1)  # [B, 2]
+        data = view.store.data  # [rows, nkv, hd]
+        saved = data[rows].clone()
+        plan = plans[idx].plan
+        plan.set_layout([0], [k_off], [v_off])
+        positions = ctx.positions + position_shift
+        out = plan.forward(
+            x, positions, [data], [view.write_rows], [view.gather_index], [view.key_counts]
+        )
+        pending[idx] = (out, data[rows].float(), rows)
+        data[rows] = saved
+        if idx == 0:
+            _note_keys(report, ctx)
+
+    def after(layer: DecoderLayer, args: tuple, output: torch.Tensor) -> None:
+        idx = layer.attn.layer_idx
+        if idx not in pending:
+            return
+        out, plan_kv, rows = pending.pop(idx)
+        report.outputs.setdefault(idx, []).extend(_relative(out, unit(output)))
+        torch_kv = args[2].layer_views[idx].store.data[rows].float()
+        report.kv_rows.setdefault(idx, []).extend(_relative(plan_kv, torch_kv))
+
+    fused, model.fused = model.fused, None
+    handles = []
+    for layer in model.layers:
+        handles.append(layer.register_forward_pre_hook(before))
+        handles.append(layer.register_forward_hook(after))
+    try:
+        yield report
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.fused = fused
+
+
+def _note_keys(report: LayerComparison, ctx: ForwardContext) -> None:
+    report.num_steps += 1
+    for view in {id(v): v for v in ctx.layer_views}.values():
+        dropped = ctx.positions + 1 - view.key_counts  # [B] keys before the window
+        report.max_dropped_keys = max(report.max_dropped_keys, int(dropped.max()))
+        gather = view.gather_index.view(ctx.num_seqs, view.num_keys)
+        seen = [set(gather[b, : int(view.key_counts[b])].tolist()) for b in range(ctx.num_seqs)]
+        report.shared_rows |= any(seen[a] & seen[b] for b in range(len(seen)) for a in range(b))
+
+
+def _mismatches(differences: dict[int, list[float]]) -> list[str]:
+    """Layers whose differences look like a bug rather than int8 rounding flips."""
+    found = []
+    for layer, values in sorted(differences.items()):
+        diff = np.array(values)
+        not_close = float((~(diff <= CLOSE)).mean())
+        if not_close > MAX_FRACTION_NOT_CLOSE or not (diff <= MAX_DIFFERENCE).all():
+            found.append(f"layer {layer}: {not_close:.0%} of steps off by > {CLOSE}, "
+                         f"worst {diff.max():.2e}")  # fmt: skip
+    return found
+
+
+def _assert_layers_match(report: LayerComparison, num_layers: int, num_steps: int) -> None:
+    assert report.num_steps == num_steps, "every decode step should have been compared"
+    assert sorted(report.outputs) == list(range(num_layers))
+    assert _mismatches(report.outputs) == [], "fused layer outputs differ from the torch layers"
+    assert _mismatches(report.kv_rows) == [], "fused K/V rows differ from the torch layers'"
+
+
+@pytest.mark.parametrize("path", SIMD_PATHS)
+def test_each_layer_matches_torch_smollm2(smollm2_gguf: LLM, path: str) -> None:
+    model = smollm2_gguf.engine.model
+    with compare_layers(model, path) as report:
+        smollm2_gguf.generate(PROMPTS, greedy(25))
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+def test_each_layer_matches_torch_gemma3(gemma3_gguf: LLM) -> None:
+    """qk-norm, sandwich norms, GELU, a local and a global rope, two cache groups."""
+    model = gemma3_gguf.engine.model
+    with compare_layers(model) as report:
+        gemma3_gguf.generate(PROMPTS, greedy(25))
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+def test_gemma3_window_of_512_drops_keys(gemma3_gguf: LLM) -> None:
+    """A 505-token prompt beside short ones: the sliding layers' window leaves keys out after
+    a few steps while the global layers read everything."""
+    long_ids = gemma3_gguf.tokenizer.encode(default_text())[:505]
+    prompts = [{"prompt_token_ids": long_ids}, *PROMPTS[:2]]
+    model = gemma3_gguf.engine.model
+    with compare_layers(model) as report:
+        gemma3_gguf.generate(prompts, greedy(25))
+    assert report.max_dropped_keys == 505 + 24 - 512
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+def test_engine_window_drops_keys() -> None:
+    llm = LLM("smollm2", weight_format="gguf", sliding_window=16)
+    model = llm.engine.model
+    with compare_layers(model) as report:
+        llm.generate(PROMPTS, greedy(25))
+    assert report.max_dropped_keys == 13 + 24 - 16
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+def test_shared_prefix_blocks(smollm2_gguf: LLM) -> None:
+    """Sequences whose first blocks come from the prefix cache read the same rows."""
+    prefix = "The quick brown fox jumps over the lazy dog. " * 6  # 61 tokens: 3 full blocks
+    smollm2_gguf.generate([prefix], greedy(1))
+    model = smollm2_gguf.engine.model
+    with compare_layers(model) as report:
+        outputs = smollm2_gguf.generate([prefix + e for e in ("It", "Then", "A cat")], greedy(25))
+    assert all(out.metrics.num_cached_tokens >= 32 for out in outputs)
+    assert report.shared_rows
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+def test_half_precision_cache(kv_cache_dtype: str) -> None:
+    llm = LLM("smollm2", weight_format="gguf", kv_cache_dtype=kv_cache_dtype)
+    model = llm.engine.model
+    with compare_layers(model) as report:
+        llm.generate(PROMPTS, greedy(25))
+    assert {s.data.dtype for s in llm.engine.kv_stores} == {getattr(torch, kv_cache_dtype)}
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+def test_batch_grows_and_shrinks(smollm2_gguf: LLM) -> None:
+    """Plans that decode one sequence, then three with longer key lists, then fewer as they
+    finish: buffers sized for the first steps grow and every step stays right."""
+    engine, tokenizer = smollm2_gguf.engine, smollm2_gguf.tokenizer
+    model = engine.model
+    with compare_layers(model) as report:
+        engine.add_request(None, tokenizer.encode(PROMPTS[2]), greedy(30))  # 1 token
+        for _ in range(6):  # its 1-token prefill and 5 decode steps, one sequence each
+            engine.step()
+        for prompt, max_tokens in zip(PROMPTS[:2], (10, 20), strict=True):
+            engine.add_request(None, tokenizer.encode(prompt), greedy(max_tokens))
+        while engine.has_unfinished():  # a mixed step, then decode steps of 3, 2, 1 sequences
+            engine.step()
+    _assert_layers_match(report, model.config.num_layers, 6 + 23)
+
+
+def test_comparison_catches_a_wrong_rope(smollm2_gguf: LLM) -> None:
+    """The tolerance is not too loose: the plan fed positions one off fails it."""
+    model = smollm2_gguf.engine.model
+    with compare_layers(model, position_shift=1) as report:
+        smollm2_gguf.generate(PROMPTS, greedy(9))
+    assert _mismatches(report.outputs) != []
