@@ -62,7 +62,8 @@ class EngineConfig:
     # "float" (kvlm.engine.weight_format); the engine's config holds the resolved value.
     weight_format: str = AUTO
     # Decode steps on quantized weights run the decoder stack as one C++ call where it applies
-    # (kvlm.models.fused_decode); False keeps the layer-by-layer torch path (same results).
+    # (kvlm.models.fused_decode); False keeps the layer-by-layer torch path (the same math;
+    # float rounding differs, and int8 activation blocks can round the other way).
     fused_decode: bool = True
     # PEFT prefix-tuning adapters, {name: folder}: each one's K/V is computed once into pinned
     # blocks, and requests naming the adapter attend to it (kvlm.adapters). Kept as sorted

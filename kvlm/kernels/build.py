@@ -111,7 +111,7 @@ def _register_fakes() -> None:
         return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("kvlm::dequant_rows")
-    def _dequant_rows(w, ids, bits, group, scale_bytes, k) -> torch.Tensor:
+    def _dequant_rows(w, ids, bits, group, scale_bytes, k, n) -> torch.Tensor:
         return w.new_empty((*ids.shape, k), dtype=torch.float32)
 
     @torch.library.register_fake("kvlm::qlinear")

@@ -203,9 +203,17 @@ class QuantizedWeight:
         fmt = self.format
         if self.packed.is_cpu and resolve_path(None) != "torch":
             return torch.ops.kvlm.dequant_rows(
-                self.packed, row_ids, fmt.bits, fmt.group, fmt.scale_bytes, self.in_features
+                self.packed,
+                row_ids,
+                fmt.bits,
+                fmt.group,
+                fmt.scale_bytes,
+                self.in_features,
+                self.out_features,
             )
         flat = row_ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
+            raise IndexError(f"row ids must lie in [0, {self.out_features})")
         tiles, inverse = torch.unique(torch.div(flat, TILE_ROWS, rounding_mode="floor"),
                                       return_inverse=True)  # fmt: skip
         rows = self.unpack(tiles).dequantize()  # [len(tiles) * 16, K]

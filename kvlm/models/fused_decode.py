@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvlm.kernels.build import ISA_CODES, resolve_path
+from kvlm.kernels.build import ISA_CODES, KernelUnavailableError, resolve_path
 from kvlm.kernels.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -50,7 +50,10 @@ def why_not_fused(model: CausalLM, path: str | None = None) -> str | None:
         layer.attn.qkv, layer.attn.out, layer.mlp.gate_up, layer.mlp.down)]  # fmt: skip
     if not all(lin.quantized for lin in linears):
         return "float weights"
-    kernel_path = resolve_path(path)
+    try:
+        kernel_path = resolve_path(path)
+    except KernelUnavailableError as e:
+        return str(e)
     if kernel_path not in ("avx512", "avx2"):
         return f"the {kernel_path} kernel path (fused decode needs AVX2 kernels)"
     if model.layers[0].attn_norm.weight.device.type != "cpu":

@@ -212,6 +212,17 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         forward(positions=row.int())
     with pytest.raises(RuntimeError, match="one entry per layer"):
         plan.set_layout([0, 0], [0, 0], [16, 16])
+    # Rows past the store (V sits 16 rows further: 48 is the last base row), counts outside
+    # [1, S] and negative offsets are errors, never reads or writes out of bounds
+    with pytest.raises(RuntimeError, match="write_rows row 48 is outside the store's"):
+        forward(write_rows=[torch.tensor([48])])
+    with pytest.raises(RuntimeError, match="gather row -1 is outside the store's"):
+        forward(gather=[torch.tensor([-1])])
+    for count in (0, 2):
+        with pytest.raises(RuntimeError, match=f"key count {count} of sequence 0"):
+            forward(key_counts=[torch.tensor([count])])
+    with pytest.raises(RuntimeError, match="offsets are >= 0"):
+        plan.set_layout([0], [-1], [16])
 
 
 # --- dequant_rows ---------------------------------------------------------------------------
@@ -232,7 +243,7 @@ def test_dequant_rows_equals_unpacked_rows(qtype) -> None:
     )
     for ids in id_sets:
         rows = torch.ops.kvlm.dequant_rows(weight.packed, ids, fmt.bits, fmt.group,
-                                           fmt.scale_bytes, cols)  # fmt: skip
+                                           fmt.scale_bytes, cols, 40)  # fmt: skip
         assert torch.equal(rows, expected[ids])
         assert torch.equal(weight.dequantize_rows(ids), expected[ids])
 
@@ -241,10 +252,10 @@ def test_dequant_rows_refuses_rows_out_of_range() -> None:
     raw, _ = gguf_tensor(QUANTIZABLE[0], 40, 64)
     weight = QuantizedWeight.pack(repack_gguf(raw, QUANTIZABLE[0], (40, 64)))
     fmt = weight.format
-    for bad in (48, -1):  # 48: past the last tile
+    for bad in (40, 48, -1):  # 40: in the last tile's padding; 48: past the last tile
         with pytest.raises(RuntimeError, match=f"row {bad} out of range"):
             torch.ops.kvlm.dequant_rows(weight.packed, torch.tensor([3, bad]), fmt.bits,
-                                        fmt.group, fmt.scale_bytes, 64)  # fmt: skip
+                                        fmt.group, fmt.scale_bytes, 64, 40)  # fmt: skip
 
 
 # --- quality through decode steps -----------------------------------------------------------

@@ -138,6 +138,8 @@ class DecodePlan : public torch::CustomClassHolder {
                     v_offs.size() == layers_.size(),
                 "DecodePlan.set_layout: one entry per layer");
     for (size_t i = 0; i < layers_.size(); ++i) {
+      TORCH_CHECK(groups[i] >= 0 && k_offs[i] >= 0 && v_offs[i] >= 0,
+                  "DecodePlan.set_layout: groups and offsets are >= 0");
       layers_[i].group = groups[i];
       layers_[i].k_off = k_offs[i];
       layers_[i].v_off = v_offs[i];
@@ -188,8 +190,21 @@ class DecodePlan : public torch::CustomClassHolder {
                     positions.numel() == M,
                 "DecodePlan.forward: positions must be contiguous int64 [M]");
     int64_t max_keys = 1;
-    for (size_t g = 0; g < num_groups; ++g)
-      max_keys = std::max<int64_t>(max_keys, M ? gather[g].numel() / M : 1);
+    for (size_t g = 0; g < num_groups; ++g) {
+      const int64_t S = M ? gather[g].numel() / M : 1;
+      max_keys = std::max(max_keys, S);
+      // Every row a layer of this group touches (base row + its K/V offset) is in the store.
+      int64_t max_off = 0;
+      for (const Layer& l : layers_)
+        if (l.group == (int64_t)g) max_off = std::max({max_off, l.k_off, l.v_off});
+      const int64_t limit = stores[g].size(0) - max_off;
+      check_rows(write_rows[g], limit, "write_rows");
+      check_rows(gather[g], limit, "gather");
+      const int64_t* counts = key_counts[g].data_ptr<int64_t>();
+      for (int64_t m = 0; m < M; ++m)
+        TORCH_CHECK(counts[m] >= 1 && counts[m] <= S, "DecodePlan.forward: key count ",
+                    counts[m], " of sequence ", m, " is outside [1, ", S, "]");
+    }
     ensure_buffers(M, max_keys);
     rope_tables(positions.data_ptr<int64_t>(), M);
 
@@ -212,6 +227,14 @@ class DecodePlan : public torch::CustomClassHolder {
 
  private:
   using Clock = std::chrono::steady_clock;
+
+  // Base rows must lie in [0, limit): a bad index is an error, never a write out of bounds.
+  static void check_rows(const at::Tensor& rows, int64_t limit, const char* what) {
+    const int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < limit, "DecodePlan.forward: ", what, " row ", r[i],
+                  " is outside the store's [0, ", limit, ")");
+  }
 
   // Adds the time since the last lap to `phase` (when profiling).
   void lap(Phase phase) {

@@ -4,7 +4,8 @@
 //   kvlm::quantize_act(x) -> (qa, da, asum)
 //   kvlm::qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
 //   kvlm::argmax_rows(logits [M, V]) -> [M] int64   (AVX2; torch.argmax(dim=-1)'s answer)
-//   kvlm::dequant_rows(w, ids, bits, group, scale_bytes, k) -> rows [*ids.shape, k] fp32
+//   kvlm::dequant_rows(w, ids, bits, group, scale_bytes, k, n) -> rows [*ids.shape, k] fp32
+//                                                   (w has n rows; an id outside [0, n) is an error)
 //   kvlm::qlinear(x, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
 //
 // isa 0 means "the best this CPU runs"; asking for one the CPU lacks is an error, never a crash.
@@ -135,18 +136,21 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
 }
 
 at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits, int64_t group,
-                        int64_t scale_bytes, int64_t k) {
+                        int64_t scale_bytes, int64_t k, int64_t n) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
               "kvlm::dequant_rows: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
   const int symmetric = symmetric_blocks(bits, group, scale_bytes, w.size(2));
   TORCH_CHECK(symmetric >= 0 && w.size(1) * group >= k,
               "kvlm::dequant_rows: the weight does not match its format");
   const at::Tensor flat = ids.reshape(-1).to(at::kLong).contiguous();
-  const int64_t n = flat.numel(), rows = w.size(0) * kTileRows;
+  TORCH_CHECK(n > (w.size(0) - 1) * kTileRows && n <= w.size(0) * kTileRows,
+              "kvlm::dequant_rows: n=", n, " does not match ", w.size(0), " tiles of 16 rows");
+  const int64_t count = flat.numel();
   const int64_t* id = flat.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(id[i] >= 0 && id[i] < rows, "kvlm::dequant_rows: row ", id[i], " out of range");
-  at::Tensor out = at::empty({n, k}, w.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < n, "kvlm::dequant_rows: row ", id[i], " out of range [0, ",
+                n, ")");
+  at::Tensor out = at::empty({count, k}, w.options().dtype(at::kFloat));
   QGemmArgs a{};
   a.w = w.data_ptr<uint8_t>();
   a.n_groups = w.size(1);
@@ -156,7 +160,7 @@ at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits
   a.scale_bytes = (int)scale_bytes;
   a.symmetric = symmetric == 1;
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, count, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) dequantize_row(a, id[i], k, o + i * k);
   });
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
@@ -199,7 +203,8 @@ TORCH_LIBRARY(kvlm, m) {
       "int n, int isa) -> Tensor");
   m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def(
-      "dequant_rows(Tensor w, Tensor ids, int bits, int group, int scale_bytes, int k) -> Tensor");
+      "dequant_rows(Tensor w, Tensor ids, int bits, int group, int scale_bytes, int k, int n) -> "
+      "Tensor");
   m.def(
       "qlinear(Tensor x, Tensor w, int bits, int group, int scale_bytes, int n, int isa) -> "
       "Tensor");
