@@ -18,10 +18,10 @@ def check_threads(threads: int | None) -> None:
         raise BenchConfigError(f"threads must be >= 1, got {threads}")
 
 
-def resolved_weight_format(weight_format: str, model: str) -> str:
+def resolved_weight_format(weight_format: str, model: str, dtype: str = "float32") -> str:
     """`weight_format` with "auto" resolved as the benchmark's engines (on the default device)
     will resolve it, so a config, its tables and its JSON name the format that ran."""
-    return resolve_weight_format(weight_format, model, EngineConfig().torch_device)
+    return resolve_weight_format(weight_format, model, EngineConfig().torch_device, dtype)
 
 
 @dataclass(frozen=True)

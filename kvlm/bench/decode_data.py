@@ -49,7 +49,7 @@ class DecodeBenchConfig:
                 f"weight_format must be one of {', '.join(WEIGHT_FORMAT_CHOICES)}, "
                 f"got {self.weight_format!r}"
             )
-        weight_format = resolved_weight_format(self.weight_format, self.model)
+        weight_format = resolved_weight_format(self.weight_format, self.model, self.dtype)
         object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
     def lengths(self, engine: str) -> tuple[int, ...]:

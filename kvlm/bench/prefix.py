@@ -66,7 +66,7 @@ class PrefixBenchConfig:
         check_threads(self.threads)
         # The engine's own checks (block size, weight format), before any model loads.
         EngineConfig(block_size=self.block_size, weight_format=self.weight_format)
-        weight_format = resolved_weight_format(self.weight_format, self.model)
+        weight_format = resolved_weight_format(self.weight_format, self.model, self.dtype)
         object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
 

@@ -68,7 +68,7 @@ class ServeBenchConfig:
             )
         check_threads(self.threads)
         EngineConfig(weight_format=self.weight_format, dtype=self.dtype)
-        weight_format = resolved_weight_format(self.weight_format, self.model)
+        weight_format = resolved_weight_format(self.weight_format, self.model, self.dtype)
         object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
 

@@ -84,6 +84,11 @@ class EngineConfig:
                 f"weight_format must be one of {', '.join(WEIGHT_FORMAT_CHOICES)}, "
                 f"got {self.weight_format!r}"
             )
+        if self.weight_format not in (AUTO, "float") and self.dtype != "float32":
+            raise EngineConfigError(
+                f"weight_format {self.weight_format!r} computes in float32 on kvlm's kernels; "
+                f"use dtype float32, or weight_format float for dtype {self.dtype}"
+            )
         if self.weight_format not in (AUTO, "float") and self.torch_device.type != "cpu":
             raise EngineConfigError(
                 f"weight_format {self.weight_format!r} runs on kvlm's CPU kernels; on "

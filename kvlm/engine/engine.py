@@ -56,7 +56,7 @@ class LLMEngine:
         path = resolve_model_path(config.model)  # once: an alias may hash a large file
         self.model_path = path
         # "auto" resolved once, here: `self.config` names the format that runs (logs, JSON).
-        weight_format = resolve_weight_format(config.weight_format, path, self.device)
+        weight_format = resolve_weight_format(config.weight_format, path, self.device, config.dtype)
         self.config = config = replace(config, weight_format=weight_format)
         loaded = load_model(str(path), config.torch_dtype, config.weight_format)
         self.model_config = loaded.config

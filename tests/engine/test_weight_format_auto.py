@@ -80,6 +80,16 @@ def test_kvlm_kernels_env_var_means_float(forced: str) -> None:
     assert result.stdout.strip() == "float"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_other_dtypes_mean_float(monkeypatch, dtype: str) -> None:
+    # The kernels compute in float32; a bf16/fp16 engine on GGUF weights dequantizes at load
+    _force_path(monkeypatch, "avx2")
+    assert resolve_weight_format("auto", "smollm2", CPU, dtype) == "float"
+    assert resolve_weight_format("auto", "smollm2", CPU, "float32") == "gguf"
+    with pytest.raises(EngineConfigError, match="computes in float32 on kvlm's kernels"):
+        EngineConfig(weight_format="gguf", dtype=dtype)
+
+
 def test_auto_is_the_default_and_checked_like_the_others() -> None:
     assert EngineConfig().weight_format == "auto"
     EngineConfig(device="cuda", weight_format="auto")  # auto never asks a GPU for CPU kernels
