@@ -316,14 +316,8 @@ class DecodePlan : public torch::CustomClassHolder {
         const int64_t n_tiles = part.w.size(0);
         const int64_t lo = std::max(t0, part.tile0), hi = std::min(t1, part.tile0 + n_tiles);
         if (lo >= hi) continue;
-        QGemmArgs a;
-        a.w = part.w.data_ptr<uint8_t>();
-        a.n_groups = part.w.size(1);
-        a.block_bytes = part.w.size(2);
-        a.bits = part.bits;
-        a.group = part.group;
-        a.scale_bytes = part.scale_bytes;
-        a.symmetric = part.symmetric;
+        QGemmArgs a = weight_args(part.w.data_ptr<uint8_t>(), part.w.size(1), part.w.size(2),
+                                  part.bits, part.group, part.scale_bytes, part.symmetric);
         a.qa = qa;
         a.lda = kp;
         a.da = da;
@@ -392,12 +386,7 @@ class DecodePlan : public torch::CustomClassHolder {
     float* a = proj_.data_ptr<float>();
     matmul(l.o, attn, nh * hd, M, a, H);
     lap(kOut);
-    const float* pn = opt_ptr(l.post_attn_norm);
-    for_rows(M, [&](int64_t m) {
-      if (pn != nullptr) decode::rms_norm(a + m * H, pn, a + m * H, H, eps_);
-      decode::add(xs + m * H, a + m * H, H);
-    });
-    lap(kNorms);
+    add_residual(xs, a, l.post_attn_norm, M);
   }
 
   void mlp_block(const Layer& l, float* xs, int64_t M) {
@@ -414,10 +403,16 @@ class DecodePlan : public torch::CustomClassHolder {
     lap(kAct);
     matmul(l.down, act, I, M, h, H);
     lap(kDown);
-    const float* pn = opt_ptr(l.post_ffn_norm);
+    add_residual(xs, h, l.post_ffn_norm, M);
+  }
+
+  // xs += y, row by row, after y's own norm where the model has one (Gemma's sandwich norms).
+  void add_residual(float* xs, float* y, const at::Tensor& post_norm, int64_t M) {
+    const int64_t H = hidden_;
+    const float* pn = opt_ptr(post_norm);
     for_rows(M, [&](int64_t m) {
-      if (pn != nullptr) decode::rms_norm(h + m * H, pn, h + m * H, H, eps_);
-      decode::add(xs + m * H, h + m * H, H);
+      if (pn != nullptr) decode::rms_norm(y + m * H, pn, y + m * H, H, eps_);
+      decode::add(xs + m * H, y + m * H, H);
     });
     lap(kNorms);
   }

@@ -110,14 +110,8 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
   const QGemmKernel kernel = qgemm_kernel(isa);
 
   at::Tensor out = at::empty({M, n}, qa.options().dtype(at::kFloat));
-  QGemmArgs a;
-  a.w = w.data_ptr<uint8_t>();
-  a.n_groups = w.size(1);
-  a.block_bytes = w.size(2);
-  a.bits = (int)bits;
-  a.group = (int)group;
-  a.scale_bytes = (int)scale_bytes;
-  a.symmetric = symmetric == 1;
+  QGemmArgs a = weight_args(w.data_ptr<uint8_t>(), w.size(1), w.size(2), bits, group,
+                            scale_bytes, symmetric == 1);
   a.qa = qa.data_ptr<int8_t>();
   a.lda = Kp;
   a.da = da.data_ptr<float>();
@@ -151,14 +145,8 @@ at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits
     TORCH_CHECK(id[i] >= 0 && id[i] < n, "kvlm::dequant_rows: row ", id[i], " out of range [0, ",
                 n, ")");
   at::Tensor out = at::empty({count, k}, w.options().dtype(at::kFloat));
-  QGemmArgs a{};
-  a.w = w.data_ptr<uint8_t>();
-  a.n_groups = w.size(1);
-  a.block_bytes = w.size(2);
-  a.bits = (int)bits;
-  a.group = (int)group;
-  a.scale_bytes = (int)scale_bytes;
-  a.symmetric = symmetric == 1;
+  const QGemmArgs a = weight_args(w.data_ptr<uint8_t>(), w.size(1), w.size(2), bits, group,
+                                  scale_bytes, symmetric == 1);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, count, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) dequantize_row(a, id[i], k, o + i * k);

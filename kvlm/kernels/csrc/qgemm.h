@@ -42,6 +42,20 @@ struct QGemmArgs {
 constexpr int kTileRows = 16;
 constexpr int kActBlock = 32;
 
+// The weight's half of the arguments; the caller fills in activations and output.
+inline QGemmArgs weight_args(const uint8_t* w, int64_t n_groups, int64_t block_bytes, int64_t bits,
+                             int64_t group, int64_t scale_bytes, bool symmetric) {
+  QGemmArgs a{};
+  a.w = w;
+  a.n_groups = n_groups;
+  a.block_bytes = block_bytes;
+  a.bits = (int)bits;
+  a.group = (int)group;
+  a.scale_bytes = (int)scale_bytes;
+  a.symmetric = symmetric;
+  return a;
+}
+
 // Bytes of one block, with or without its minimums.
 inline int64_t block_size(int64_t bits, int64_t group, int64_t scale_bytes, bool symmetric) {
   const int64_t storage_bits = bits == 4 ? 4 : 8;
