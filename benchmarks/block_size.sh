@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/block_size.sh [SIZES]   (default "8 16 32"; JSON to benchmarks/)
 set -euo pipefail
 for size in ${1:-8 16 32}; do
-  kvlm bench prefix --block-size "$size" --streams 1,4,16 --prefix-tokens 1000 \
+  kvlm bench prefix --weight-format float --block-size "$size" --streams 1,4,16 --prefix-tokens 1000 \
     --json "benchmarks/serve-block-$size.json" 2>/dev/null \
     | grep -E "^\| (1|4|16|1000) |KV waste|Blocks of"
 done

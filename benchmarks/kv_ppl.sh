@@ -4,7 +4,8 @@
 set -euo pipefail
 out="${1:-benchmarks/kv-ppl.jsonl}"
 : > "$out"
-run() { kvlm eval ppl --json "$@" 2>/dev/null | tail -1 >> "$out"; tail -1 "$out"; }
+# fp32 weights, as the committed figures (weight_format "auto" would pick gguf kernels on the CPU)
+run() { kvlm eval ppl --json --weight-format float "$@" 2>/dev/null | tail -1 >> "$out"; tail -1 "$out"; }
 for model in smollm2 gemma3-270m; do
   for fmt in float32 bfloat16 float16 int8 int4 fp8; do
     run --model "$model" --kv-cache-dtype "$fmt" --max-tokens 4096
