@@ -68,7 +68,8 @@ def why_not_fused(model: CausalLM, path: str | None = None) -> str | None:
 class FusedDecoder:
     def __init__(self, model: CausalLM, path: str | None = None) -> None:
         reason = why_not_fused(model, path)
-        assert reason is None, reason
+        if reason is not None:
+            raise ValueError(f"fused decode cannot run this model: {reason}")
         config = model.config
         rope_keys = list(model.ropes)
         self.plan = torch.classes.kvlm.DecodePlan(

@@ -106,6 +106,8 @@ def test_why_not_fused_names_the_model_feature(
     assert why_not_fused(model) is None
     changed = types.SimpleNamespace(config=replace(model.config, **change), layers=model.layers)
     assert why_not_fused(changed) == reason  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"fused decode cannot run this model: {reason}"):
+        FusedDecoder(changed)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
