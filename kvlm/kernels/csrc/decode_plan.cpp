@@ -30,8 +30,6 @@
 namespace kvlm {
 namespace {
 
-int64_t pad32(int64_t k) { return (k + kActBlock - 1) / kActBlock * kActBlock; }
-
 // One packed weight part of a projection (a fused q/k/v keeps one part per storage format).
 struct Part {
   at::Tensor w;  // [tiles, n_groups, block_bytes] uint8
@@ -57,8 +55,8 @@ Proj make_proj(const std::vector<at::Tensor>& weights, const std::vector<int64_t
     const at::Tensor& w = weights[i];
     TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
                 "DecodePlan: packed weights are contiguous uint8 [tiles, groups, block_bytes]");
-    TORCH_CHECK(w.size(1) * meta[4 * i + 1] == pad32(k), "DecodePlan: weight has ",
-                w.size(1) * meta[4 * i + 1], " input columns, expected ", pad32(k));
+    TORCH_CHECK(w.size(1) * meta[4 * i + 1] == padded_k(k), "DecodePlan: weight has ",
+                w.size(1) * meta[4 * i + 1], " input columns, expected ", padded_k(k));
     const int symmetric = symmetric_blocks(meta[4 * i], meta[4 * i + 1], meta[4 * i + 2], w.size(2));
     TORCH_CHECK(symmetric >= 0, "DecodePlan: a weight's blocks do not match its format");
     Part part{w, (int)meta[4 * i], (int)meta[4 * i + 1], (int)meta[4 * i + 2], symmetric == 1,
@@ -79,7 +77,7 @@ const float* opt_ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr<float>
 struct Layer {
   at::Tensor attn_norm, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffn_norm;  // numel 0: none
   Proj qkv, o, gate_up, down;
-  int64_t rope = 0;  // which cos/sin pair of `forward`
+  int64_t rope = 0;  // which rope (add_rope order) rotates its q and k
   int64_t group = -1, k_off = 0, v_off = 0;  // cache group, K and V row offsets (set_layout)
 };
 
@@ -157,9 +155,10 @@ class DecodePlan : public torch::CustomClassHolder {
     return out;
   }
 
-  // x [M, H] float32; positions [M] int64 (rope angles: place in the text); per cache group: store data [rows, nkv, hd]
-  // float32, write_rows [M] base row of each new token, gather [M * S] base rows each sequence
-  // reads (oldest first, S per sequence), key_counts [M] keys of each sequence (<= S).
+  // x [M, H] float32; positions [M] int64 (rope angles: place in the text); per cache group:
+  // store data [rows, nkv, hd] (float32, float16 or bfloat16), write_rows [M] base row of each
+  // new token, gather [M * S] base rows each sequence reads (oldest first, S per sequence),
+  // key_counts [M] keys of each sequence (1 .. S).
   at::Tensor forward(at::Tensor x, at::Tensor positions, std::vector<at::Tensor> stores, std::vector<at::Tensor> write_rows,
                      std::vector<at::Tensor> gather, std::vector<at::Tensor> key_counts) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.is_cpu(),
@@ -279,7 +278,7 @@ class DecodePlan : public torch::CustomClassHolder {
     if (M > rows_) {
       const auto f = at::TensorOptions().dtype(at::kFloat);
       const int64_t attn = heads_ * head_dim_, qkv = (heads_ + 2 * kv_heads_) * head_dim_;
-      const int64_t kmax = pad32(std::max({hidden_, attn, inter_}));
+      const int64_t kmax = padded_k(std::max({hidden_, attn, inter_}));
       h_ = at::empty({M, std::max(hidden_, attn)}, f);
       qkv_ = at::empty({M, qkv}, f);
       attn_ = at::empty({M, attn}, f);
@@ -301,17 +300,16 @@ class DecodePlan : public torch::CustomClassHolder {
 
   // out[M, p.n] (row stride ldo) = x[M, p.k] (row stride ldx) @ W.T
   void matmul(const Proj& p, const float* x, int64_t ldx, int64_t M, float* out, int64_t ldo) {
-    const int64_t kp = pad32(p.k);
+    const int64_t kp = padded_k(p.k);
     int8_t* qa = qa_.data_ptr<int8_t>();
     float* da = da_.data_ptr<float>();
     int32_t* asum = asum_.data_ptr<int32_t>();
     const QuantizeRows quantize = quantize_rows_for(isa_);
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / kp), [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, quantize_grain(kp), [&](int64_t m0, int64_t m1) {
       quantize(x, ldx, p.k, kp, qa, da, asum, m0, m1);
     });
     const QGemmKernel kernel = qgemm_kernel(isa_);
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * kp * kTileRows));
-    at::parallel_for(0, p.tiles, grain, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, p.tiles, tile_grain(M, kp), [&](int64_t t0, int64_t t1) {
       for (const Part& part : p.parts) {
         const int64_t n_tiles = part.w.size(0);
         const int64_t lo = std::max(t0, part.tile0), hi = std::min(t1, part.tile0 + n_tiles);

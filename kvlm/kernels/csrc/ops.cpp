@@ -53,13 +53,28 @@ QGemmKernel qgemm_kernel(int64_t isa) {
 
 namespace {
 
+// A packed weight [n_tiles, n_groups, block_bytes] of n rows in this format; returns whether its
+// blocks are symmetric (no stored minimums).
+bool check_packed(const char* op, const at::Tensor& w, int64_t bits, int64_t group,
+                  int64_t scale_bytes, int64_t n) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(), op,
+              ": w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
+  const int symmetric = symmetric_blocks(bits, group, scale_bytes, w.size(2));
+  TORCH_CHECK(symmetric >= 0, op, ": block of ", w.size(2), " bytes, format needs ",
+              block_size(bits, group, scale_bytes, false),
+              bits == 8 ? " (or without minimums " + std::to_string(block_size(bits, group, scale_bytes, true)) + ")" : std::string());
+  TORCH_CHECK(n > (w.size(0) - 1) * kTileRows && n <= w.size(0) * kTileRows, op, ": n=", n,
+              " does not match ", w.size(0), " tiles of 16 rows");
+  return symmetric == 1;
+}
+
 // With the quantizer of `isa` (0: the best here); every one gives the same bytes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_isa(const at::Tensor& x, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.is_cpu() && x.scalar_type() == at::kFloat,
               "kvlm::quantize_act expects a 2-D float32 CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), Kp = (K + kActBlock - 1) / kActBlock * kActBlock;
+  const int64_t M = xc.size(0), K = xc.size(1), Kp = padded_k(K);
   at::Tensor qa = at::empty({M, Kp}, x.options().dtype(at::kChar));
   at::Tensor da = at::empty({M, Kp / kActBlock}, x.options());
   at::Tensor asum = at::empty({M, Kp / 16}, x.options().dtype(at::kInt));
@@ -69,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act_isa(const at::Tensor
   int32_t* sp = asum.data_ptr<int32_t>();
   const int64_t ldx = xc.stride(0);
   const QuantizeRows quantize = quantize_rows_for(isa == 0 ? cpu_isa() : isa);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(Kp, 1)),
+  at::parallel_for(0, M, quantize_grain(Kp),
                    [&](int64_t m0, int64_t m1) { quantize(xp, ldx, K, Kp, qp, dp, sp, m0, m1); });
   return {qa, da, asum};
 }
@@ -93,16 +108,9 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
   TORCH_CHECK(asum.is_contiguous() && asum.scalar_type() == at::kInt &&
                   asum.numel() == M * (Kp / 16),
               "kvlm::qgemm: asum must be contiguous int32 [M, Kp / 16]");
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
-              "kvlm::qgemm: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
+  const bool symmetric = check_packed("kvlm::qgemm", w, bits, group, scale_bytes, n);
   TORCH_CHECK(w.size(1) * group == Kp, "kvlm::qgemm: weight has ", w.size(1) * group,
               " input columns, activations ", Kp);
-  const int symmetric = symmetric_blocks(bits, group, scale_bytes, w.size(2));
-  TORCH_CHECK(symmetric >= 0, "kvlm::qgemm: block of ", w.size(2), " bytes, format needs ",
-              block_size(bits, group, scale_bytes, false),
-              bits == 8 ? " (or without minimums " + std::to_string(block_size(bits, group, scale_bytes, true)) + ")" : std::string());
-  TORCH_CHECK(n > (w.size(0) - 1) * kTileRows && n <= w.size(0) * kTileRows,
-              "kvlm::qgemm: n=", n, " does not match ", w.size(0), " tiles of 16 rows");
   const int64_t best = cpu_isa();
   if (isa == 0) isa = best;
   TORCH_CHECK(isa >= kIsaRef && isa <= best, "kvlm::qgemm: isa ", isa,
@@ -111,7 +119,7 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
 
   at::Tensor out = at::empty({M, n}, qa.options().dtype(at::kFloat));
   QGemmArgs a = weight_args(w.data_ptr<uint8_t>(), w.size(1), w.size(2), bits, group,
-                            scale_bytes, symmetric == 1);
+                            scale_bytes, symmetric);
   a.qa = qa.data_ptr<int8_t>();
   a.lda = Kp;
   a.da = da.data_ptr<float>();
@@ -122,23 +130,16 @@ at::Tensor qgemm(const at::Tensor& qa, const at::Tensor& da, const at::Tensor& a
   a.ldo = n;
   a.M = M;
   a.N = n;
-  // Enough work per chunk (~64k multiply-adds) that a thread is worth waking for.
-  const int64_t macs_per_tile = std::max<int64_t>(1, M * Kp * kTileRows);
-  const int64_t grain = std::max<int64_t>(1, 65536 / macs_per_tile);
-  at::parallel_for(0, w.size(0), grain, [&](int64_t t0, int64_t t1) { kernel(a, t0, t1); });
+  at::parallel_for(0, w.size(0), tile_grain(M, Kp), [&](int64_t t0, int64_t t1) { kernel(a, t0, t1); });
   return out;
 }
 
 at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits, int64_t group,
                         int64_t scale_bytes, int64_t k, int64_t n) {
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
-              "kvlm::dequant_rows: w must be contiguous uint8 [n_tiles, n_groups, block_bytes]");
-  const int symmetric = symmetric_blocks(bits, group, scale_bytes, w.size(2));
-  TORCH_CHECK(symmetric >= 0 && w.size(1) * group >= k,
-              "kvlm::dequant_rows: the weight does not match its format");
+  const bool symmetric = check_packed("kvlm::dequant_rows", w, bits, group, scale_bytes, n);
+  TORCH_CHECK(w.size(1) * group >= k, "kvlm::dequant_rows: weight has ", w.size(1) * group,
+              " input columns, fewer than k=", k);
   const at::Tensor flat = ids.reshape(-1).to(at::kLong).contiguous();
-  TORCH_CHECK(n > (w.size(0) - 1) * kTileRows && n <= w.size(0) * kTileRows,
-              "kvlm::dequant_rows: n=", n, " does not match ", w.size(0), " tiles of 16 rows");
   const int64_t count = flat.numel();
   const int64_t* id = flat.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i)
@@ -146,7 +147,7 @@ at::Tensor dequant_rows(const at::Tensor& w, const at::Tensor& ids, int64_t bits
                 n, ")");
   at::Tensor out = at::empty({count, k}, w.options().dtype(at::kFloat));
   const QGemmArgs a = weight_args(w.data_ptr<uint8_t>(), w.size(1), w.size(2), bits, group,
-                                  scale_bytes, symmetric == 1);
+                                  scale_bytes, symmetric);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, count, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) dequantize_row(a, id[i], k, o + i * k);

@@ -15,6 +15,7 @@
 // Activations are quantized per row in blocks of 32: x[k] ~= da[k / 32] * qa[k], qa int8 in
 // [-127, 127], with integer sums asum[k / 16] of qa over each 16 columns (for the m term).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 namespace kvlm {
@@ -42,6 +43,23 @@ struct QGemmArgs {
 constexpr int kTileRows = 16;
 constexpr int kActBlock = 32;
 
+// Input columns padded to whole activation blocks (what quantize_rows writes per row).
+inline int64_t padded_k(int64_t k) { return (k + kActBlock - 1) / kActBlock * kActBlock; }
+
+// Rows per chunk when quantizing rows in parallel, and weight tiles per chunk of a matmul over
+// M rows: enough work (~16k values, ~64k multiply-adds) that a thread is worth waking for.
+inline int64_t quantize_grain(int64_t kp) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(kp, 1));
+}
+inline int64_t tile_grain(int64_t M, int64_t kp) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(M * kp * kTileRows, 1));
+}
+
+// Quant bytes of one block (16 rows x group columns; 4-bit values two to a byte).
+inline int64_t quant_bytes(int64_t bits, int64_t group) {
+  return kTileRows * group * (bits == 4 ? 4 : 8) / 8;
+}
+
 // The weight's half of the arguments; the caller fills in activations and output.
 inline QGemmArgs weight_args(const uint8_t* w, int64_t n_groups, int64_t block_bytes, int64_t bits,
                              int64_t group, int64_t scale_bytes, bool symmetric) {
@@ -58,8 +76,7 @@ inline QGemmArgs weight_args(const uint8_t* w, int64_t n_groups, int64_t block_b
 
 // Bytes of one block, with or without its minimums.
 inline int64_t block_size(int64_t bits, int64_t group, int64_t scale_bytes, bool symmetric) {
-  const int64_t storage_bits = bits == 4 ? 4 : 8;
-  return kTileRows * group * storage_bits / 8 + (symmetric ? 1 : 2) * kTileRows * scale_bytes;
+  return quant_bytes(bits, group) + (symmetric ? 1 : 2) * kTileRows * scale_bytes;
 }
 
 // Whether a packed weight whose blocks are `bytes` long is symmetric; -1 if it is neither form.
@@ -87,6 +104,9 @@ void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* q
                    int32_t* asum, int64_t m0, int64_t m1);
 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa,
                         float* da, int32_t* asum, int64_t m0, int64_t m1);
+// One block of n <= 32 values (zero-padded to 32): q, its scale d and the sums of q over each
+// 16 columns, s[0] and s[1]. The scalar definition both quantizers share.
+void quantize_block(const float* x, int64_t n, int8_t* q, float* d, int32_t* s);
 using QuantizeRows = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, float*, int32_t*,
                               int64_t, int64_t);
 inline QuantizeRows quantize_rows_for(int64_t isa) {

@@ -7,9 +7,6 @@
 // k-groups in int16. Only this file is compiled for AVX2/FMA/F16C.
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
-
 #include "qgemm.h"
 
 #pragma GCC push_options
@@ -154,19 +151,9 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8
     int8_t* qr = qa + m * Kp;
     for (int64_t b = 0; b < Kp / kActBlock; ++b) {
       const int64_t k0 = b * kActBlock;
-      if (K - k0 < kActBlock) {  // the zero-padded last block, step by step as the scalar code
-        float amax = 0.0f;
-        for (int64_t k = k0; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
-        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        int32_t s[2] = {0, 0};
-        for (int64_t k = 0; k < kActBlock; ++k) {
-          const int32_t q = k0 + k < K ? (int32_t)std::nearbyint(xr[k0 + k] * id) : 0;
-          qr[k0 + k] = (int8_t)q;
-          s[k / 16] += q;
-        }
-        da[m * (Kp / kActBlock) + b] = d;
-        asum[m * (Kp / 16) + 2 * b] = s[0];
-        asum[m * (Kp / 16) + 2 * b + 1] = s[1];
+      if (K - k0 < kActBlock) {  // the zero-padded last block: the scalar code itself
+        quantize_block(xr + k0, K - k0, qr + k0, da + m * (Kp / kActBlock) + b,
+                       asum + m * (Kp / 16) + 2 * b);
         continue;
       }
       __m256 v[4];

@@ -1,5 +1,6 @@
 // Scalar reference kernels, compiled for the baseline ISA. The SIMD kernels perform the same
 // floating-point operations in the same order, so their results equal these bit for bit.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -44,33 +45,31 @@ inline int32_t round_even(float v) {
 
 }  // namespace
 
+void quantize_block(const float* x, int64_t n, int8_t* q, float* d, int32_t* s) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < n; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+  *d = amax / 127.0f;
+  const float id = *d > 0.0f ? 1.0f / *d : 0.0f;
+  s[0] = s[1] = 0;
+  for (int64_t k = 0; k < kActBlock; ++k) {
+    q[k] = (int8_t)(k < n ? round_even(x[k] * id) : 0);
+    s[k / 16] += q[k];
+  }
+}
+
 void quantize_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* qa, float* da,
                    int32_t* asum, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
-    const float* xr = x + m * ldx;
-    int8_t* qr = qa + m * Kp;
     for (int64_t b = 0; b < Kp / kActBlock; ++b) {
       const int64_t k0 = b * kActBlock;
-      const int64_t n = K - k0 < kActBlock ? K - k0 : kActBlock;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < n; ++k) amax = std::fmax(amax, std::fabs(xr[k0 + k]));
-      const float d = amax / 127.0f;
-      const float id = d > 0.0f ? 1.0f / d : 0.0f;
-      int32_t s0 = 0, s1 = 0;
-      for (int64_t k = 0; k < kActBlock; ++k) {
-        const int32_t q = k < n ? round_even(xr[k0 + k] * id) : 0;
-        qr[k0 + k] = (int8_t)q;
-        (k < 16 ? s0 : s1) += q;
-      }
-      da[m * (Kp / kActBlock) + b] = d;
-      asum[m * (Kp / 16) + 2 * b] = s0;
-      asum[m * (Kp / 16) + 2 * b + 1] = s1;
+      quantize_block(x + m * ldx + k0, std::min<int64_t>(K - k0, kActBlock), qa + m * Kp + k0,
+                     da + m * (Kp / kActBlock) + b, asum + m * (Kp / 16) + 2 * b);
     }
   }
 }
 
 void dequantize_row(const QGemmArgs& a, int64_t row, int64_t K, float* out) {
-  const int qbytes = kTileRows * a.group * (a.bits == 4 ? 4 : 8) / 8;
+  const int64_t qbytes = quant_bytes(a.bits, a.group);
   const int64_t t = row / kTileRows;
   const int r = (int)(row % kTileRows);
   for (int64_t g = 0; g * a.group < K; ++g) {
@@ -85,7 +84,7 @@ void dequantize_row(const QGemmArgs& a, int64_t row, int64_t K, float* out) {
 }
 
 void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1) {
-  const int qbytes = kTileRows * a.group * (a.bits == 4 ? 4 : 8) / 8;
+  const int64_t qbytes = quant_bytes(a.bits, a.group);
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t m = 0; m < a.M; ++m) {
       float acc[kTileRows] = {0};
