@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from kvlm.kernels.build import kernel_status
+from kvlm.kernels.build import SIMD_PATHS, kernel_status
 from kvlm.loading import WEIGHT_FORMATS, resolve_model_path
 
 AUTO = "auto"
 WEIGHT_FORMAT_CHOICES = (AUTO, *WEIGHT_FORMATS)
-SIMD_KERNEL_PATHS = ("avx512", "avx2")  # the paths faster than dequantizing to float
 
 
 def resolve_weight_format(
@@ -32,4 +31,4 @@ def resolve_weight_format(
     path = resolve_model_path(str(model))
     if device.type != "cpu" or dtype != "float32" or path.is_dir() or path.suffix != ".gguf":
         return "float"
-    return "gguf" if kernel_status().path in SIMD_KERNEL_PATHS else "float"
+    return "gguf" if kernel_status().path in SIMD_PATHS else "float"

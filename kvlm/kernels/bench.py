@@ -18,6 +18,7 @@ import gguf
 import torch
 
 from kvlm.kernels import QuantizedTensor, available_paths, repack_gguf
+from kvlm.kernels.build import SIMD_PATHS
 from kvlm.models.layers import Linear
 
 Q = gguf.GGMLQuantizationType
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     weights = [_quantized(r, c, Q.Q4_1) for _ in range(NUM_LAYERS) for r, c in LAYER_SHAPES]
     weights.append(_quantized(VOCAB, HIDDEN, Q.Q8_0))
-    simd = [p for p in available_paths() if p in ("avx512", "avx2")]  # "ref" is far slower
+    simd = [p for p in available_paths() if p in SIMD_PATHS]  # "ref" is far slower
     variants = {p: _Forward(weights, False, p) for p in simd}
     if not args.no_float:
         variants["float"] = _Forward(weights, True, None)

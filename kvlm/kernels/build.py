@@ -21,6 +21,7 @@ import torch
 ENV_VAR = "KVLM_KERNELS"
 CACHE_ENV_VAR = "KVLM_KERNELS_CACHE"
 PATHS = ("avx512", "avx2", "ref", "torch")  # best first
+SIMD_PATHS = ("avx512", "avx2")  # the paths faster than dequantizing to float
 ISA_CODES = {"ref": 1, "avx2": 2, "avx512": 3}
 _ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 _CSRC = Path(__file__).parent / "csrc"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvlm.kernels.build import ISA_CODES, KernelUnavailableError, resolve_path
+from kvlm.kernels.build import ISA_CODES, SIMD_PATHS, KernelUnavailableError, resolve_path
 from kvlm.kernels.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def why_not_fused(model: CausalLM, path: str | None = None) -> str | None:
         kernel_path = resolve_path(path)
     except KernelUnavailableError as e:
         return str(e)
-    if kernel_path not in ("avx512", "avx2"):
+    if kernel_path not in SIMD_PATHS:
         return f"the {kernel_path} kernel path (fused decode needs AVX2 kernels)"
     if model.layers[0].attn_norm.weight.device.type != "cpu":
         return "weights not on the CPU"
