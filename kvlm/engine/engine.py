@@ -62,7 +62,7 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = load_tokenizer(path)
         self.model = CausalLM(loaded).to_device(self.device).eval()
-        if config.fused_decode and config.weight_format != "float":
+        if config.fused_decode:  # a no-op, with its reason returned, for float weights
             self.model.use_fused_decode()
         self.max_model_len = config.max_model_len or min(
             DEFAULT_MAX_MODEL_LEN, self.model_config.max_model_len
