@@ -16,7 +16,7 @@ import torch
 
 from kvlm.adapters.prefix_tuning import PrefixTuningAdapter, load_prefix_adapter
 from kvlm.config import ModelConfig
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.pinned import PinnedRun, VirtualPrefix, allocate_pinned
 from kvlm.kv.store import KVStore
@@ -55,19 +55,19 @@ class PrefixAdapters:
         same = self._by_digest.get(adapter.digest)
         if same is None:
             same = self._by_digest[adapter.digest] = self._place(adapter)
-        prefix = VirtualPrefix(name, same.token_ids, same.cache_salt, same.block_hashes, same.run)
+        prefix = VirtualPrefix(name, same.token_ids, same.hash_key, same.block_hashes, same.run)
         self.prefixes[name] = prefix
         return prefix
 
     def _place(self, adapter: PrefixTuningAdapter) -> VirtualPrefix:
         num_tokens = adapter.num_virtual_tokens
         token_ids = (PLACEHOLDER_TOKEN_ID,) * num_tokens
-        cache_salt = f"prefix-tuning:{adapter.digest}"
+        hash_key = f"prefix-tuning:{adapter.digest}"
         hashes: list[bytes] = []
-        extend_block_hashes(hashes, token_ids, num_tokens, self.cache.block_size, cache_salt)
+        extend_block_hashes(hashes, token_ids, num_tokens, self.cache.block_size, None, (hash_key,))
         run = allocate_pinned(self.cache, num_tokens, hashes)
         self._write(adapter, run)
-        return VirtualPrefix(adapter.name, token_ids, cache_salt, tuple(hashes), run)
+        return VirtualPrefix(adapter.name, token_ids, hash_key, tuple(hashes), run)
 
     def _write(self, adapter: PrefixTuningAdapter, run: PinnedRun) -> None:
         """Store the adapter's keys (as given: PEFT never rotates them) and values."""

@@ -210,13 +210,17 @@ class Request:
         self.prompt_token_ids = list(self.token_ids)
         if self.virtual_prefix is not None:
             self.token_ids = [*self.virtual_prefix.token_ids, *self.token_ids]
-            self.cache_salt = self.virtual_prefix.salted(self.cache_salt)
         self.num_prompt_tokens = len(self.token_ids)  # outputs start after these
         self.metrics = RequestMetrics(time.perf_counter(), len(self.prompt_token_ids))
         self.stop_checker = StopChecker.from_params(self.params)
         self._text = TextBuffer()
         if self.params.logprobs is not None:
             self.logprobs = []
+
+    @property
+    def extra_keys(self) -> tuple[str, ...]:
+        """What names the request's blocks besides its tokens and salt: its adapter's key."""
+        return () if self.virtual_prefix is None else (self.virtual_prefix.hash_key,)
 
     @property
     def num_virtual_tokens(self) -> int:

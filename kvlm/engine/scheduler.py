@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kvlm.engine.config import EngineConfigError
 from kvlm.engine.request import Request, RequestStatus
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 
 if TYPE_CHECKING:
@@ -155,7 +155,12 @@ class Scheduler:
                 () if prefix is None else prefix.block_hashes
             )
         extend_block_hashes(
-            hashes, request.token_ids, num_tokens, self.cache.block_size, request.cache_salt
+            hashes,
+            request.token_ids,
+            num_tokens,
+            self.cache.block_size,
+            request.cache_salt,
+            request.extra_keys,
         )
         return hashes
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kvlm.engine.kv_transfer import BlockTransfer, PrefixBlocks
 from kvlm.engine.request import RequestOutput
 from kvlm.kv.block_codec import BlockData, decode_block, encode_block
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.fingerprint import CacheIdentity
 from kvlm.kv.session_file import (
     SessionHeader,

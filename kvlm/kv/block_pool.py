@@ -12,7 +12,6 @@ Invariants (checked by `check_integrity`, given how many tables hold each block)
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,29 +29,6 @@ class KVBlock:
     ref_count: int = 0
     block_hash: bytes | None = None  # set once the block is full and its tokens are computed
     pinned: bool = False
-
-
-def hash_block(parent: bytes | None, token_ids: Sequence[int], cache_salt: str | None) -> bytes:
-    """A full block's name: chained from its parent's, so equal hashes mean equal prefixes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"root")
-    h.update((cache_salt or "").encode())
-    h.update(b",".join(str(t).encode() for t in token_ids))
-    return h.digest()
-
-
-def extend_block_hashes(
-    block_hashes: list[bytes],
-    token_ids: Sequence[int],
-    num_tokens: int,
-    block_size: int,
-    cache_salt: str | None,
-) -> None:
-    """Append the hashes of the full blocks among the first `num_tokens` not hashed yet."""
-    for i in range(len(block_hashes), num_tokens // block_size):
-        chunk = token_ids[i * block_size : (i + 1) * block_size]
-        parent = block_hashes[-1] if block_hashes else None
-        block_hashes.append(hash_block(parent, chunk, cache_salt))
 
 
 class BlockPool:
@@ -126,8 +102,17 @@ class BlockPool:
                 self.events.append(block.block_id)
 
     def cache(self, block: KVBlock, block_hash: bytes) -> None:
-        """Name a full, computed block so later requests with the same prefix find it."""
-        if self.enable_caching and block.block_hash is None and block_hash not in self.prefix_index:
+        """Name a full, computed block so later requests with the same prefix find it.
+
+        A block named already must be named the same (its tokens cannot change); a name some
+        other block holds stays with that one (two requests computed the same prefix)."""
+        if block.block_hash is not None:
+            assert block.block_hash == block_hash, (
+                f"block {block.block_id} is named {block.block_hash.hex()}; "
+                f"renaming it {block_hash.hex()} would serve its K/V for other tokens"
+            )
+            return
+        if self.enable_caching and block_hash not in self.prefix_index:
             block.block_hash = block_hash
             self.prefix_index[block_hash] = block
             if self.events is not None:

@@ -56,23 +56,20 @@ class VirtualPrefix:
     own block, which the request's first tokens then fill.
 
     A request's `token_ids` start with `token_ids` (placeholders, never embedded: they are
-    always counted as computed); its block hashes start with `block_hashes`, so a cache salt
-    of the request's own changes only the blocks after them.
+    always counted as computed); its block hashes start with `block_hashes` and carry
+    `hash_key` as an extra key, so a cache salt of the request's own changes only the blocks
+    after them, and no client salt can name them.
     """
 
     name: str
     token_ids: tuple[int, ...]  # one placeholder id per virtual position
-    cache_salt: str  # names this prefix's K/V: the request's blocks after it differ by it too
+    hash_key: str  # names this prefix's K/V (an extra key): the blocks after it differ by it too
     block_hashes: tuple[bytes, ...]  # of its full blocks
     run: PinnedRun  # ceil(P / block_size) blocks per group, the full ones named
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    def salted(self, cache_salt: str | None) -> str:
-        """The salt of a request carrying this prefix (and maybe a salt of its own)."""
-        return self.cache_salt if cache_salt is None else f"{self.cache_salt}\0{cache_salt}"
 
     def tail_copies(self, block_tables: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
         """(group, source, destination) block copies that put the partial last block into a

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.request import Request
-from kvlm.kv.block_pool import NULL_BLOCK_ID, extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
+from kvlm.kv.block_pool import NULL_BLOCK_ID
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.events import BlockState, KVChanges, KVEventLog, block_state
 
@@ -242,7 +243,9 @@ class CacheWatch:
             return None
         request, end = owner.request, (owner.index + 1) * size
         hashes: list[bytes] = []
-        extend_block_hashes(hashes, request.token_ids, end, size, request.cache_salt)
+        extend_block_hashes(
+            hashes, request.token_ids, end, size, request.cache_salt, request.extra_keys
+        )
         if len(hashes) <= owner.index or hashes[owner.index] != block.block_hash:
             return None
         return request.token_ids[owner.index * size : end]

@@ -6,7 +6,7 @@ import pytest
 
 from kvlm import LLM, InputError, SamplingParams
 from kvlm.engine.config import EngineConfig, EngineConfigError
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [

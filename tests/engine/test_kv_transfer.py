@@ -13,7 +13,7 @@ import torch
 from kvlm.engine.kv_transfer import BlockTransfer
 from kvlm.engine.offload import OffloadConnector
 from kvlm.kv.block_codec import decode_block, encode_block
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
 from kvlm.kv.offload.local import RAMTier

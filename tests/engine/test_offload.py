@@ -91,7 +91,7 @@ def test_evicted_prefix_comes_back_with_identical_logits(
 
 
 def _hashes() -> list[bytes]:
-    from kvlm.kv.block_pool import extend_block_hashes
+    from kvlm.kv.block_hash import extend_block_hashes
 
     hashes: list[bytes] = []
     extend_block_hashes(hashes, PREFIX, len(PREFIX), BLOCK_SIZE, None)

@@ -16,7 +16,7 @@ import pytest
 
 from kvlm import LLM
 from kvlm.engine.session import Session
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.session_file import SessionFileError
 from kvlm.sampling import SamplingParams
 

@@ -8,7 +8,7 @@ import pytest
 
 from kvlm import LLM, InputError, SamplingParams
 from kvlm.engine.task_prefixes import TaskPrefixes
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 TASKS = [

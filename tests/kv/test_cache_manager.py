@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvlm.kv.block_pool import NULL_BLOCK_ID, OutOfBlocksError, extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
+from kvlm.kv.block_pool import NULL_BLOCK_ID, OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 from kvlm.kv.spec import KVCacheSpec
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from kvlm.kv.block_pool import extend_block_hashes
+from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.events import BlockState, KVEventLog, block_state
 from kvlm.kv.spec import KVCacheSpec
