@@ -7,8 +7,9 @@ quantized or not), then its float16 scale rows when the format has scales:
 with rows_per_block = num_layers * 2 (K, V) * block_size. Nothing is converted, so a block
 restored from bytes is bit-identical to the one written.
 
-A *sealed* block (offload tiers) is prefixed by a digest over its key and bytes, so a blob that
-was damaged, cut short, or stored under another key is refused instead of read as K/V.
+A *sealed* block (offload tiers) is prefixed by a format tag (magic and the block naming
+version) and a digest over its key and bytes, so a blob that was damaged, cut short, stored
+under another key, or written under an older naming is refused instead of read as K/V.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlm.kv.block_hash import BLOCK_NAMING_VERSION
 from kvlm.kv.spec import KVCacheSpec
 
 DIGEST_SIZE = 16
+_SEAL_MAGIC = b"KVB"
+_SEAL_TAG = _SEAL_MAGIC + bytes([BLOCK_NAMING_VERSION])
 
 
 class CorruptBlockError(ValueError):
@@ -73,14 +77,23 @@ def _digest(key: bytes, body: bytes | memoryview) -> bytes:
 
 
 def seal(key: bytes, body: bytes) -> bytes:
-    """`body` prefixed by a digest over the key and the body."""
-    return _digest(key, body) + body
+    """`body` prefixed by the format tag and a digest over the key and the body."""
+    return _SEAL_TAG + _digest(key, body) + body
 
 
 def unseal(key: bytes, blob: bytes) -> memoryview:
-    """The body of a sealed blob; CorruptBlockError unless its digest matches `key`."""
+    """The body of a sealed blob; CorruptBlockError unless it has this format's tag and its
+    digest matches `key`."""
     view = memoryview(blob)
+    tag = bytes(view[: len(_SEAL_TAG)])
+    if tag != _SEAL_TAG:
+        written = tag[len(_SEAL_MAGIC)] if tag[: len(_SEAL_MAGIC)] == _SEAL_MAGIC else 1
+        raise CorruptBlockError(
+            f"block {key.hex()}: written with block naming version {written}, this kvlm "
+            f"reads version {BLOCK_NAMING_VERSION} (older names could collide); refused"
+        )
+    view = view[len(_SEAL_TAG) :]
     body = view[DIGEST_SIZE:]
-    if len(blob) < DIGEST_SIZE or not hmac.compare_digest(view[:DIGEST_SIZE], _digest(key, body)):
+    if len(view) < DIGEST_SIZE or not hmac.compare_digest(view[:DIGEST_SIZE], _digest(key, body)):
         raise CorruptBlockError(f"block {key.hex()}: digest mismatch (damaged or not this block)")
     return body

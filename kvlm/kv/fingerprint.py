@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from kvlm.kv.block_hash import BLOCK_NAMING_VERSION
 from kvlm.kv.spec import KVCacheSpec
 
 _CHUNK = 1 << 20
@@ -80,7 +81,8 @@ class CacheIdentity:
         out = []
         for g, layout in enumerate(self.layouts):
             h = hashlib.blake2b(digest_size=16)
-            h.update(f"{self.model_fingerprint}|group {g}|{layout}".encode())
+            name = f"naming {BLOCK_NAMING_VERSION}|{self.model_fingerprint}|group {g}|{layout}"
+            h.update(name.encode())
             out.append(h.digest())
         return tuple(out)
 

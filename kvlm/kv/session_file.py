@@ -29,10 +29,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvlm.kv.block_hash import BLOCK_NAMING_VERSION
 from kvlm.kv.fingerprint import CacheIdentity
 
 MAGIC = b"KVLMSESS"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: blocks named by kv/block_hash.py's injective key
+# Format 1 named blocks by an encoding where salts and token ids could run into each other: its
+# header is read (the conversation's tokens are kept and recomputed), its K/V never served.
+_READABLE_VERSIONS = (1, 2)
 _PREAMBLE = struct.Struct("<8sIQ")  # magic, version, header length
 _DIGEST_SIZE = 16
 _MAX_HEADER = 1 << 30
@@ -60,10 +64,12 @@ class SessionHeader:
     stored: list[list[int]]  # per group, block indices in the payload, in payload order
     payload_nbytes: int
     payload_digest: str
+    block_naming: int = BLOCK_NAMING_VERSION  # how the blocks' names were computed
 
     def check_compatible(self, identity: CacheIdentity) -> None:
         """SessionRefused, naming both values, unless this cache can read the payload."""
         checks = [
+            ("block naming version", self.block_naming, BLOCK_NAMING_VERSION, _OLD_NAMES),
             ("model", self.model_fingerprint, identity.model_fingerprint, "load the same model"),
             ("tokenizer", self.tokenizer_hash, identity.tokenizer_hash, "load the same model"),
             ("block size", self.block_size, identity.block_size, "pass --block-size"),
@@ -76,6 +82,9 @@ class SessionHeader:
                     f"the session was saved with {what} {_show(saved)}, this engine has "
                     f"{_show(here)}; its K/V cannot be used here ({fix} to restore it)"
                 )
+
+
+_OLD_NAMES = "names from an older kvlm could collide: save the conversation again"
 
 
 def _show(value: object) -> str:
@@ -120,9 +129,10 @@ def read_header(path: Path) -> tuple[SessionHeader, int]:
             if len(preamble) < _PREAMBLE.size or preamble[:8] != MAGIC:
                 raise SessionFileError(f"{path} is not a kvlm session file (no KVLMSESS magic)")
             _, version, head_len = _PREAMBLE.unpack(preamble)
-            if version != FORMAT_VERSION:
+            if version not in _READABLE_VERSIONS:
                 raise SessionFileError(
-                    f"{path} has session format {version}; this kvlm reads format {FORMAT_VERSION}"
+                    f"{path} has session format {version}; this kvlm reads formats "
+                    f"{', '.join(map(str, _READABLE_VERSIONS))}"
                 )
             if head_len > _MAX_HEADER:
                 raise SessionFileError(f"{path}: header length {head_len:,} is not plausible")
@@ -135,7 +145,10 @@ def read_header(path: Path) -> tuple[SessionHeader, int]:
     if not hmac.compare_digest(digest, _digest(preamble, head)):
         raise SessionFileError(f"{path}: header checksum mismatch (the file is damaged)")
     try:
-        header = SessionHeader(**json.loads(head))
+        fields = json.loads(head)
+        if version == 1:
+            fields["block_naming"] = 1
+        header = SessionHeader(**fields)
     except (ValueError, TypeError) as e:  # digest passed: written by an incompatible kvlm
         raise SessionFileError(f"{path}: header does not describe a session: {e}") from e
     return header, _PREAMBLE.size + head_len + _DIGEST_SIZE

@@ -86,3 +86,14 @@ def test_redis_tier_down_counts_failures_and_answers_absent() -> None:
     assert tier.get_many([b"k"]) == [None]  # quiet after the failure: no second wait
     assert tier.snapshot().failures == 1
     assert not tier.may_have(b"k")
+
+
+def test_sealed_block_of_the_old_naming_is_refused_by_version() -> None:
+    """Format 1 sealed a block as digest + bytes under names that could collide: never read."""
+    import hashlib
+
+    body = b"\1" * 64
+    old_blob = hashlib.blake2b(b"key" + body, digest_size=16).digest() + body
+    with pytest.raises(CorruptBlockError, match="block naming version 1, this kvlm reads version 2"):
+        unseal(b"key", old_blob)
+    assert unseal(b"key", seal(b"key", body)) == body

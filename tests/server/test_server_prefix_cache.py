@@ -24,7 +24,7 @@ def _long_prompt() -> str:
 
 
 def _cached(
-    http: httpx.Client, prompt: str, salt: str | None = None, chat: bool = False
+    http: httpx.Client, prompt: str | list[int], salt: str | None = None, chat: bool = False
 ) -> tuple[int, int]:
     """(cached_tokens, prompt_tokens) of one short request."""
     body: dict = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0}
@@ -70,6 +70,17 @@ def test_cache_salt_isolates_prefixes(http: httpx.Client) -> None:
     assert _cached(http, prompt, salt="tenant-b")[0] == 0  # another salt: nothing shared
     assert _cached(http, prompt)[0] == 0  # no salt: nothing shared either
     assert _cached(http, prompt, salt="tenant-b")[0] > 0
+
+
+def test_salts_and_tokens_shifting_a_digit_share_nothing(http: httpx.Client) -> None:
+    """Salt "tenant-1" + [12, 3, ...] and salt "tenant-11" + [2, 3, ...] once had one name
+    (salt and token digits hashed back to back): the second tenant was served the first's K/V."""
+    rest = [int(d, 16) + 100 for d in uuid.uuid4().hex] * 3  # 96 tokens no other test sent
+    assert _cached(http, [12, *rest], salt="tenant-1")[0] == 0
+    assert _cached(http, [12, *rest], salt="tenant-1")[0] > 0  # its own prefix: a hit
+    assert _cached(http, [2, *rest], salt="tenant-11")[0] == 0
+    assert _cached(http, [12, 3, *rest])[0] == 0  # no salt: "1" moved into the first token
+    assert _cached(http, [2, 3, *rest], salt="1")[0] == 0
 
 
 def test_usage_reports_the_requests_kv_peak(http: httpx.Client, server: LiveServer) -> None:
