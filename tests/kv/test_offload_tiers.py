@@ -94,6 +94,7 @@ def test_sealed_block_of_the_old_naming_is_refused_by_version() -> None:
 
     body = b"\1" * 64
     old_blob = hashlib.blake2b(b"key" + body, digest_size=16).digest() + body
-    with pytest.raises(CorruptBlockError, match="block naming version 1, this kvlm reads version 2"):
+    refused = "block naming version 1, this kvlm reads version 2"
+    with pytest.raises(CorruptBlockError, match=refused):
         unseal(b"key", old_blob)
     assert unseal(b"key", seal(b"key", body)) == body
