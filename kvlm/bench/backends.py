@@ -24,6 +24,23 @@ from kvlm.sampling import SamplingParams
 OnToken = Callable[[int], None] | None
 
 
+@dataclass(frozen=True)
+class KVCacheOptions:
+    """How kvlm's cache is laid out in a benchmark (EngineConfig's names and defaults)."""
+
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    sliding_window: int | None = None
+    attention_sinks: int = 0
+
+    def label(self) -> str:
+        """E.g. "int8 KV, window 1024 + 4 sinks"; "" for the default cache."""
+        parts = [] if self.kv_cache_dtype == "auto" else [f"{self.kv_cache_dtype} KV"]
+        if self.sliding_window is not None:
+            sinks = f" + {self.attention_sinks} sinks" if self.attention_sinks else ""
+            parts.append(f"window {self.sliding_window}{sinks}")
+        return ", ".join(parts)
+
+
 class BackendUnavailable(RuntimeError):
     """An optional engine cannot run here (library missing); the message says why."""
 
@@ -83,6 +100,7 @@ class KvlmBackend:
         max_num_seqs: int,
         num_threads: int | None = None,
         weight_format: str = EngineConfig.weight_format,
+        cache: KVCacheOptions = KVCacheOptions(),
     ) -> None:
         self.name = "kvlm" if use_cache else "kvlm-no-cache"
         self.notes: list[str] = []
@@ -94,6 +112,9 @@ class KvlmBackend:
             max_num_seqs=max_num_seqs,
             num_threads=num_threads,
             weight_format=weight_format,
+            kv_cache_dtype=cache.kv_cache_dtype,
+            sliding_window=cache.sliding_window,
+            attention_sinks=cache.attention_sinks,
         )
         self._num_runs = 0
 

@@ -149,7 +149,11 @@ def run_decode_bench(
     config: DecodeBenchConfig, progress: Progress = lambda line: None
 ) -> DecodeBenchResult:
     """Time kvlm, then each baseline, loading each engine once; returns every raw number."""
-    progress(f"loading {KVLM} ({config.model}, {config.dtype}, {config.weight_format} weights)")
+    cache = config.cache.label()
+    progress(
+        f"loading {KVLM} ({config.model}, {config.dtype}, {config.weight_format} weights"
+        f"{', ' + cache if cache else ''})"
+    )
     ours = KvlmBackend(
         config.model,
         config.dtype,
@@ -157,6 +161,7 @@ def run_decode_bench(
         config.batch_size,
         config.threads,
         config.weight_format,
+        config.cache,
     )
     longest = config.prompt_tokens + max(config.new_tokens)
     if longest > ours.max_model_len:

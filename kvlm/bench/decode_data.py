@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from kvlm.bench.backends import RunTiming
+from kvlm.bench.backends import KVCacheOptions, RunTiming
 from kvlm.bench.common import BenchConfigError, Skipped, check_threads, resolved_weight_format
 from kvlm.bench.machine import MachineInfo
 from kvlm.engine.config import EngineConfig
@@ -29,6 +29,7 @@ class DecodeBenchConfig:
     no_cache_max_tokens: int = 512  # the no-cache baseline times every step up to here
     no_cache_stride: int = 32  # past it, one step in this many (0: lengths past it not run)
     weight_format: str = EngineConfig.weight_format
+    cache: KVCacheOptions = KVCacheOptions()  # kvlm's cache (the no-cache baseline has none)
 
     def __post_init__(self) -> None:
         if not self.new_tokens or min(self.new_tokens) < 1:

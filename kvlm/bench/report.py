@@ -72,8 +72,10 @@ def per_token(result: DecodeBenchResult) -> list[str]:
 
 def markdown(result: DecodeBenchResult) -> str:
     c, mi = result.config, result.machine
+    cache = c.cache.label()
     lines = [
-        f"## Decode benchmark: {c.model} ({c.dtype}, {c.weight_format} weights), prompt "
+        f"## Decode benchmark: {c.model} ({c.dtype}, {c.weight_format} weights"
+        f"{', kvlm ' + cache if cache else ''}), prompt "
         f"{c.prompt_tokens} tokens, batch {c.batch_size}, greedy, EOS ignored, median of "
         f"{c.repeats} run(s)",
         "",

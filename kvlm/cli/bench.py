@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlm.bench import memory, prefix, report, serve
+from kvlm.bench.backends import KVCacheOptions
 from kvlm.bench.common import BenchConfigError
 from kvlm.bench.decode import run_decode_bench
 from kvlm.bench.decode_data import BASELINES, DecodeBenchConfig
@@ -22,7 +23,7 @@ from kvlm.bench.memory import MemoryBenchConfig
 from kvlm.bench.prefix import PrefixBenchConfig
 from kvlm.bench.serve import SERVE_BASELINES, ServeBenchConfig
 from kvlm.cli.common import CLIError
-from kvlm.engine.config import DTYPES
+from kvlm.engine.config import DTYPES, KV_CACHE_DTYPES
 from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 from kvlm.loading import DEFAULT_MODEL
 
@@ -105,6 +106,14 @@ def add_parser(subparsers: Any) -> None:
     decode.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     decode.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
     decode.add_argument("--repeats", type=int, default=1, help="timed runs (median)")
+    decode.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=list(KV_CACHE_DTYPES),
+        help="kvlm's KV format (auto: the compute dtype)",
+    )
+    decode.add_argument("--sliding-window", type=int, default=None, help="kvlm's window, tokens")
+    decode.add_argument("--attention-sinks", type=int, default=0, help="sinks beside the window")
     decode.set_defaults(run=run_decode)
 
     srv = benches.add_parser(
@@ -219,6 +228,7 @@ def run_decode(args: argparse.Namespace) -> int:
             no_cache_max_tokens=args.no_cache_max_tokens,
             no_cache_stride=args.no_cache_stride,
             weight_format=args.weight_format,
+            cache=KVCacheOptions(args.kv_cache_dtype, args.sliding_window, args.attention_sinks),
         )
 
     return _run(args, make, run_decode_bench, report)

@@ -57,6 +57,20 @@ def test_bench_decode_writes_json(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert data["prompt_token_ids"] and len(data["prompt_token_ids"][0]) == 16
 
 
+def test_bench_decode_runs_the_cache_it_is_given(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bench.json"
+    argv = ["bench", "decode", "--new-tokens", "4", "--baselines", "", "--threads", "1"]
+    cache = ["--kv-cache-dtype", "int8", "--sliding-window", "8", "--attention-sinks", "4"]
+    assert main([*argv, *cache, "--prompt-tokens", "24", "--json", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "kvlm int8 KV, window 8 + 4 sinks), prompt 24 tokens" in out
+    assert "int8 KV, window 8 + 4 sinks)" in err  # the loading line
+    config = json.loads(path.read_text())["config"]
+    assert config["cache"] == {"kv_cache_dtype": "int8", "sliding_window": 8, "attention_sinks": 4}
+
+
 def test_prompt_ids_are_distinct_rows_of_exact_length(smollm2_llm: LLM) -> None:
     rows = prompt_ids(smollm2_llm.tokenizer, prompt_tokens=40, batch_size=3)
     assert [len(r) for r in rows] == [40, 40, 40]
