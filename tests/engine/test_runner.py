@@ -1,0 +1,165 @@
+"""The model runner's step inputs on a tiny case, every index worked out by hand: positions,
+the rows new K/V go to, the rows each sequence gathers, key counts and masks, for a full group
+and a sliding-window group side by side, and for attention sinks.
+
+Blocks of 4 tokens, one layer per group, so a block is 8 rows of its store (K then V of 4
+tokens) and token t of block b has base row 8 b + t. `prepare` reads only specs, stores and the
+cache: the model is a stand-in that tells the runner how many layers it has."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from kvlm.engine.request import Request
+from kvlm.engine.runner import ModelRunner
+from kvlm.engine.scheduler import ScheduledBatch
+from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.spec import KVCacheSpec
+from kvlm.kv.store import KVStore
+from kvlm.sampling import SamplingParams
+
+BLOCK = 4
+NUM_BLOCKS = 8  # per group, the null block (0) included
+CPU = torch.device("cpu")
+F, T = False, True
+
+
+def _spec(layer: int, window: int | None = None, sinks: int = 0) -> KVCacheSpec:
+    return KVCacheSpec((layer,), 1, 4, BLOCK, "float32", window, sinks)
+
+
+def _runner(specs: tuple[KVCacheSpec, ...]) -> ModelRunner:
+    cache = KVCacheManager(specs, [NUM_BLOCKS] * len(specs))
+    stores = [KVStore(s, NUM_BLOCKS, torch.float32, CPU) for s in specs]
+    model = SimpleNamespace(config=SimpleNamespace(num_layers=len(specs)))
+    return ModelRunner(model, CPU, specs, stores, cache)  # type: ignore[arg-type]
+
+
+def _request(request_id: str, num_tokens: int, num_computed: int, first_id: int = 100) -> Request:
+    """`num_tokens` known tokens (ids `first_id`, `first_id` + 1, ...), `num_computed` cached."""
+    params = SamplingParams(max_tokens=8, temperature=0)
+    token_ids = list(range(first_id, first_id + num_tokens))
+    request = Request(request_id, None, token_ids, params, detokenizer=None)  # type: ignore[arg-type]
+    request.num_computed_tokens = num_computed
+    return request
+
+
+def _list(x: torch.Tensor | None) -> list | None:
+    return None if x is None else x.tolist()
+
+
+def test_a_decode_beside_a_prefill_in_a_full_and_a_window_group() -> None:
+    runner = _runner((_spec(0), _spec(1, window=4)))
+    cache = runner.cache
+    assert cache is not None
+    # "a" has 9 tokens cached and decodes its 10th (position 9); "b" prefills 3 tokens.
+    a, b = _request("a", 10, 9), _request("b", 3, 0, first_id=200)
+    cache.allocate("a", 10)  # blocks 1, 2, 3 in both groups
+    cache.remove_skipped("a", 9)  # the window (positions 6..9) no longer reads block 1
+    cache.allocate("b", 3)  # block 4 in both (the window group's freed 1 queues behind 4..7)
+    assert cache.block_tables("a") == [[1, 2, 3], [0, 2, 3]]
+    assert cache.block_tables("b") == [[4], [4]]
+    batch = ScheduledBatch()
+    batch.add(a, 1)
+    batch.add(b, 3)
+
+    step = runner.prepare(batch)
+
+    assert step.input_ids.tolist() == [a.token_ids[9], *b.token_ids]
+    ctx = step.ctx
+    assert ctx.positions.tolist() == [9, 0, 1, 2]
+    assert (ctx.num_seqs, ctx.max_query_len) == (2, 3)
+    assert ctx.query_pad_index.tolist() == [0, 3, 4, 5]  # [T] rows of the [B * Q] layout
+    assert step.sampled == [0, 1] and step.logits_indices.tolist() == [0, 3]  # last rows
+    full, window = ctx.layer_views
+    assert full.store is runner.stores[0] and window.store is runner.stores[1]
+
+    # Full attention: a reads its 10 keys, b its 3 (padding repeats b's last key).
+    assert full.num_keys == 10 and full.key_counts.tolist() == [10, 3]
+    a_rows = [8, 9, 10, 11, 16, 17, 18, 19, 24, 25]  # blocks 1, 2 and half of 3
+    assert full.gather_index.tolist() == a_rows + [32, 33, 34] + [34] * 7
+    assert full.write_rows.tolist() == [25, 32, 33, 34]  # a's position 9, b's 0..2
+    assert full.mask.shape == (2, 1, 3, 10)  # [B, 1, Q, S]
+    assert full.mask[0, 0].tolist() == [[T] * 10] * 3  # one query row, padded to Q
+    assert full.mask[1, 0].tolist() == [
+        [T, F, F] + [F] * 7,
+        [T, T, F] + [F] * 7,
+        [T, T, T] + [F] * 7,
+    ]
+
+    # Window 4: a's query at 9 reads positions 6..9 only (rows of blocks 2 and 3).
+    assert window.num_keys == 4 and window.key_counts.tolist() == [4, 3]
+    assert window.gather_index.tolist() == [18, 19, 24, 25, 32, 33, 34, 34]
+    assert window.write_rows.tolist() == [25, 32, 33, 34]
+    assert window.mask.shape == (2, 1, 3, 4)
+    assert window.mask[0, 0].tolist() == [[T, T, T, T]] * 3
+    assert window.mask[1, 0].tolist() == [[T, F, F, F], [T, T, F, F], [T, T, T, F]]
+    assert window.key_positions is None and window.query_positions is None  # text positions
+
+
+def test_a_window_mask_hides_keys_that_left_a_chunks_earlier_queries() -> None:
+    """A 3-token chunk at positions 6..8 under window 4: the window starts at the first
+    query's (3..6), and each later query sees one key fewer of the oldest."""
+    runner = _runner((_spec(0, window=4),))
+    assert runner.cache is not None
+    chunk = _request("c", 9, 6)
+    runner.cache.allocate("c", 9)  # blocks 1, 2, 3; none has left the window of position 6
+    batch = ScheduledBatch()
+    batch.add(chunk, 3)
+
+    (view,) = runner.prepare(batch).ctx.layer_views
+
+    assert view.num_keys == 6 and view.key_counts.tolist() == [6]  # positions 3..8
+    assert view.gather_index.tolist() == [11, 16, 17, 18, 19, 24]
+    assert view.write_rows.tolist() == [18, 19, 24]
+    assert view.mask.shape == (1, 1, 3, 6)
+    assert view.mask[0, 0].tolist() == [
+        [T, T, T, T, F, F],  # position 6 sees 3..6
+        [F, T, T, T, T, F],  # 7 sees 4..7
+        [F, F, T, T, T, T],  # 8 sees 5..8
+    ]
+
+
+def test_sinks_are_read_before_the_window_and_roped_by_place_in_the_cache() -> None:
+    runner = _runner((_spec(0, window=4, sinks=2),))
+    assert runner.cache is not None
+    decode = _request("d", 10, 9)
+    runner.cache.allocate("d", 10)
+    runner.cache.remove_skipped("d", 9)  # block 1 holds the sinks: kept
+    assert runner.cache.block_tables("d") == [[1, 2, 3]]
+    batch = ScheduledBatch()
+    batch.add(decode, 1)
+
+    step = runner.prepare(batch)
+
+    (view,) = step.ctx.layer_views
+    assert step.ctx.query_pad_index is None and step.ctx.max_query_len == 1
+    assert view.num_keys == 6 and view.key_counts.tolist() == [6]  # sinks 0, 1; window 6..9
+    assert view.gather_index.tolist() == [8, 9, 18, 19, 24, 25]
+    assert view.write_rows.tolist() == [25]
+    assert view.mask is None  # one query that sees every key it gathers
+    assert view.key_positions.tolist() == [0, 1, 2, 3, 4, 5]
+    assert view.query_positions.tolist() == [5]  # after the 2 sinks and 3 window keys
+
+
+def test_decodes_of_unequal_lengths_mask_the_shorter_ones_padding() -> None:
+    runner = _runner((_spec(0),))
+    assert runner.cache is not None
+    long, short = _request("long", 6, 5), _request("s", 2, 1)
+    runner.cache.allocate("long", 6)  # blocks 1, 2
+    runner.cache.allocate("s", 2)  # block 3
+    batch = ScheduledBatch()
+    batch.add(long, 1)
+    batch.add(short, 1)
+
+    step = runner.prepare(batch)
+
+    assert step.ctx.positions.tolist() == [5, 1] and step.ctx.query_pad_index is None
+    (view,) = step.ctx.layer_views
+    assert view.key_counts.tolist() == [6, 2]
+    assert view.gather_index.tolist() == [8, 9, 10, 11, 16, 17, 24, 25, 25, 25, 25, 25]
+    assert view.write_rows.tolist() == [17, 25]
+    assert view.mask.shape == (2, 1, 1, 6)
+    assert view.mask[:, 0, 0].tolist() == [[T] * 6, [T, T, F, F, F, F]]
