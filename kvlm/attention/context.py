@@ -28,6 +28,9 @@ class GroupView:
     store: KVStore | None  # None: no-cache mode, keys come from this step's tokens only
     write_rows: torch.Tensor | None  # [T] base row receiving each new token's K/V
     key_counts: torch.Tensor | None = None  # [B] int64 keys sequence b reads (<= S); cache only
+    # [B, max_blocks] int64 block ids of each sequence, padded with the null block; cache only
+    # (the paged kernels read K/V through it in place of gather_index)
+    block_table: torch.Tensor | None = None
     # Attention sinks: rope by place in the cache. [B * S] positions of the gathered keys and
     # [T] of the queries; None when rope uses each token's place in the text.
     key_positions: torch.Tensor | None = None

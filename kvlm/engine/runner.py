@@ -163,6 +163,7 @@ class ModelRunner:
             store=store,
             write_rows=write_rows,
             key_counts=None if table is None else self._to_device(num_keys),
+            block_table=None if table is None else self._to_device(table),
         )
         if spec.positions_in_cache:
             seq = s.seq_of_token

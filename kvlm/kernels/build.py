@@ -32,6 +32,10 @@ _SOURCES = (
     "qgemm_avx512.cpp",
     "decode_math_avx2.cpp",
     "decode_plan.cpp",
+    "paged_attention.cpp",
+    "paged_attention_ref.cpp",
+    "paged_attention_avx2.cpp",
+    "paged_attention_avx512.cpp",
 )
 
 

@@ -1,0 +1,282 @@
+// Paged attention that reads K/V through the block table, from the block-major store in place
+// (kvlm/kv/store.py), in every KV format (kvlm/kv/quant.py), dequantizing one key tile at a time.
+//
+// Work item = (query tile, kv head): up to kMaxRows query rows (queries x the kv head's query
+// heads, GQA/MQA) read each K/V tile once. Per sequence b with `cached` tokens before the step,
+// query t of the step sits at text position p = cached + (t - query_start[b]) and sees key kp iff
+//   kp <= p  and  (no window  or  kp > p - window  or  kp < num_sinks)
+// (causal chunks, sliding windows, StreamingLLM sinks), as the runner's mask. Only the key ranges
+// some query of the tile sees are read, so blocks a window released (the null block) never are.
+// Softmax is online over key tiles (flash-attention style). With sinks the store holds keys
+// unrotated and rope goes by place in the cache: with ws = max(cached - window + 1, 0) and
+// ns = min(num_sinks, ws), key kp < ns sits at place kp, a later key at ns + kp - ws, and the
+// query at ns + p - ws (runner._view's key_positions / query_positions). int4 keys and values are
+// stored times a Hadamard matrix H (symmetric, orthonormal): without sinks q.(k H) = (q H).k, so
+// q is rotated once instead of every key; values are summed rotated and the output rotated once.
+//
+// No torch headers: the ISA files include this and <immintrin.h> only. Everything defined here
+// has internal linkage, so each ISA file gets its own copy compiled for its instructions.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "qgemm.h"  // half_to_float, kIsa*
+
+namespace kvlm {
+namespace paged {
+
+// Storage formats, the codes kvlm/kernels/paged.py passes (KVFormat names).
+enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kInt4 = 4, kFp8 = 5 };
+
+constexpr int64_t kKeyTile = 32;  // keys per tile (fewer at block and range edges)
+constexpr int64_t kMaxRows = 16;  // query rows per work item
+
+struct Args {
+  const float* q;  // [T, nh, hd] (row stride q_stride floats per token)
+  int64_t q_stride;
+  float* out;  // [T, nh, hd] (row stride out_stride)
+  int64_t out_stride;
+  const uint8_t* k;  // first K row of the layer: store data + k_off rows
+  const uint8_t* v;
+  const uint16_t* k_scales;  // float16 scales, same rows (quantized formats; else null)
+  const uint16_t* v_scales;
+  int64_t row_bytes;   // bytes of one store row (nkv heads)
+  int64_t head_bytes;  // bytes of one head of a row
+  int64_t scale_row;   // scales per store row (nkv * num_scales)
+  int64_t num_scales;  // per head; group = hd / num_scales
+  int64_t rows_per_block, block_size;
+  const int64_t* block_table;  // [B, max_blocks]
+  int64_t max_blocks;
+  const int64_t* query_start;  // [B + 1] first row of each sequence in T
+  const int64_t* num_cached;   // [B] tokens cached before the step
+  const int64_t* tiles;        // [num_tiles, 3]: sequence, first and end row in T
+  int64_t nh, nkv, hd;
+  int64_t window;  // 0: none
+  int64_t num_sinks;
+  float scale, softcap;  // softcap 0: none
+  int format;
+  int64_t rotation;  // int4 Hadamard width (0: none)
+  // With sinks: cos and sign-folded sin [rope_len, hd] by place in the cache (RotaryEmbedding).
+  const float* rope_cos;
+  const float* rope_sin;
+  int64_t rope_len;
+};
+
+// Each computes work items [i0, i1): item i is tile i / nkv, kv head i % nkv.
+void paged_attention_ref(const Args& a, int64_t i0, int64_t i1);
+void paged_attention_avx2(const Args& a, int64_t i0, int64_t i1);
+void paged_attention_avx512(const Args& a, int64_t i0, int64_t i1);
+using PagedKernel = void (*)(const Args&, int64_t, int64_t);
+PagedKernel paged_kernel(int64_t isa);  // kIsa* -> its kernel
+
+// Scales per head (0 for float formats) and the int4 rotation width (0: none) of a format.
+int64_t num_scales_of(int format, int64_t hd);
+int64_t rotation_of(int format, int64_t hd);
+
+// [num_tiles * 3] tiles (sequence, first row, end row) of at most kMaxRows / group queries.
+std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group);
+
+// Every work item of `a` (num_tiles tiles x nkv heads) across threads, with the kernel of isa.
+void run(const Args& a, int64_t num_tiles, int64_t isa);
+
+// Quantize one head row x[hd] exactly as KVFormat.quantize (int4: up to float rounding of the
+// rotation): data gets row_elements storage elements, scales num_scales float16 (if quantized).
+void quantize_head(int format, const float* x, int64_t hd, int64_t num_scales, int64_t rotation,
+                   void* data, uint16_t* scales);
+
+namespace {
+
+inline float bits_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// float8_e4m3fn -> float, exact: the 7 low bits as a float's exponent|mantissa, times 2^120.
+inline float fp8_to_float(uint8_t x) {
+  const float mag = bits_float((uint32_t)(x & 0x7F) << 20) * 0x1p120f;
+  return (x & 0x80) ? -mag : mag;
+}
+
+// Element i of one stored head row (without its scale).
+inline float stored_value(int format, const uint8_t* src, int64_t i) {
+  switch (format) {
+    case kF32: {
+      float f;
+      std::memcpy(&f, src + 4 * i, 4);
+      return f;
+    }
+    case kF16: {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      return half_to_float(h);
+    }
+    case kBF16: {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      return bits_float((uint32_t)h << 16);
+    }
+    case kInt8: return (float)(int8_t)src[i];
+    case kInt4: return (float)((i & 1 ? src[i / 2] >> 4 : src[i / 2] & 0x0F) - 8);
+    default: return fp8_to_float(src[i]);
+  }
+}
+
+// out[hd] = stored head row, dequantized (values times their group's scale), elements [d0, hd).
+inline void dequant_tail(int format, const uint8_t* src, const uint16_t* scales, int64_t hd,
+                         int64_t group, int64_t d0, float* out) {
+  for (int64_t d = d0; d < hd; ++d) {
+    const float s = format >= kInt8 ? half_to_float(scales[d / group]) : 1.0f;
+    out[d] = format >= kInt8 ? stored_value(format, src, d) * s : stored_value(format, src, d);
+  }
+}
+
+// x @ H in place, H the orthonormal Sylvester Hadamard matrix of width n, block by block.
+inline void hadamard(float* x, int64_t hd, int64_t n) {
+  const float norm = 1.0f / std::sqrt((float)n);
+  for (int64_t b = 0; b < hd; b += n) {
+    float* y = x + b;
+    for (int64_t len = 1; len < n; len <<= 1)
+      for (int64_t i = 0; i < n; i += 2 * len)
+        for (int64_t j = i; j < i + len; ++j) {
+          const float u = y[j], w = y[j + len];
+          y[j] = u + w;
+          y[j + len] = u - w;
+        }
+    for (int64_t j = 0; j < n; ++j) y[j] *= norm;
+  }
+}
+
+// Rotate-half rope of one head row in place, as apply_rope: x * cos + roll(x, hd/2) * sin.
+inline void rope_row(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float u = x[i], w = x[i + half];
+    x[i] = u * cos[i] + w * sin[i];
+    x[i + half] = w * cos[i + half] + u * sin[i + half];
+  }
+}
+
+// The driver. Ops supplies the inner loops of one ISA:
+//   dequant(a, src, scales, n, out): n head rows (src/scales strides of the store) -> out [n, hd]
+//   scores(q, R, k, ldk, n, hd, s): s[r * kKeyTile + j] = q[r] . k[j] (q [R, hd], k row ldk)
+//   exp_sum(s, n, m): s[j] = exp(s[j] - m), returns the sum
+//   accumulate(p, R, v, ldv, n, hd, acc): acc[r] += sum_j p[r * kKeyTile + j] v[j]
+//   scale_rows(x, n, c): x[0 .. n) *= c
+template <class Ops>
+void run_items(const Args& a, int64_t i0, int64_t i1) {
+  const int64_t hd = a.hd, G = a.nh / a.nkv;
+  const int64_t group = a.num_scales ? hd / a.num_scales : hd;
+  const bool cache_rope = a.num_sinks > 0;  // rope by place in the cache, keys unrotated
+  std::vector<float> qbuf(kMaxRows * hd), acc(kMaxRows * hd), kbuf(kKeyTile * hd),
+      vbuf(kKeyTile * hd), s(kMaxRows * kKeyTile), m(kMaxRows), l(kMaxRows);
+  int64_t pos[kMaxRows];
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t* tile = a.tiles + 3 * (item / a.nkv);
+    const int64_t kvh = item % a.nkv, b = tile[0], t0 = tile[1], t1 = tile[2];
+    const int64_t cached = a.num_cached[b], first = a.query_start[b];
+    const int64_t ws = a.window ? std::max<int64_t>(cached - a.window + 1, 0) : 0;
+    const int64_t ns = std::min(a.num_sinks, ws);
+    const int64_t R = (t1 - t0) * G;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t t = t0 + r / G, head = kvh * G + r % G;
+      float* q = qbuf.data() + r * hd;
+      std::memcpy(q, a.q + t * a.q_stride + head * hd, hd * sizeof(float));
+      pos[r] = cached + t - first;
+      if (cache_rope) {
+        const int64_t place = ns + pos[r] - ws;
+        rope_row(q, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
+      } else if (a.rotation) {
+        hadamard(q, hd, a.rotation);
+      }
+      for (int64_t d = 0; d < hd; ++d) q[d] *= a.scale;
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+    }
+    std::fill(acc.begin(), acc.begin() + R * hd, 0.0f);
+    const int64_t p_first = pos[0], p_last = pos[R - 1];
+    const int64_t lo = a.window ? std::max<int64_t>(p_first - a.window + 1, 0) : 0;
+    const int64_t* table = a.block_table + b * a.max_blocks;
+    auto visit = [&](int64_t k0, int64_t k1) {
+      for (int64_t kp = k0; kp < k1;) {
+        const int64_t off = kp % a.block_size;
+        const int64_t n = std::min({k1 - kp, a.block_size - off, kKeyTile});
+        const int64_t row = table[kp / a.block_size] * a.rows_per_block + off;
+        const int64_t head_off = row * a.row_bytes + kvh * a.head_bytes;
+        const int64_t scale_off = row * a.scale_row + kvh * a.num_scales;
+        const uint16_t* ks = a.k_scales ? a.k_scales + scale_off : nullptr;
+        const uint16_t* vs = a.v_scales ? a.v_scales + scale_off : nullptr;
+        const float* kt = kbuf.data();
+        int64_t ldk = hd;
+        if (a.format == kF32 && !cache_rope) {  // read float rows where they are
+          kt = reinterpret_cast<const float*>(a.k + head_off);
+          ldk = a.row_bytes / 4;
+        } else {
+          Ops::dequant(a, a.k + head_off, ks, n, kbuf.data());
+        }
+        if (cache_rope) {
+          for (int64_t j = 0; j < n; ++j) {
+            float* key = kbuf.data() + j * hd;
+            const int64_t place = kp + j < ns ? kp + j : ns + kp + j - ws;
+            if (a.rotation) hadamard(key, hd, a.rotation);
+            rope_row(key, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
+          }
+        }
+        Ops::scores(qbuf.data(), R, kt, ldk, n, hd, s.data());
+        for (int64_t r = 0; r < R; ++r) {
+          float* sr = s.data() + r * kKeyTile;
+          if (a.softcap > 0.0f)
+            for (int64_t j = 0; j < n; ++j) sr[j] = std::tanh(sr[j] / a.softcap) * a.softcap;
+          const int64_t p = pos[r], last = kp + n - 1;
+          auto unseen = [&](int64_t key) {
+            return key > p || (a.window && key <= p - a.window && key >= a.num_sinks);
+          };
+          const bool all_seen = !unseen(kp) && !unseen(last) && !(a.window && kp < a.num_sinks);
+          if (!all_seen)
+            for (int64_t j = 0; j < n; ++j)
+              if (unseen(kp + j)) sr[j] = -INFINITY;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+          if (mx == -INFINITY) {  // nothing of this tile for this query
+            std::fill(sr, sr + n, 0.0f);
+            continue;
+          }
+          const float m_new = std::max(m[r], mx);
+          const float corr = std::exp(m[r] - m_new);
+          l[r] = l[r] * corr + Ops::exp_sum(sr, n, m_new);
+          if (!all_seen)  // exp(-inf) may be a tiny positive number in the SIMD exp
+            for (int64_t j = 0; j < n; ++j)
+              if (unseen(kp + j)) sr[j] = 0.0f;
+          if (corr != 1.0f) Ops::scale_rows(acc.data() + r * hd, hd, corr);
+          m[r] = m_new;
+        }
+        const float* vt = vbuf.data();
+        int64_t ldv = hd;
+        if (a.format == kF32) {
+          vt = reinterpret_cast<const float*>(a.v + head_off);
+          ldv = a.row_bytes / 4;
+        } else {
+          Ops::dequant(a, a.v + head_off, vs, n, vbuf.data());
+        }
+        Ops::accumulate(s.data(), R, vt, ldv, n, hd, acc.data());
+        kp += n;
+      }
+    };
+    if (a.window) visit(0, std::min(a.num_sinks, lo));  // sinks before the first window
+    visit(lo, p_last + 1);
+    for (int64_t r = 0; r < R; ++r) {
+      float* o = acc.data() + r * hd;
+      Ops::scale_rows(o, hd, 1.0f / l[r]);
+      if (a.rotation) hadamard(o, hd, a.rotation);
+      const int64_t t = t0 + r / G, head = kvh * G + r % G;
+      std::memcpy(a.out + t * a.out_stride + head * hd, o, hd * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace paged
+}  // namespace kvlm

@@ -1,0 +1,190 @@
+// AVX-512 inner loops of the paged attention (paged_attention.h): as the AVX2 file, 16 lanes
+// wide (a 64-wide head is 4 registers). Only this file is compiled for these instructions.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "qgemm.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+#include "avx2_math.h"
+#include "paged_attention.h"  // the driver, compiled for these instructions too
+
+namespace kvlm {
+namespace paged {
+namespace {
+
+// e^x, avx2::exp8's polynomial on 16 lanes.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), x);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// 16 stored values of one head row from element d, before their scale.
+template <int F>
+inline __m512 load16(const uint8_t* src, int64_t d) {
+  if constexpr (F == kF32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(src) + d);
+  } else if constexpr (F == kF16 || F == kBF16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * d));
+    if constexpr (F == kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else if constexpr (F == kInt8) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  } else if constexpr (F == kFp8) {
+    const __m512i x =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d)));
+    const __m512 mag = _mm512_mul_ps(
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x7F)), 20)),
+        _mm512_set1_ps(0x1p120f));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
+  } else {  // int4: 8 bytes, even element in the low nibble, stored offset by 8
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d / 2));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i nibbles =
+        _mm_unpacklo_epi8(_mm_and_si128(b, low4), _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    const __m512i x = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
+    return _mm512_cvtepi32_ps(x);
+  }
+}
+
+template <int F>
+void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
+                  float* out) {
+  const int64_t hd = a.hd, group = a.num_scales ? hd / a.num_scales : hd;
+  const int64_t vec_end = group % 16 == 0 ? hd : 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = src + j * a.row_bytes;
+    const uint16_t* sc = scales ? scales + j * a.scale_row : nullptr;
+    float* o = out + j * hd;
+    for (int64_t d = 0; d < vec_end; d += 16) {
+      __m512 x = load16<F>(row, d);
+      if constexpr (F >= kInt8) x = _mm512_mul_ps(x, _mm512_set1_ps(half_to_float(sc[d / group])));
+      _mm512_storeu_ps(o + d, x);
+    }
+    dequant_tail(F, row, sc, hd, group, vec_end, o);
+  }
+}
+
+inline float dot_tail(const float* x, const float* y, int64_t d0, int64_t hd) {
+  float sum = 0.0f;
+  for (int64_t d = d0; d < hd; ++d) sum += x[d] * y[d];
+  return sum;
+}
+
+inline __m256 fold(__m512 x) {
+  return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+}
+
+struct Avx512Ops {
+  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
+                      float* out) {
+    switch (a.format) {
+      case kF32: dequant_rows<kF32>(a, src, scales, n, out); break;
+      case kF16: dequant_rows<kF16>(a, src, scales, n, out); break;
+      case kBF16: dequant_rows<kBF16>(a, src, scales, n, out); break;
+      case kInt8: dequant_rows<kInt8>(a, src, scales, n, out); break;
+      case kInt4: dequant_rows<kInt4>(a, src, scales, n, out); break;
+      default: dequant_rows<kFp8>(a, src, scales, n, out); break;
+    }
+  }
+
+  static void scores(const float* q, int64_t R, const float* k, int64_t ldk, int64_t n,
+                     int64_t hd, float* s) {
+    const int64_t hv = hd / 16 * 16;
+    for (int64_t r = 0; r < R; ++r, q += hd, s += kKeyTile) {
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {  // 8 keys a round, folded to 8 lanes and transposed
+        __m512 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hv; d += 16) {
+          const __m512 qv = _mm512_loadu_ps(q + d);
+          for (int i = 0; i < 8; ++i)
+            acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + (j + i) * ldk + d), acc[i]);
+        }
+        __m256 half[8];
+        for (int i = 0; i < 8; ++i) half[i] = fold(acc[i]);
+        _mm256_storeu_ps(s + j, avx2::transpose_sum(half));
+        if (hv < hd)
+          for (int i = 0; i < 8; ++i) s[j + i] += dot_tail(q, k + (j + i) * ldk, hv, hd);
+      }
+      for (; j < n; ++j) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hv; d += 16)
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + j * ldk + d), acc);
+        s[j] = _mm512_reduce_add_ps(acc) + dot_tail(q, k + j * ldk, hv, hd);
+      }
+    }
+  }
+
+  static float exp_sum(float* s, int64_t n, float m) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), mv));
+      _mm512_mask_storeu_ps(s + j, live, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
+
+  static void accumulate(const float* p, int64_t R, const float* v, int64_t ldv, int64_t n,
+                         int64_t hd, float* acc) {
+    const int64_t hv = hd / 16 * 16;
+    for (int64_t r = 0; r < R; ++r, p += kKeyTile, acc += hd) {
+      for (int64_t c = 0; c < hv; c += 128) {  // 128 output columns (8 registers) per pass
+        const int width = (int)(std::min<int64_t>(hv - c, 128) / 16);
+        __m512 o[8];
+        for (int i = 0; i < width; ++i) o[i] = _mm512_loadu_ps(acc + c + 16 * i);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m512 w = _mm512_set1_ps(p[j]);
+          const float* vj = v + j * ldv + c;
+          for (int i = 0; i < width; ++i) o[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * i), o[i]);
+        }
+        for (int i = 0; i < width; ++i) _mm512_storeu_ps(acc + c + 16 * i, o[i]);
+      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = hv; d < hd; ++d) acc[d] += p[j] * v[j * ldv + d];
+    }
+  }
+
+  static void scale_rows(float* x, int64_t n, float c) {
+    const __m512 cv = _mm512_set1_ps(c);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), cv));
+    for (; i < n; ++i) x[i] *= c;
+  }
+};
+
+}  // namespace
+
+void paged_attention_avx512(const Args& a, int64_t i0, int64_t i1) {
+  run_items<Avx512Ops>(a, i0, i1);
+}
+
+}  // namespace paged
+}  // namespace kvlm
+
+#pragma GCC pop_options

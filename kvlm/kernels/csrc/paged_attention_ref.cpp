@@ -1,0 +1,53 @@
+// Scalar reference of the paged attention inner loops (compiled for the baseline ISA); the SIMD
+// files are held to it by the tests.
+#include "paged_attention.h"
+
+namespace kvlm {
+namespace paged {
+namespace {
+
+struct RefOps {
+  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
+                      float* out) {
+    const int64_t group = a.num_scales ? a.hd / a.num_scales : a.hd;
+    for (int64_t j = 0; j < n; ++j)
+      dequant_tail(a.format, src + j * a.row_bytes, scales ? scales + j * a.scale_row : nullptr,
+                   a.hd, group, 0, out + j * a.hd);
+  }
+
+  static void scores(const float* q, int64_t R, const float* k, int64_t ldk, int64_t n,
+                     int64_t hd, float* s) {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        float sum = 0.0f;
+        for (int64_t d = 0; d < hd; ++d) sum += q[r * hd + d] * k[j * ldk + d];
+        s[r * kKeyTile + j] = sum;
+      }
+  }
+
+  static float exp_sum(float* s, int64_t n, float m) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
+    return sum;
+  }
+
+  static void accumulate(const float* p, int64_t R, const float* v, int64_t ldv, int64_t n,
+                         int64_t hd, float* acc) {
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[r * kKeyTile + j];
+        for (int64_t d = 0; d < hd; ++d) acc[r * hd + d] += w * v[j * ldv + d];
+      }
+  }
+
+  static void scale_rows(float* x, int64_t n, float c) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= c;
+  }
+};
+
+}  // namespace
+
+void paged_attention_ref(const Args& a, int64_t i0, int64_t i1) { run_items<RefOps>(a, i0, i1); }
+
+}  // namespace paged
+}  // namespace kvlm

@@ -1,0 +1,153 @@
+"""Paged attention in C++ that reads K/V through the block table from the store in place.
+
+One call serves decode rows, prefill chunks and mixed batches of one layer. Notation: B
+sequences, T new tokens of all of them concatenated (sequence b's are rows
+query_start[b] .. query_start[b + 1] - 1), nh / nkv query / KV heads, hd head dim.
+
+Invariants the caller keeps (and `paged_attention` checks, refusing with a ValueError):
+- this step's K/V are already written to the store (`KVStore.write`), as the torch path does;
+- sequence b has num_cached[b] tokens before the step, so its new tokens sit at text positions
+  num_cached[b] .. num_cached[b] + count - 1 and it ends at end_b = num_cached[b] + count tokens;
+  its block table row holds every block it reads: ceil(end_b / block_size) <= max_blocks;
+- block ids lie in [0, num_blocks); blocks a window released are the null block (id 0) and are
+  never read: a query at p reads keys kp <= p with kp > p - window or kp < num_sinks only;
+- q is rotated by rope by place in the text, as the stored keys are, when the group has no
+  sinks; with sinks q and the stored keys are unrotated and the kernel ropes both by place in
+  the cache (`rope` gives the frequencies), matching kvlm/attention/backend.py.
+The answer equals the torch reference (gather + SDPA, kvlm/attention/backend.py) up to float32
+rounding in every format: both dequantize the same stored bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlm.attention.rope import RotaryEmbedding
+from kvlm.kernels.build import ISA_CODES, KernelUnavailableError, _build, resolve_path
+from kvlm.kv.store import KVStore
+
+FORMAT_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4, "fp8": 5}
+
+
+def _ops():
+    failure = _build()
+    if failure is not None:
+        raise KernelUnavailableError(f"paged attention needs the C++ kernels: {failure}")
+    return torch.ops.kvlm
+
+
+def _isa(path: str | None) -> int:
+    resolved = resolve_path(path)
+    if resolved == "torch":
+        raise KernelUnavailableError(
+            "paged attention runs in the C++ kernels (ref, avx2 or avx512), not on the torch "
+            "path; unset KVLM_KERNELS or name a C++ path"
+        )
+    return ISA_CODES[resolved]
+
+
+def _int64(x: torch.Tensor, name: str, dims: int) -> torch.Tensor:
+    if x.dtype not in (torch.int32, torch.int64) or x.dim() != dims or x.device.type != "cpu":
+        raise ValueError(
+            f"{name} must be a {dims}-D int32 or int64 CPU tensor, got {x.dtype} "
+            f"{tuple(x.shape)} on {x.device}"
+        )
+    return x.to(torch.int64).contiguous()
+
+
+def cache_rope_tables(rope: RotaryEmbedding, num_places: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin [num_places, hd] of places 0 .. num_places - 1 in the cache."""
+    cos, sin = rope.cos_sin(torch.arange(num_places))
+    return cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous()
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, nh, hd] float32
+    store: KVStore,
+    layer_idx: int,
+    block_table: torch.Tensor,  # [B, max_blocks] int32/int64
+    query_start: torch.Tensor,  # [B + 1] first row of each sequence in T, then T
+    num_cached: torch.Tensor,  # [B] tokens cached before the step
+    scale: float,
+    softcap: float | None = None,
+    rope: RotaryEmbedding | None = None,  # needed when the group has sinks
+    path: str | None = None,  # kernel path; None: the process default
+) -> torch.Tensor:  # [T, nh, hd] float32
+    spec = store.spec
+    if q.dtype != torch.float32 or q.dim() != 3 or q.device.type != "cpu":
+        raise ValueError(
+            f"q must be float32 [T, nh, hd] on the CPU, got {q.dtype} "
+            f"{tuple(q.shape)} on {q.device}"
+        )
+    num_tokens, num_heads, head_dim = q.shape
+    if head_dim != spec.head_dim or num_heads % spec.num_kv_heads:
+        raise ValueError(
+            f"q has {num_heads} heads of {head_dim}; the store holds "
+            f"{spec.num_kv_heads} heads of {spec.head_dim}"
+        )
+    table = _int64(block_table, "block_table", 2)
+    starts = _int64(query_start, "query_start", 1)
+    cached = _int64(num_cached, "num_cached", 1)
+    num_seqs, max_blocks = table.shape
+    if len(starts) != num_seqs + 1 or len(cached) != num_seqs:
+        raise ValueError(
+            f"{num_seqs} block table rows need query_start [{num_seqs + 1}] and "
+            f"num_cached [{num_seqs}]; got {len(starts)} and {len(cached)}"
+        )
+    counts = starts.diff()
+    if starts[0] != 0 or starts[-1] != num_tokens or bool((counts < 0).any()):
+        raise ValueError(f"query_start must rise from 0 to T={num_tokens}: {starts.tolist()}")
+    if bool((cached < 0).any()):
+        raise ValueError(f"num_cached must be >= 0: {cached.tolist()}")
+    ends = cached + counts
+    capacity = max_blocks * spec.block_size
+    if bool((ends > capacity).any()):
+        raise ValueError(
+            f"sequences end at {ends.tolist()} tokens, past {max_blocks} blocks of "
+            f"{spec.block_size} = {capacity} in the block table"
+        )
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= store.num_blocks):
+        raise ValueError(
+            f"block ids {int(table.min())} .. {int(table.max())} are outside the "
+            f"store's [0, {store.num_blocks})"
+        )
+    rope_cos = rope_sin = None
+    if spec.num_sinks:
+        if rope is None:
+            raise ValueError(
+                "a group with attention sinks needs `rope`: keys are roped by place "
+                "in the cache inside the kernel"
+            )
+        window_start = (cached - spec.window + 1).clamp_min(0)
+        places = torch.minimum(window_start, torch.tensor(spec.num_sinks)) + ends - window_start
+        rope_cos, rope_sin = cache_rope_tables(rope, int(places.max()) if num_seqs else 1)
+    k_off, v_off = store.layer_offsets(layer_idx)
+    return _ops().paged_attention(
+        q.contiguous(),
+        store.data,
+        store.scales,
+        k_off,
+        v_off,
+        spec.block_size,
+        store.rows_per_block,
+        table,
+        starts,
+        cached,
+        spec.window or 0,
+        spec.num_sinks,
+        scale,
+        softcap or 0.0,
+        FORMAT_CODES[spec.kv_format],
+        rope_cos,
+        rope_sin,
+        _isa(path),
+    )
+
+
+def quantize_kv(x: torch.Tensor, kv_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ quantizer the decode plan writes with: x [N, hd] float32 -> (storage
+    [N, row_elements], float16 scales [N, num_scales]), as `KVFormat.quantize` (int8 and fp8
+    bit for bit; int4 up to float rounding in its rotation)."""
+    if kv_format not in ("int8", "int4", "fp8"):
+        raise ValueError(f"quantize_kv quantizes int8, int4 or fp8, not {kv_format!r}")
+    return _ops().quantize_kv(x, FORMAT_CODES[kv_format])

@@ -1,0 +1,166 @@
+"""The paged attention kernel (kvlm/kernels/paged.py) against the torch reference.
+
+Both read the same stored bytes, so in every format they agree to float32 rounding: the bound
+is tight, and the simulated bugs below (a key off by one place, swapped blocks, sinks ignored)
+fail it. Each SIMD path is held to the scalar reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlm.kernels import available_paths
+from kvlm.kernels.paged import paged_attention, quantize_kv
+from kvlm.kv.quant import KVFormat, fp8_supported
+from tests.kernels.paged_steps import LAYER, Heads, PagedStep, make_step, reference
+
+C_PATHS = [p for p in ("ref", "avx2", "avx512") if p in available_paths()]
+pytestmark = pytest.mark.skipif(not C_PATHS, reason="the C++ kernels did not build")
+FORMATS = [
+    "float32",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int4",
+    pytest.param("fp8", marks=pytest.mark.skipif(not fp8_supported(), reason="no fp8 here")),
+]
+HEADS = {
+    "mha": Heads(4, 4, 64),
+    "gqa3": Heads(9, 3, 64),  # SmolLM2
+    "mqa": Heads(4, 1, 256),  # Gemma 3 270M
+    "hd96": Heads(6, 2, 96),  # int4 rotates by blocks of 32
+}
+SHAPES = {  # (cached tokens before the step, new tokens) per sequence
+    "decode": ([37, 5, 70, 0], [1, 1, 1, 1]),
+    "chunk": ([40], [23]),
+    "mixed": ([0, 45, 13], [17, 1, 5]),
+}
+CACHES = {"plain": (None, 0), "window": (24, 0), "window+sinks": (24, 4)}
+ATOL = 2e-5
+
+
+def run_kernel(step: PagedStep, scale: float, softcap: float | None = None, path=None, **change):
+    args = {
+        "block_table": step.block_table,
+        "query_start": step.query_start,
+        "num_cached": step.num_cached,
+        **change,
+    }
+    return paged_attention(step.kernel_query(), step.store, LAYER, scale=scale, softcap=softcap,
+                           rope=step.rope, path=path, **args)  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("heads", list(HEADS), ids=str)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("cache", list(CACHES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_kernel_equals_the_torch_reference(kv_format, heads, block_size, cache, shape) -> None:
+    window, sinks = CACHES[cache]
+    step = make_step(HEADS[heads], kv_format, block_size, window, sinks, *SHAPES[shape])
+    scale = HEADS[heads].head_dim ** -0.5
+    expected = reference(step, scale, None)
+    got = run_kernel(step, scale)
+    assert got.isfinite().all(), "a released (NaN) block was read"
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_format", ["float32", "int8"])
+def test_softcap_equals_the_reference(kv_format) -> None:
+    step = make_step(HEADS["mqa"], kv_format, 16, 24, 4, *SHAPES["mixed"])
+    expected = reference(step, 0.3, 5.0)  # scores up to ~5: the cap bends them
+    torch.testing.assert_close(run_kernel(step, 0.3, 5.0), expected, atol=ATOL, rtol=1e-5)
+
+
+def test_odd_lengths_and_long_windows() -> None:
+    """Lengths that end mid-block and windows wider than blocks, in several tiles of keys."""
+    step = make_step(HEADS["gqa3"], "int4", 16, 100, 4, [131, 1, 99], [3, 1, 33], seed=3)
+    expected = reference(step, 0.125, None)
+    torch.testing.assert_close(run_kernel(step, 0.125), expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", [p for p in C_PATHS if p != "ref"])
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("heads", ["gqa3", "mqa", "hd96"])
+def test_simd_paths_equal_the_scalar_kernel(path, kv_format, heads) -> None:
+    step = make_step(HEADS[heads], kv_format, 16, 24, 4, *SHAPES["mixed"], seed=1)
+    reference(step, 0.1, None)  # writes this step's K/V
+    plain = make_step(HEADS[heads], kv_format, 32, None, 0, *SHAPES["mixed"], seed=2)
+    reference(plain, 0.1, None)
+    for s in (step, plain):
+        torch.testing.assert_close(run_kernel(s, 0.1, path=path), run_kernel(s, 0.1, path="ref"),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+# --- the comparison has teeth: simulated bugs fail it --------------------------------------
+
+
+def _far(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_a_key_off_by_one_place_fails() -> None:
+    step = make_step(HEADS["gqa3"], "int8", 16, None, 0, [37, 5, 70], [1, 1, 1])
+    expected = reference(step, 0.125, None)
+    assert _far(run_kernel(step, 0.125, num_cached=step.num_cached - 1), expected)
+
+
+def test_swapped_blocks_fail() -> None:
+    step = make_step(HEADS["mha"], "float16", 16, None, 0, [70], [1])
+    expected = reference(step, 0.125, None)
+    table = step.block_table.clone()
+    table[0, [0, 1]] = table[0, [1, 0]]
+    assert _far(run_kernel(step, 0.125, block_table=table), expected)
+
+
+def test_ignoring_the_sinks_fails() -> None:
+    step = make_step(HEADS["mqa"], "float32", 16, 24, 4, [60], [1])
+    expected = reference(step, 0.2, None)
+    no_sinks = make_step(HEADS["mqa"], "float32", 16, 24, 0, [60], [1])  # same seed, same data
+    reference(no_sinks, 0.2, None)
+    assert _far(run_kernel(no_sinks, 0.2), expected)
+
+
+# --- inputs it refuses ----------------------------------------------------------------------
+
+
+def test_refuses_bad_inputs() -> None:
+    step = make_step(HEADS["gqa3"], "int8", 16, 24, 4, *SHAPES["mixed"])
+    reference(step, 0.1, None)
+    table = step.block_table.clone()
+    table[1, 0] = step.store.num_blocks
+    with pytest.raises(ValueError, match="outside the store"):
+        run_kernel(step, 0.1, block_table=table)
+    with pytest.raises(ValueError, match="rise from 0 to T"):
+        run_kernel(step, 0.1, query_start=step.query_start + 1)
+    with pytest.raises(ValueError, match="past 3 blocks of 16"):
+        run_kernel(step, 0.1, num_cached=step.num_cached + 40)
+    with pytest.raises(ValueError, match="query_start"):
+        run_kernel(step, 0.1, num_cached=step.num_cached[:2])
+    with pytest.raises(ValueError, match="needs `rope`"):
+        paged_attention(step.q, step.store, LAYER, step.block_table, step.query_start,
+                        step.num_cached, 0.1)  # fmt: skip
+
+
+# --- the quantizer the decode plan writes with ----------------------------------------------
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4", *(["fp8"] if fp8_supported() else [])])
+@pytest.mark.parametrize("head_dim", [64, 96, 256])
+def test_quantize_kv_matches_kvformat(kv_format, head_dim) -> None:
+    x = torch.randn(512, head_dim) * torch.logspace(-3, 1, 512)[:, None]
+    x[0] = 0.0  # the scale floor
+    data, scales = quantize_kv(x, kv_format)
+    fmt = KVFormat(kv_format, head_dim)
+    want_data, want_scales = fmt.quantize(x)
+    if kv_format != "int4":  # bit for bit
+        assert torch.equal(data, want_data) and torch.equal(scales, want_scales)
+        return
+    # int4: the rotation's float sums may round a value on a tie the other way, no more
+    same = (data == want_data).float().mean().item()
+    assert same > 0.995, same
+    back = fmt.dequantize(data, scales, torch.float32)
+    want = fmt.dequantize(want_data, want_scales, torch.float32)
+    step = want_scales.float().amax(-1, keepdim=True)
+    assert ((back - want).abs() <= 1.01 * step).all()
