@@ -1,11 +1,14 @@
-"""The oracle: Hugging Face transformers loading the very same GGUF files, once per session."""
+"""The oracle: Hugging Face transformers loading the very same GGUF files, once per session.
+
+transformers is a test dependency (`.[test]`), imported plainly: a missing or broken install
+fails the oracle suite instead of skipping it.
+"""
 
 from __future__ import annotations
 
 import pytest
-
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import torch
+import transformers
 
 
 def _load(path):
