@@ -3,6 +3,13 @@
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import CompletionOutput, RequestOutput
-from kvlm.sampling import SamplingParams
+from kvlm.sampling import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "InputError", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "InputError",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]

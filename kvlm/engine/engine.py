@@ -35,7 +35,10 @@ from kvlm.kv.store import KVStore
 from kvlm.loading import load_model, resolve_model_path
 from kvlm.models.transformer import CausalLM
 from kvlm.sampling import Logprob, Sampler, SamplingParams, make_generator
+from kvlm.sampling.structured import StructuredDecoder
+from kvlm.sampling.structured_grammar import StructuredOutputsError
 from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvlm.tokenizer.llguidance_bridge import llguidance_tokenizer
 
 
 class InputError(ValueError):
@@ -108,6 +111,11 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
         self.sampler = Sampler(self.stop_token_ids)  # banned before a request's min_tokens
+        vocab_size = self.model_config.vocab_size  # structured outputs: built on first use
+        self.structured = StructuredDecoder(
+            lambda: llguidance_tokenizer(self.tokenizer, vocab_size, self.stop_token_ids),
+            vocab_size,
+        )
 
     def _kv_format(self) -> str:
         name = self.config.kv_cache_dtype
@@ -167,6 +175,7 @@ class LLMEngine:
         """Finish the offload tiers' queued writes and stop their threads (if any)."""
         if self.offload is not None:
             self.offload.close()
+        self.structured.close()
 
     def _register_prefix_adapters(self) -> None:
         """Compute each prefix-tuning adapter's K/V once, into pinned blocks."""
@@ -205,6 +214,12 @@ class LLMEngine:
         request_id = request_id or str(next(self._ids))
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
+        grammar = None
+        if params.structured_outputs is not None:
+            try:
+                grammar = self.structured.start(params.structured_outputs)
+            except StructuredOutputsError as e:
+                raise InputError(f"structured_outputs: {e}") from e
         request = Request(
             request_id=request_id,
             prompt=prompt,
@@ -214,6 +229,7 @@ class LLMEngine:
             generator=make_generator(params.seed, self.device),
             cache_salt=cache_salt,
             virtual_prefix=virtual_prefix,
+            grammar=grammar,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -280,6 +296,7 @@ class LLMEngine:
                 [r.generator for r in requests],
                 [r.past_token_ids for r in requests],
                 [r.num_output_tokens for r in requests],
+                self.structured.masks([r.grammar for r in requests]),
             )
             now = time.perf_counter()
             for request, token_id, logprobs in zip(
@@ -287,6 +304,8 @@ class LLMEngine:
             ):
                 self._append_token(request, token_id, logprobs, now)
                 changed.append(request)
+            # Next masks, computed while this step's outputs go out and the next one runs.
+            self.structured.prefetch([r.grammar for r in requests if r.grammar and not r.finished])
         outputs = [r.to_output() for r in changed]
         for request in changed:
             if request.finished:
@@ -307,6 +326,8 @@ class LLMEngine:
         params = request.params
         stop_match = request.append_text(request.detokenizer.push(token_id))
         is_eos = not params.ignore_eos and token_id in self.stop_token_ids
+        grammar = request.grammar
+        complete = grammar is not None and self.structured.advance(grammar, token_id)
         out_of_room = not self.unbounded_length and len(request.token_ids) >= self.max_model_len
         if params.max_tokens is not None:
             out_of_room |= request.num_output_tokens >= params.max_tokens
@@ -314,6 +335,8 @@ class LLMEngine:
             self._finish(request, "stop", token_id, now)
         elif stop_match is not None:  # append_text already cut the text
             self._finish(request, "stop", stop_match.stop, now)
+        elif complete:  # the grammar allows nothing more: no need to sample its EOS
+            self._finish(request, "stop", None, now)
         elif out_of_room:
             self._finish(request, "length", None, now)
 

@@ -14,6 +14,7 @@ from kvlm.sampling import Logprob, SamplingParams, StopChecker, StopMatch
 
 if TYPE_CHECKING:
     from kvlm.kv.pinned import VirtualPrefix
+    from kvlm.sampling.structured import RequestGrammar
     from kvlm.tokenizer import IncrementalDetokenizer
 
 
@@ -192,6 +193,8 @@ class Request:
     generator: torch.Generator | None = None
     cache_salt: str | None = None
     virtual_prefix: VirtualPrefix | None = None
+    # Structured outputs: the matcher that has consumed exactly the generated tokens.
+    grammar: RequestGrammar | None = None
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

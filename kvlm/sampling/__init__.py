@@ -1,16 +1,20 @@
-"""Choosing tokens: per-request `SamplingParams`, the batched `Sampler`, stop-string checks."""
+"""Choosing tokens: per-request `SamplingParams`, the batched `Sampler`, stop-string checks,
+and structured outputs (`StructuredOutputsParams`; the grammar engine is in `structured.py`)."""
 
 from kvlm.sampling.params import SamplingParams, SamplingParamsError
-from kvlm.sampling.sampler import Logprob, Sampler, SamplerOutput, make_generator
+from kvlm.sampling.sampler import Logprob, RowMask, Sampler, SamplerOutput, make_generator
 from kvlm.sampling.stop import StopChecker, StopMatch
+from kvlm.sampling.structured_params import StructuredOutputsParams
 
 __all__ = [
     "Logprob",
+    "RowMask",
     "Sampler",
     "SamplerOutput",
     "SamplingParams",
     "SamplingParamsError",
     "StopChecker",
     "StopMatch",
+    "StructuredOutputsParams",
     "make_generator",
 ]

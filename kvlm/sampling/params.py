@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvlm.sampling.structured_params import StructuredOutputsParams
 
 # Below this temperature a request is sampled greedily (dividing logits by a smaller number only
 # overflows; vLLM uses the same cut-off).
@@ -114,6 +117,16 @@ def _normalize_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _check_structured(value: Any) -> None:
+    # Imported here: structured_params imports this module's error class.
+    from kvlm.sampling.structured_params import StructuredOutputsParams
+
+    if value is not None and not isinstance(value, StructuredOutputsParams):
+        raise SamplingParamsError(
+            f"structured_outputs must be a StructuredOutputsParams or None, got {_describe(value)}"
+        )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each generated token of one request, and when to stop.
@@ -162,6 +175,9 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None = None
     # EOS (unless ignore_eos) and stop_token_ids cannot be sampled before this many tokens.
     min_tokens: int = 0
+    # Constrain the output to a JSON schema, regex, choice or grammar (llguidance masks the
+    # logits); None = unconstrained, at no cost.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
@@ -227,6 +243,7 @@ class SamplingParams:
         _check_bool("ignore_eos", self.ignore_eos)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        _check_structured(self.structured_outputs)
 
         # Normalise (frozen dataclass: assign through object.__setattr__).
         object.__setattr__(self, "temperature", temperature)

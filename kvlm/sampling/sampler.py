@@ -1,6 +1,8 @@
 """Turn one step's logits into one token per sequence, plus optional log-probabilities.
 
 Per row, in this order:
+  0. a grammar's mask (`RowMask`, structured outputs): tokens it does not allow get logit
+     -inf, in the constrained rows only, before anything else reads the logits;
   1. min_tokens: while fewer than `min_tokens` tokens were generated, the stop token ids
      (EOS unless ignore_eos, and `stop_token_ids`) get logit -inf;
   2. logit_bias: added to the raw logits;
@@ -15,7 +17,7 @@ Per row, in this order:
      its seed, its logits and how many steps its generator has run, never on the rest of the
      batch.
 Log-probabilities are those of the raw model output (log_softmax before bias, penalties and
-temperature), as vLLM returns by default.
+temperature; after a grammar's mask, as in vLLM).
 """
 
 from __future__ import annotations
@@ -55,6 +57,30 @@ class SamplerOutput:
     logprobs: list[dict[int, Logprob] | None]
 
 
+@dataclass(frozen=True)
+class RowMask:
+    """Tokens a grammar does not allow, in some rows of a step's logits."""
+
+    rows: list[int]  # logits rows, ascending
+    banned: torch.Tensor  # [len(rows), vocab_size] bool, True = not allowed
+
+    @torch.inference_mode()  # the runner's logits are inference tensors: written in place
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` ([num_seqs, vocab_size] float) with the banned entries at -inf, in place;
+        one masked_fill over the constrained rows."""
+        if self.banned.shape != (len(self.rows), logits.shape[1]):
+            raise ValueError(
+                f"mask is {tuple(self.banned.shape)} for {len(self.rows)} rows of "
+                f"{logits.shape[1]} logits"
+            )
+        banned = self.banned.to(logits.device, non_blocking=True)
+        if len(self.rows) == logits.shape[0]:
+            return logits.masked_fill_(banned, float("-inf"))
+        rows = torch.tensor(self.rows, dtype=torch.long).to(logits.device)
+        logits[rows] = logits[rows].masked_fill_(banned, float("-inf"))
+        return logits
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """The per-request generator for `seed`; None (= torch's global RNG) when seed is None.
 
@@ -85,6 +111,7 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         past_token_ids: Sequence[Sequence[int]],
         num_output_tokens: Sequence[int] | None = None,
+        mask: RowMask | None = None,
     ) -> SamplerOutput:
         """Sample one token for each row of `logits` ([num_seqs, vocab_size]).
 
@@ -92,6 +119,7 @@ class Sampler:
         `past_token_ids[i]` its prompt + generated ids, read only when a penalty is set;
         `num_output_tokens[i]` how many of those were generated, required when a row sets
         min_tokens or a presence / frequency penalty (the rule counts generated tokens only).
+        `mask` bans tokens in the rows a grammar constrains (`logits` is then written in place).
         Moves data to the host once for the token ids, and once more for the
         log-probabilities when any row asks for them.
         """
@@ -109,6 +137,8 @@ class Sampler:
                 f"got {len(num_output_tokens)}"
             )
         raw = logits.float()
+        if mask is not None:
+            raw = mask.apply(raw)
         logits = self._ban_stop_tokens(raw, params, num_output_tokens)
         logits = apply_logit_bias(logits, [p.logit_bias for p in params])
         penalties = [p.repetition_penalty for p in params]

@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -72,12 +73,19 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(source)
+            # Whether the template renders `tools` itself (else the server writes a prompt).
+            self.reads_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             raise TokenizerError(f"chat template does not compile: {e} (line {e.lineno})") from e
         self.source = source
         self.template_tokens = dict(template_tokens)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if not messages:
             raise TokenizerError("cannot apply a chat template to an empty list of messages")
         for message in messages:
@@ -88,7 +96,7 @@ class ChatTemplate:
             return self._template.render(
                 messages=cleaned,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools,
                 documents=None,
                 **self.template_tokens,
             )

@@ -93,10 +93,15 @@ class Tokenizer:
         """A digest of everything that maps text to ids (vocabulary, merges, normalizers,
         BOS rule, chat template): equal hashes encode every text to the same ids."""
         h = hashlib.blake2b(digest_size=16)
-        for part in (self._backend.to_str(), str(self.add_bos), self.chat_template or ""):
+        for part in (self.to_json(), str(self.add_bos), self.chat_template or ""):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()
+
+    def to_json(self) -> str:
+        """The whole `tokenizers` pipeline as tokenizer.json text (what grammar engines read:
+        `llguidance_bridge.py`); for a GGUF file, the pipeline kvlm rebuilt from its vocabulary."""
+        return self._backend.to_str()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; BOS first iff `add_bos` and `add_special_tokens`.
@@ -120,9 +125,21 @@ class Tokenizer:
         return token
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for a conversation, rendered with the model's chat template."""
+        """The prompt text for a conversation, rendered with the model's chat template
+        (`tools`, OpenAI's tool objects, are passed to a template that reads them)."""
+        return self._template().render(messages, add_generation_prompt, tools)
+
+    @property
+    def chat_template_reads_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself; False without one."""
+        return self.chat_template is not None and self._template().reads_tools
+
+    def _template(self) -> ChatTemplate:
         if self.chat_template is None:
             raise TokenizerError(
                 f"model {self.name!r} has no chat template; use plain prompts "
@@ -130,7 +147,7 @@ class Tokenizer:
             )
         if self._compiled_template is None:
             self._compiled_template = ChatTemplate(self.chat_template, self._template_tokens)
-        return self._compiled_template.render(messages, add_generation_prompt)
+        return self._compiled_template
 
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
