@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlm.cli.common import CLIError, add_model_options, add_prefix_adapter_option, engine_kwargs
+from kvlm.cli.serve_ray import add_ray_options, run_ray, uses_ray
 from kvlm.engine.config import EngineConfig
 
 DEFAULT_HOST = "127.0.0.1"
@@ -71,6 +72,7 @@ def add_parser(subparsers: Any) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level (info)",
     )
+    add_ray_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.session_dir is not None and not args.session_dir.is_dir():
         raise CLIError(f"--session-dir {args.session_dir} is not a folder; create it first")
     config = server_engine_config(args)  # checked before the model loads
+    if uses_ray(args):
+        return run_ray(args, config)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:

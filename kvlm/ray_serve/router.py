@@ -1,0 +1,111 @@
+"""Ray Serve request routers for the engine deployment (Serve's custom-router API).
+
+Every engine request carries a `RouteHint` as its first argument (`bridge.HTTPCall.route`).
+`choose_replicas` returns ranks of replicas; Serve sends the request to the least-loaded
+replica of the first rank that has room (fewer than `max_ongoing_requests`), so a rank of one
+replica is a preference, not a promise.
+
+- `PrefixAffinityRouter`: a pinned request goes to its replica; a prompt goes to its favourite
+  (`affinity.PrefixAffinity`) unless the favourite is busy, i.e. has more than `max_imbalance`
+  ongoing requests above the least-loaded replica, in which case it goes to the least-loaded
+  one (and that replica becomes the favourite of its blocks); a request without a prompt goes
+  to the least-loaded replica.
+- `RoundRobinRouter`: replicas in turn, whatever the prompt (the baseline the affinity
+  benchmark compares against); pins are honoured too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from kvlm.ray_serve.affinity import DEFAULT_MAX_TRACKED_BLOCKS, PrefixAffinity, RouteHint
+
+logger = logging.getLogger(__name__)
+# A favourite this many ongoing requests above the least-loaded replica is busy: at 4, a
+# replica batching 32 sequences is at most one eighth above its peer before prompts spill.
+DEFAULT_MAX_IMBALANCE = 4
+
+
+def route_hint(pending_request: PendingRequest | None) -> RouteHint:
+    """The hint the ingress attached (`HTTPCall` first argument); an empty one otherwise."""
+    if pending_request is None or not pending_request.args:
+        return RouteHint()
+    hint = getattr(pending_request.args[0], "route", None)
+    return hint if isinstance(hint, RouteHint) else RouteHint()
+
+
+def _pinned(hint: RouteHint, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
+    """A pinned request's rank: its replica; when that one is gone, any replica (which then
+    answers 404 naming the replica: see `replica.KVLMReplica.serve_http`)."""
+    chosen = [r for r in candidates if r.replica_id.unique_id == hint.replica]
+    return [chosen or candidates]
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """See the module doc. Its state is per router (one per ingress replica)."""
+
+    def initialize_state(
+        self,
+        max_imbalance: int = DEFAULT_MAX_IMBALANCE,
+        max_tracked_blocks: int = DEFAULT_MAX_TRACKED_BLOCKS,
+    ) -> None:
+        if max_imbalance < 0:
+            raise ValueError(f"max_imbalance must be >= 0, got {max_imbalance}")
+        self.max_imbalance = max_imbalance
+        self.affinity = PrefixAffinity(max_tracked_blocks)
+
+    def _load(self, replica: RunningReplica) -> int:
+        """Ongoing requests as last seen by this router (0 before the first probe)."""
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        hint = route_hint(pending_request)
+        if not candidate_replicas:
+            return []
+        if hint.replica is not None:
+            return _pinned(hint, candidate_replicas)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        favourite_id = self.affinity.favourite(hint.block_hashes, list(by_id))
+        if favourite_id is None:
+            return [candidate_replicas]
+        favourite = by_id[favourite_id]
+        least = min(self._load(r) for r in candidate_replicas)
+        if self._load(favourite) - least > self.max_imbalance:
+            return [candidate_replicas]
+        others = [r for r in candidate_replicas if r is not favourite]
+        return [[favourite], others] if others else [[favourite]]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
+    ) -> None:
+        hint = route_hint(pending_request)
+        if hint.block_hashes:
+            self.affinity.placed(hint.block_hashes, replica_id.unique_id)
+
+
+class RoundRobinRouter(RequestRouter):
+    """Replicas in turn (pins honoured); the baseline for `benchmarks/ray_affinity.py`."""
+
+    def initialize_state(self) -> None:
+        self._turn = itertools.count()
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        hint = route_hint(pending_request)
+        if not candidate_replicas:
+            return []
+        if hint.replica is not None:
+            return _pinned(hint, candidate_replicas)
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        first = next(self._turn) % len(ordered)
+        return [[ordered[first]], ordered[first + 1 :] + ordered[:first]]
