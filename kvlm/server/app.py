@@ -106,6 +106,7 @@ def model_limits(engine: AsyncLLMEngine, served_model_name: str) -> ModelLimits:
         prompt_length=PromptLengthLimit(engine.tokenizer, max_model_len),
         unbounded_length=engine.unbounded_length,
         prefix_adapters=frozenset(engine.prefix_adapters),
+        grammars=engine.engine.structured.compiler,  # thread-safe: prepare runs on workers
     )
 
 

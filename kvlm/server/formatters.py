@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -25,10 +26,12 @@ from kvlm.server.responses import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    ToolCall,
     Usage,
     chat_logprobs,
     completion_logprobs,
 )
+from kvlm.server.tool_parser import ToolCallParser, parse_all
 from kvlm.tokenizer import Tokenizer
 
 Logprobs = list[dict[int, Logprob]] | None  # one entry per token, None when not asked for
@@ -129,12 +132,16 @@ class CompletionFormatter(Formatter):
 
 
 class ChatFormatter(Formatter):
-    """`/v1/chat/completions`: `chat.completion` and `chat.completion.chunk` objects."""
+    """`/v1/chat/completions`: `chat.completion` and `chat.completion.chunk` objects. With
+    tools to call, the text is parsed into content and `tool_calls` (`tool_parser.py`), the
+    same way in a stream and in the whole response."""
 
     def __init__(self, prepared: Prepared, tokenizer: Tokenizer, header: Header) -> None:
         super().__init__(prepared, tokenizer, header)
         assert isinstance(prepared.body, ChatCompletionRequest)
         self.num_top = prepared.body.top_logprobs or 0
+        tools = prepared.tools
+        self.parser = ToolCallParser() if tools is not None and tools.parses_calls else None
 
     def stream_start(self) -> list[BaseModel]:
         first = ChatChunkChoice(delta={"role": "assistant", "content": ""})
@@ -143,10 +150,22 @@ class ChatFormatter(Formatter):
     def chunk(
         self, text: str, token_ids: list[int], logprobs: Logprobs, completion: CompletionOutput
     ) -> BaseModel:
+        finish_reason: str | None = completion.finish_reason
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if self.parser is not None:
+            first = self.parser.num_calls
+            parsed = self.parser.feed(text)
+            if finish_reason is not None:
+                rest = self.parser.finish()
+                parsed.content += rest.content
+            delta = {"content": parsed.content} if parsed.content else {}
+            if parsed.calls:
+                delta["tool_calls"] = [c.to_dict(first + k) for k, c in enumerate(parsed.calls)]
+            finish_reason = _tool_finish(finish_reason, self.parser.num_calls)
         choice = ChatChunkChoice(
-            delta={"content": text} if text else {},
+            delta=delta,
             logprobs=self._logprobs(token_ids, logprobs),
-            finish_reason=completion.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=completion.stop_reason,
         )
         return ChatCompletionChunk(**vars(self.header), choices=[choice])
@@ -161,10 +180,24 @@ class ChatFormatter(Formatter):
 
     def response(self, final: RequestOutput) -> BaseModel:
         completion = final.outputs[0]
+        message = ChatMessageOut(content=completion.text)
+        finish_reason: str | None = completion.finish_reason
+        if self.parser is not None:
+            content, calls = parse_all(completion.text)
+            message = ChatMessageOut(
+                content=content,
+                tool_calls=[ToolCall.model_validate(c.to_dict()) for c in calls] or None,
+            )
+            finish_reason = _tool_finish(finish_reason, len(calls))
         choice = ChatChoice(
-            message=ChatMessageOut(content=completion.text),
+            message=message,
             logprobs=self._logprobs(completion.token_ids, completion.logprobs),
-            finish_reason=completion.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=completion.stop_reason,
         )
         return ChatCompletionResponse(**vars(self.header), choices=[choice], usage=Usage.of(final))
+
+
+def _tool_finish(finish_reason: str | None, num_calls: int) -> str | None:
+    """OpenAI's "tool_calls" when the model stopped after calling tools."""
+    return "tool_calls" if finish_reason == "stop" and num_calls else finish_reason

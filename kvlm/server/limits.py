@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvlm.sampling.structured_grammar import GrammarCompiler
 from kvlm.server.errors import APIError
 from kvlm.tokenizer import Tokenizer
 
@@ -109,3 +110,5 @@ class ModelLimits:
     prompt_length: PromptLengthLimit  # refuses text that cannot fit, before tokenizing
     unbounded_length: bool = False  # attention sinks: generation may run past the context
     prefix_adapters: frozenset[str] = frozenset()  # served as `prefix_adapter` or 'name:adapter'
+    # The engine's grammar compiler: a constraint is compiled (checked) before it is queued.
+    grammars: GrammarCompiler | None = None

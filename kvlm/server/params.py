@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
-from kvlm.sampling import SamplingParams, SamplingParamsError
+from kvlm.sampling import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from kvlm.sampling.params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from kvlm.server.errors import APIError
 from kvlm.server.limits import ModelLimits
@@ -32,6 +32,8 @@ from kvlm.server.protocol import (
     check_unsupported,
     parse_body,
 )
+from kvlm.server.structured import compiled_constraint
+from kvlm.server.tools import ToolPlan, plan_tools
 from kvlm.tokenizer import Tokenizer
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
@@ -118,8 +120,10 @@ def sampling_params(
     logprobs: int | None,
     num_prompt_tokens: int,
     limits: ModelLimits,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
-    """Check what SamplingParams cannot know (OpenAI's ranges, the context) and build it."""
+    """Check what SamplingParams cannot know (OpenAI's ranges, the context) and build it;
+    `structured` is the request's constraint, compiled already (`structured.py`)."""
     if request.stream_options is not None:
         check_unsupported(request.stream_options, UNSUPPORTED_STREAM_OPTIONS, "stream_options.")
     if request.n not in (None, 1):
@@ -170,6 +174,7 @@ def sampling_params(
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
             logit_bias=logit_bias(request, limits.vocab_size),
+            structured_outputs=structured,
             **{k: v for k, v in optional.items() if v is not None},
         )
     except SamplingParamsError as e:
@@ -186,27 +191,43 @@ class Prepared:
     prompt: Prompt
     params: SamplingParams
     prefix_adapter: str | None = None
+    tools: ToolPlan | None = None  # chat: what tools and tool_choice asked for
 
 
 def prepare_completion(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
-    """Cheap checks first (fields, model), then the prompt (tokenized), then the params."""
+    """Cheap checks first (fields, model), then the prompt (tokenized), then the constraint
+    (compiled) and the params."""
     body = parse_body(raw, CompletionRequest)
     adapter = requested_adapter(body, limits)
     check_unsupported(body, UNSUPPORTED_COMPLETION)
     prompt = completion_prompt(body, tokenizer, limits)
-    return Prepared(body, prompt, completion_params(body, prompt, limits), adapter)
+    structured = _constraint(body, limits)
+    return Prepared(body, prompt, completion_params(body, prompt, limits, structured), adapter)
 
 
 def prepare_chat(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
     body = parse_body(raw, ChatCompletionRequest)
     adapter = requested_adapter(body, limits)
     check_unsupported(body, UNSUPPORTED_CHAT)
-    prompt = chat_prompt(body, tokenizer, limits)
-    return Prepared(body, prompt, chat_params(body, prompt, limits), adapter)
+    tools = plan_tools(body)
+    prompt = chat_prompt(body, tokenizer, limits, tools)
+    structured = _constraint(body, limits, None if tools is None else tools.grammar())
+    params = chat_params(body, prompt, limits, structured)
+    return Prepared(body, prompt, params, adapter, tools)
+
+
+def _constraint(
+    body: SamplingRequest, limits: ModelLimits, tool_grammar: str | None = None
+) -> StructuredOutputsParams | None:
+    assert limits.grammars is not None, "build ModelLimits with the engine's grammar compiler"
+    return compiled_constraint(body, limits.grammars, tool_grammar)
 
 
 def completion_params(
-    request: CompletionRequest, prompt: Prompt, limits: ModelLimits
+    request: CompletionRequest,
+    prompt: Prompt,
+    limits: ModelLimits,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     if request.echo and request.logprobs is not None:
         raise APIError(
@@ -222,11 +243,15 @@ def completion_params(
         logprobs=request.logprobs,
         num_prompt_tokens=len(prompt.token_ids),
         limits=limits,
+        structured=structured,
     )
 
 
 def chat_params(
-    request: ChatCompletionRequest, prompt: Prompt, limits: ModelLimits
+    request: ChatCompletionRequest,
+    prompt: Prompt,
+    limits: ModelLimits,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     if request.max_completion_tokens is not None:
         max_tokens, max_tokens_param = request.max_completion_tokens, "max_completion_tokens"
@@ -241,4 +266,5 @@ def chat_params(
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         num_prompt_tokens=len(prompt.token_ids),
         limits=limits,
+        structured=structured,
     )

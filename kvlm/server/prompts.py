@@ -3,6 +3,7 @@ chat. Text that cannot fit the context is refused before it is tokenized."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,13 +13,13 @@ from kvlm.server.protocol import (
     CHAT_ROLES,
     UNSUPPORTED_MESSAGE,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     check_unsupported,
     json_integer,
 )
+from kvlm.server.tools import ToolPlan, call_text, tool_prompt, tool_result_text
 from kvlm.tokenizer import Tokenizer, TokenizerError
-
-_TOOL_ROLES = ("tool", "function")
 
 
 @dataclass(frozen=True)
@@ -67,34 +68,95 @@ def completion_prompt(
 
 
 def chat_prompt(
-    request: ChatCompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+    request: ChatCompletionRequest,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    tools: ToolPlan | None = None,
 ) -> Prompt:
-    """The conversation rendered with the model's chat template, then tokenized."""
+    """The conversation rendered with the model's chat template, then tokenized. With tools
+    to call, a template that reads `tools` gets them; another gets `tool_prompt` as (the end
+    of) the system message, and earlier calls and tool results written as the model would."""
     if not request.messages:
         raise APIError("messages is empty: give at least one message", param="messages")
-    messages = []
-    for i, message in enumerate(request.messages):
-        check_unsupported(message, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
-        rendered: dict[str, Any] = {"role": _chat_role(message.role, f"messages.{i}.role")}
-        rendered["content"] = _text_content(message.content, f"messages.{i}.content")
-        if message.name is not None:
-            rendered["name"] = message.name
-        messages.append(rendered)
     try:
-        text = tokenizer.apply_chat_template(messages, request.add_generation_prompt)
+        native = tokenizer.chat_template_reads_tools
+    except TokenizerError as e:
+        raise APIError(str(e), param="messages") from e
+    messages = [_message(m, i, native) for i, m in enumerate(request.messages)]
+    offered = tools is not None and tools.parses_calls
+    if offered and not native:
+        assert tools is not None
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = f"{messages[0]['content']}\n\n{tool_prompt(tools)}"
+        else:
+            messages.insert(0, {"role": "system", "content": tool_prompt(tools)})
+    rendered_tools = list(tools.callable) if offered and native and tools is not None else None
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, request.add_generation_prompt, rendered_tools
+        )
     except TokenizerError as e:
         raise APIError(str(e), param="messages") from e
     limits.prompt_length.check(text, "messages")
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
+def _message(message: ChatMessage, i: int, native: bool) -> dict[str, Any]:
+    """One message for the template: a template that reads tools gets calls and results in
+    transformers' shape; another gets them as text (`tools.call_text`, a user turn)."""
+    check_unsupported(message, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
+    role = _chat_role(message.role, f"messages.{i}.role")
+    content = _text_content(message.content, f"messages.{i}.content")
+    if message.tool_calls and role != "assistant":
+        raise APIError(
+            f"messages.{i}.tool_calls: only assistant messages carry tool calls, this one is "
+            f"{message.role!r}",
+            param=f"messages.{i}.tool_calls",
+        )
+    if message.tool_call_id is not None and role != "tool":
+        raise APIError(
+            f"messages.{i}.tool_call_id goes with role 'tool' (the result of that call), "
+            f"not {message.role!r}",
+            param=f"messages.{i}.tool_call_id",
+        )
+    rendered: dict[str, Any] = {"role": role, "content": content}
+    if native:
+        if message.tool_calls:
+            rendered["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": _arguments(c.function)},
+                }
+                for c in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            rendered["tool_call_id"] = message.tool_call_id
+    elif message.tool_calls:
+        calls = [call_text(c.function.name, c.function.arguments) for c in message.tool_calls]
+        rendered["content"] = "\n".join(([content] if content else []) + calls)
+    elif role == "tool":
+        rendered = {"role": "user", "content": tool_result_text(content)}
+    if message.name is not None:
+        rendered["name"] = message.name
+    return rendered
+
+
+def _arguments(function: Any) -> Any:
+    """transformers' templates take arguments as a dict; OpenAI sends JSON text."""
+    try:
+        return json.loads(function.arguments)
+    except json.JSONDecodeError:
+        return function.arguments
+
+
 def _chat_role(role: str, param: str) -> str:
     if role in CHAT_ROLES:
         return CHAT_ROLES[role]
-    if role in _TOOL_ROLES:
+    if role == "function":
         raise APIError(
-            f"{param}: role {role!r} is not supported: kvlm does not implement tool or "
-            "function calls",
+            f"{param}: role 'function' is not supported (OpenAI's deprecated functions): "
+            "send tool results with role 'tool'",
             param=param,
             code="unsupported_parameter",
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -57,7 +57,13 @@ def _range(low: float, high: float | None = None, **more: Any) -> Any:
 
 
 # Roles the chat templates understand; "developer" is OpenAI's newer name for "system".
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _ONE_TEXT = {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}
@@ -68,6 +74,38 @@ class StreamOptions(BaseModel):
 
     include_usage: StrictBool | None = None
     include_obfuscation: Any = None  # only false: kvlm adds no obfuscation field
+
+
+class JSONSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's structured outputs."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict[StrictStr, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None  # kvlm always holds the output to the schema
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", ...}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[StrictStr, Any] | StrictStr | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None  # Lark (llguidance's dialect) or GBNF
+    json_object: StrictBool | None = None
 
 
 class SamplingRequest(BaseModel):
@@ -105,6 +143,14 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: StrictBool = False
     cache_salt: StrictStr | None = None
     prefix_adapter: StrictStr | None = None  # a prefix-tuning adapter the server loaded
+    # Structured outputs (llguidance): OpenAI's response_format (on completions too, as vLLM),
+    # vLLM's structured_outputs object and its older guided_* fields; at most one of them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[StrictStr, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -124,6 +170,39 @@ class CompletionRequest(SamplingRequest):
     best_of: Any = None  # only 1
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(json_schema_extra={"pattern": "^[a-zA-Z0-9_-]{1,64}$"})
+    description: StrictStr | None = None
+    parameters: dict[StrictStr, Any] | None = None  # a JSON schema of the arguments
+    strict: StrictBool | None = None  # kvlm always holds the arguments to the schema
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -141,9 +220,9 @@ class ChatMessage(BaseModel):
         ]
     )  # fmt: skip
     name: StrictStr | None = None  # passed on to the chat template
-    # OpenAI's fields of assistant / tool messages that kvlm cannot honour (no tool calls)
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls (rendered)
+    tool_call_id: StrictStr | None = None  # a tool message: the call it answers
+    # OpenAI's fields of assistant messages that kvlm cannot honour
     function_call: Any = None
     refusal: Any = None
     audio: Any = None
@@ -157,22 +236,31 @@ class ChatCompletionRequest(SamplingRequest):
     metadata: dict[StrictStr, StrictStr] | None = None  # tags for stored completions: no effect
     safety_identifier: StrictStr | None = None  # an end-user id: accepted, changes nothing
     prompt_cache_key: StrictStr | None = None  # a routing hint: kvlm's prefix cache needs none
+    tools: list[ToolDefinition] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: Any = _schema(
+        anyOf=[
+            {"enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["type", "function"], "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"],
+                             "properties": {"name": {"type": "string"}}},
+            }},
+        ]
+    )  # fmt: skip
+    parallel_tool_calls: StrictBool | None = None  # default true: several calls in one answer
     # OpenAI's fields kvlm refuses unless neutral (see UNSUPPORTED)
     audio: Any = None
     function_call: Any = None
     functions: Any = None
     modalities: Any = None
     moderation: Any = None
-    parallel_tool_calls: Any = None
     prediction: Any = None
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
     reasoning_effort: Any = None
-    response_format: Any = None
     service_tier: Any = None
     store: Any = None
-    tool_choice: Any = None
-    tools: Any = None
     verbosity: Any = None
     web_search_options: Any = None
     # kvlm's extension (vLLM's name)
@@ -192,34 +280,27 @@ def _one_of(*values: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or any(type(value) is type(v) and value == v for v in values)
 
 
-_NO_TOOLS = "kvlm does not implement tool or function calls"
+_NO_FUNCTIONS = "kvlm implements tools, not the deprecated functions: send tools and tool_choice"
 UNSUPPORTED_COMPLETION: dict[str, Unsupported] = {
     "suffix": Unsupported("kvlm does not fill in text before a suffix", _one_of("")),
     "best_of": Unsupported("kvlm generates one completion per request; send 1", _one_of(1)),
 }
 UNSUPPORTED_CHAT: dict[str, Unsupported] = {
     "audio": Unsupported("kvlm generates text only"),
-    "function_call": Unsupported(_NO_TOOLS, _one_of("none")),
-    "functions": Unsupported(_NO_TOOLS, _one_of([])),
+    "function_call": Unsupported(_NO_FUNCTIONS, _one_of("none")),
+    "functions": Unsupported(_NO_FUNCTIONS, _one_of([])),
     "modalities": Unsupported('kvlm generates text only; send ["text"]', _one_of(["text"])),
     "moderation": Unsupported("kvlm runs no moderation"),
-    "parallel_tool_calls": Unsupported(_NO_TOOLS),
     "prediction": Unsupported("kvlm has no predicted outputs"),
     "prompt_cache_options": Unsupported("kvlm's prefix cache takes no options"),
     "prompt_cache_retention": Unsupported(
         'kvlm keeps cached prefixes in memory only; send "in_memory"', _one_of("in_memory")
     ),
     "reasoning_effort": Unsupported("kvlm's models are not reasoning models"),
-    "response_format": Unsupported(
-        'kvlm generates plain text only (no JSON mode or schema); send {"type": "text"}',
-        _one_of({"type": "text"}),
-    ),
     "service_tier": Unsupported(
         'kvlm has one service tier; send "auto" or "default"', _one_of("auto", "default")
     ),
     "store": Unsupported("kvlm does not store completions", _one_of(False)),
-    "tool_choice": Unsupported(_NO_TOOLS, _one_of("none")),
-    "tools": Unsupported(_NO_TOOLS, _one_of([])),
     "verbosity": Unsupported("kvlm's models take no verbosity setting"),
     "web_search_options": Unsupported("kvlm does not search the web"),
 }
@@ -227,9 +308,7 @@ UNSUPPORTED_STREAM_OPTIONS: dict[str, Unsupported] = {
     "include_obfuscation": Unsupported("kvlm adds no obfuscation field", _one_of(False)),
 }
 UNSUPPORTED_MESSAGE: dict[str, Unsupported] = {
-    "tool_calls": Unsupported(_NO_TOOLS, _one_of([])),
-    "tool_call_id": Unsupported(_NO_TOOLS),
-    "function_call": Unsupported(_NO_TOOLS),
+    "function_call": Unsupported(_NO_FUNCTIONS),
     "refusal": Unsupported("kvlm's chat templates have no refusal field; send it as content"),
     "audio": Unsupported("kvlm takes text only"),
 }

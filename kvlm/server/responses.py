@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -134,6 +134,7 @@ def _bytes(text: str) -> list[int]:
 # --- completions -----------------------------------------------------------------------------
 
 FinishReason = Literal["stop", "length", "abort"] | None
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
 
 
 class CompletionChoice(BaseModel):
@@ -158,16 +159,28 @@ class CompletionResponse(BaseModel):
 # --- chat completions ------------------------------------------------------------------------
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is tool calls only
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason = None
+    finish_reason: ChatFinishReason = None
     stop_reason: int | str | None = None
 
 
@@ -182,9 +195,11 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
-    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}
+    # {"role": "assistant", "content": ""} first, then {"content": ...} and / or
+    # {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason = None
+    finish_reason: ChatFinishReason = None
     stop_reason: int | str | None = None
 
 

@@ -105,11 +105,10 @@ BAD_CHATS = [
         ["'hacker'", "'system', 'developer', 'user', 'assistant'"],
     ),  # fmt: skip
     (
-        _chat(messages=[{"role": "tool", "content": "4", "tool_call_id": "c1"}]),
+        _chat(messages=[{"role": "user", "content": "4", "tool_call_id": "c1"}]),
         "messages.0.tool_call_id",
-        ["tool"],
+        ["role 'tool'"],
     ),  # fmt: skip
-    (_chat(messages=[{"role": "tool", "content": "4"}]), "messages.0.role", ["'tool'", "tool"]),
     (_chat(messages=[{"role": "function", "content": "4"}]), "messages.0.role", ["function"]),
     (
         _chat(messages=[{"role": "user", "content": "Hi", "mood": "happy"}]),
@@ -118,8 +117,8 @@ BAD_CHATS = [
     ),  # fmt: skip
     (
         _chat(messages=[{"role": "assistant", "tool_calls": [{"id": "c1"}]}]),
-        "messages.0.tool_calls",
-        ["tool"],
+        "messages.0.tool_calls.0.type",
+        ["required"],
     ),  # fmt: skip
 ]
 
@@ -130,16 +129,12 @@ UNSUPPORTED_CHAT_VALUES = {
     "functions": [{"name": "f", "parameters": {"type": "object"}}],
     "modalities": ["text", "audio"],
     "moderation": {"mode": "block"},
-    "parallel_tool_calls": True,
     "prediction": {"type": "content", "content": "Hello"},
     "prompt_cache_options": {"ttl": "1h"},
     "prompt_cache_retention": "24h",
     "reasoning_effort": "low",
-    "response_format": {"type": "json_object"},
     "service_tier": "flex",
     "store": True,
-    "tool_choice": "auto",
-    "tools": [{"type": "function", "function": {"name": "f"}}],
     "verbosity": "low",
     "web_search_options": {},
 }

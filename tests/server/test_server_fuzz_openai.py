@@ -88,7 +88,8 @@ _MESSAGE = "#/components/schemas/ChatCompletionRequest{}Message"
 _TOKENS = {"type": "integer", "minimum": 1, "maximum": 8}  # the fuzz server's context is short
 _TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": 255}  # in every model's vocabulary
 # Where kvlm accepts less than OpenAI's schema allows (one completion per request, one prompt,
-# no tool messages, ...), so that requests reach the model; each is refused by name elsewhere.
+# a schema the grammar engine compiles, ...), so that requests reach the model; each is refused
+# by name elsewhere.
 _KVLM_RANGES = {
     "n": {"type": "integer", "minimum": 1, "maximum": 1},
     "max_tokens": _TOKENS,
@@ -105,6 +106,41 @@ _KVLM_RANGES = {
         "maxItems": 4,
         "items": {"oneOf": [{"$ref": _MESSAGE.format(r)} for r in ("System", "Developer", "User")]},
     },
+    # structured outputs with a schema llguidance compiles (OpenAI's allows any object)
+    "response_format": {
+        "oneOf": [
+            {"type": "object", "required": ["type"], "properties": {"type": {"const": t}}}
+            for t in ("text", "json_object")
+        ]
+        + [
+            {
+                "type": "object",
+                "required": ["type", "json_schema"],
+                "properties": {
+                    "type": {"const": "json_schema"},
+                    "json_schema": {
+                        "type": "object",
+                        "required": ["name", "schema"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                            "schema": {
+                                "const": {
+                                    "type": "object",
+                                    "properties": {"a": {"type": "integer"}},
+                                }
+                            },
+                            "strict": {"type": "boolean"},
+                        },
+                    },
+                },
+            }
+        ],
+    },  # fmt: skip
+    # tools need a system prompt longer than the fuzz server's 48-token context: the positive
+    # mode sends them (OpenAI's whole schema), this one leaves them out
+    "tools": None,
+    "tool_choice": None,
+    "parallel_tool_calls": None,
 }
 _REFUSED = {*UNSUPPORTED_COMPLETION, *UNSUPPORTED_CHAT}
 # mode -> (schemathesis's generation mode, the request properties fuzz_document replaces)

@@ -40,12 +40,13 @@ HONOURED_COMPLETION = {
 HONOURED_CHAT = {
     "messages", "model", "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens",
     "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
-    "temperature", "top_logprobs", "top_p",
+    "temperature", "top_logprobs", "top_p", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls",
 }  # fmt: skip
 NO_EFFECT = {"user", "metadata", "safety_identifier", "prompt_cache_key"}
 
 
-HONOURED_MESSAGE = {"role", "content", "name"}
+HONOURED_MESSAGE = {"role", "content", "name", "tool_calls", "tool_call_id"}
 HONOURED_STREAM_OPTIONS = {"include_usage"}
 
 
