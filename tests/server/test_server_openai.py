@@ -138,16 +138,25 @@ def test_stop_string_ends_the_completion(client: openai.OpenAI, reference: dict)
 
 
 def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
-    def sample() -> str:
-        return (
-            client.completions.create(
-                model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=1234
-            )
-            .choices[0]
-            .text
-        )
+    """The same seed gives the same text; other seeds other texts, none of them greedy's (so
+    an engine that ignored temperature, or the seed, would fail)."""
 
-    assert sample() == sample()
+    def sample(seed: int | None, temperature: float = 1.0) -> str:
+        response = client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=16,
+            temperature=temperature,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
+        return response.choices[0].text
+
+    seeds = [1234, 1235, 99]
+    texts = [sample(seed) for seed in seeds]
+    assert [sample(seed) for seed in seeds] == texts
+    assert len(set(texts)) == len(seeds), texts
+    assert sample(None, temperature=0) not in texts
 
 
 def test_completion_logprobs(client: openai.OpenAI) -> None:
