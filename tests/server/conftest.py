@@ -55,3 +55,15 @@ def fuzz_server() -> Iterator[LiveServer]:
     generates a few tokens at most, whatever max_tokens the fuzzer picks."""
     with _serve(EngineConfig(model="smollm2", max_model_len=48)) as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def small_kv_server() -> Iterator[LiveServer]:
+    """A server whose pool holds one 64-token sequence and a little more (blocks of 4), so
+    two long requests at once cannot both fit: one of them is preempted."""
+    config = EngineConfig(
+        model="smollm2", weight_format="float", block_size=4, max_model_len=64,
+        kv_cache_memory="3MiB",
+    )  # fmt: skip
+    with _serve(config) as live:
+        yield live

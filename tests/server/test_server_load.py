@@ -1,6 +1,6 @@
 """Many clients at once, some of them leaving early: no server error, every remaining stream
 completes, and afterwards no request runs and no block is held (the pool's invariants hold).
-Then /metrics shows every metric with values that fit the traffic."""
+Then /metrics moves by exactly the traffic a test sends, preemptions included."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ import random
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 from live_server import MODEL_NAME, LiveServer
 
+from kvlm.engine.config import EngineConfig
+
 NUM_CLIENTS = 32
 MAX_TOKENS = 16
 OVERALL_TIMEOUT_S = 150.0
+BLOCK_SIZE = EngineConfig.block_size  # the `server` fixture's
 
 
 @dataclass
@@ -115,30 +119,99 @@ def test_non_streaming_client_that_leaves_is_aborted(server: LiveServer) -> None
     server.check_integrity()
 
 
-def test_metrics_after_traffic(server: LiveServer) -> None:
+def _complete(server: LiveServer, body: dict) -> dict:
+    with server.client() as client:
+        response = client.post("/v1/completions", json={"model": MODEL_NAME, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
+def test_metrics_count_exactly_the_traffic_sent(server: LiveServer) -> None:
+    """Three requests of 5 tokens, one after another, under a salt of this test's own, the
+    third repeating the first: every counter moves by exactly what they did."""
+    before = server.wait_idle()
+    assert before["kvlm_num_requests_running"] == before["kvlm_num_requests_waiting"] == 0
+    salt = f"metrics-{uuid.uuid4()}"  # no earlier test's blocks can be hit
+    prompt = "The metrics test counts every token of this prompt, which is long enough to fill "
+    prompt += "two blocks of sixteen tokens and then some more words, so that a repeat of it "
+    prompt += "finds its first two blocks in the prefix cache"
+    bodies = [
+        {"prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True},
+        {"prompt": "Another prompt", "max_tokens": 5, "temperature": 0, "ignore_eos": True},
+        {"prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True},
+    ]
+    usages = [_complete(server, {**b, "cache_salt": salt})["usage"] for b in bodies]
     m = server.wait_idle()
-    for gauge in ("kvlm_num_requests_running", "kvlm_num_requests_waiting"):
-        assert m[gauge] == 0
-    assert m["kvlm_kv_cache_blocks_used"] == 0
-    assert 0 <= m["kvlm_kv_cache_usage_ratio"] <= 1
-    assert m["kvlm_kv_cache_blocks_total"] > 0
-    assert m["kvlm_prompt_tokens_total"] > 0
-    assert m["kvlm_generation_tokens_total"] >= NUM_CLIENTS // 2 * MAX_TOKENS
-    assert 0 <= m["kvlm_prefix_cache_hits_total"] <= m["kvlm_prefix_cache_queries_total"]
-    assert m["kvlm_prefix_cache_queries_total"] > 0
-    assert m["kvlm_num_preemptions_total"] >= 0
+    d = _deltas(before, m)
+
+    prompt_tokens = [u["prompt_tokens"] for u in usages]
+    assert prompt_tokens[0] > 2 * BLOCK_SIZE and prompt_tokens[2] == prompt_tokens[0]
+    assert [u["completion_tokens"] for u in usages] == [5, 5, 5]
+    assert d["kvlm_prompt_tokens_total"] == sum(prompt_tokens)
+    assert d["kvlm_generation_tokens_total"] == 15
+    assert d["kvlm_prefix_cache_queries_total"] == sum(prompt_tokens)
+    # Only the repeat hits: its full blocks, short of the last token (computed for its logits).
+    assert d["kvlm_prefix_cache_hits_total"] == (prompt_tokens[0] - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert d["kvlm_num_preemptions_total"] == 0  # one request at a time never runs out
+    assert d["kvlm_request_success_total[finish_reason=length]"] == 3
+    for histogram in ("kvlm_time_to_first_token_seconds", "kvlm_e2e_request_latency_seconds"):
+        assert d[f"{histogram}_count"] == 3
+        assert d[f"{histogram}_sum"] > 0
+    assert d["kvlm_inter_token_latency_seconds_count"] == 3 * 4  # every token after the first
     for histogram in (
         "kvlm_time_to_first_token_seconds",
         "kvlm_inter_token_latency_seconds",
         "kvlm_e2e_request_latency_seconds",
     ):
-        assert m[f"{histogram}_count"] > 0
-        assert m[f"{histogram}_sum"] > 0
         assert m[f"{histogram}_bucket[le=+Inf]"] == m[f"{histogram}_count"]
-    # Every token after a request's first is one inter-token interval.
-    assert m["kvlm_inter_token_latency_seconds_count"] < m["kvlm_generation_tokens_total"]
-    assert m["kvlm_request_success_total[finish_reason=length]"] > 0
+    assert m["kvlm_num_requests_running"] == m["kvlm_num_requests_waiting"] == 0
+    assert m["kvlm_kv_cache_blocks_used"] == 0
+    assert m["kvlm_kv_cache_usage_ratio"] == 0  # nothing held: finished blocks are free
+    assert m["kvlm_kv_cache_blocks_total"] > 0
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert "# TYPE kvlm_kv_cache_usage_ratio gauge" in text
     assert re.search(r"# TYPE kvlm_prefix_cache_hits(_total)? counter", text)
     assert "# TYPE kvlm_time_to_first_token_seconds histogram" in text
+
+
+def test_a_request_that_does_not_fit_beside_another_is_preempted_once(
+    small_kv_server: LiveServer,
+) -> None:
+    """Two 40-token generations whose blocks cannot all fit at once: the second starts while
+    the first is streaming, is preempted (exactly once: the first only grows until it ends),
+    then recomputed with its tokens kept, and ends as it would alone."""
+    server = small_kv_server
+    before = server.wait_idle()
+    num_blocks = int(before["kvlm_kv_cache_blocks_total"])
+    first = {"prompt": "Count: one, two,", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    second = {**first, "prompt": "The alphabet: a, b,"}
+    result: dict = {}
+    with server.client() as client:
+        body = {"model": MODEL_NAME, "stream": True, **first}
+        with client.stream("POST", "/v1/completions", json=body) as stream:
+            lines = (line for line in stream.iter_lines() if line)
+            next(lines)  # the first token: the first request is decoding
+            thread = threading.Thread(target=lambda: result.update(_complete(server, second)))
+            thread.start()
+            events = [*lines]
+        thread.join(OVERALL_TIMEOUT_S)
+    assert events[-1] == "data: [DONE]" and _finish_reason(events[-2]) == "length"
+    usage = result["usage"]
+    assert usage["completion_tokens"] == 40 and result["choices"][0]["finish_reason"] == "length"
+    need = usage["prompt_tokens"] + 40  # tokens of each request at its end (blocks of 4)
+    # Each alone fits; together they overflow even when the second runs 16 tokens behind.
+    assert -(-need // 4) <= num_blocks and 4 * num_blocks < 2 * need - 16
+
+    after = server.wait_idle()
+    d = _deltas(before, after)
+    assert d["kvlm_num_preemptions_total"] == 1
+    assert d["kvlm_generation_tokens_total"] == 80  # recomputing generated nothing twice
+    assert after["kvlm_kv_cache_blocks_used"] == 0 and after["kvlm_kv_cache_usage_ratio"] == 0
+    server.check_integrity()
+    alone = _complete(server, second)
+    assert result["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert server.wait_idle()["kvlm_num_preemptions_total"] == after["kvlm_num_preemptions_total"]
