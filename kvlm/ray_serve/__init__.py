@@ -1,7 +1,6 @@
 """kvlm on Ray Serve (the optional `ray` extra): engine replicas sharing the KV offload tiers,
-behind one OpenAI-compatible ingress with prefix-affinity routing. See docs/scaling.md."""
+behind one OpenAI-compatible ingress with prefix-affinity routing. See docs/scaling.md.
 
-from kvlm.ray_serve.app import app_builder, build_application
-from kvlm.ray_serve.config import ServeAppConfig, ServeAppConfigError
-
-__all__ = ["ServeAppConfig", "ServeAppConfigError", "app_builder", "build_application"]
+`app.build_application` / `app.app_builder` build the application, `local.start` runs it;
+`affinity` (which replica holds a prefix) is pure Python and imports no Ray.
+"""

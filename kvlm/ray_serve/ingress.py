@@ -10,8 +10,8 @@ and the answer streams back unchanged. What the ingress adds is where a request 
   `/cache?replica=ID`; the `/cache` page sets a cookie so its event stream and block look-ups
   reach the same replica's pool.
 
-A replica lost mid-response ends a streamed (SSE) response with an error event and
-`data: [DONE]`, and a response not yet started with a 503: never a hang.
+A replica lost before it answered is retried on another one; a replica lost mid-response
+ends a streamed (SSE) response with an error event and `data: [DONE]`: never a hang.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from kvlm.server.serving import SSE_DONE, sse
 
 logger = logging.getLogger(__name__)
 REPLICA_COOKIE = "kvlm_replica"
+# A request whose replica is lost before it answered goes to another one, up to this many
+# tries in all: Serve's router drops a replica once a call to it failed that way.
+START_ATTEMPTS = 3
 SCRAPE_TIMEOUT_S = 5.0  # one replica's /metrics; a slower one is reported down
 _LOST = (RayActorError, ActorUnavailableError)
 
@@ -138,13 +141,17 @@ class KVLMIngress:
         return self._limits
 
     async def _forward(self, call: HTTPCall, set_cache_cookie: bool = False) -> Response:
-        stream: DeploymentResponseGenerator = self._engines.options(stream=True).serve_http.remote(
-            call
-        )
-        try:
-            start = await stream.__anext__()
-        except RayError as e:
-            return _lost_error("(not yet chosen)", e).to_response()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            stream = self._engines.options(stream=True).serve_http.remote(call)
+            try:
+                start = await stream.__anext__()
+                break
+            except _LOST as e:  # nothing was answered yet: another replica can take it
+                if attempt == START_ATTEMPTS:
+                    return _lost_error("(every one tried)", e).to_response()
+                logger.warning("replica lost before answering (attempt %d): %r", attempt, e)
+            except RayError as e:
+                return _lost_error("(not yet chosen)", e).to_response()
         headers = dict(start["headers"])
         replica = headers.get(REPLICA_HEADER.encode(), b"?").decode()
         is_sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
@@ -189,8 +196,10 @@ class KVLMIngress:
 
     async def _metrics(self) -> Response:
         live: list[str] = await self._board.live.remote()
-        texts = await asyncio.gather(*(self._scrape(replica) for replica in live))
-        page = merge_replica_metrics(dict(zip(live, texts, strict=True)))
+        # One after another: Serve gives concurrent calls made while serving one request the
+        # same internal request id, and its router then hands one call's replica to another.
+        texts = {replica: await self._scrape(replica) for replica in live}
+        page = merge_replica_metrics(texts)
         return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     async def _scrape(self, replica: str) -> str | None:
@@ -208,6 +217,7 @@ class KVLMIngress:
 
         try:
             return await asyncio.wait_for(read(), SCRAPE_TIMEOUT_S)
-        except (asyncio.TimeoutError, RayError):
+        except (asyncio.TimeoutError, RayError) as e:
+            logger.warning("replica %s: /metrics not scraped: %r", replica, e)
             stream.cancel()
             return None

@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_IMBALANCE = 4
 
 
+def _offered_all(pending_request: PendingRequest | None) -> None:
+    """Tell Serve the ranks returned hold every replica this request may go to, so that when
+    none has room it backs off before asking again (without it, it asks again at once, in a
+    loop that starves the event loop its queue-length probes answer on)."""
+    if pending_request is not None:
+        pending_request.routing_context.should_backoff = True
+
+
 def route_hint(pending_request: PendingRequest | None) -> RouteHint:
     """The hint the ingress attached (`HTTPCall` first argument); an empty one otherwise."""
     if pending_request is None or not pending_request.args:
@@ -67,6 +75,7 @@ class PrefixAffinityRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         hint = route_hint(pending_request)
+        _offered_all(pending_request)
         if not candidate_replicas:
             return []
         if hint.replica is not None:
@@ -102,6 +111,7 @@ class RoundRobinRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         hint = route_hint(pending_request)
+        _offered_all(pending_request)
         if not candidate_replicas:
             return []
         if hint.replica is not None:
