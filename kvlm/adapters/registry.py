@@ -18,7 +18,7 @@ from kvlm.adapters.prefix_tuning import PrefixTuningAdapter, load_prefix_adapter
 from kvlm.config import ModelConfig
 from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager
-from kvlm.kv.pinned import PinnedRun, VirtualPrefix, allocate_pinned
+from kvlm.kv.pinned import PinnedRun, VirtualPrefix
 from kvlm.kv.store import KVStore
 
 PLACEHOLDER_TOKEN_ID = 0  # stands for a virtual position in token_ids; never embedded
@@ -65,7 +65,7 @@ class PrefixAdapters:
         hash_key = f"prefix-tuning:{adapter.digest}"
         hashes: list[bytes] = []
         extend_block_hashes(hashes, token_ids, num_tokens, self.cache.block_size, None, (hash_key,))
-        run = allocate_pinned(self.cache, num_tokens, hashes)
+        run = PinnedRun(self.cache.allocate_pinned(num_tokens, hashes))
         self._write(adapter, run)
         return VirtualPrefix(adapter.name, token_ids, hash_key, tuple(hashes), run)
 

@@ -18,7 +18,6 @@ from kvlm.engine.config import (
     EngineConfigError,
     parse_bytes,
 )
-from kvlm.engine.kv_transfer import BlockTransfer
 from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.offload_spec import make_tiers, parse_offload
 from kvlm.engine.request import Request, RequestOutput
@@ -28,10 +27,12 @@ from kvlm.engine.weight_format import resolve_weight_format
 from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
+from kvlm.kv.memory import KVMemoryError, split_budget
 from kvlm.kv.pinned import VirtualPrefix
 from kvlm.kv.quant import fp8_supported
 from kvlm.kv.spec import KVCacheSpec, layer_groups
 from kvlm.kv.store import KVStore
+from kvlm.kv.transfer import BlockTransfer
 from kvlm.loading import load_model, resolve_model_path
 from kvlm.models.transformer import CausalLM
 from kvlm.sampling import Logprob, Sampler, SamplingParams, make_generator
@@ -129,34 +130,20 @@ class LLMEngine:
         return name
 
     def _make_cache(self) -> None:
-        """Split the KV budget between the layer groups by what one sequence needs of each.
-
-        A full-context sequence holds `max_blocks_held` blocks of each group (a window group
-        only its window, sinks and the largest chunk); the budget is cut in that proportion,
-        so a window group never hoards memory its sequences cannot use.
-        """
+        """Pools and stores sized by `split_budget` (kv/memory.py: the calculator's rule)."""
         cfg = self.config
         budget = parse_bytes(cfg.kv_cache_memory)
-        per_seq = [
-            spec.max_blocks_held(self.max_model_len, cfg.max_num_batched_tokens)
-            for spec in self.kv_specs
-        ]
-        seq_bytes = sum(
-            n * spec.page_nbytes for n, spec in zip(per_seq, self.kv_specs, strict=True)
-        )
-        num_seqs = budget / seq_bytes
-        if num_seqs < 1:
-            raise EngineConfigError(
-                f"kv_cache_memory {budget:,} bytes cannot hold one {self.max_model_len}-token "
-                f"sequence, which needs {seq_bytes:,} bytes of KV ({_describe(self.kv_specs)}): "
-                "raise kv_cache_memory or lower max_model_len"
+        try:
+            split = split_budget(
+                self.kv_specs, budget, self.max_model_len, cfg.max_num_batched_tokens
             )
-        num_blocks = [int(n * num_seqs) + 1 for n in per_seq]  # + each group's null block
+        except KVMemoryError as e:
+            raise EngineConfigError(str(e)) from e
         self.kv_stores = [
             KVStore(spec, n, cfg.torch_dtype, self.device)
-            for spec, n in zip(self.kv_specs, num_blocks, strict=True)
+            for spec, n in zip(self.kv_specs, split.num_blocks, strict=True)
         ]
-        self.kv_cache = KVCacheManager(self.kv_specs, num_blocks, cfg.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(self.kv_specs, split.num_blocks, cfg.enable_prefix_caching)
         if cfg.enable_prefix_caching:
             self.transfer = BlockTransfer(self.kv_cache, self.kv_stores)
 
@@ -375,7 +362,3 @@ def _label(spec: KVCacheSpec) -> str:
     if spec.num_sinks:
         window += f" + {spec.num_sinks} sinks"
     return f"{spec.num_layers} layers, {window}, {spec.kv_format}"
-
-
-def _describe(specs: tuple[KVCacheSpec, ...]) -> str:
-    return "; ".join(f"{_label(s)}: {s.page_nbytes:,} bytes a block" for s in specs)

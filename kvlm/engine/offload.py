@@ -1,8 +1,8 @@
 """Between the cache and the offload tiers: evicted blocks go out, a later prefix comes back.
 
-Out: the pools tell this connector about each cached block they are about to reuse
-(`on_evict`); it copies the block's rows once (a device-side copy, queued) and hands them to a
-writer thread, which encodes, seals and writes them to the tiers. The step never waits on a
+Out: the connector listens for evictions (`KVCacheManager.add_evict_listener`): told of each
+cached block about to be reused, it copies the block's page once (a device-side copy, queued)
+and hands it to a writer thread, which seals and writes it to the tiers. The step never waits on a
 tier; past `max_pending_writes` blocks in flight, new evictions are dropped (and counted).
 
 In: when a waiting request is about to be admitted, the scheduler asks `start_load`. If the
@@ -15,26 +15,21 @@ ordinary prefix hit. A failed or empty fetch just means the request recomputes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from kvlm.engine.kv_transfer import BlockTransfer, PrefixBlocks
+import torch
+
 from kvlm.engine.request import Request
-from kvlm.kv.block_codec import (
-    BlockData,
-    CorruptBlockError,
-    decode_block,
-    encode_block,
-    seal,
-    unseal,
-)
-from kvlm.kv.block_pool import KVBlock
+from kvlm.kv.block_codec import CorruptBlockError, decode_pages, seal, unseal
 from kvlm.kv.fingerprint import CacheIdentity
 from kvlm.kv.offload.tier import TierSnapshot
 from kvlm.kv.offload.tiered import TieredStore
+from kvlm.kv.spec import KVCacheSpec
+from kvlm.kv.transfer import BlockTransfer, GroupPages, PrefixBlocks
 
 logger = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 256
@@ -69,26 +64,24 @@ class OffloadConnector:
         self.num_dropped_writes = 0
         self._loads: dict[str, _Load] = {}  # request id -> fetch in flight or done
         self._probed: set[str] = set()  # requests already offered a load (one each)
-        for group, pool in enumerate(self.cache.pools):
-            pool.on_evict = functools.partial(self._on_evict, group)
+        self.cache.add_evict_listener(self._on_evict)
 
     # --- out: evicted blocks to the tiers -----------------------------------------------
 
-    def _on_evict(self, group: int, block: KVBlock) -> None:
-        """Engine thread, inside an allocation: copy the rows, queue the write, return."""
-        assert block.block_hash is not None
+    def _on_evict(self, group: int, block_id: int, block_hash: bytes) -> None:
+        """Engine thread, inside an allocation: copy the page, queue the write, return."""
         with self._pending_lock:
             if self._pending >= self.max_pending_writes:
                 self.num_dropped_writes += 1
                 return
             self._pending += 1
-        data = self.transfer.stores[group].read_block(block.block_id)
-        key = self.identity.block_key(group, block.block_hash)
-        self._writer.submit(self._write, key, data)
+        page = self.transfer.stores[group].read_pages([block_id])  # [1, page_nbytes]
+        key = self.identity.block_key(group, block_hash)
+        self._writer.submit(self._write, key, page)
 
-    def _write(self, key: bytes, data: BlockData) -> None:
+    def _write(self, key: bytes, page: torch.Tensor) -> None:
         try:
-            self.tiers.put(key, seal(key, encode_block(data)))
+            self.tiers.put(key, seal(key, page.cpu().numpy().tobytes()))
         except Exception:  # a bug in a tier: log it, never take the engine down
             logger.exception("offload write failed")
         finally:
@@ -117,8 +110,8 @@ class OffloadConnector:
             return False
         # Per group, which of the wanted blocks the pool holds already (no fetch for those).
         in_pool = [
-            [pool.cached(block_hashes[i]) is not None for i in range(first, max_blocks)]
-            for pool in self.cache.pools
+            [self.cache.is_cached(g, block_hashes[i]) for i in range(first, max_blocks)]
+            for g in range(len(self.cache.specs))
         ]
         keys = [self.identity.block_key(g, block_hashes[first]) for g in range(len(in_pool))]
         if not all(
@@ -134,7 +127,7 @@ class OffloadConnector:
         """Loader thread: blocks `first..` of `hashes` the pool lacked, up to the first one no
         tier holds (or holds damaged). Blocks before `first` are left to the pool."""
         num_groups = len(in_pool)
-        blocks: list[list[BlockData | None]] = [[None] * first for _ in range(num_groups)]
+        found_pages: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(num_groups)]
         end = first
         while end < len(hashes):
             indices = range(end, min(end + _FETCH_CHUNK, len(hashes)))
@@ -144,34 +137,33 @@ class OffloadConnector:
             keys = [self.identity.block_key(g, hashes[i]) for g, i in wanted]
             found = dict(zip(wanted, self.tiers.get_many(keys), strict=True))
             for i in indices:
-                row: list[BlockData | None] = []
-                for g in range(num_groups):
-                    if in_pool[g][i - first]:
-                        row.append(None)
-                        continue
-                    data = self._decode(g, hashes[i], found[(g, i)])
-                    if data is None:
-                        return PrefixBlocks(end, [group[:end] for group in blocks])
-                    row.append(data)
-                for g in range(num_groups):
-                    blocks[g].append(row[g])
+                row = [
+                    None if in_pool[g][i - first] else self._decode(g, hashes[i], found[(g, i)])
+                    for g in range(num_groups)
+                ]
+                if any(page is None and not in_pool[g][i - first] for g, page in enumerate(row)):
+                    return _prefix(end, found_pages, self.identity.specs)
+                for g, page in enumerate(row):
+                    if page is not None:
+                        found_pages[g].append((i, page))
                 end += 1
-        return PrefixBlocks(end, blocks)
+        return _prefix(end, found_pages, self.identity.specs)
 
-    def _decode(self, group: int, block_hash: bytes, hit: tuple | None) -> BlockData | None:
+    def _decode(self, group: int, block_hash: bytes, hit: tuple | None) -> torch.Tensor | None:
+        """The block's page ([1, page_nbytes]) from a tier's blob, or None (absent, damaged)."""
         if hit is None:
             return None
         blob, tier = hit
         key = self.identity.block_key(group, block_hash)
         try:
-            data = decode_block(self.identity.specs[group], unseal(key, blob))
+            page = decode_pages(self.identity.specs[group], unseal(key, blob), 1)
         except CorruptBlockError as e:
             logger.warning("offload tier %s returned a damaged block, dropped: %s", tier.name, e)
             tier.stats.add(failures=1)
             tier.discard(key)  # the recomputed block can be stored again
             return None
         self.tiers.promote(key, blob, tier)
-        return data
+        return page
 
     def finished_loads(self) -> list[str]:
         """Engine thread: import every finished fetch into the pools; the ids of the requests
@@ -206,7 +198,23 @@ class OffloadConnector:
         return self.tiers.snapshot()
 
     def close(self) -> None:
-        """Finish queued writes, stop the threads, close the tiers."""
+        """Stop listening, finish queued writes, stop the threads, close the tiers."""
+        self.cache.remove_evict_listener(self._on_evict)
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
         self.tiers.close()
+
+
+def _prefix(
+    num_blocks: int, found: list[list[tuple[int, torch.Tensor]]], specs: Sequence[KVCacheSpec]
+) -> PrefixBlocks:
+    """The fetched pages (all of blocks below `num_blocks`), per group in block order."""
+    groups = []
+    for spec, pages in zip(specs, found, strict=True):
+        stacked = (
+            torch.cat([page for _, page in pages])
+            if pages
+            else torch.empty((0, spec.page_nbytes), dtype=torch.uint8)
+        )
+        groups.append(GroupPages([i for i, _ in pages], stacked))
+    return PrefixBlocks(num_blocks, groups)

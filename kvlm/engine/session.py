@@ -1,7 +1,8 @@
 """Save a conversation's K/V to a session file and restore it into the prefix cache.
 
 Saving copies the blocks the cache holds for the conversation's tokens (`export`, on the engine
-thread; the caller makes sure they are computed first) and writes them (`write`, any thread).
+thread: one gather per layer group; the caller makes sure they are computed first) and writes
+them (`write`, any thread: one buffer per group, straight to the file).
 Restoring checks the file (`read`, any thread: `session_file` does the checks), then writes its
 blocks into the pools and names them (`restore_blocks`, engine thread), so the conversation's
 next turn is an ordinary prefix hit. A file whose
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvlm.engine.kv_transfer import BlockTransfer, PrefixBlocks
 from kvlm.engine.request import RequestOutput
-from kvlm.kv.block_codec import BlockData, decode_block, encode_block
+from kvlm.kv.block_codec import decode_pages, encode_pages
 from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.fingerprint import CacheIdentity
 from kvlm.kv.session_file import (
@@ -31,6 +31,7 @@ from kvlm.kv.session_file import (
     write_session,
 )
 from kvlm.kv.spec import KVCacheSpec
+from kvlm.kv.transfer import BlockTransfer, GroupPages, PrefixBlocks
 from kvlm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -110,8 +111,8 @@ def write(
     cache_salt: str | None,
 ) -> SessionHeader:
     """Any thread: write exported blocks and their tokens to `path`; returns the header."""
-    stored = [[i for i, b in enumerate(group) if b is not None] for group in prefix.blocks]
-    blocks = [encode_block(b) for group in prefix.blocks for b in group if b is not None]
+    stored = [group.indices for group in prefix.groups]
+    buffers = [encode_pages(group.pages) for group in prefix.groups]  # one per group
     header = SessionHeader(
         model_fingerprint=identity.model_fingerprint,
         tokenizer_hash=identity.tokenizer_hash,
@@ -123,10 +124,10 @@ def write(
         messages=messages,
         num_blocks=prefix.num_blocks,
         stored=stored,
-        payload_nbytes=sum(len(b) for b in blocks),
-        payload_digest=payload_digest(blocks),
+        payload_nbytes=sum(len(b) for b in buffers),
+        payload_digest=payload_digest(buffers),
     )
-    write_session(path, header, blocks)
+    write_session(path, header, buffers)
     return header
 
 
@@ -173,9 +174,10 @@ def restore_blocks(engine: LLMEngine, loaded: SessionRead) -> Session:
 def _decode(
     specs: Sequence[KVCacheSpec], header: SessionHeader, payload: memoryview
 ) -> PrefixBlocks:
-    """The payload's blocks, placed per group at their block index."""
+    """The payload's pages, per group with their block indices (views of `payload`)."""
     if len(header.stored) != len(specs) or any(
-        i >= header.num_blocks for indices in header.stored for i in indices
+        indices != sorted(set(indices)) or any(i >= header.num_blocks for i in indices)
+        for indices in header.stored
     ):
         raise SessionRefused("the header's block list does not fit its own block count")
     expected = sum(len(ix) * s.page_nbytes for ix, s in zip(header.stored, specs, strict=True))
@@ -183,12 +185,10 @@ def _decode(
         raise SessionRefused(
             f"the payload has {len(payload):,} bytes; its blocks need {expected:,}"
         )
-    blocks: list[list[BlockData | None]] = []
+    groups = []
     offset = 0
     for spec, indices in zip(specs, header.stored, strict=True):
-        group: list[BlockData | None] = [None] * header.num_blocks
-        for i in indices:
-            group[i] = decode_block(spec, payload[offset : offset + spec.page_nbytes])
-            offset += spec.page_nbytes
-        blocks.append(group)
-    return PrefixBlocks(header.num_blocks, blocks)
+        end = offset + len(indices) * spec.page_nbytes
+        groups.append(GroupPages(indices, decode_pages(spec, payload[offset:end], len(indices))))
+        offset = end
+    return PrefixBlocks(header.num_blocks, groups)

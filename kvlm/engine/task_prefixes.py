@@ -7,18 +7,18 @@ tail, until the prefix is unregistered. Requests that merely share a prefix get 
 from plain prefix caching, for as long as the pool keeps the blocks.
 
 Registered prefixes may share blocks (a system prompt, and a document that starts with it):
-a block stays pinned while any registered prefix lists it.
+each prefix holds a pin on its blocks (the cache counts them), so a block stays pinned while
+any registered prefix lists it.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvlm.engine.engine import InputError
 from kvlm.kv.block_hash import extend_block_hashes
-from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.cache_manager import BlockIds, KVCacheManager
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,13 @@ class RegisteredPrefix:
     name: str
     token_ids: tuple[int, ...]
     num_pinned_tokens: int  # its full blocks' tokens: what a request starting with it reuses
-    block_ids: tuple[tuple[int, ...], ...]  # per layer group, the blocks it pins
+    block_ids: BlockIds  # per layer group, the blocks it pins
 
 
 class TaskPrefixes:
     def __init__(self, cache: KVCacheManager | None) -> None:
         self.cache = cache
         self.prefixes: dict[str, RegisteredPrefix] = {}
-        self._pins: Counter[tuple[int, int]] = Counter()  # (group, block id) -> prefixes
 
     def check_new(self, name: str, token_ids: Sequence[int]) -> KVCacheManager:
         """Refuse a name in use, a cache that cannot pin, and text shorter than one block."""
@@ -64,30 +63,17 @@ class TaskPrefixes:
                 f"prefix {name!r}: only {hit.num_tokens} of its {num_full} full-block tokens "
                 "stayed in the KV pool after its prefill; raise kv_cache_memory"
             )
-        block_ids = []
-        for group, (pool, blocks) in enumerate(zip(cache.pools, hit.blocks, strict=True)):
-            held = [b for b in blocks if b is not None]  # a window group needs only its window
-            for block in held:
-                if self._pins[group, block.block_id] == 0:
-                    pool.pin(block)
-                self._pins[group, block.block_id] += 1
-            block_ids.append(tuple(b.block_id for b in held))
-        prefix = RegisteredPrefix(name, tuple(token_ids), num_full, tuple(block_ids))
+        block_ids = cache.pin(hit)  # a window group pins only its window (and sinks)
+        prefix = RegisteredPrefix(name, tuple(token_ids), num_full, block_ids)
         self.prefixes[name] = prefix
         return prefix
 
     def unpin(self, name: str) -> None:
-        """Unpin a prefix's blocks (those no other prefix lists): they stay cached until the
-        pool needs them."""
+        """Take the prefix's pins off its blocks: those no other prefix pins stay cached until
+        the pool needs them."""
         prefix = self.prefixes.pop(name, None)
         if prefix is None:
             known = ", ".join(map(repr, sorted(self.prefixes))) or "none"
             raise InputError(f"no prefix named {name!r} is registered (registered: {known})")
         assert self.cache is not None
-        for group, block_ids in enumerate(prefix.block_ids):
-            pool = self.cache.pools[group]
-            for block_id in reversed(block_ids):  # tail first: the head is evicted last
-                self._pins[group, block_id] -= 1
-                if self._pins[group, block_id] == 0:
-                    del self._pins[group, block_id]
-                    pool.unpin(pool.blocks[block_id])
+        self.cache.unpin(prefix.block_ids)

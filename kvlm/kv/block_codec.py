@@ -1,11 +1,14 @@
-"""One KV block as bytes, and back: what session files and offload tiers hold.
+"""KV blocks as bytes, and back: what session files and offload tiers hold.
 
-A block's bytes are its storage rows exactly as the KV store keeps them (the cache's KV format,
-quantized or not), then its float16 scale rows when the format has scales:
+A block's bytes (its *page*, `spec.page_nbytes` long) are its storage rows exactly as the KV
+store keeps them (the cache's KV format, quantized or not), then its float16 scale rows when
+the format has scales:
     data:   [rows_per_block, num_kv_heads, row_elements]  storage dtype
     scales: [rows_per_block, num_kv_heads, num_scales]    float16 (quantized formats only)
 with rows_per_block = num_layers * 2 (K, V) * block_size. Nothing is converted, so a block
-restored from bytes is bit-identical to the one written.
+restored from bytes is bit-identical to the one written. Many blocks travel as one
+`[num_blocks, page_nbytes]` uint8 tensor (`KVStore.read_pages` / `write_pages`), their pages
+back to back, so a run of blocks is one buffer, never a Python loop over blocks.
 
 A *sealed* block (offload tiers) is prefixed by a format tag (magic and the block naming
 version) and a digest over its key and bytes, so a blob that was damaged, cut short, stored
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
 
 import torch
 
@@ -32,41 +34,27 @@ class CorruptBlockError(ValueError):
     """Bytes that are not a valid block of the expected spec (size or digest mismatch)."""
 
 
-@dataclass(frozen=True)
-class BlockData:
-    data: torch.Tensor  # [rows_per_block, num_kv_heads, row_elements] in the storage dtype
-    scales: torch.Tensor | None  # [rows_per_block, num_kv_heads, num_scales] float16, or None
+def encode_pages(pages: torch.Tensor) -> memoryview:
+    """The bytes of `pages` ([num_blocks, page_nbytes] uint8), pages back to back, in host
+    memory (on CUDA this waits for the pages' copy)."""
+    return memoryview(pages.to("cpu").contiguous().numpy()).cast("B")
 
 
-def rows_per_block(spec: KVCacheSpec) -> int:
-    return spec.num_layers * 2 * spec.block_size
-
-
-def _raw(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def encode_block(block: BlockData) -> bytes:
-    """The block's bytes (copied to the host; on CUDA this waits for the block's copy)."""
-    raw = _raw(block.data)
-    return raw if block.scales is None else raw + _raw(block.scales)
-
-
-def decode_block(spec: KVCacheSpec, raw: bytes | memoryview) -> BlockData:
-    """A CPU block of `spec` from exactly `spec.page_nbytes` bytes."""
-    if len(raw) != spec.page_nbytes:
+def decode_pages(
+    spec: KVCacheSpec, raw: bytes | bytearray | memoryview, num_blocks: int
+) -> torch.Tensor:
+    """`num_blocks` pages of `spec` from exactly that many pages' bytes: [num_blocks,
+    page_nbytes] uint8 on the CPU (a view of `raw` when it is writable, else a copy)."""
+    if len(raw) != num_blocks * spec.page_nbytes:
         raise CorruptBlockError(
-            f"a block of this cache has {spec.page_nbytes:,} bytes; got {len(raw):,}"
+            f"{num_blocks} block(s) of this cache have {num_blocks * spec.page_nbytes:,} bytes; "
+            f"got {len(raw):,}"
         )
-    fmt = spec.format
-    rows, heads = rows_per_block(spec), spec.num_kv_heads
-    buffer = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    data_nbytes = rows * heads * fmt.row_elements * fmt.storage_dtype.itemsize
-    data = buffer[:data_nbytes].view(fmt.storage_dtype).view(rows, heads, fmt.row_elements)
-    scales = None
-    if fmt.is_quantized:
-        scales = buffer[data_nbytes:].view(torch.float16).view(rows, heads, fmt.num_scales)
-    return BlockData(data, scales)
+    if num_blocks == 0:
+        return torch.empty((0, spec.page_nbytes), dtype=torch.uint8)
+    if memoryview(raw).readonly:
+        raw = bytearray(raw)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(num_blocks, spec.page_nbytes)
 
 
 def _digest(key: bytes, body: bytes | memoryview) -> bytes:

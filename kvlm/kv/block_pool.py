@@ -4,7 +4,7 @@ Integers only, never a tensor. Block 0 is the null block: never handed out, it s
 tables for positions a window has let go of.
 
 Invariants (checked by `check_integrity`, given how many tables hold each block):
-- a block's ref_count equals the tables that list it plus one if it is pinned;
+- a block's ref_count equals the tables that list it plus its pins (each pin is one hold);
 - ref_count 0 <=> the block is in the free queue;
 - a block with a hash is full and immutable, and the prefix index maps that hash to it;
 - a free block keeps its hash (stays findable) until `take` hands it out again, oldest first.
@@ -28,21 +28,28 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None  # set once the block is full and its tokens are computed
-    pinned: bool = False
+    num_pins: int = 0  # holds the pool keeps for itself (registered prefixes, adapters)
+
+    @property
+    def pinned(self) -> bool:
+        return self.num_pins > 0
 
 
 class BlockPool:
+    """One group's blocks. Only `KVCacheManager` calls the methods that change them."""
+
     def __init__(
         self,
         num_blocks: int,
         enable_caching: bool = True,
         on_evict: Callable[[KVBlock], None] | None = None,
     ) -> None:
+        """`on_evict(block)` hears of each cached block just before it loses its hash."""
         if num_blocks < 2:
             raise ValueError(f"a pool needs the null block plus at least one, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.on_evict = on_evict  # told about a cached block just before it loses its hash
+        self.on_evict = on_evict
         self.events: list[int] | None = None  # ids of changed blocks, while a log is attached
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Free blocks, least recently freed first; O(1) pop, append and removal by id.
@@ -119,14 +126,15 @@ class BlockPool:
                 self.events.append(block.block_id)
 
     def pin(self, block: KVBlock) -> None:
-        """Hold a block for the pool itself (e.g. a registered prefix): never evicted."""
-        assert not block.pinned, f"block {block.block_id} is already pinned"
+        """One more hold for the pool itself (e.g. a registered prefix): while any pin holds a
+        block it is never evicted. Pins count: two prefixes sharing a block pin it twice."""
+        block.num_pins += 1
         self.ref(block)
-        block.pinned = True
 
     def unpin(self, block: KVBlock) -> None:
-        assert block.pinned, f"block {block.block_id} is not pinned"
-        block.pinned = False
+        """One pin fewer; the block returns to the free queue when nothing else holds it."""
+        assert block.num_pins > 0, f"block {block.block_id} is not pinned"
+        block.num_pins -= 1
         self.release([block])
 
     def reset_prefix_cache(self) -> None:
@@ -141,7 +149,7 @@ class BlockPool:
     def check_integrity(self, table_refs: Sequence[int]) -> None:
         """Assert the module's invariants; `table_refs[i]` counts the tables listing block i."""
         for block in self.blocks[1:]:
-            expected = table_refs[block.block_id] + int(block.pinned)
+            expected = table_refs[block.block_id] + block.num_pins
             assert block.ref_count == expected, (
                 f"block {block.block_id}: ref_count {block.ref_count}, held {expected} times"
             )

@@ -1,18 +1,33 @@
 """The cache's bookkeeping across layer groups: one pool and one table manager per group.
 
-Requests are named by id; their block hashes (computed once, on the request) are passed in.
-A prefix hit counts only where every group finds what it needs (a window group only the blocks
-inside its window and its sinks), and an allocation happens in every group or in none.
+This is the one door to KV state: nothing outside `kv/` changes a pool or a table. Requests
+are named by id; their block hashes (computed once, on the request) are passed in. A prefix
+hit counts only where every group finds what it needs (a window group only the blocks inside
+its window and its sinks), and an allocation happens in every group or in none. Pins (blocks
+the cache holds for itself) are counted, so prefixes sharing blocks each hold them. Whoever
+copies blocks out before their K/V is overwritten (offload) listens for evictions here, and a
+watcher's event log is attached here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvlm.kv.block_pool import BlockPool, KVBlock, OutOfBlocksError
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.kv.table_manager import HitBlocks, make_table_manager
+
+if TYPE_CHECKING:
+    from kvlm.kv.events import KVEventLog
+
+# (group, block id, block hash) of a cached block about to be reused for other tokens.
+EvictListener = Callable[[int, int, bytes], None]
+# (group, positions into the given indices, block ids to write them into): see import_blocks.
+FillBlocks = Callable[[int, list[int], list[int]], None]
+BlockIds = tuple[tuple[int, ...], ...]  # per layer group, block ids
 
 
 @dataclass
@@ -27,19 +42,19 @@ class KVCacheManager:
         specs: Sequence[KVCacheSpec],
         num_blocks: Sequence[int],
         enable_prefix_caching: bool = True,
-        on_evict: Callable[[int, KVBlock], None] | None = None,
     ) -> None:
-        """`num_blocks[g]` blocks (the null block included) for group `g`; `on_evict(g, block)`
-        hears of each cached block about to be reused for other tokens."""
+        """`num_blocks[g]` blocks (the null block included) for group `g`."""
         assert len({s.block_size for s in specs}) == 1, "all groups share one block size"
         self.specs = tuple(specs)
         self.block_size = specs[0].block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = [
-            BlockPool(n, enable_prefix_caching, _group_hook(on_evict, g))
+            BlockPool(n, enable_prefix_caching, functools.partial(self._evicted, g))
             for g, n in enumerate(num_blocks)
         ]
         self.groups = [make_table_manager(s, p) for s, p in zip(specs, self.pools, strict=True)]
+        self._evict_listeners: list[EvictListener] = []
+        self.event_log: KVEventLog | None = None
 
     # --- prefix hits ----------------------------------------------------------------------
 
@@ -58,6 +73,9 @@ class KVCacheManager:
             num_blocks = shortest
         blocks = [g.hit_blocks(block_hashes, num_blocks) for g in self.groups]
         return PrefixHit(num_blocks * self.block_size, blocks)
+
+    def is_cached(self, group: int, block_hash: bytes) -> bool:
+        return self.pools[group].cached(block_hash) is not None
 
     # --- allocation -----------------------------------------------------------------------
 
@@ -127,6 +145,119 @@ class KVCacheManager:
         for pool in self.pools:
             pool.reset_prefix_cache()
 
+    # --- pins -----------------------------------------------------------------------------
+
+    def pin(self, hit: PrefixHit) -> BlockIds:
+        """Pin once more every block of `hit` (none where a group needs none); returns, per
+        group, the pinned ids in order, which `unpin` takes to undo exactly this."""
+        pinned = []
+        for pool, blocks in zip(self.pools, hit.blocks, strict=True):
+            held = [b for b in blocks if b is not None]
+            for block in held:
+                pool.pin(block)
+            pinned.append(tuple(b.block_id for b in held))
+        return tuple(pinned)
+
+    def unpin(self, block_ids: BlockIds) -> None:
+        """Take one pin off each block, tail first: unheld, a prefix's head is evicted last."""
+        for pool, ids in zip(self.pools, block_ids, strict=True):
+            for block_id in reversed(ids):
+                pool.unpin(pool.blocks[block_id])
+
+    def allocate_pinned(self, num_tokens: int, block_hashes: Sequence[bytes]) -> BlockIds:
+        """Fresh pinned blocks for `num_tokens` positions in every group, the full ones named
+        by `block_hashes` (one each), the last partial one unnamed; per group, their ids. The
+        caller writes their K/V."""
+        num_blocks = -(-num_tokens // self.block_size)
+        assert len(block_hashes) == num_tokens // self.block_size, "one hash per full block"
+        short = [p.num_free_blocks for p in self.pools if p.num_free_blocks < num_blocks]
+        if short:
+            raise OutOfBlocksError(
+                f"{num_tokens} pinned positions need {num_blocks} blocks of {self.block_size} "
+                f"tokens in every layer group; only {min(short)} free"
+            )
+        pinned = []
+        for pool in self.pools:
+            taken = pool.take(num_blocks)
+            for block, block_hash in zip(taken, block_hashes, strict=False):
+                pool.cache(block, block_hash)
+                assert block.block_hash == block_hash, "its hash was already cached elsewhere"
+            for block in taken:
+                pool.pin(block)
+            pool.release(taken)  # the pin alone holds them now
+            pinned.append(tuple(b.block_id for b in taken))
+        return tuple(pinned)
+
+    # --- blocks from outside (sessions, offload tiers) ------------------------------------
+
+    def import_blocks(
+        self, block_hashes: Sequence[bytes], indices: Sequence[Sequence[int]], fill: FillBlocks
+    ) -> None:
+        """Put K/V computed elsewhere into the prefix cache as computed, named, free blocks.
+
+        `block_hashes` name a prefix's blocks; `indices[g]`: the block indices whose K/V the
+        caller has for group g. The prefix's blocks a group has cached already are kept (held
+        while the others are taken, so none is evicted to make room); the others go into free
+        blocks, the first ones first, as many as are free: `fill(g, positions, block_ids)`
+        writes the K/V of `indices[g][p]` into the matching block id for each p of
+        `positions`, then they are named. All join the free queue later blocks first, so a
+        prefix's head is evicted last, exactly as if a request had computed and freed them.
+        """
+        for g, (pool, wanted) in enumerate(zip(self.pools, indices, strict=True)):
+            held: list[tuple[int, KVBlock]] = []  # out of the free queue: `take` keeps them
+            for i, block_hash in enumerate(block_hashes):
+                cached = pool.cached(block_hash)
+                if cached is not None:
+                    pool.ref(cached)
+                    held.append((i, cached))
+            have = {i for i, _ in held}
+            missing = [p for p, i in enumerate(wanted) if i not in have][: pool.num_free_blocks]
+            taken = pool.take(len(missing))
+            try:
+                if taken:
+                    fill(g, missing, [b.block_id for b in taken])
+            except BaseException:
+                pool.release([*taken, *(b for _, b in held)])
+                raise
+            for p, block in zip(missing, taken, strict=True):
+                pool.cache(block, block_hashes[wanted[p]])
+                held.append((wanted[p], block))
+            pool.release(block for _, block in sorted(held, key=lambda x: -x[0]))
+
+    # --- watchers -------------------------------------------------------------------------
+
+    def add_evict_listener(self, listener: EvictListener) -> None:
+        """`listener(group, block_id, block_hash)` hears of each cached block about to be
+        reused for other tokens: on the engine thread, before its K/V is overwritten (it may
+        queue a copy). Every listener hears every eviction, in the order they were added."""
+        self._evict_listeners.append(listener)
+
+    def remove_evict_listener(self, listener: EvictListener) -> None:
+        self._evict_listeners.remove(listener)
+
+    def _evicted(self, group: int, block: KVBlock) -> None:
+        assert block.block_hash is not None
+        for listener in self._evict_listeners:
+            listener(group, block.block_id, block.block_hash)
+
+    def attach_event_log(self, log: KVEventLog) -> None:
+        """From now on every pool records changed block ids in `log.blocks[g]`, every group
+        the ids of requests whose table changed in `log.requests` (kv/events.py)."""
+        if self.event_log is not None:
+            raise RuntimeError("this cache already has an event log attached")
+        self.event_log = log
+        for pool, blocks in zip(self.pools, log.blocks, strict=True):
+            pool.events = blocks
+        for group in self.groups:
+            group.events = log.requests
+
+    def detach_event_log(self) -> None:
+        self.event_log = None
+        for pool in self.pools:
+            pool.events = None
+        for group in self.groups:
+            group.events = None
+
     def check_integrity(self) -> None:
         """Assert every pool's invariants and that all groups know the same requests."""
         ids = set(self.groups[0].tables)
@@ -137,11 +268,3 @@ class KVCacheManager:
     @staticmethod
     def _hit(hit: PrefixHit | None, group: int) -> HitBlocks:
         return [] if hit is None else hit.blocks[group]
-
-
-def _group_hook(
-    on_evict: Callable[[int, KVBlock], None] | None, group: int
-) -> Callable[[KVBlock], None] | None:
-    if on_evict is None:
-        return None
-    return lambda block: on_evict(group, block)

@@ -1,11 +1,12 @@
 """Changes to the cache's bookkeeping, recorded as they happen and read once per step.
 
-A watcher (the server's live cache view) attaches a `KVEventLog` to a `KVCacheManager`; from
-then on every pool appends the id of each block whose state may have changed (taken, held once
-more, released, named, forgotten) and every table manager the id of each request whose block
-table changed. Recording is one list append; with no log attached (`events is None`) nothing is
-recorded. `drain()` hands the changes over and starts afresh, so a watcher reads the state of
-the changed blocks only, never the whole pool.
+A watcher (the server's live cache view) makes a `KVEventLog` for a `KVCacheManager`, which
+attaches it (`KVCacheManager.attach_event_log`); from then on every pool appends the id of
+each block whose state may have changed (taken, held once more, released, named, forgotten)
+and every table manager the id of each request whose block table changed. Recording is one
+list append; with no log attached (`events is None`) nothing is recorded. `drain()` hands
+the changes over and starts afresh, so a watcher reads the state of the changed blocks only,
+never the whole pool.
 """
 
 from __future__ import annotations
@@ -45,15 +46,11 @@ class KVEventLog:
     """Collects a cache manager's changes between two `drain()` calls (one engine step)."""
 
     def __init__(self, cache: KVCacheManager) -> None:
-        if any(pool.events is not None for pool in cache.pools):
-            raise RuntimeError("this cache already has an event log attached")
+        """Attached to `cache` at once; RuntimeError if it has a log already."""
         self.cache = cache
-        self.blocks: list[list[int]] = [[] for _ in cache.pools]
-        self.requests: list[str] = []
-        for pool, blocks in zip(cache.pools, self.blocks, strict=True):
-            pool.events = blocks
-        for group in cache.groups:
-            group.events = self.requests
+        self.blocks: list[list[int]] = [[] for _ in cache.pools]  # appended to by the pools
+        self.requests: list[str] = []  # appended to by the table managers
+        cache.attach_event_log(self)
 
     def drain(self) -> KVChanges:
         changes = KVChanges(
@@ -65,7 +62,5 @@ class KVEventLog:
         return changes
 
     def detach(self) -> None:
-        for pool in self.cache.pools:
-            pool.events = None
-        for group in self.cache.groups:
-            group.events = None
+        assert self.cache.event_log is self, "this log is not the one attached"
+        self.cache.detach_event_log()

@@ -11,11 +11,15 @@ builds (`layer_groups`):
   blocks) reaches, so its memory stops growing once the sequence passes the window;
 - paging: memory comes in whole blocks of `block_size` tokens.
 
+`split_budget` is the other direction, the rule the engine sizes its pools by: a byte budget
+cut between the groups in proportion to what one full-length sequence holds of each.
+
 Pure arithmetic over `ModelConfig` and specs: no tensor is allocated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvlm.config import ModelConfig
@@ -198,3 +202,45 @@ def estimate(
         peak_num_tokens=peak_step[0],
         peak_num_new_tokens=peak_step[1],
     )
+
+
+@dataclass(frozen=True)
+class BudgetSplit:
+    """How a KV byte budget becomes blocks, group by group.
+
+    Invariant: `num_blocks[g] == int(blocks_per_sequence[g] * num_sequences) + 1` (the null
+    block), and the usable blocks' bytes never exceed the budget.
+    """
+
+    budget_bytes: int
+    blocks_per_sequence: tuple[int, ...]  # per group, what one full-length sequence holds
+    bytes_per_sequence: int
+    num_sequences: float  # full-length sequences the budget holds at once (>= 1)
+    num_blocks: tuple[int, ...]  # per group, the pool's size, the null block included
+
+
+def split_budget(
+    specs: Sequence[KVCacheSpec], budget_bytes: int, max_model_len: int, max_num_batched_tokens: int
+) -> BudgetSplit:
+    """Split `budget_bytes` between the layer groups by what one sequence needs of each.
+
+    A `max_model_len`-token sequence computed in chunks of up to `max_num_batched_tokens`
+    holds `max_blocks_held` blocks of each group at its peak (a window group only its window,
+    sinks and the largest chunk); the budget is cut in that proportion, so a window group never
+    hoards memory its sequences cannot use. KVMemoryError if it cannot hold one sequence.
+    """
+    per_seq = tuple(s.max_blocks_held(max_model_len, max_num_batched_tokens) for s in specs)
+    seq_bytes = sum(n * s.page_nbytes for n, s in zip(per_seq, specs, strict=True))
+    num_seqs = budget_bytes / seq_bytes
+    if num_seqs < 1:
+        groups = "; ".join(
+            f"group {g}: {n:,} blocks of {s.page_nbytes:,} bytes"
+            for g, (n, s) in enumerate(zip(per_seq, specs, strict=True))
+        )
+        raise KVMemoryError(
+            f"kv_cache_memory {budget_bytes:,} bytes cannot hold one {max_model_len}-token "
+            f"sequence, which needs {seq_bytes:,} bytes of KV ({groups}): raise "
+            "kv_cache_memory or lower max_model_len"
+        )
+    num_blocks = tuple(int(n * num_seqs) + 1 for n in per_seq)
+    return BudgetSplit(budget_bytes, per_seq, seq_bytes, num_seqs, num_blocks)

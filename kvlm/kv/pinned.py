@@ -10,42 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvlm.kv.block_pool import KVBlock, OutOfBlocksError
-from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.cache_manager import BlockIds
 
 
 @dataclass(frozen=True)
 class PinnedRun:
-    blocks: tuple[tuple[KVBlock, ...], ...]  # per layer group, the blocks pinned there
+    """Blocks pinned for the positions of a run (`KVCacheManager.allocate_pinned`)."""
+
+    blocks: BlockIds  # per layer group, the ids of the blocks pinned there, in position order
 
     def block_ids(self, group: int) -> list[int]:
-        return [block.block_id for block in self.blocks[group]]
-
-
-def allocate_pinned(
-    cache: KVCacheManager, num_tokens: int, block_hashes: Sequence[bytes]
-) -> PinnedRun:
-    """Fresh pinned blocks for `num_tokens` positions in every group, the full ones named by
-    `block_hashes` (one each), the last partial one unnamed. The caller writes their K/V."""
-    num_blocks = -(-num_tokens // cache.block_size)
-    assert len(block_hashes) == num_tokens // cache.block_size, "one hash per full block"
-    short = [p.num_free_blocks for p in cache.pools if p.num_free_blocks < num_blocks]
-    if short:
-        raise OutOfBlocksError(
-            f"{num_tokens} pinned positions need {num_blocks} blocks of {cache.block_size} "
-            f"tokens in every layer group; only {min(short)} free"
-        )
-    blocks = []
-    for pool in cache.pools:
-        taken = pool.take(num_blocks)
-        for block, block_hash in zip(taken, block_hashes, strict=False):
-            pool.cache(block, block_hash)
-            assert block.block_hash == block_hash, "its hash was already cached elsewhere"
-        for block in taken:
-            pool.pin(block)
-        pool.release(taken)  # the pin alone holds them now
-        blocks.append(tuple(taken))
-    return PinnedRun(tuple(blocks))
+        return list(self.blocks[group])
 
 
 @dataclass(frozen=True)
@@ -79,6 +54,5 @@ class VirtualPrefix:
         if len(self.run.blocks[0]) == index:
             return []
         return [
-            (g, blocks[index].block_id, block_tables[g][index])
-            for g, blocks in enumerate(self.run.blocks)
+            (g, blocks[index], block_tables[g][index]) for g, blocks in enumerate(self.run.blocks)
         ]

@@ -98,15 +98,20 @@ def _digest(*parts: bytes) -> bytes:
     return h.digest()
 
 
-def payload_digest(blocks: Sequence[bytes]) -> str:
+Buffer = bytes | bytearray | memoryview
+
+
+def payload_digest(buffers: Sequence[Buffer]) -> str:
+    """The digest of the buffers' bytes back to back (the payload, however it is split)."""
     h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
-    for block in blocks:
-        h.update(block)
+    for buffer in buffers:
+        h.update(buffer)
     return h.hexdigest()
 
 
-def write_session(path: Path, header: SessionHeader, blocks: Sequence[bytes]) -> None:
-    """Write atomically (a temporary file renamed over `path`), so a crash leaves the old file."""
+def write_session(path: Path, header: SessionHeader, buffers: Sequence[Buffer]) -> None:
+    """Write atomically (a temporary file renamed over `path`), so a crash leaves the old file.
+    The payload is `buffers` back to back, each written in one call."""
     head = json.dumps(asdict(header), separators=(",", ":")).encode()
     preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head))
     tmp = path.with_name(path.name + ".tmp")
@@ -114,8 +119,8 @@ def write_session(path: Path, header: SessionHeader, blocks: Sequence[bytes]) ->
         f.write(preamble)
         f.write(head)
         f.write(_digest(preamble, head))
-        for block in blocks:
-            f.write(block)
+        for buffer in buffers:
+            f.write(buffer)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -154,17 +159,22 @@ def read_header(path: Path) -> tuple[SessionHeader, int]:
     return header, _PREAMBLE.size + head_len + _DIGEST_SIZE
 
 
-def read_payload(path: Path, header: SessionHeader, offset: int) -> bytes:
-    """The payload, checked for length and digest; SessionRefused otherwise."""
+def read_payload(path: Path, header: SessionHeader, offset: int) -> bytearray:
+    """The payload (writable, so its pages can be viewed without a copy), checked for length
+    and digest; SessionRefused otherwise."""
     with path.open("rb") as f:
+        found = os.fstat(f.fileno()).st_size - offset
+        if found != header.payload_nbytes:
+            state = "cut short" if found < header.payload_nbytes else "longer than written"
+            raise SessionRefused(
+                f"{path} is {state}: its K/V should be {header.payload_nbytes:,} bytes, "
+                f"found {found:,}"
+            )
         f.seek(offset)
-        payload = f.read(header.payload_nbytes + 1)
-    if len(payload) != header.payload_nbytes:
-        state = "cut short" if len(payload) < header.payload_nbytes else "longer than written"
-        raise SessionRefused(
-            f"{path} is {state}: its K/V should be {header.payload_nbytes:,} bytes, "
-            f"found {len(payload):,}"
-        )
+        payload = bytearray(found)
+        num_read = f.readinto(payload)
+    if num_read != found:
+        raise SessionRefused(f"{path} changed while it was read (got {num_read:,} bytes)")
     if payload_digest([payload]) != header.payload_digest:
         raise SessionRefused(f"{path}: K/V checksum mismatch (the payload is damaged)")
     return payload

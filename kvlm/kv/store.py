@@ -7,16 +7,19 @@ Token `t` of block `b` is addressed by its base row `b * rows_per_block + t`; la
 V sit `(2 l) * block_size` and `(2 l + 1) * block_size` rows further. The runner computes base
 rows once per step; `write` quantizes and `gather` dequantizes, so attention never sees the
 storage format.
+
+Whole blocks move as *pages*: a block's data bytes then its scale bytes (`block_codec`'s
+layout), `[num_blocks, page_nbytes]` uint8, read and written for many blocks in one copy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from kvlm.kv.block_codec import BlockData
 from kvlm.kv.spec import KVCacheSpec
 
 
@@ -39,6 +42,12 @@ class KVStore:
         self.scales = None
         if self.format.is_quantized:
             self.scales = _zeros((num_rows, *head, self.format.num_scales), torch.float16, device)
+        # Byte views of the same memory, one row per block: [num_blocks, bytes of its part].
+        self._data_pages = self.data.view(torch.uint8).view(num_blocks, -1)
+        self._scale_pages = None
+        if self.scales is not None:
+            self._scale_pages = self.scales.view(torch.uint8).view(num_blocks, -1)
+        assert self._data_pages.shape[1] + self._scale_bytes == spec.page_nbytes
 
     def layer_offsets(self, layer_idx: int) -> tuple[int, int]:
         """Row offsets of K and V of model layer `layer_idx` from a token's base row."""
@@ -66,30 +75,37 @@ class KVStore:
             out.append(self.format.dequantize(data, scales, self.dtype))
         return out[0], out[1]
 
-    def _block_rows(self, block_id: int) -> slice:
-        return slice(block_id * self.rows_per_block, (block_id + 1) * self.rows_per_block)
+    @property
+    def _scale_bytes(self) -> int:
+        return 0 if self._scale_pages is None else self._scale_pages.shape[1]
 
-    def read_block(self, block_id: int) -> BlockData:
-        """A copy of one block's rows (every layer, K and V, scales), on the store's device:
-        the copy is queued, so reading it out to the host can happen on another thread."""
-        rows = self._block_rows(block_id)
-        scales = None if self.scales is None else self.scales[rows].clone()
-        return BlockData(self.data[rows].clone(), scales)
+    def read_pages(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy of the blocks' pages, [len(block_ids), page_nbytes] uint8, on the store's
+        device: one gather per part, queued, so reading it out to the host can happen on
+        another thread."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        data = self._data_pages.index_select(0, index)
+        if self._scale_pages is None:
+            return data
+        return torch.cat([data, self._scale_pages.index_select(0, index)], dim=1)
+
+    def write_pages(self, block_ids: Sequence[int], pages: torch.Tensor) -> None:
+        """Overwrite the blocks with `pages` ([len(block_ids), page_nbytes] uint8, any
+        device), one scatter per part."""
+        assert pages.shape == (len(block_ids), self.spec.page_nbytes), pages.shape
+        device = self.data.device
+        index = torch.tensor(block_ids, dtype=torch.long, device=device)
+        pages = pages.to(device, non_blocking=True)
+        num_data = self._data_pages.shape[1]
+        self._data_pages.index_copy_(0, index, pages[:, :num_data])
+        if self._scale_pages is not None:
+            self._scale_pages.index_copy_(0, index, pages[:, num_data:])
 
     def copy_block(self, source: int, destination: int) -> None:
         """Copy one block's rows (every layer, K and V, scales) onto another, in place."""
-        src, dst = self._block_rows(source), self._block_rows(destination)
-        self.data[dst].copy_(self.data[src])
-        if self.scales is not None:
-            self.scales[dst].copy_(self.scales[src])
-
-    def write_block(self, block_id: int, block: BlockData) -> None:
-        """Overwrite one block's rows with `block` (same spec, any device)."""
-        rows = self._block_rows(block_id)
-        self.data[rows].copy_(block.data, non_blocking=True)
-        if self.scales is not None:
-            assert block.scales is not None, "a quantized block comes with its scales"
-            self.scales[rows].copy_(block.scales, non_blocking=True)
+        self._data_pages[destination].copy_(self._data_pages[source])
+        if self._scale_pages is not None:
+            self._scale_pages[destination].copy_(self._scale_pages[source])
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -50,7 +50,7 @@ def test_prefix_is_stored_pinned_and_named_in_every_group(request, tmp_path, mod
     assert len(prefix.block_hashes) == 1 and prefix.num_tokens == 21
     positions = torch.arange(21)
     for group, (store, pool) in enumerate(zip(stores, cache.pools, strict=True)):
-        blocks = prefix.run.blocks[group]
+        blocks = [pool.blocks[i] for i in prefix.run.blocks[group]]
         assert len(blocks) == 2 and all(b.pinned and b.ref_count == 1 for b in blocks)
         assert pool.cached(prefix.block_hashes[0]) is blocks[0]
         assert blocks[1].block_hash is None  # the partial block is copied, never shared
@@ -75,9 +75,9 @@ def test_tail_copies_go_to_the_requests_block(smollm2_config, tmp_path):
     adapters = PrefixAdapters(cache, stores, smollm2_config, torch.float32, CPU)
     twenty = adapters.register("twenty", write_adapter(tmp_path / "a", smollm2_config, 20, 1))
     sixteen = adapters.register("sixteen", write_adapter(tmp_path / "b", smollm2_config, 16, 2))
-    tail = twenty.run.blocks[0][1].block_id
-    assert twenty.tail_copies([[twenty.run.blocks[0][0].block_id, 7]]) == [(0, tail, 7)]
-    assert sixteen.tail_copies([[sixteen.run.blocks[0][0].block_id, 7]]) == []
+    tail = twenty.run.blocks[0][1]
+    assert twenty.tail_copies([[twenty.run.blocks[0][0], 7]]) == [(0, tail, 7)]
+    assert sixteen.tail_copies([[sixteen.run.blocks[0][0], 7]]) == []
 
 
 def _break(folder, edit) -> None:

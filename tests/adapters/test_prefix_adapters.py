@@ -69,7 +69,8 @@ def test_adapter_blocks_stay_pinned_under_pool_pressure(smollm2_adapter_settings
     pool = cache.pools[0]
     for name in ("twenty", "sixteen"):
         prefix = adapters.get(name)
-        for block, block_hash in zip(prefix.run.blocks[0], prefix.block_hashes, strict=False):
+        for block_id, block_hash in zip(prefix.run.blocks[0], prefix.block_hashes, strict=False):
+            block = pool.blocks[block_id]
             assert block.pinned and pool.cached(block_hash) is block
     cache.check_integrity()
     assert _tokens(llm, PROMPTS[:1], "twenty")[0] == before

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from kvlm import LLM, SamplingParams
-from kvlm.kv.memory import KVMemoryError, estimate
+from kvlm.kv.memory import KVMemoryError, estimate, split_budget
+from kvlm.kv.spec import layer_groups
 from kvlm.loading import resolve_model_path
 from kvlm.loading.gguf_file import read_gguf
 from kvlm.loading.gguf_loader import config_from_metadata
@@ -230,3 +231,24 @@ def test_engine_holds_what_the_calculator_predicts(
         prefill_chunk=llm.config.max_num_batched_tokens,
     )
     assert _kv_peak(llm, prompt_tokens, num_tokens) == est.bytes_per_sequence
+
+
+def test_budget_is_split_by_what_one_sequence_holds_of_each_group() -> None:
+    # gemma-3-270m in bf16: 3 global layers (49,152 B a block), 15 with a 512 window
+    # (245,760 B). A 4,096-token sequence in 512-token chunks holds 256 global blocks and
+    # (512 + 512) / 16 = 64 window blocks: 12,582,912 + 15,728,640 = 28,311,552 B.
+    specs = layer_groups(_preset("gemma-3-270m"), 16, "bfloat16")
+    split = split_budget(specs, 64 << 20, 4096, 512)
+    assert split.blocks_per_sequence == (256, 64)
+    assert split.bytes_per_sequence == 28_311_552
+    assert split.num_sequences == pytest.approx(67_108_864 / 28_311_552)  # 2.37
+    assert split.num_blocks == (607, 152)  # int(256 x 2.37) + 1, int(64 x 2.37) + 1 (null)
+    usable = sum((n - 1) * s.page_nbytes for n, s in zip(split.num_blocks, specs, strict=True))
+    assert usable <= 64 << 20
+
+
+def test_budget_that_cannot_hold_one_sequence_is_refused_with_the_figures() -> None:
+    specs = layer_groups(_preset("smollm2-135m"), 16, "float32")  # 737,280 B a block
+    assert split_budget(specs, 11_796_480, 256, 2048).num_blocks == (17,)  # exactly one
+    with pytest.raises(KVMemoryError, match="11,796,479 bytes cannot hold one 256-token"):
+        split_budget(specs, 11_796_479, 256, 2048)

@@ -8,14 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvlm.kv.block_codec import (
-    BlockData,
-    CorruptBlockError,
-    decode_block,
-    encode_block,
-    seal,
-    unseal,
-)
+from kvlm.kv.block_codec import CorruptBlockError, decode_pages, encode_pages, seal, unseal
 from kvlm.kv.offload.local import DiskTier, RAMTier
 from kvlm.kv.offload.redis_tier import RedisTier
 from kvlm.kv.offload.tiered import TieredStore
@@ -57,14 +50,10 @@ def test_tiered_store_promotes_a_checked_disk_hit_into_ram(tmp_path: Path) -> No
 
 def test_sealed_block_refuses_damage_and_other_keys() -> None:
     spec = KVCacheSpec((0, 1), num_kv_heads=2, head_dim=32, block_size=4, kv_format="int8")
-    rows = 2 * 2 * 4
-    block = BlockData(
-        torch.randint(-128, 127, (rows, 2, 32), dtype=torch.int8),
-        torch.rand(rows, 2, 1, dtype=torch.float16),
-    )
-    blob = seal(b"key", encode_block(block))
-    back = decode_block(spec, unseal(b"key", blob))
-    assert torch.equal(back.data, block.data) and torch.equal(back.scales, block.scales)
+    page = torch.randint(0, 256, (1, spec.page_nbytes), dtype=torch.uint8)
+    blob = seal(b"key", bytes(encode_pages(page)))
+    back = decode_pages(spec, unseal(b"key", blob), 1)
+    assert torch.equal(back, page)
     damaged = bytearray(blob)
     damaged[40] ^= 1
     with pytest.raises(CorruptBlockError, match="digest mismatch"):
@@ -72,7 +61,7 @@ def test_sealed_block_refuses_damage_and_other_keys() -> None:
     with pytest.raises(CorruptBlockError, match="digest mismatch"):
         unseal(b"other key", blob)
     with pytest.raises(CorruptBlockError, match="got 10"):
-        decode_block(spec, b"x" * 10)
+        decode_pages(spec, b"x" * 10, 1)
 
 
 def test_redis_tier_down_counts_failures_and_answers_absent() -> None:

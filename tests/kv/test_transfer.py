@@ -10,9 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvlm.engine.kv_transfer import BlockTransfer
 from kvlm.engine.offload import OffloadConnector
-from kvlm.kv.block_codec import decode_block, encode_block
+from kvlm.kv.block_codec import decode_pages, encode_pages
 from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
@@ -20,6 +19,7 @@ from kvlm.kv.offload.local import RAMTier
 from kvlm.kv.offload.tiered import TieredStore
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.kv.store import KVStore
+from kvlm.kv.transfer import BlockTransfer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BLOCK_SIZE = 4
@@ -56,6 +56,12 @@ def compute(cache: KVCacheManager, stores: list[KVStore], device: str) -> None:
     cache.free("r")
 
 
+def evict_everything(cache: KVCacheManager) -> None:
+    """A request as long as the pool takes every free block, cached ones included."""
+    cache.allocate("filler", cache.pools[0].num_free_blocks * BLOCK_SIZE)
+    cache.free("filler")
+
+
 def prefix_kv(cache: KVCacheManager, stores: list[KVStore]) -> list[torch.Tensor]:
     """K and V of every layer for the cached prefix's tokens, as attention would read them."""
     hashes = hashes_of(TOKENS)
@@ -76,8 +82,8 @@ def test_export_then_import_into_another_cache_is_exact(kv_format: str, device: 
     assert prefix.num_blocks == len(TOKENS) // BLOCK_SIZE
     spec = stores[0].spec
     # Through bytes, as a session file holds them.
-    for group in prefix.blocks:
-        group[:] = [decode_block(spec, encode_block(b)) for b in group]
+    for group in prefix.groups:
+        group.pages = decode_pages(spec, bytearray(encode_pages(group.pages)), len(group.indices))
     other_cache, other_stores = make_cache(kv_format, device)
     restored = BlockTransfer(other_cache, other_stores).import_prefix(hashes_of(TOKENS), prefix)
     assert restored == prefix.num_blocks * BLOCK_SIZE
@@ -96,8 +102,7 @@ def test_evicted_blocks_come_back_through_a_ram_tier_exactly(device: str) -> Non
     try:
         compute(cache, stores, device)
         before = prefix_kv(cache, stores)
-        pool = cache.pools[0]
-        pool.release(pool.take(pool.num_free_blocks))  # evict everything
+        evict_everything(cache)
         assert connector.flush(timeout=30)
         assert cache.find_cached_prefix(hashes_of(TOKENS), len(TOKENS)).num_tokens == 0
         request = SimpleNamespace(request_id="again", token_ids=TOKENS)
@@ -130,8 +135,7 @@ def test_evictions_past_the_write_backlog_are_dropped_not_waited_for() -> None:
     )
     try:
         compute(cache, stores, "cpu")
-        pool = cache.pools[0]
-        pool.release(pool.take(pool.num_free_blocks))  # 5 evictions while writes are held
+        evict_everything(cache)  # 5 evictions while writes are held
         assert connector.num_dropped_writes == 3
         gate.set()
         assert connector.flush(timeout=30)
