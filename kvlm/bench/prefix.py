@@ -7,7 +7,8 @@ Three workloads:
    prefix-cache hit rate (prompt tokens reused / prompt tokens looked up);
 3. concurrency: N short streams arrive together, each generates `new_tokens` (EOS ignored,
    greedy); aggregate generated tok/s for each N, without HTTP (`kvlm bench serve` adds it).
-KV waste (slots allocated in held blocks but not yet written) is sampled after every step.
+KV waste (slots allocated in held blocks but not yet written) is sampled after every step, by
+an engine observer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from kvlm.bench.machine import MachineInfo, machine_info
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.llm import LLM
+from kvlm.engine.observers import EngineObserver, StepEvent
 from kvlm.engine.request import RequestOutput
+from kvlm.kv.block_pool import NULL_BLOCK_ID
 from kvlm.sampling import SamplingParams
 
 QUESTIONS = [
@@ -70,23 +73,25 @@ class PrefixBenchConfig:
         object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 
 
-@dataclass
-class WasteMeter:
-    """Slots allocated to running requests but not holding K/V, summed over sampled steps.
+@dataclass(eq=False)  # observers are told apart by identity
+class WasteMeter(EngineObserver):
+    """Slots allocated to the step's requests but not holding K/V after it, summed over steps
+    (a request that finished in the step, its blocks freed, is left out).
 
     Read from the first layer group (full attention for every model kvlm ships).
     """
 
+    block_size: int  # tokens a block holds
     allocated: int = 0
     unused: int = 0
 
-    def sample(self, engine: LLMEngine) -> None:
-        cache = engine.kv_cache
-        for request in engine.scheduler.running:
-            if cache.holds(request.request_id):
-                slots = cache.groups[0].num_held(request.request_id) * cache.block_size
-                self.allocated += slots
-                self.unused += slots - request.num_computed_tokens
+    def on_step(self, event: StepEvent) -> None:
+        for scheduled, tables in zip(event.scheduled, event.tables_after, strict=True):
+            if scheduled.request.finished:
+                continue
+            held = sum(block_id != NULL_BLOCK_ID for block_id in tables[0])
+            self.allocated += held * self.block_size
+            self.unused += held * self.block_size - scheduled.end
 
     @property
     def fraction(self) -> float:
@@ -134,11 +139,14 @@ def _run(engine: LLMEngine, waste: WasteMeter) -> dict[str, RequestOutput]:
     """Step until idle; returns the last (delta) output of every request: its metrics are
     final, its text and token ids only the last step's."""
     final = {}
-    while engine.has_unfinished():
-        for output in engine.step():
-            if output.finished:
-                final[output.request_id] = output
-        waste.sample(engine)
+    engine.add_observer(waste)
+    try:
+        while engine.has_unfinished():
+            for output in engine.step():
+                if output.finished:
+                    final[output.request_id] = output
+    finally:
+        engine.remove_observer(waste)
     return final
 
 
@@ -174,7 +182,7 @@ def bench_ttft(llm: LLM, prefix: list[int]) -> PrefixTTFT:
     ttfts, cached = [], 0
     for _ in ("cold", "cached"):
         engine.add_request(None, prefix + question, one_token)
-        (output,) = _run(engine, WasteMeter()).values()
+        (output,) = _run(engine, WasteMeter(engine.kv_cache.block_size)).values()
         ttfts.append(output.metrics.ttft_s)
         cached = output.metrics.num_cached_tokens
     return PrefixTTFT(len(prefix), ttfts[0], ttfts[1], cached)
@@ -185,10 +193,10 @@ def bench_shared(llm: LLM, prefix: list[int], num_requests: int) -> tuple[float,
     prefix-cache hit rate and the KV waste over them."""
     engine = llm.engine
     engine.kv_cache.reset_prefix_cache()
-    stats = engine.scheduler.stats
+    stats = engine.scheduler_stats
     queries, hits = stats.num_prefix_queries, stats.num_prefix_hits
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    waste = WasteMeter()
+    waste = WasteMeter(engine.kv_cache.block_size)
     for i in range(num_requests):
         text = "\n\n" + QUESTIONS[i % len(QUESTIONS)]
         engine.add_request(
@@ -212,8 +220,8 @@ def run_prefix_bench(
         weight_format=config.weight_format,
     )
     result = PrefixBenchResult(config=config, machine=machine_info())
-    bench_streams(llm, 1, 8, WasteMeter())  # warm-up
-    waste = WasteMeter()
+    bench_streams(llm, 1, 8, WasteMeter(config.block_size))  # warm-up
+    waste = WasteMeter(config.block_size)
     for n in tqdm(config.streams, desc="concurrent streams", unit="run"):
         r = bench_streams(llm, n, config.new_tokens, waste)
         progress(f"{n} streams: {r.tok_s:.1f} tok/s aggregate, mean TTFT {r.mean_ttft_s:.3f} s")

@@ -178,7 +178,6 @@ class AsyncLLMEngine:
         self._num_step_errors = 0
         self._stats = EngineStats()
         self._publish_stats()
-        self._step_listeners: list[Callable[[LLMEngine], None]] = []  # engine thread only
         self._step_threads = StepThreads(torch.get_num_threads())  # the engine set the count
         self._thread = threading.Thread(target=self._run, name="kvlm-engine", daemon=True)
         self._thread.start()
@@ -237,11 +236,6 @@ class AsyncLLMEngine:
         self._submit(_Call(fn, future))
         return future
 
-    def add_step_listener(self, listener: Callable[[LLMEngine], None]) -> Future[None]:
-        """Call `listener(engine)` on the engine thread after every round of commands and step
-        (e.g. to drain cache events). It must be quick; one that raises is logged and dropped."""
-        return self.call(lambda engine: self._step_listeners.append(listener))
-
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current step; unfinished requests get EngineDeadError."""
         with self._cond:
@@ -274,7 +268,6 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished():
                     self._step()
                 self._publish_stats()
-                self._notify_listeners()
         except BaseException:
             logger.exception("the engine thread crashed")
         finally:
@@ -337,15 +330,16 @@ class AsyncLLMEngine:
             logger.exception("could not abort request %s", request_id)
 
     def _step(self) -> None:
-        scheduler = self.engine.scheduler
-        self._step_threads.apply(len(scheduler.running) + len(scheduler.waiting))
+        running, waiting = self.engine.running_requests(), self.engine.waiting_requests()
+        self._step_threads.apply(len(running) + len(waiting))
         try:
             outputs = self.engine.step()
         except Exception as e:
             # Fail the requests that were in the batch (the running ones; when none runs, the
             # waiting ones that could not be scheduled) and keep serving the rest.
             self._num_step_errors += 1
-            affected = [r.request_id for r in scheduler.running or scheduler.waiting]
+            running, waiting = self.engine.running_requests(), self.engine.waiting_requests()
+            affected = [r.request_id for r in running or waiting]
             logger.exception("engine step failed; aborting %d request(s)", len(affected))
             error = EngineStepError(f"the engine failed while running this request: {e!r}")
             self._fail(affected, error)
@@ -369,28 +363,20 @@ class AsyncLLMEngine:
             if stream is not None:
                 stream.put(error)
 
-    def _notify_listeners(self) -> None:
-        for listener in list(self._step_listeners):
-            try:
-                listener(self.engine)
-            except Exception:
-                logger.exception("step listener %r failed; it is dropped", listener)
-                self._step_listeners.remove(listener)
-
     def _publish_stats(self) -> None:
         engine = self.engine
-        cache, scheduler = engine.kv_cache, engine.scheduler
+        cache, stats = engine.kv_cache, engine.scheduler_stats
         pools = cache.pools if cache else []
         self._stats = EngineStats(
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_running=len(engine.running_requests()),
+            num_waiting=len(engine.waiting_requests()),
             num_blocks=sum(p.num_usable_blocks for p in pools),
             num_free_blocks=sum(p.num_free_blocks for p in pools),
             kv_cache_usage=cache.usage if cache else 0.0,
             kv_groups=engine.kv_group_usage() if cache else (),
-            num_prefix_queries=scheduler.stats.num_prefix_queries,
-            num_prefix_hits=scheduler.stats.num_prefix_hits,
-            num_preemptions=scheduler.stats.num_preemptions,
+            num_prefix_queries=stats.num_prefix_queries,
+            num_prefix_hits=stats.num_prefix_hits,
+            num_preemptions=stats.num_preemptions,
             num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens,
             num_steps=self._num_steps,

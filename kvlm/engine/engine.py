@@ -18,11 +18,12 @@ from kvlm.engine.config import (
     EngineConfigError,
     parse_bytes,
 )
+from kvlm.engine.observers import EngineObserver, Observers, RequestEvent, block_tables
 from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.offload_spec import make_tiers, parse_offload
 from kvlm.engine.request import Request, RequestOutput
-from kvlm.engine.runner import ModelRunner
-from kvlm.engine.scheduler import Scheduler, SchedulerConfig
+from kvlm.engine.runner import ModelRunner, PromptRows
+from kvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats
 from kvlm.engine.weight_format import resolve_weight_format
 from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
@@ -36,6 +37,7 @@ from kvlm.kv.transfer import BlockTransfer
 from kvlm.loading import load_model, resolve_model_path
 from kvlm.models.transformer import CausalLM
 from kvlm.sampling import Logprob, Sampler, SamplingParams, make_generator
+from kvlm.sampling.sampler import gather_logprobs
 from kvlm.sampling.structured import StructuredDecoder
 from kvlm.sampling.structured_grammar import StructuredOutputsError
 from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -107,6 +109,8 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.num_steps = 0  # forward passes run
+        self._observers = Observers()
         torch.manual_seed(config.seed)
         self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(
             self.model_config.eos_token_ids
@@ -220,6 +224,8 @@ class LLMEngine:
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
+        if self._observers:
+            self._observers.request(RequestEvent("added", request))
         return request_id
 
     def _virtual_prefix(self, prefix_adapter: str | None) -> VirtualPrefix | None:
@@ -257,9 +263,36 @@ class LLMEngine:
         if request is not None and not request.finished:
             request.finish_reason = "abort"
             self.scheduler.finish(request)
+            if self._observers:
+                self._observers.request(RequestEvent("aborted", request))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def running_requests(self) -> list[Request]:
+        """The requests in the batch, oldest first (each holds blocks with a cache)."""
+        return list(self.scheduler.running)
+
+    def waiting_requests(self) -> list[Request]:
+        """Requests queued for admission (new or preempted; not those fetching a prefix)."""
+        return list(self.scheduler.waiting)
+
+    @property
+    def scheduler_stats(self) -> SchedulerStats:
+        """Prefix-cache look-ups and hits and preemptions since start (live counters)."""
+        return self.scheduler.stats
+
+    # --- observers ------------------------------------------------------------------------
+
+    def add_observer(self, observer: EngineObserver) -> None:
+        """Have `observer` hear this engine's request and step events (engine thread)."""
+        self._observers.add(observer)
+        self.scheduler.notify = self._observers.request
+
+    def remove_observer(self, observer: EngineObserver) -> None:
+        self._observers.remove(observer)
+        if not self._observers:  # no event is built with nobody listening
+            self.scheduler.notify = None
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -272,8 +305,19 @@ class LLMEngine:
             if self.offload is not None and self.scheduler.loading:
                 self.offload.wait_for_load(timeout=0.05)  # nothing else to run meanwhile
             return []
-        logits, sampled = self.runner.run(batch)
+        self.num_steps += 1
+        if batch.scores_prompt:
+            logits, sampled, prompt_rows = self.runner.run_scoring(batch)
+            self._score_prompts(batch, prompt_rows)
+        else:
+            logits, sampled = self.runner.run(batch)
+        forward = None
+        if self._observers:  # the K/V are written; no window has freed a block yet
+            forward = self._observers.forward(
+                self.num_steps, batch.requests, batch.num_new_tokens, self.kv_cache
+            )
         self.scheduler.update_after_step(batch)
+        tables_after = None if forward is None else block_tables(forward.scheduled, self.kv_cache)
         changed = []
         if sampled:
             requests = [batch.requests[i] for i in sampled]
@@ -297,7 +341,32 @@ class LLMEngine:
         for request in changed:
             if request.finished:
                 self.requests.pop(request.request_id, None)
+        if forward is not None and tables_after is not None:
+            self._observers.step(forward, tables_after, outputs)
         return outputs
+
+    def _score_prompts(self, batch: ScheduledBatch, rows: PromptRows) -> None:
+        """Append to each scoring request the entries of the prompt rows just computed: the
+        log-probability of the token after each row, with its `prompt_logprobs` alternatives."""
+        if not rows.spans:
+            return
+        requests = [batch.requests[i] for i, _, _ in rows.spans]
+        targets, num_top = [], []
+        for request, (_, first, num_rows) in zip(requests, rows.spans, strict=True):
+            targets += request.token_ids[first + 1 : first + 1 + num_rows]
+            num_top += [request.params.prompt_logprobs] * num_rows
+        device = rows.logits.device
+        entries = gather_logprobs(rows.logits, torch.tensor(targets, device=device), num_top)
+        for entry in entries:
+            assert entry is not None  # every row asked
+            for tid, lp in entry.items():
+                lp.decoded_token = self.tokenizer.id_to_token(tid)
+        start = 0
+        for request, (_, _, num_rows) in zip(requests, rows.spans, strict=True):
+            assert request.prompt_logprobs is not None
+            request.prompt_logprobs += entries[start : start + num_rows]
+            request.num_prompt_logprobs += num_rows
+            start += num_rows
 
     def _append_token(
         self, request: Request, token_id: int, logprobs: dict[int, Logprob] | None, now: float
@@ -336,6 +405,8 @@ class LLMEngine:
         request.stop_reason = stop_reason
         request.metrics.finish_time = now
         self.scheduler.finish(request)
+        if self._observers:
+            self._observers.request(RequestEvent("finished", request))
 
     def kv_cache_bytes_used(self) -> int:
         """Bytes of the blocks some request (or pin) holds, all groups, scales included."""

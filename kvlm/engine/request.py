@@ -76,6 +76,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics  # a snapshot taken when the output was made
+    # With `prompt_logprobs` set: per prompt token, its log-probability given the tokens before
+    # it plus the top alternatives (None for the first token), in the first output only.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class TextBuffer:
@@ -139,8 +142,11 @@ class OutputAccumulator:
         self._text = TextBuffer()
         self._token_ids: list[int] = []
         self._logprobs: list[dict[int, Logprob]] | None = None
+        self._prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def add(self, delta: RequestOutput) -> None:
+        if delta.prompt_logprobs is not None:
+            self._prompt_logprobs = (self._prompt_logprobs or []) + delta.prompt_logprobs
         completion = delta.outputs[0]
         self._text.append(completion.text)
         self._token_ids.extend(completion.token_ids)
@@ -168,7 +174,9 @@ class OutputAccumulator:
             stop_reason=last.stop_reason,
             logprobs=self._logprobs,
         )
-        return dataclasses.replace(self.last, outputs=[completion])
+        return dataclasses.replace(
+            self.last, outputs=[completion], prompt_logprobs=self._prompt_logprobs
+        )
 
 
 @dataclass
@@ -183,6 +191,12 @@ class Request:
     With a `virtual_prefix` (a prefix-tuning adapter), `token_ids` starts with its placeholder
     ids and `num_computed_tokens` never drops below their count: their K/V are the prefix's
     pinned blocks. `prompt_token_ids` and the metrics count the real prompt only.
+
+    With `params.prompt_logprobs` set the request scores its prompt: the row of each prompt
+    token but the last gives the next one's log-probability. `num_prompt_logprobs` counts the
+    entries computed so far (the first token's None included), so the rows still needed start
+    at `next_scored_row`; the scheduler takes no prefix hit past it, and the runner projects
+    every needed row a step computes.
     """
 
     request_id: str
@@ -204,6 +218,9 @@ class Request:
     logprobs: list[dict[int, Logprob]] | None = None
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
+    # Prompt entries computed but not yet handed out, and how many were computed in all.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_prompt_logprobs: int = 0
     prompt_token_ids: list[int] = field(init=False)
     metrics: RequestMetrics = field(init=False)
     stop_checker: StopChecker = field(init=False)
@@ -219,11 +236,23 @@ class Request:
         self._text = TextBuffer()
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # nothing before the first prompt token to score it
+            self.num_prompt_logprobs = 1
 
     @property
     def extra_keys(self) -> tuple[str, ...]:
         """What names the request's blocks besides its tokens and salt: its adapter's key."""
         return () if self.virtual_prefix is None else (self.virtual_prefix.hash_key,)
+
+    @property
+    def next_scored_row(self) -> int | None:
+        """Position of the first prompt row whose logits the request still needs (scoring the
+        token after it); None when it needs none (its prompt is scored, or not asked for)."""
+        if self.params.prompt_logprobs is None:
+            return None
+        row = self.num_virtual_tokens + self.num_prompt_logprobs - 1
+        return row if row < self.num_prompt_tokens - 1 else None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -281,6 +310,9 @@ class Request:
         logprobs = None
         if self.logprobs is not None:
             logprobs, self.logprobs = self.logprobs, []
+        prompt_logprobs = None
+        if self.prompt_logprobs:  # once, with the first output after the prompt is scored
+            prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, []
         first_new = self.num_prompt_tokens + self.num_emitted_tokens
         self.num_emitted_tokens = self.num_output_tokens
         completion = CompletionOutput(
@@ -298,4 +330,5 @@ class Request:
             outputs=[completion],
             finished=self.finished,
             metrics=dataclasses.replace(self.metrics),  # a snapshot: the engine keeps updating
+            prompt_logprobs=prompt_logprobs,
         )

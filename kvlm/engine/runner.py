@@ -27,6 +27,18 @@ class StepInput:
     ctx: ForwardContext
     logits_indices: torch.Tensor  # [num_sampled] rows of the hidden states to project
     sampled: list[int]  # positions in the batch of requests that sample a token this step
+    # Requests scoring their prompt: (batch index, first position, num rows) of the prompt
+    # rows they still need, and those rows' places in the hidden states (None: no such rows)
+    prompt_spans: list[tuple[int, int, int]]
+    prompt_indices: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Logits of the prompt rows a step's scoring requests still need."""
+
+    logits: torch.Tensor  # [num_rows, vocab] float32, the spans' rows one after another
+    spans: list[tuple[int, int, int]]  # (batch index, first position, num rows)
 
 
 @dataclass
@@ -70,10 +82,14 @@ class ModelRunner:
         return self.model.logits(hidden.index_select(0, step.logits_indices)), step.sampled
 
     @torch.inference_mode()
-    def run_all(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Final hidden states of every token in the step, [T, H] (for scoring text)."""
+    def run_scoring(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], PromptRows]:
+        """As `run`, plus the logits of every prompt row the batch's scoring requests still
+        need, projected on their own (so they do not depend on the sampled rows beside them)."""
         step = self.prepare(batch)
-        return self.model(step.input_ids, step.ctx)
+        hidden = self.model(step.input_ids, step.ctx)  # [T, H]
+        logits = self.model.logits(hidden.index_select(0, step.logits_indices))
+        rows = hidden[:0] if step.prompt_indices is None else hidden[step.prompt_indices]
+        return logits, step.sampled, PromptRows(self.model.logits(rows), step.prompt_spans)
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         for group, source, destination in batch.block_copies:  # before anything reads them
@@ -94,6 +110,12 @@ class ModelRunner:
             i for i, r in enumerate(batch.requests) if ends[i] == len(r.token_ids)
         ]  # requests whose known tokens are all computed after this step
         logits_indices = token_offsets[sampled] + counts[sampled] - 1
+        prompt_spans = self._prompt_spans(batch, starts, ends) if batch.scores_prompt else []
+        prompt_indices = None
+        if prompt_spans:
+            prompt_indices = np.concatenate(  # [num prompt rows] places in T
+                [token_offsets[i] + p - starts[i] + np.arange(n) for i, p, n in prompt_spans]
+            )
 
         shape = _StepShape(starts, ends, counts, token_offsets, seq_of_token, positions, max_q)
         tables = self._block_tables(batch)
@@ -106,7 +128,29 @@ class ModelRunner:
             query_pad_index=None if pad_index is None else self._to_device(pad_index),
             layer_views=[views[g] for g in self.group_of_layer],
         )
-        return StepInput(self._to_device(input_ids), ctx, self._to_device(logits_indices), sampled)
+        return StepInput(
+            self._to_device(input_ids),
+            ctx,
+            self._to_device(logits_indices),
+            sampled,
+            prompt_spans,
+            None if prompt_indices is None else self._to_device(prompt_indices),
+        )
+
+    @staticmethod
+    def _prompt_spans(
+        batch: ScheduledBatch, starts: np.ndarray, ends: np.ndarray
+    ) -> list[tuple[int, int, int]]:
+        """Per scoring request, the prompt rows it still needs among those computed now."""
+        spans = []
+        for i, request in enumerate(batch.requests):
+            row = request.next_scored_row
+            if row is None:
+                continue
+            first, end = max(int(starts[i]), row), min(int(ends[i]), request.num_prompt_tokens - 1)
+            if first < end:
+                spans.append((i, first, end - first))
+        return spans
 
     def _block_tables(self, batch: ScheduledBatch) -> list[np.ndarray | None]:
         """Per group, [B, max_blocks] block ids padded with the null block; None without cache."""

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvlm.engine.config import EngineConfigError
+from kvlm.engine.observers import RequestEvent
 from kvlm.engine.request import Request, RequestStatus
 from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kvlm.engine.offload import OffloadConnector
 
 
@@ -48,10 +51,12 @@ class ScheduledBatch:
     # (group, source, destination) whole-block copies to make before the step runs: a prefix
     # adapter's partial last block, into the block a newly admitted request fills next
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)
+    scores_prompt: bool = False  # some request still needs logits of its prompt rows
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
         self.num_new_tokens.append(num_tokens)
+        self.scores_prompt |= request.next_scored_row is not None
 
     @property
     def total_tokens(self) -> int:
@@ -77,6 +82,8 @@ class Scheduler:
         # step aside into `loading`, so they hold up neither the batch nor the queue.
         self.offload: OffloadConnector | None = None
         self.loading: dict[str, Request] = {}
+        # Set by the engine while observers listen: hears admissions and preemptions.
+        self.notify: Callable[[RequestEvent], None] | None = None
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -106,7 +113,8 @@ class Scheduler:
             self.waiting.extendleft(reversed(loaded))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self.offload is not None and self.cache is not None:
+            scores = request.next_scored_row is not None  # fetches no prefix it must compute
+            if self.offload is not None and self.cache is not None and not scores:
                 hashes = self._hashes(request, len(request.token_ids))
                 if self.offload.start_load(request, hashes):
                     self.loading[self.waiting.popleft().request_id] = request
@@ -119,6 +127,9 @@ class Scheduler:
             self.running.append(request)
             batch.add(request, num_tokens)
             budget -= num_tokens
+            if self.notify is not None:
+                cached = request.num_computed_tokens - request.num_virtual_tokens
+                self.notify(RequestEvent("admitted", request, cached))
         return batch
 
     def update_after_step(self, batch: ScheduledBatch) -> None:
@@ -180,7 +191,10 @@ class Scheduler:
             total = len(request.token_ids)
             return total if total <= budget or not self.running else 0
         hashes = self._hashes(request, len(request.token_ids))
-        hit = self.cache.find_cached_prefix(hashes, len(request.token_ids))
+        # A request scoring its prompt computes every row it still needs: no hit past it.
+        scored_row = request.next_scored_row
+        limit = len(request.token_ids) if scored_row is None else scored_row + 1
+        hit = self.cache.find_cached_prefix(hashes, limit)
         num_virtual = request.num_virtual_tokens  # never computed: their K/V are pinned
         num_cached = max(hit.num_tokens, num_virtual)
         num_tokens = min(len(request.token_ids) - num_cached, budget)
@@ -197,7 +211,8 @@ class Scheduler:
         request.num_computed_tokens = num_cached
         if request.metrics.num_preemptions == 0:
             request.metrics.num_cached_tokens = num_cached - num_virtual
-            self.stats.num_prefix_queries += request.num_prompt_tokens - num_virtual
+            looked_up = request.num_prompt_tokens if scored_row is None else scored_row
+            self.stats.num_prefix_queries += looked_up - num_virtual
             self.stats.num_prefix_hits += num_cached - num_virtual
         return num_tokens
 
@@ -225,3 +240,5 @@ class Scheduler:
         request.metrics.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
+        if self.notify is not None:
+            self.notify(RequestEvent("preempted", request))

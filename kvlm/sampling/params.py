@@ -163,6 +163,10 @@ class SamplingParams:
     # Number of top log-probabilities to return per generated token (the sampled token's is
     # always added); None = none at all.
     logprobs: int | None = None
+    # Log-probabilities of the prompt's own tokens (each one given those before it), with this
+    # many top alternatives per token; None = none. Such a request takes no prefix-cache hit
+    # over the tokens it scores: every prompt row is computed and projected (vLLM's field).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # OpenAI's penalties, counted over generated tokens only (never the prompt), in [-2, 2]:
@@ -239,6 +243,12 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError(
                 f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}"
+            )
+        _check_int("prompt_logprobs", self.prompt_logprobs, optional=True)
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise SamplingParamsError(
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}] or None, got "
+                f"{self.prompt_logprobs}"
             )
         _check_bool("ignore_eos", self.ignore_eos)
         _check_bool("skip_special_tokens", self.skip_special_tokens)

@@ -153,7 +153,7 @@ class Sampler:
         if all(p.logprobs is None for p in params):
             logprobs: list[dict[int, Logprob] | None] = [None] * num_seqs
         else:
-            logprobs = _gather_logprobs(raw, token_ids, params)
+            logprobs = gather_logprobs(raw, token_ids, [p.logprobs for p in params])
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     def _ban_stop_tokens(
@@ -255,17 +255,19 @@ def _sample(
     return (logits - q.log()).argmax(dim=-1)
 
 
-def _gather_logprobs(
+def gather_logprobs(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
-    params: Sequence[SamplingParams],
+    num_top: Sequence[int | None],
 ) -> list[dict[int, Logprob] | None]:
-    """Raw-logit log-probs: each asking row's top-k plus its sampled token, in one transfer."""
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-    counts = [params[i].logprobs or 0 for i in rows]
+    """Log-probs of `logits` rows ([num_rows, vocab_size]): per row, its `num_top[i]` most
+    likely tokens plus `token_ids[i]` (the sampled token, or a prompt token being scored), in
+    one transfer; None for rows whose `num_top` is None."""
+    rows = [i for i, k in enumerate(num_top) if k is not None]
+    counts = [num_top[i] or 0 for i in rows]
     k_max = max(counts)
     device = logits.device
-    if len(rows) < len(params):
+    if len(rows) < len(num_top):
         row_idx = torch.tensor(rows, dtype=torch.long).to(device)
         logits, token_ids = logits[row_idx], token_ids[row_idx]
 
@@ -283,7 +285,7 @@ def _gather_logprobs(
     payload = torch.cat([t.to(torch.float64) for t in parts], dim=1)  # [num_rows, 3 + 3 * k_max]
     host_rows = payload.tolist()
 
-    out: list[dict[int, Logprob] | None] = [None] * len(params)
+    out: list[dict[int, Logprob] | None] = [None] * len(num_top)
     for row, count, values in zip(rows, counts, host_rows, strict=True):
         ids = values[3 : 3 + k_max]
         lps = values[3 + k_max : 3 + 2 * k_max]

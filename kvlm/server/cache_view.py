@@ -1,12 +1,15 @@
 """The live cache view's data, built on the engine thread from the cache's event log
 (`kvlm/kv/events.py`): one snapshot when a client connects, then one delta per engine step.
 
+The watch costs nothing while no client is connected: it observes the engine and keeps the
+event log attached only from the first subscriber to the last one leaving.
+
 A delta carries only what the step changed: the new state of each block the pools reported,
 the block tables of the requests whose tables changed, the ids of requests that let go of their
 blocks, plus the running requests' token counts and the KV totals (a few numbers each). Only
 the snapshot walks the whole pool. `CacheViewFormatter` is the third formatter beside the
 completion ones: it shapes the stream's first event and its chunks; `CacheWatch` does the
-plumbing (draining the log, handing deltas to subscribers).
+plumbing (an engine observer: draining the log after each step, handing deltas to subscribers).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Literal, Protocol
 from pydantic import BaseModel
 
 from kvlm.engine.engine import LLMEngine
+from kvlm.engine.observers import EngineObserver, RequestEvent, StepEvent
 from kvlm.engine.request import Request
-from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.block_pool import NULL_BLOCK_ID
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.events import BlockState, KVChanges, KVEventLog, block_state
@@ -140,7 +143,7 @@ class CacheViewFormatter:
         )
 
     def _holding(self, engine: LLMEngine) -> list[Request]:
-        return [r for r in engine.scheduler.running if self.cache.holds(r.request_id)]
+        return [r for r in engine.running_requests() if self.cache.holds(r.request_id)]
 
     def _request(self, request: Request, with_tables: bool) -> RequestView:
         tables = self.cache.block_tables(request.request_id) if with_tables else None
@@ -154,55 +157,90 @@ class CacheViewFormatter:
         )
 
     def _stats(self, engine: LLMEngine) -> CacheStats:
-        scheduler = engine.scheduler
+        stats = engine.scheduler_stats
         return CacheStats(
             step=self.num_steps,
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_running=len(engine.running_requests()),
+            num_waiting=len(engine.waiting_requests()),
             bytes_used=self.cache.bytes_used(),
             bytes_total=self.cache.bytes_total(),
-            prefix_queries=scheduler.stats.num_prefix_queries,
-            prefix_hits=scheduler.stats.num_prefix_hits,
+            prefix_queries=stats.num_prefix_queries,
+            prefix_hits=stats.num_prefix_hits,
         )
 
 
 @dataclass(frozen=True)
-class _Owner:
-    request: Request  # a request whose table listed the block (kept after it finishes)
-    index: int  # the block's place in that table
+class _Contents:
+    block_hash: bytes  # the block's name when these tokens filled it
+    token_ids: tuple[int, ...]
 
 
-class CacheWatch:
-    """Engine-thread side of the view: after each engine round, drains the event log and hands
-    one delta to every subscriber. Every method runs on the engine thread."""
+class CacheWatch(EngineObserver):
+    """Engine-thread side of the view: while a client is subscribed, observes the engine and,
+    after each step (and each abort), drains the event log and hands one delta to every
+    subscriber. Every method runs on the engine thread."""
 
     def __init__(self, engine: LLMEngine) -> None:
         if engine.kv_cache is None:
             raise ValueError("the engine runs without a KV cache: there is nothing to watch")
+        self.engine = engine
         self.cache = engine.kv_cache
         self.tokenizer = engine.tokenizer
-        self.log = KVEventLog(self.cache)
+        self.log: KVEventLog | None = None  # attached while anyone is subscribed
         self.formatter = CacheViewFormatter(self.cache)
         self.subscribers: list[DeltaSink] = []
-        # Per group, the last request to list each block, so a cached block's text outlives it.
-        self.owners: list[dict[int, _Owner]] = [{} for _ in self.cache.groups]
+        # Per group, the tokens that filled each named block seen while watching, so a cached
+        # block nobody holds still shows its text (the requests themselves are not kept).
+        self.contents: list[dict[int, _Contents]] = [{} for _ in self.cache.groups]
 
-    def on_step(self, engine: LLMEngine) -> None:
+    def on_step(self, event: StepEvent) -> None:
+        size = self.cache.block_size
+        for scheduled, tables in zip(event.scheduled, event.tables_after, strict=True):
+            token_ids = scheduled.request.token_ids
+            first, end = scheduled.start // size, scheduled.end // size  # blocks filled now
+            for pool, contents, table in zip(self.cache.pools, self.contents, tables, strict=True):
+                for index in range(first, min(end, len(table))):
+                    block_id = table[index]
+                    name = pool.blocks[block_id].block_hash
+                    if block_id != NULL_BLOCK_ID and name is not None:
+                        chunk = tuple(token_ids[index * size : (index + 1) * size])
+                        contents[block_id] = _Contents(name, chunk)
+        self._publish()
+
+    def on_request(self, event: RequestEvent) -> None:
+        if event.kind == "aborted":  # between steps: the freed blocks show now
+            self._publish()
+
+    def _publish(self) -> None:
+        assert self.log is not None
         changes = self.log.drain()
         self.formatter.num_steps += 1
-        self._remember_owners(engine, changes.request_ids)
-        if self.subscribers:
-            delta = self.formatter.chunk(engine, changes)
-            self.subscribers = [s for s in self.subscribers if s.put(delta)]
+        delta = self.formatter.chunk(self.engine, changes)
+        self.subscribers = [s for s in self.subscribers if s.put(delta)]
+        if not self.subscribers:
+            self._stop()
 
     def subscribe(self, engine: LLMEngine, sink: DeltaSink) -> CacheSnapshot:
-        """The view now; `sink` gets every later round's delta until `unsubscribe`."""
+        """The view now; `sink` gets every later step's delta until `unsubscribe`."""
+        if not self.subscribers:  # the first one: start watching
+            self.log = KVEventLog(self.cache)
+            engine.add_observer(self)
         self.subscribers.append(sink)
         return self.formatter.stream_start(engine)
 
     def unsubscribe(self, sink: DeltaSink) -> None:
         if sink in self.subscribers:
             self.subscribers.remove(sink)
+            if not self.subscribers:
+                self._stop()
+
+    def _stop(self) -> None:
+        """The last subscriber left: stop observing, detach the log, forget the contents."""
+        self.engine.remove_observer(self)
+        if self.log is not None:
+            self.log.detach()
+            self.log = None
+        self.contents = [{} for _ in self.cache.groups]
 
     def block_info(self, engine: LLMEngine, group: int, block_id: int) -> BlockInfo:
         """Holders and token text of one block; IndexError for a group or block not there."""
@@ -228,8 +266,8 @@ class CacheWatch:
         self, engine: LLMEngine, group: int, block_id: int, holders: list[str]
     ) -> list[int] | None:
         """The token ids whose K/V the block holds: from a holder's computed tokens, or, for a
-        cached block nobody holds, from its last owner if that owner's prefix hashes to the
-        block's name (so a block reused since is never described by old text)."""
+        cached block nobody holds, the tokens seen filling it if it still has that name (so a
+        block reused since is never described by old text)."""
         size = self.cache.block_size
         for rid in holders:
             request = engine.requests.get(rid)
@@ -238,24 +276,7 @@ class CacheWatch:
                 end = min((index + 1) * size, request.num_computed_tokens)
                 return request.token_ids[index * size : end]
         block = self.cache.pools[group].blocks[block_id]
-        owner = self.owners[group].get(block_id)
-        if owner is None or block_state(block) != BlockState.CACHED:
+        seen = self.contents[group].get(block_id)
+        if seen is None or block_state(block) != BlockState.CACHED:
             return None
-        request, end = owner.request, (owner.index + 1) * size
-        hashes: list[bytes] = []
-        extend_block_hashes(
-            hashes, request.token_ids, end, size, request.cache_salt, request.extra_keys
-        )
-        if len(hashes) <= owner.index or hashes[owner.index] != block.block_hash:
-            return None
-        return request.token_ids[owner.index * size : end]
-
-    def _remember_owners(self, engine: LLMEngine, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            request = engine.requests.get(request_id)
-            if request is None or not self.cache.holds(request_id):
-                continue
-            for owners, table in zip(self.owners, self.cache.block_tables(request_id), strict=True):
-                for index, block_id in enumerate(table):
-                    if block_id != NULL_BLOCK_ID:
-                        owners[block_id] = _Owner(request, index)
+        return list(seen.token_ids) if seen.block_hash == block.block_hash else None

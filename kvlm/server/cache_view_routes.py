@@ -90,9 +90,8 @@ def _watch(engine: AsyncLLMEngine) -> CacheWatch | None:
         return None
     with _WATCHES_LOCK:
         if engine not in _WATCHES:
-            watch = engine.call(CacheWatch).result(_START_TIMEOUT_S)  # attached on its thread
-            engine.add_step_listener(watch.on_step).result(_START_TIMEOUT_S)
-            _WATCHES[engine] = watch
+            # Made on the engine thread; it observes the engine only while a client listens.
+            _WATCHES[engine] = engine.call(CacheWatch).result(_START_TIMEOUT_S)
         return _WATCHES[engine]
 
 

@@ -1,9 +1,9 @@
 """Record one generation step by step: which tokens each step computed, the block tables, and
 real K/V values read back from the cache, plus the work the cache saved.
 
-Only the engine being recorded is touched: its scheduler's `update_after_step` is wrapped on
-that one instance, so K/V are read right after the forward pass wrote them and before a window
-lets their blocks go. Nothing is added to the engine's code path when not visualizing.
+The recorder is an engine observer, registered only while recording: it reads K/V in
+`on_forward` (the forward pass has written them, no window has let their blocks go yet) and
+notes the step in `on_step`. Nothing is added to the engine's code path when not visualizing.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlm.engine.engine import LLMEngine
+from kvlm.engine.observers import BlockTables, EngineObserver, ForwardEvent, StepEvent
 from kvlm.engine.request import Request
-from kvlm.engine.scheduler import ScheduledBatch
 from kvlm.sampling import SamplingParams
 from kvlm.viz.work import NO_WORK, LayerGroupShape, Work, recompute_work, step_work
 
@@ -80,15 +80,14 @@ def record_generation(
     request_id = engine.add_request(prompt, None, params)
     request = engine.requests[request_id]
     recorder = _Recorder(engine, request, settings, num_channels, on_step)
-    scheduler = engine.scheduler
-    original = scheduler.update_after_step
-    scheduler.update_after_step = recorder.wrap(original)  # this engine only; undone below
+    engine.add_observer(recorder)
     try:
         while request_id in engine.requests:
             engine.step()
-            recorder.finish_step()
+            assert recorder.ran, "the step did not run the recorded request"
+            recorder.ran = False
     finally:
-        del scheduler.update_after_step  # the class's method again
+        engine.remove_observer(recorder)
     recorder.recording.token_ids = list(request.token_ids)
     recorder.recording.token_texts = [
         engine.tokenizer.decode([t], skip_special_tokens=False) for t in request.token_ids
@@ -102,7 +101,7 @@ def _run_to_end(engine: LLMEngine, request_id: str) -> None:
         engine.step()
 
 
-class _Recorder:
+class _Recorder(EngineObserver):
     def __init__(
         self,
         engine: LLMEngine,
@@ -113,12 +112,10 @@ class _Recorder:
     ) -> None:
         assert engine.kv_cache is not None and engine.kv_stores is not None
         self.engine = engine
-        self.cache = engine.kv_cache
         self.stores = engine.kv_stores
         self.request = request
-        self.on_step = on_step
-        # (start, end, tables during the forward, tables after the window) of the last step
-        self.pending: tuple[int, int, list[list[int]], list[list[int]]] | None = None
+        self.step_callback = on_step
+        self.ran = False  # the last step ran the request
         config = engine.model_config
         specs = engine.kv_specs
         labels = [label for label, _, _ in engine.kv_group_usage()]
@@ -141,28 +138,20 @@ class _Recorder:
             values=[[] for _ in range(config.num_layers)],
         )
 
-    def wrap(self, update: Callable[[ScheduledBatch], None]) -> Callable[[ScheduledBatch], None]:
-        def update_after_step(batch: ScheduledBatch) -> None:
-            [num_new] = batch.num_new_tokens  # the engine runs this one request only
-            start = self.request.num_computed_tokens
-            written = self._tables()
-            self._read_kv(start, start + num_new)
-            update(batch)
-            self.pending = (start, start + num_new, written, self._tables())
+    def on_forward(self, event: ForwardEvent) -> None:
+        [scheduled] = event.scheduled  # the engine runs this one request only
+        assert scheduled.request is self.request
+        [tables] = event.tables
+        self._read_kv(tables, scheduled.start, scheduled.end)
 
-        return update_after_step
-
-    def _tables(self) -> list[list[int]]:
-        return [list(t) for t in self.cache.block_tables(self.request.request_id)]
-
-    def _read_kv(self, start: int, end: int) -> None:
+    def _read_kv(self, tables: BlockTables, start: int, end: int) -> None:
         """Append the K/V of positions [start, end) (head `kv_head`, the chosen channels) of
         every layer, read from the stores; reused positions before `start` get None."""
         rec = self.recording
         positions = torch.arange(start, end)
         channels = torch.tensor(rec.channels)
         for group, (spec, store) in enumerate(zip(self.engine.kv_specs, self.stores, strict=True)):
-            table = torch.tensor(self.cache.block_tables(self.request.request_id)[group])
+            table = torch.tensor(tables[group])
             block_ids = table[positions // spec.block_size]
             rows = block_ids * store.rows_per_block + positions % spec.block_size  # [N]
             rows = rows.to(store.data.device)
@@ -173,11 +162,12 @@ class _Recorder:
                     picked = x[:, rec.kv_head, :].float().cpu()[:, channels]  # [N, C]
                     out.extend(picked.tolist())
 
-    def finish_step(self) -> None:
-        """After `engine.step()`: note what the step computed, sampled and let go."""
-        assert self.pending is not None, "the step did not run the recorded request"
-        start, end, written, after = self.pending
-        self.pending = None
+    def on_step(self, event: StepEvent) -> None:
+        """Note what the step computed, sampled and let go."""
+        [scheduled] = event.scheduled
+        start, end = scheduled.start, scheduled.end
+        [written], [after] = event.tables_written, event.tables_after
+        self.ran = True
         request = self.request
         reached_end = end >= request.num_prompt_tokens and len(request.token_ids) > end
         sampled = request.token_ids[end] if reached_end else None  # a prefill chunk samples none
@@ -188,11 +178,11 @@ class _Recorder:
             start=start,
             end=end,
             sampled=sampled,
-            tables_written=written,
-            tables_after=after,
+            tables_written=[list(t) for t in written],
+            tables_after=[list(t) for t in after],
             with_cache=step_work(self.shapes, start, end),
             without_cache=without,
         )
         self.recording.steps.append(step)
-        if self.on_step is not None:
-            self.on_step(step)
+        if self.step_callback is not None:
+            self.step_callback(step)

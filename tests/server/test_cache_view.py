@@ -147,3 +147,36 @@ def test_apps_sharing_an_engine_share_its_watch(server: LiveServer) -> None:
     with TestClient(build_app(server.engine, MODEL_NAME, API_KEY)) as client:
         response = client.get("/cache/blocks/0/1", params={"api_key": API_KEY})
         assert response.status_code == 200 and response.json()["block_id"] == 1
+
+
+def test_the_watch_costs_nothing_once_the_last_client_left(server: LiveServer) -> None:
+    """While a client listens the pools log their changes; once it leaves the log is detached,
+    the engine has no observer left and no request (nor a block's text) is kept."""
+    from kvlm.server.cache_view_routes import _WATCHES
+
+    watch = _WATCHES[server.engine]
+
+    def state(engine: LLMEngine) -> tuple[bool, bool, int]:
+        attached = any(pool.events is not None for pool in engine.kv_cache.pools)
+        return attached, bool(watch.subscribers), len(watch.contents[0])
+
+    events: list[dict] = []
+    body = {"model": MODEL_NAME, "prompt": "Count: one two three", "max_tokens": 4}
+    reader = threading.Thread(
+        target=_events,
+        args=(server, lambda e: bool(e.get("removed")), events),
+        kwargs={"headers": server.headers},
+    )
+    reader.start()
+    with server.client() as client:
+        while not events:
+            threading.Event().wait(0.05)
+        assert server.engine.call(state).result(TIMEOUT.read)[:2] == (True, True)
+        assert client.post("/v1/completions", json=body).status_code == 200
+    reader.join(TIMEOUT.read)
+    for _ in range(200):  # the route unsubscribes on the engine thread after the stream ends
+        if server.engine.call(state).result(TIMEOUT.read) == (False, False, 0):
+            break
+        threading.Event().wait(0.05)
+    assert server.engine.call(state).result(TIMEOUT.read) == (False, False, 0)
+    assert server.engine.call(lambda e: e.scheduler.notify).result(TIMEOUT.read) is None
