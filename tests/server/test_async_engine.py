@@ -17,6 +17,7 @@ from kvlm.engine.engine import InputError
 from kvlm.engine.request import OutputAccumulator
 from kvlm.engine.scheduler import SchedulerStats
 from kvlm.sampling import SamplingParams
+from kvlm.sampling.structured_grammar import GrammarCompiler
 from kvlm.server import build_app
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -136,9 +137,15 @@ class _NeverFinishingEngine:
         self.unbounded_length = False
         self.prefix_adapters = None
         self.offload = None
+        # A compiler that is never used: no request here asks for a grammar.
+        self.structured = SimpleNamespace(compiler=GrammarCompiler(self._no_tokenizer, 8))
         self.scheduler_stats = SchedulerStats()
         self.requests: dict[str, SimpleNamespace] = {}
         self.stepping = threading.Event()
+
+    @staticmethod
+    def _no_tokenizer():
+        raise AssertionError("the fake engine compiles no grammar")
 
     def add_request(
         self, prompt, prompt_token_ids, params, cache_salt, request_id, prefix_adapter
