@@ -80,6 +80,15 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
+# A token a grammar bans has logprob -inf, which JSON cannot carry: shown as OpenAI and vLLM
+# show "impossible".
+MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 def _piece(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -95,8 +104,9 @@ def completion_logprobs(
     for token_id, entry in zip(token_ids, entries, strict=True):
         piece = _piece(tokenizer, token_id)
         result.tokens.append(piece)
-        result.token_logprobs.append(entry[token_id].logprob)
-        result.top_logprobs.append({_piece(tokenizer, t): lp.logprob for t, lp in entry.items()})
+        result.token_logprobs.append(_finite(entry[token_id].logprob))
+        top = {_piece(tokenizer, t): _finite(lp.logprob) for t, lp in entry.items()}
+        result.top_logprobs.append(top)
         result.text_offset.append(text_offset)
         text_offset += len(piece)
     return result
@@ -113,13 +123,15 @@ def chat_logprobs(
     for token_id, entry in zip(token_ids, entries, strict=True):
         piece = _piece(tokenizer, token_id)
         top = [
-            TopLogprob(token=(p := _piece(tokenizer, t)), logprob=lp.logprob, bytes=_bytes(p))
+            TopLogprob(
+                token=(p := _piece(tokenizer, t)), logprob=_finite(lp.logprob), bytes=_bytes(p)
+            )
             for t, lp in list(entry.items())[:num_top]  # rank order; the sampled one is last
         ]
         content.append(
             ChatTokenLogprob(
                 token=piece,
-                logprob=entry[token_id].logprob,
+                logprob=_finite(entry[token_id].logprob),
                 bytes=_bytes(piece),
                 top_logprobs=top,
             )

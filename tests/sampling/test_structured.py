@@ -205,3 +205,11 @@ def test_preemption_and_prefix_cache_keep_the_matcher_in_step(smollm2_llm) -> No
     assert got == expected
     again = smollm2_llm.generate(prompts[:1], params)[0]
     assert again.metrics.num_cached_tokens > 0 and again.outputs[0].text == expected[0]
+
+
+def test_gemma3_byte_fallback_vocabulary_follows_a_schema(gemma3_llm) -> None:
+    """Gemma's SentencePiece vocabulary (byte fallback, 262k tokens) through the same bridge."""
+    out = gemma3_llm.generate(["A person, as JSON:"], _greedy(json=PERSON, max_tokens=100))
+    completion = out[0].outputs[0]
+    assert completion.finish_reason == "stop", completion.text
+    jsonschema.validate(json.loads(completion.text), PERSON)

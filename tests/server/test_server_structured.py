@@ -317,3 +317,12 @@ def test_max_tokens_inside_a_value_says_length(http: httpx.Client) -> None:
     assert choice["finish_reason"] == "length"
     with pytest.raises(json.JSONDecodeError):
         json.loads(choice["message"]["content"])
+
+
+def test_logprobs_of_tokens_the_grammar_bans_are_finite(http: httpx.Client) -> None:
+    body = {**GREEDY, "messages": ASK_WEATHER, "guided_choice": ["yes", "no"], "logprobs": True,
+            "top_logprobs": 20}  # fmt: skip
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    entry = response.json()["choices"][0]["logprobs"]["content"][0]
+    assert [t["logprob"] for t in entry["top_logprobs"]][-1] == -9999.0  # banned: "impossible"
