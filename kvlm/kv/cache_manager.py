@@ -14,20 +14,25 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kvlm.kv.block_pool import BlockPool, KVBlock, OutOfBlocksError
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.kv.table_manager import HitBlocks, make_table_manager
-
-if TYPE_CHECKING:
-    from kvlm.kv.events import KVEventLog
 
 # (group, block id, block hash) of a cached block about to be reused for other tokens.
 EvictListener = Callable[[int, int, bytes], None]
 # (group, positions into the given indices, block ids to write them into): see import_blocks.
 FillBlocks = Callable[[int, list[int], list[int]], None]
 BlockIds = tuple[tuple[int, ...], ...]  # per layer group, block ids
+
+
+class ChangeLog(Protocol):
+    """Where the pools and table managers note changes (kv/events.py's `KVEventLog`; named
+    here by what is used of it, so this module does not import events.py, which imports it)."""
+
+    blocks: list[list[int]]  # per group, ids of blocks whose state may have changed
+    requests: list[str]  # ids of requests whose block table changed
 
 
 @dataclass
@@ -54,7 +59,7 @@ class KVCacheManager:
         ]
         self.groups = [make_table_manager(s, p) for s, p in zip(specs, self.pools, strict=True)]
         self._evict_listeners: list[EvictListener] = []
-        self.event_log: KVEventLog | None = None
+        self.event_log: ChangeLog | None = None
 
     # --- prefix hits ----------------------------------------------------------------------
 
@@ -111,6 +116,44 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         for group in self.groups:
             group.free(request_id)
+
+    def fork(self, parent_request_id: str, child_request_id: str) -> None:
+        """The child holds every block of the parent by reference (n > 1, beams): no block
+        is copied until one of them writes into a shared partial block (`copy_on_write`)."""
+        for group in self.groups:
+            group.fork(parent_request_id, child_request_id)
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Roll the request back to its first `num_tokens` tokens (rejected draft tokens):
+        the blocks past them are released; a partial last block is copied before the next
+        write if anyone else may read it (`copy_on_write`). ValueError, with nothing changed,
+        if a window already let go of blocks the shorter sequence needs."""
+        if num_tokens < 0:
+            raise ValueError(f"cannot truncate request {request_id} to {num_tokens} tokens")
+        for group in self.groups:  # every group checks before any group changes
+            group.check_truncate(request_id, num_tokens)
+        for group in self.groups:
+            group.truncate(request_id, num_tokens)
+
+    def copy_on_write(
+        self, request_id: str, num_computed_tokens: int
+    ) -> list[tuple[int, int, int]]:
+        """Before the request writes token `num_computed_tokens`: in every group where that
+        token's partial block is shared (a fork) or named (a rollback into a cached block),
+        the request gets a fresh block. Returns the (group, source, destination) block copies
+        the caller makes before the write; in every group or (OutOfBlocksError) none."""
+        shared = [g.shared_partial(request_id, num_computed_tokens) for g in self.groups]
+        for i, (index, pool) in enumerate(zip(shared, self.pools, strict=True)):
+            if index is not None and pool.num_free_blocks == 0:
+                raise OutOfBlocksError(
+                    f"request {request_id} needs a block in layer group {i} to copy a shared "
+                    "partial block into; none is free"
+                )
+        return [
+            (i, *group.unshare_partial(request_id, index))
+            for i, (group, index) in enumerate(zip(self.groups, shared, strict=True))
+            if index is not None
+        ]
 
     def holds(self, request_id: str) -> bool:
         return request_id in self.groups[0].tables
@@ -240,7 +283,7 @@ class KVCacheManager:
         for listener in self._evict_listeners:
             listener(group, block.block_id, block.block_hash)
 
-    def attach_event_log(self, log: KVEventLog) -> None:
+    def attach_event_log(self, log: ChangeLog) -> None:
         """From now on every pool records changed block ids in `log.blocks[g]`, every group
         the ids of requests whose table changed in `log.requests` (kv/events.py)."""
         if self.event_log is not None:

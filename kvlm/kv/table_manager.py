@@ -90,6 +90,59 @@ class TableManager:
         if self.events is not None:
             self.events.append(request_id)
 
+    # --- forks and rollbacks ---------------------------------------------------------------
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """The child's table lists the parent's blocks, each held once more (none copied)."""
+        assert child_id not in self.tables, f"request {child_id} already holds blocks"
+        table = self.tables[parent_id]
+        for block_id in table:
+            if block_id != NULL_BLOCK_ID:
+                self.pool.ref(self.pool.blocks[block_id])
+        self.tables[child_id] = list(table)
+        self.num_named[child_id] = self.num_named[parent_id]
+        if self.events is not None:
+            self.events.append(child_id)
+
+    def check_truncate(self, request_id: str, num_tokens: int) -> None:
+        """ValueError if `truncate` cannot keep what a query at `num_tokens` reads (a window
+        group that let go of it); full attention keeps everything."""
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Keep the blocks of the first `num_tokens` tokens; the rest are released, tail
+        first. A kept partial last block keeps its name, if it has one, until the request
+        writes into it (`unshare_partial` gives it a copy first); it is named again only once
+        full."""
+        table = self.tables[request_id]
+        keep = -(-num_tokens // self.block_size)
+        dropped = [self.pool.blocks[i] for i in reversed(table[keep:]) if i != NULL_BLOCK_ID]
+        del table[keep:]
+        self.num_named[request_id] = min(self.num_named[request_id], num_tokens // self.block_size)
+        self.pool.release(dropped)
+        if self.events is not None and dropped:
+            self.events.append(request_id)
+
+    def shared_partial(self, request_id: str, num_computed_tokens: int) -> int | None:
+        """The table index of the partial block the next token is written into, if another
+        holder or the prefix index may read it (so it must be copied first); else None."""
+        index = num_computed_tokens // self.block_size
+        table = self.tables[request_id]
+        if num_computed_tokens % self.block_size == 0 or index >= len(table):
+            return None
+        block = self.pool.blocks[table[index]]
+        return index if block.ref_count > 1 or block.block_hash is not None else None
+
+    def unshare_partial(self, request_id: str, index: int) -> tuple[int, int]:
+        """Give the request its own block at `index`: (source, destination) to copy."""
+        table = self.tables[request_id]
+        source = self.pool.blocks[table[index]]
+        [copy] = self.pool.take(1)
+        table[index] = copy.block_id
+        self.pool.release([source])
+        if self.events is not None:
+            self.events.append(request_id)
+        return source.block_id, copy.block_id
+
     def num_held(self, request_id: str) -> int:
         return sum(1 for i in self.tables.get(request_id, ()) if i != NULL_BLOCK_ID)
 
@@ -152,6 +205,28 @@ class SlidingWindowManager(TableManager):
     def free(self, request_id: str) -> None:
         super().free(request_id)
         self.num_skipped.pop(request_id)
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        super().fork(parent_id, child_id)
+        self.num_skipped[child_id] = self.num_skipped[parent_id]
+
+    def check_truncate(self, request_id: str, num_tokens: int) -> None:
+        """ValueError if the window let go of a block a query at `num_tokens` reads."""
+        table = self.tables[request_id]
+        first = self._first_needed_block(num_tokens)
+        keep = min(-(-num_tokens // self.block_size), len(table))
+        needed = [*range(min(self.num_sink_blocks, first)), *range(first, keep)]
+        released = [i for i in needed if table[i] == NULL_BLOCK_ID]
+        if released:
+            raise ValueError(
+                f"request {request_id} cannot roll back to {num_tokens} tokens: its window "
+                f"already released the blocks at table indices {released}"
+            )
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        super().truncate(request_id, num_tokens)
+        keep = -(-num_tokens // self.block_size)
+        self.num_skipped[request_id] = min(self.num_skipped[request_id], keep)
 
 
 def make_table_manager(spec: KVCacheSpec, pool: BlockPool) -> TableManager:

@@ -144,3 +144,60 @@ def test_the_event_log_is_attached_and_detached_by_the_manager() -> None:
     log.detach()
     assert cache.event_log is None
     KVEventLog(cache).detach()  # a new log may attach once the old one left
+
+
+def test_fork_shares_every_block_and_copies_the_partial_one_on_first_write() -> None:
+    cache = KVCacheManager([spec()], [9])
+    cache.allocate("p", 6)  # blocks 1 (full) and 2 (2 of 4 tokens)
+    cache.cache_full_blocks("p", hashes_of(list(range(6))))
+    cache.fork("p", "c")
+    blocks = cache.pools[0].blocks
+    assert cache.block_tables("c") == [[1, 2]]
+    assert [b.ref_count for b in blocks[1:3]] == [2, 2]
+    cache.check_integrity()
+    assert cache.copy_on_write("c", 6) == [(0, 2, 3)]  # the child writes token 6 first
+    assert cache.block_tables("c") == [[1, 3]] and cache.block_tables("p") == [[1, 2]]
+    assert [b.ref_count for b in blocks[1:4]] == [2, 1, 1]
+    assert cache.copy_on_write("p", 6) == []  # block 2 is the parent's alone now
+    assert cache.copy_on_write("c", 8) == []  # a new block is never shared
+    cache.check_integrity()
+    cache.free("p")
+    assert [b.ref_count for b in blocks[1:4]] == [1, 0, 1]
+    cache.check_integrity()
+
+
+def test_truncate_returns_the_tail_and_never_writes_into_a_named_block() -> None:
+    cache = KVCacheManager([spec()], [9])
+    tokens = list(range(12))
+    cache.allocate("p", 12)  # blocks 1, 2, 3, all named
+    cache.cache_full_blocks("p", hashes_of(tokens))
+    cache.truncate("p", 5)  # keep 1 and 2 (1 token of it); 3 released, named and free
+    assert cache.block_tables("p") == [[1, 2]]
+    blocks = cache.pools[0].blocks
+    assert blocks[3].ref_count == 0 and list(cache.pools[0].free_queue)[-1] == 3
+    cache.check_integrity()
+    # Block 2 still holds tokens 4-7 under its name: the next write (token 5) goes to a copy.
+    assert cache.copy_on_write("p", 5) == [(0, 2, 4)]
+    assert cache.block_tables("p") == [[1, 4]] and blocks[4].block_hash is None
+    assert blocks[2].ref_count == 0 and hit_of(cache, tokens[:8]).num_tokens == 8
+    # Refilled, the block is named again (the name's owner, block 2, keeps it).
+    cache.allocate("p", 8)
+    cache.cache_full_blocks("p", hashes_of(tokens[:8]))
+    assert blocks[4].block_hash is None and blocks[2].block_hash == hashes_of(tokens)[1]
+    cache.truncate("p", 0)
+    assert cache.block_tables("p") == [[]]
+    cache.check_integrity()
+
+
+def test_truncate_behind_a_window_is_refused_and_changes_nothing() -> None:
+    cache = KVCacheManager([spec(), spec(window=4)], [9, 9])
+    cache.allocate("w", 16)
+    cache.remove_skipped("w", 16)  # the query at 16 reads 13-16: blocks 1-3 go
+    assert cache.block_tables("w") == [[1, 2, 3, 4], [0, 0, 0, 4]]
+    with pytest.raises(ValueError, match=r"table indices \[1\]"):
+        cache.truncate("w", 8)
+    assert cache.block_tables("w") == [[1, 2, 3, 4], [0, 0, 0, 4]]
+    cache.truncate("w", 15)  # the query at 15 reads 12-15: still held
+    assert cache.block_tables("w") == [[1, 2, 3, 4], [0, 0, 0, 4]]
+    cache.fork("w", "x")
+    cache.check_integrity()
