@@ -85,7 +85,9 @@ def serve_app_config(args: argparse.Namespace, engine: EngineConfig) -> Any:
             session_dir=None if args.session_dir is None else str(args.session_dir.resolve()),
             num_replicas=args.replicas,
             autoscaling=autoscaling,
-            replica_cpus=args.replica_cpus or float(args.threads or 1),
+            replica_cpus=float(args.threads or 1)
+            if args.replica_cpus is None
+            else args.replica_cpus,
             replica_gpus=args.replica_gpus,
             routing=args.routing,
             **optional,

@@ -48,9 +48,10 @@ class ServeAppConfig:
 
     def __post_init__(self) -> None:
         if (self.num_replicas is None) == (self.autoscaling is None):
+            given = "neither" if self.num_replicas is None else "both"
             raise ServeAppConfigError(
                 "give either a fixed number of replicas (--replicas N) or an autoscaling "
-                f"config (--autoscaling-config), not {'both' if self.autoscaling else 'neither'}"
+                f"config (--autoscaling-config), not {given}"
             )
         if self.num_replicas is not None and self.num_replicas < 1:
             raise ServeAppConfigError(f"--replicas must be >= 1, got {self.num_replicas}")
