@@ -19,7 +19,7 @@ import torch
 
 from kvlm import LLM, SamplingParams
 from kvlm.bench.machine import machine_info, machine_line
-from kvlm.models.fused_decode import FusedDecoder
+from kvlm.engine.fused_decode import FusedDecoder
 from kvlm.models.layers import Linear
 
 PROMPT = "The history of the printing press"
@@ -43,7 +43,7 @@ def profile(llm: LLM, new_tokens: int) -> dict[str, float]:
     fused_s, head_s = [0.0], [0.0]
     head = model.lm_head
     head.forward = _timed(Linear.forward.__get__(head), head_s)
-    fused = model.fused
+    fused = llm.engine.runner.fused
     if fused is not None:
         fused.plan.profile(True)
         before = dict(fused.plan.timings())

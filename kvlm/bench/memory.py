@@ -22,11 +22,11 @@ from tqdm import tqdm
 from kvlm.bench.common import BenchConfigError, check_threads
 from kvlm.bench.decode import prompt_ids
 from kvlm.bench.machine import MachineInfo, machine_info
-from kvlm.cli.memory import read_model_shape
 from kvlm.config import ModelConfig
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.llm import LLM
 from kvlm.kv.memory import estimate
+from kvlm.loading.shape import read_model_shape
 from kvlm.sampling import SamplingParams
 
 CALCULATED = "calculator"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,24 +18,11 @@ from kvlm.config import ModelConfig
 from kvlm.engine.config import KV_CACHE_DTYPES, EngineConfig
 from kvlm.kv.memory import KVMemoryError, MemoryEstimate, estimate
 from kvlm.kv.quant import QUANTIZED_FORMATS, KVFormat, KVFormatError, fp8_supported
-from kvlm.loading import ALIASES, ModelLoadError, ModelNotFoundError, resolve_model_path
-from kvlm.loading.gguf_loader import read_header
-from kvlm.loading.hf_loader import config_from_hf
+from kvlm.loading import ALIASES
+from kvlm.loading.shape import FILE_AUTO_DTYPE, ModelShape, read_model_shape
 from kvlm.presets import PRESETS, same_kv_layout
 
-# "auto" for a file is what kvlm runs it in by default (`--dtype float32`); for a preset it is
-# the published torch_dtype, what the model is usually served in.
-FILE_AUTO_DTYPE = "float32"
 DEFAULT_PREFILL_CHUNK = EngineConfig.max_num_batched_tokens
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    config: ModelConfig
-    kind: str  # "preset" | "gguf" | "hf"
-    source: str  # the preset's repository or the file's path
-    auto_dtype: str  # what --kv-cache-dtype auto means for this model
 
 
 def add_parser(subparsers: Any) -> None:
@@ -102,37 +87,6 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.set_defaults(run=run)
-
-
-def read_model_shape(name: str) -> ModelShape:
-    """A preset, an alias, a .gguf file (header only) or a HF folder (config.json only)."""
-    if name in PRESETS:
-        preset = PRESETS[name]
-        return ModelShape(name, preset.config, "preset", preset.source, preset.dtype)
-    try:
-        path = resolve_model_path(name)
-    except ModelNotFoundError:
-        if name in ALIASES:
-            raise  # the alias's package is missing: its own message says what to install
-        raise CLIError(
-            f"model {name!r} not found: it is not a preset ({', '.join(PRESETS)}), not an "
-            f"alias ({', '.join(sorted(ALIASES))}), and not an existing .gguf file or folder"
-        ) from None
-    if path.is_dir():
-        return ModelShape(name, _hf_config(path), "hf", str(path), FILE_AUTO_DTYPE)
-    if path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-    return ModelShape(name, read_header(path)[0], "gguf", str(path), FILE_AUTO_DTYPE)
-
-
-def _hf_config(path: Path) -> ModelConfig:
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelLoadError(f"{path} is not a Hugging Face model folder: it has no config.json")
-    try:
-        return config_from_hf(json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ModelLoadError(f"{config_file} is malformed: {e}") from e
 
 
 def check_context(shape: ModelShape, context: int, attention_sinks: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,28 +9,18 @@ from pathlib import Path
 import torch
 
 from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
+from kvlm.kv.offload.spec import OffloadSpecError, parse_offload
+from kvlm.sizes import SizeError, parse_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How K/V are stored: "auto" follows the model's dtype; see kvlm.kv.quant for the integer formats.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4", "fp8")
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
 class EngineConfigError(ValueError):
     """An engine setting is invalid or does not fit the model or the memory budget."""
-
-
-def parse_bytes(value: int | str) -> int:
-    """`1073741824`, `"512MiB"`, `"2GB"` or `"1.5G"` -> bytes (binary units throughout)."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise EngineConfigError(f"cannot read {value!r} as a size; write e.g. 512MiB or 2GiB")
-    number, unit = float(m.group(1)), m.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
 
 @dataclass(frozen=True)
@@ -62,7 +51,7 @@ class EngineConfig:
     # "float" (kvlm.engine.weight_format); the engine's config holds the resolved value.
     weight_format: str = AUTO
     # Decode steps on quantized weights run the decoder stack as one C++ call where it applies
-    # (kvlm.models.fused_decode); False keeps the layer-by-layer torch path (the same math;
+    # (kvlm.engine.fused_decode); False keeps the layer-by-layer torch path (the same math;
     # float rounding differs, and int8 activation blocks can round the other way).
     fused_decode: bool = True
     # PEFT prefix-tuning adapters, {name: folder}: each one's K/V is computed once into pinned
@@ -70,7 +59,7 @@ class EngineConfig:
     # (name, folder) pairs, so the config stays hashable.
     prefix_adapters: Mapping[str, str | Path] | tuple[tuple[str, str], ...] = ()
     # Offload tiers for blocks evicted from the pool, e.g. "ram:2GiB,disk:/tmp/kv:20GiB,
-    # redis://127.0.0.1:6379" (see kvlm.engine.offload_spec); None: evicted blocks are gone.
+    # redis://127.0.0.1:6379" (see kvlm.kv.offload.spec); None: evicted blocks are gone.
     kv_offload: str | None = None
 
     def __post_init__(self) -> None:
@@ -118,14 +107,16 @@ class EngineConfig:
         object.__setattr__(self, "prefix_adapters", adapters)
         if adapters:
             self._check_prefix_adapters()
-        if parse_bytes(self.kv_cache_memory) <= 0:
+        try:
+            kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        except SizeError as e:
+            raise EngineConfigError(f"kv_cache_memory: {e}") from e
+        if kv_cache_memory <= 0:
             raise EngineConfigError(
                 f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}"
             )
 
     def _check_offload(self) -> None:
-        from kvlm.engine.offload_spec import OffloadSpecError, parse_offload
-
         try:
             parse_offload(str(self.kv_offload))
         except OffloadSpecError as e:

@@ -1,8 +1,9 @@
-"""The engine loop: add requests, step (schedule -> run -> sample -> update), stream outputs."""
+"""The engine loop: add requests, step (schedule -> run -> update -> sample), stream outputs."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,15 +13,9 @@ from pathlib import Path
 import torch
 
 from kvlm.adapters.registry import PrefixAdapters
-from kvlm.engine.config import (
-    DEFAULT_MAX_MODEL_LEN,
-    EngineConfig,
-    EngineConfigError,
-    parse_bytes,
-)
+from kvlm.engine.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, EngineConfigError
 from kvlm.engine.observers import EngineObserver, Observers, RequestEvent, block_tables
 from kvlm.engine.offload import OffloadConnector
-from kvlm.engine.offload_spec import make_tiers, parse_offload
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner, PromptRows
 from kvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats
@@ -29,6 +24,7 @@ from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.fingerprint import CacheIdentity
 from kvlm.kv.memory import KVMemoryError, split_budget
+from kvlm.kv.offload.spec import make_tiers, parse_offload
 from kvlm.kv.pinned import VirtualPrefix
 from kvlm.kv.quant import fp8_supported
 from kvlm.kv.spec import KVCacheSpec, layer_groups
@@ -40,8 +36,11 @@ from kvlm.sampling import Logprob, Sampler, SamplingParams, make_generator
 from kvlm.sampling.sampler import gather_logprobs
 from kvlm.sampling.structured import StructuredDecoder
 from kvlm.sampling.structured_grammar import StructuredOutputsError
+from kvlm.sizes import parse_bytes
 from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvlm.tokenizer.llguidance_bridge import llguidance_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -68,8 +67,6 @@ class LLMEngine:
         self.model_config = loaded.config
         self.tokenizer = load_tokenizer(path)
         self.model = CausalLM(loaded).to_device(self.device).eval()
-        if config.fused_decode:  # a no-op, with its reason returned, for float weights
-            self.model.use_fused_decode()
         self.max_model_len = config.max_model_len or min(
             DEFAULT_MAX_MODEL_LEN, self.model_config.max_model_len
         )
@@ -107,6 +104,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.device, self.kv_specs, self.kv_stores, self.kv_cache
         )
+        reason = self.runner.use_fused_decode() if config.fused_decode else "fused_decode=False"
+        if reason is not None:  # said once, here: no step falls back without a word
+            logger.info("decode steps run layer by layer, not fused: %s", reason)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0  # forward passes run

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kvlm.attention.context import ForwardContext, GroupView
+from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.scheduler import ScheduledBatch
 from kvlm.kv.block_pool import NULL_BLOCK_ID
 from kvlm.kv.cache_manager import KVCacheManager
@@ -73,12 +74,21 @@ class ModelRunner:
         for g, spec in enumerate(specs):
             for layer in spec.layer_ids:
                 self.group_of_layer[layer] = g
+        self.fused: FusedDecoder | None = None  # set by use_fused_decode
+
+    def use_fused_decode(self, path: str | None = None) -> str | None:
+        """Run decode steps the plan accepts through `FusedDecoder` from now on (kernel `path`,
+        None = the process default); returns None, or why it cannot (then nothing changes)."""
+        reason = why_not_fused(self.model, path)
+        if reason is None:
+            self.fused = FusedDecoder(self.model, path)
+        return reason
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Returns float32 logits [num_sampled, vocab] and which batch rows they belong to."""
         step = self.prepare(batch)
-        hidden = self.model(step.input_ids, step.ctx)  # [T, H]
+        hidden = self._forward(step)  # [T, H]
         return self.model.logits(hidden.index_select(0, step.logits_indices)), step.sampled
 
     @torch.inference_mode()
@@ -86,10 +96,16 @@ class ModelRunner:
         """As `run`, plus the logits of every prompt row the batch's scoring requests still
         need, projected on their own (so they do not depend on the sampled rows beside them)."""
         step = self.prepare(batch)
-        hidden = self.model(step.input_ids, step.ctx)  # [T, H]
+        hidden = self._forward(step)  # [T, H]
         logits = self.model.logits(hidden.index_select(0, step.logits_indices))
         rows = hidden[:0] if step.prompt_indices is None else hidden[step.prompt_indices]
         return logits, step.sampled, PromptRows(self.model.logits(rows), step.prompt_spans)
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
+        """The model on the step: the fused stack where it accepts the step, else layer by
+        layer. Final hidden states [T, H]."""
+        fused = self.fused if self.fused is not None and self.fused.accepts(step.ctx) else None
+        return self.model(step.input_ids, step.ctx, decoder=fused)
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         for group, source, destination in batch.block_copies:  # before anything reads them

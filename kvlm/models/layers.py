@@ -6,6 +6,8 @@ nh / nkv = query / key-value heads, hd = head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,5 +83,17 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype)
 
 
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
 def activation(name: str) -> nn.Module:
-    return nn.SiLU() if name == "silu" else nn.GELU(approximate="tanh")
+    """The activation a `ModelConfig.hidden_act` names; a name kvlm does not know is an error,
+    never a stand-in (a wrong activation still runs, and produces fluent-looking nonsense)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {name!r}: kvlm implements {', '.join(map(repr, _ACTIVATIONS))}"
+        )
+    return _ACTIVATIONS[name]()

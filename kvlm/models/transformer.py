@@ -6,6 +6,8 @@ the step's ForwardContext. Notation: T tokens in the step, H hidden, nh/nkv head
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,7 +16,6 @@ from kvlm.attention.context import ForwardContext
 from kvlm.attention.rope import RotaryEmbedding
 from kvlm.config import ModelConfig
 from kvlm.loading.weights import LoadedModel
-from kvlm.models.fused_decode import FusedDecoder, why_not_fused
 from kvlm.models.layers import Linear, RMSNorm, activation
 
 
@@ -86,6 +87,10 @@ class DecoderLayer(nn.Module):
         return x + h
 
 
+# Embedded tokens [T, H] and the step's context -> final-normed hidden states [T, H].
+DecoderStack = Callable[[torch.Tensor, ForwardContext], torch.Tensor]
+
+
 class CausalLM(nn.Module):
     """Embeddings -> decoder layers -> final norm; `logits` projects chosen rows to the vocab."""
 
@@ -103,23 +108,20 @@ class CausalLM(nn.Module):
             for key in {layer.rope_key for layer in self.layers}
         }
         self.embed_scale = config.embedding_scale
-        self.fused: FusedDecoder | None = None
 
-    def use_fused_decode(self, path: str | None = None) -> str | None:
-        """Run decode steps through `FusedDecoder` from now on where it applies (kernel `path`,
-        None = the process default); returns None, or why it cannot (then nothing changes)."""
-        reason = why_not_fused(self, path)
-        if reason is None:
-            self.fused = FusedDecoder(self, path)
-        return reason
+    def forward(
+        self, input_ids: torch.Tensor, ctx: ForwardContext, decoder: DecoderStack | None = None
+    ) -> torch.Tensor:
+        """input_ids: [T] -> final hidden states [T, H].
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids: [T] -> final hidden states [T, H]."""
+        `decoder`, when given, runs the whole stack (every layer and the final norm) in place of
+        the layers here, from the same embeddings and context: the runner hands its fused decode
+        step in this way, so the model never chooses a path and never imports one."""
         x = self.embed(input_ids)
         if self.embed_scale != 1.0:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        if self.fused is not None and self.fused.accepts(ctx):
-            return self.fused(x, ctx)
+        if decoder is not None:
+            return decoder(x, ctx)
         for layer in self.layers:
             x = layer(x, self.ropes[layer.rope_key], ctx)
         return self.norm(x)

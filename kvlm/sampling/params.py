@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kvlm.sampling.structured_params import StructuredOutputsParams
+from kvlm.sampling.errors import SamplingParamsError
+from kvlm.sampling.structured_params import StructuredOutputsParams
 
 # Below this temperature a request is sampled greedily (dividing logits by a smaller number only
 # overflows; vLLM uses the same cut-off).
@@ -22,10 +22,6 @@ MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty is [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value is [-100, 100]
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit seeds
-
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter is out of range or of the wrong type."""
 
 
 def _describe(value: Any) -> str:
@@ -118,9 +114,6 @@ def _normalize_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 
 def _check_structured(value: Any) -> None:
-    # Imported here: structured_params imports this module's error class.
-    from kvlm.sampling.structured_params import StructuredOutputsParams
-
     if value is not None and not isinstance(value, StructuredOutputsParams):
         raise SamplingParamsError(
             f"structured_outputs must be a StructuredOutputsParams or None, got {_describe(value)}"

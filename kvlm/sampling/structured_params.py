@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvlm.sampling.params import SamplingParamsError
+from kvlm.sampling.errors import SamplingParamsError
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 

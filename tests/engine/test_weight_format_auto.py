@@ -3,6 +3,7 @@ CPU, float everywhere else; explicit formats pass through; the engine keeps the 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -99,9 +100,15 @@ def test_auto_is_the_default_and_checked_like_the_others() -> None:
         EngineConfig(weight_format="int3")
 
 
-def test_the_engine_holds_the_resolved_format_and_fuses_decode_on_it() -> None:
-    llm = LLM("smollm2", kv_cache_memory="16MiB", max_model_len=256)
+def test_the_engine_holds_the_resolved_format_and_fuses_decode_on_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="kvlm.engine.engine"):
+        llm = LLM("smollm2", kv_cache_memory="16MiB", max_model_len=256)
     expected = resolve_weight_format("auto", "smollm2", CPU)
     assert llm.config is llm.engine.config
     assert llm.engine.config.weight_format == expected
-    assert (llm.engine.model.fused is not None) == (expected == "gguf")
+    fused = llm.engine.runner.fused is not None
+    assert fused == (expected == "gguf")
+    said = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert said == ([] if fused else ["decode steps run layer by layer, not fused: float weights"])

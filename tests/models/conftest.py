@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvlm import LLM, SamplingParams
+from kvlm.engine.fused_decode import FusedDecoder
 from kvlm.kernels import available_paths
-from kvlm.models.fused_decode import FusedDecoder
 from kvlm.models.layers import RMSNorm
 from kvlm.models.transformer import CausalLM, DecoderLayer
 

@@ -6,6 +6,7 @@ test_fused_decode_layers.py, so quality is the whole-model measure).
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 from collections.abc import Iterator
@@ -18,10 +19,10 @@ import torch
 from kvlm import LLM, SamplingParams
 from kvlm.attention.context import ForwardContext
 from kvlm.cli.evaluate import default_text
+from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.scoring import token_logprobs
 from kvlm.kernels import QuantizedWeight, repack_gguf
 from kvlm.kernels.build import ISA_CODES
-from kvlm.models.fused_decode import FusedDecoder, why_not_fused
 from kvlm.models.transformer import CausalLM, DecoderLayer
 from tests.kernels.conftest import K_QUANTS, QUANTIZABLE, gguf_tensor
 from tests.models.conftest import PROMPTS, SIMD_PATHS, greedy, needs_simd, one_layer_plan
@@ -85,11 +86,17 @@ def test_fused_path_runs_decode_steps_only(monkeypatch: pytest.MonkeyPatch) -> N
     assert [1, 1] in [s.query_lens for s in steps], steps  # a decode step of both
 
 
-def test_fused_decode_switches_off(smollm2_llm: LLM) -> None:
-    """Float weights and fused_decode=False build no plan; why_not_fused says why."""
-    assert smollm2_llm.engine.model.fused is None
+def test_fused_decode_switches_off(smollm2_llm: LLM, caplog: pytest.LogCaptureFixture) -> None:
+    """Float weights and fused_decode=False build no plan; why_not_fused says why, and the
+    engine says it once."""
+    assert smollm2_llm.engine.runner.fused is None
     assert why_not_fused(smollm2_llm.engine.model) == "float weights"
-    assert LLM("smollm2", weight_format="gguf", fused_decode=False).engine.model.fused is None
+    with caplog.at_level(logging.INFO, logger="kvlm.engine.engine"):
+        llm = LLM("smollm2", weight_format="gguf", fused_decode=False)
+        llm.generate(PROMPTS[:1], greedy(2))
+    assert llm.engine.runner.fused is None
+    said = [r.getMessage() for r in caplog.records if "not fused" in r.getMessage()]
+    assert said == ["decode steps run layer by layer, not fused: fused_decode=False"]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +127,7 @@ def test_unsupported_caches_take_the_torch_path(
 ) -> None:
     llm = LLM("smollm2", weight_format="gguf", **config)
     model = llm.engine.model
-    assert model.fused is not None  # built, but no step accepts it
+    assert llm.engine.runner.fused is not None  # built, but no step accepts it
     with record_steps(model, monkeypatch) as steps:
         llm.generate(PROMPTS[:2], greedy(12))
     assert sum(max(s.query_lens) == 1 for s in steps) == 11
@@ -133,7 +140,7 @@ def test_unsupported_caches_take_the_torch_path(
 def _fused_outputs(llm: LLM, path: str, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Final hidden states of every step of a greedy run with `path`'s plan ([T, H] each)."""
     model = llm.engine.model
-    assert model.use_fused_decode(path) is None
+    assert llm.engine.runner.use_fused_decode(path) is None
     outputs: list[torch.Tensor] = []
     handle = model.register_forward_hook(lambda m, a, out: outputs.append(out.clone()))
     try:
@@ -148,23 +155,23 @@ def _fused_outputs(llm: LLM, path: str, monkeypatch: pytest.MonkeyPatch) -> list
 def test_simd_paths_decode_identically(smollm2_gguf: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every SIMD path's plan is used when asked for, and the paths agree bit for bit (their
     matmul kernels equal the scalar reference exactly; the row math is shared AVX2 code)."""
-    model = smollm2_gguf.engine.model
-    default = model.fused
+    runner = smollm2_gguf.engine.runner
+    default = runner.fused
     try:
         outputs = {path: _fused_outputs(smollm2_gguf, path, monkeypatch) for path in SIMD_PATHS}
     finally:
-        model.fused = default
+        runner.fused = default
     for path in SIMD_PATHS[1:]:
         assert all(map(torch.equal, outputs[path], outputs[SIMD_PATHS[0]])), path
 
 
 @pytest.mark.parametrize("path", ["ref", "torch"])
 def test_non_simd_paths_are_refused(smollm2_gguf: LLM, path: str) -> None:
-    model = smollm2_gguf.engine.model
-    before = model.fused
-    reason = model.use_fused_decode(path)
+    runner = smollm2_gguf.engine.runner
+    before = runner.fused
+    reason = runner.use_fused_decode(path)
     assert reason == f"the {path} kernel path (fused decode needs AVX2 kernels)"
-    assert model.fused is before
+    assert runner.fused is before
 
 
 def test_plan_refuses_the_scalar_isa(smollm2_gguf: LLM) -> None:

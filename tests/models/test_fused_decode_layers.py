@@ -21,7 +21,8 @@ import torch
 from kvlm import LLM
 from kvlm.attention.context import ForwardContext
 from kvlm.cli.evaluate import default_text
-from kvlm.models.transformer import CausalLM, DecoderLayer
+from kvlm.engine.runner import ModelRunner
+from kvlm.models.transformer import DecoderLayer
 from tests.models.conftest import PROMPTS, SIMD_PATHS, greedy, needs_simd, one_layer_plan, unit_norm
 
 pytestmark = needs_simd
@@ -60,13 +61,14 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> list[float]:
 
 @contextmanager
 def compare_layers(
-    model: CausalLM, path: str | None = None, position_shift: int = 0
+    runner: ModelRunner, path: str | None = None, position_shift: int = 0
 ) -> Iterator[LayerComparison]:
-    """Runs `model` on the torch path; in each decode step, just before a layer runs, a
+    """Runs the runner's model on the torch path; in each decode step, just before a layer runs, a
     one-layer plan computes the same layer from the same input x and cache, and just after,
     its output is compared with rms_norm(layer output) and its K/V rows with the torch
     layer's. The plan's own writes are undone before the torch layer runs, so the cache stays
     the torch path's. `position_shift` hands the plan wrong positions (to show a bug fails)."""
+    model = runner.model
     report = LayerComparison()
     plans = [one_layer_plan(model, layer, path) for layer in model.layers]
     unit = unit_norm(model)
@@ -102,7 +104,7 @@ def compare_layers(
         torch_kv = args[2].layer_views[idx].store.data[rows].float()
         report.kv_rows.setdefault(idx, []).extend(_relative(plan_kv, torch_kv))
 
-    fused, model.fused = model.fused, None
+    fused, runner.fused = runner.fused, None
     handles = []
     for layer in model.layers:
         handles.append(layer.register_forward_pre_hook(before))
@@ -112,7 +114,7 @@ def compare_layers(
     finally:
         for handle in handles:
             handle.remove()
-        model.fused = fused
+        runner.fused = fused
 
 
 def _note_keys(report: LayerComparison, ctx: ForwardContext) -> None:
@@ -147,7 +149,7 @@ def _assert_layers_match(report: LayerComparison, num_layers: int, num_steps: in
 @pytest.mark.parametrize("path", SIMD_PATHS)
 def test_each_layer_matches_torch_smollm2(smollm2_gguf: LLM, path: str) -> None:
     model = smollm2_gguf.engine.model
-    with compare_layers(model, path) as report:
+    with compare_layers(smollm2_gguf.engine.runner, path) as report:
         smollm2_gguf.generate(PROMPTS, greedy(25))
     _assert_layers_match(report, model.config.num_layers, 24)
 
@@ -155,7 +157,7 @@ def test_each_layer_matches_torch_smollm2(smollm2_gguf: LLM, path: str) -> None:
 def test_each_layer_matches_torch_gemma3(gemma3_gguf: LLM) -> None:
     """qk-norm, sandwich norms, GELU, a local and a global rope, two cache groups."""
     model = gemma3_gguf.engine.model
-    with compare_layers(model) as report:
+    with compare_layers(gemma3_gguf.engine.runner) as report:
         gemma3_gguf.generate(PROMPTS, greedy(25))
     _assert_layers_match(report, model.config.num_layers, 24)
 
@@ -166,7 +168,7 @@ def test_gemma3_window_of_512_drops_keys(gemma3_gguf: LLM) -> None:
     long_ids = gemma3_gguf.tokenizer.encode(default_text())[:505]
     prompts = [{"prompt_token_ids": long_ids}, *PROMPTS[:2]]
     model = gemma3_gguf.engine.model
-    with compare_layers(model) as report:
+    with compare_layers(gemma3_gguf.engine.runner) as report:
         gemma3_gguf.generate(prompts, greedy(25))
     assert report.max_dropped_keys == 505 + 24 - 512
     _assert_layers_match(report, model.config.num_layers, 24)
@@ -175,7 +177,7 @@ def test_gemma3_window_of_512_drops_keys(gemma3_gguf: LLM) -> None:
 def test_engine_window_drops_keys() -> None:
     llm = LLM("smollm2", weight_format="gguf", sliding_window=16)
     model = llm.engine.model
-    with compare_layers(model) as report:
+    with compare_layers(llm.engine.runner) as report:
         llm.generate(PROMPTS, greedy(25))
     assert report.max_dropped_keys == 13 + 24 - 16
     _assert_layers_match(report, model.config.num_layers, 24)
@@ -186,7 +188,7 @@ def test_shared_prefix_blocks(smollm2_gguf: LLM) -> None:
     prefix = "The quick brown fox jumps over the lazy dog. " * 6  # 61 tokens: 3 full blocks
     smollm2_gguf.generate([prefix], greedy(1))
     model = smollm2_gguf.engine.model
-    with compare_layers(model) as report:
+    with compare_layers(smollm2_gguf.engine.runner) as report:
         outputs = smollm2_gguf.generate([prefix + e for e in ("It", "Then", "A cat")], greedy(25))
     assert all(out.metrics.num_cached_tokens >= 32 for out in outputs)
     assert report.shared_rows
@@ -197,7 +199,7 @@ def test_shared_prefix_blocks(smollm2_gguf: LLM) -> None:
 def test_half_precision_cache(kv_cache_dtype: str) -> None:
     llm = LLM("smollm2", weight_format="gguf", kv_cache_dtype=kv_cache_dtype)
     model = llm.engine.model
-    with compare_layers(model) as report:
+    with compare_layers(llm.engine.runner) as report:
         llm.generate(PROMPTS, greedy(25))
     assert {s.data.dtype for s in llm.engine.kv_stores} == {getattr(torch, kv_cache_dtype)}
     _assert_layers_match(report, model.config.num_layers, 24)
@@ -208,7 +210,7 @@ def test_batch_grows_and_shrinks(smollm2_gguf: LLM) -> None:
     finish: buffers sized for the first steps grow and every step stays right."""
     engine, tokenizer = smollm2_gguf.engine, smollm2_gguf.tokenizer
     model = engine.model
-    with compare_layers(model) as report:
+    with compare_layers(engine.runner) as report:
         engine.add_request(None, tokenizer.encode(PROMPTS[2]), greedy(30))  # 1 token
         for _ in range(6):  # its 1-token prefill and 5 decode steps, one sequence each
             engine.step()
@@ -221,7 +223,6 @@ def test_batch_grows_and_shrinks(smollm2_gguf: LLM) -> None:
 
 def test_comparison_catches_a_wrong_rope(smollm2_gguf: LLM) -> None:
     """The tolerance is not too loose: the plan fed positions one off fails it."""
-    model = smollm2_gguf.engine.model
-    with compare_layers(model, position_shift=1) as report:
+    with compare_layers(smollm2_gguf.engine.runner, position_shift=1) as report:
         smollm2_gguf.generate(PROMPTS, greedy(9))
     assert _mismatches(report.outputs) != []

@@ -1,6 +1,6 @@
 """Per-forward matmul time of the kernels vs the float path, on SmolLM2-135M's shapes.
 
-    python -m kvlm.kernels.bench --threads 1,2 --rows 1,16,64,512
+    python -m kvlm.bench.kernels --threads 1,2 --rows 1,16,64,512
 
 30 layers of distinct random Q4_1 weights (qkv 960x576, o 576x576, gate/up 3072x576, down
 576x1536: the weights stream from memory as in a real forward) plus a 49152x576 Q8_0 lm_head,

@@ -9,6 +9,8 @@ path uses), so the two paths share every scheduling and caching decision.
 It applies where the C++ kernels run with AVX2 or better, every projection is quantized and
 the cache holds float32, float16 or bfloat16 K/V with rope by place in the text; any other
 step (prefill, mixed chunks, quantized KV, attention sinks, no-cache) takes the torch path.
+The choice is the runner's (`ModelRunner.use_fused_decode`, then `accepts` step by step): the
+model only runs the stack it is handed, and `kvlm.models` never imports this module.
 """
 
 from __future__ import annotations

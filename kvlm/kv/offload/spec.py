@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kvlm.engine.config import EngineConfigError, parse_bytes
 from kvlm.kv.offload.local import DiskTier, RAMTier
 from kvlm.kv.offload.tier import Tier
 from kvlm.kv.offload.tiered import TieredStore
+from kvlm.sizes import parse_bytes
 
 TIER_ORDER = ("ram", "disk", "redis")
 EXAMPLE = "ram:2GiB,disk:/var/cache/kvlm:20GiB,redis://127.0.0.1:6379"
@@ -61,9 +61,9 @@ def parse_offload(value: str) -> tuple[TierSpec, ...]:
                         f"--kv-offload: {item!r} needs a host and a port (redis://HOST:PORT)"
                     )
                 tier = TierSpec("redis", url=item)
-        except (IndexError, ValueError, EngineConfigError) as e:
-            if isinstance(e, OffloadSpecError):
-                raise
+        except OffloadSpecError:
+            raise
+        except (IndexError, ValueError) as e:  # a SizeError is a ValueError
             raise OffloadSpecError(
                 f"--kv-offload: cannot read {item!r} ({e}); write tiers like {EXAMPLE}"
             ) from e

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvlm.engine.offload_spec import OffloadSpecError, TierSpec, make_tiers, parse_offload
 from kvlm.kv.offload.local import DiskTier, RAMTier
+from kvlm.kv.offload.spec import OffloadSpecError, TierSpec, make_tiers, parse_offload
 
 
 def test_parse_offload_orders_tiers_ram_disk_redis(tmp_path: Path) -> None:
