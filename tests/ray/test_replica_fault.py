@@ -16,6 +16,7 @@ from ray_app import API_KEY, MODEL, NEEDS_RAY, ServeApp, serve_app
 
 ray = pytest.importorskip("ray", reason=NEEDS_RAY)
 pytest.importorskip("ray.serve", reason=NEEDS_RAY)
+pytestmark = pytest.mark.slow  # a Serve application of two replicas per module: minutes
 
 NUM_STREAMS = 16
 MAX_TOKENS = 700  # streams outlive the kill by seconds (checked: none has ended by then)

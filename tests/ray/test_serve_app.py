@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray_app import API_KEY, MODEL, NEEDS_RAY, ServeApp, serve_app
 
 pytest.importorskip("ray.serve", reason=NEEDS_RAY)
+pytestmark = pytest.mark.slow  # a Serve application of two replicas per module: minutes
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
 REPLICA_HEADER = "x-kvlm-replica"
