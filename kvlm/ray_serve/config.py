@@ -37,7 +37,7 @@ class ServeAppConfig:
     api_key: str | None = None
     max_request_bytes: int = 8 * 1024 * 1024
     session_dir: str | None = None  # shared by all replicas: put it on a shared filesystem
-    num_replicas: int | None = 1
+    num_replicas: int | None = None
     autoscaling: dict[str, Any] | None = None
     replica_cpus: float = 1.0  # Ray logical CPUs each engine replica reserves
     replica_gpus: float = 0.0

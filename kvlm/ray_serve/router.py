@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -64,10 +65,12 @@ class PrefixAffinityRouter(RequestRouter):
             raise ValueError(f"max_imbalance must be >= 0, got {max_imbalance}")
         self.max_imbalance = max_imbalance
         self.affinity = PrefixAffinity(max_tracked_blocks)
+        self._in_flight: Counter[str] = Counter()  # replica id -> requests not completed
 
     def _load(self, replica: RunningReplica) -> int:
-        """Ongoing requests as last seen by this router (0 before the first probe)."""
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+        """Requests this router sent to the replica that have not completed yet (Serve's
+        queue-length cache is refreshed only by probes, and goes stale between them)."""
+        return self._in_flight[replica.replica_id.unique_id]
 
     async def choose_replicas(
         self,
@@ -94,9 +97,17 @@ class PrefixAffinityRouter(RequestRouter):
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
     ) -> None:
+        self._in_flight[replica_id.unique_id] += 1
         hint = route_hint(pending_request)
         if hint.block_hashes:
             self.affinity.placed(hint.block_hashes, replica_id.unique_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Serve calls it exactly once for every request it sent (finished, failed or
+        cancelled)."""
+        self._in_flight[replica_id.unique_id] -= 1
+        if self._in_flight[replica_id.unique_id] <= 0:
+            del self._in_flight[replica_id.unique_id]
 
 
 class RoundRobinRouter(RequestRouter):

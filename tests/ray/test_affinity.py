@@ -41,14 +41,16 @@ def test_the_ring_spreads_keys_over_replicas() -> None:
 def test_the_replica_sent_the_longest_prefix_is_the_favourite() -> None:
     affinity = PrefixAffinity()
     document = list(range(5000, 5160))  # 10 blocks
-    affinity.placed(_hashes(document[:64]), "a")  # 4 blocks went to a
-    affinity.placed(_hashes(document), "b")  # all 10 to b (a later turn)
+    affinity.placed(_hashes(document[:64]), "a")  # blocks 0-3 went to a
+    affinity.placed(_hashes(document[:32] + list(range(90, 122))), "b")  # 0-1 again, to b
     question = _hashes(document + list(range(100, 140)))
-    assert affinity.favourite(question, ["a", "b"]) == "b"
-    assert affinity.favourite(question, ["a", "c"]) == "a"  # b is gone: a has 4 blocks
-    assert affinity.favourite(_hashes(document, salt="t"), ["a", "b"]) == HashRing(
-        ["a", "b"]
-    ).owner(_hashes(document, salt="t")[-1])  # another tenant's blocks: nothing placed
+    assert affinity.favourite(question, ["a", "b"]) == "a"  # a was sent 4 of its blocks
+    assert affinity.favourite(_hashes(document[:32] + [7] * 32), ["a", "b"]) == "b"
+    assert affinity.favourite(question, ["b", "c"]) == "b"  # a is gone: b has 2 blocks
+    other_tenant = _hashes(document, salt="t")  # another salt: nothing placed
+    assert affinity.favourite(other_tenant, ["a", "b"]) == HashRing(["a", "b"]).owner(
+        other_tenant[-1]
+    )
 
 
 def test_a_prompt_without_a_full_block_has_no_favourite() -> None:
@@ -59,11 +61,12 @@ def test_a_prompt_without_a_full_block_has_no_favourite() -> None:
 def test_the_oldest_placements_are_forgotten_first() -> None:
     affinity = PrefixAffinity(max_tracked_blocks=4)
     first, second = _hashes(list(range(48))), _hashes(list(range(1000, 1048)))
+    # A peer the ring gives first[1] to, so that "a" below can only come from memory.
+    peer = next(r for r in (f"p{i}" for i in range(64)) if HashRing(["a", r]).owner(first[1]) == r)
     affinity.placed(first, "a")
-    affinity.placed(second, "b")  # 3 + 3 blocks: the first 2 of `first` drop
+    affinity.placed(second, peer)  # 3 + 3 blocks: the first 2 of `first` drop
     assert affinity.num_tracked_blocks == 4
-    assert HashRing(["a", "b"]).owner(first[1]) == "b"  # so "a" below can only be remembered
-    assert affinity.favourite(first[:2], ["a", "b"]) == "b"  # forgotten: the ring decides
-    assert affinity.favourite(first, ["a", "b"]) == "a"
+    assert affinity.favourite(first[:2], ["a", peer]) == peer  # forgotten: the ring decides
+    assert affinity.favourite(first, ["a", peer]) == "a"
     with pytest.raises(ValueError, match="max_tracked_blocks"):
         PrefixAffinity(0)

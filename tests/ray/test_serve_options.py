@@ -54,3 +54,14 @@ def test_options_reach_the_engine_deployment() -> None:
     assert router["request_router_class"] == "kvlm.ray_serve.router:PrefixAffinityRouter"
     assert router["request_router_kwargs"]["max_imbalance"] == 2
     assert config.max_replicas == 6
+
+
+def test_a_serve_config_files_args_build_the_application() -> None:
+    from ray.serve import Application
+
+    from kvlm.ray_serve.app import app_builder
+
+    args = {"served_model_name": "m", "num_replicas": 3, "engine": {"max_num_seqs": 8}}
+    assert isinstance(app_builder(args), Application)
+    with pytest.raises(TypeError, match="replicas"):
+        app_builder({"served_model_name": "m", "replicas": 3})
