@@ -1,8 +1,10 @@
 """Restore vs recompute: the next turn of a long conversation after a restart.
 
 Builds a chat conversation of about --tokens tokens (a plain prompt and its completion for a
-model without a chat template, e.g. gemma3-270m's GGUF), saves it as a session file, then (each
-repeat starting from an empty prefix cache, as a restarted process would) times
+model without a chat template, e.g. gemma3-270m's GGUF), computes it (`prefill_s`), saves it
+as a session file (`save_s`: the blocks are in the cache, so this is copying them out and
+writing the file; `save_export_s` is the part on the engine thread), then (each repeat
+starting from an empty prefix cache, as a restarted process would) times
   recompute: the next turn's time to first token when the whole conversation is prefilled;
   restore:   reading and checking the session file and copying its blocks into the cache,
              plus the next turn's time to first token (a prefix hit).
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlm import LLM
+from kvlm.engine import session as sessions
 from kvlm.sampling import SamplingParams
 
 FILLER = (
@@ -71,6 +74,13 @@ def main() -> None:
     )
     conversation, next_prompt = build_conversation(llm, args.tokens)
     cache = llm.engine.kv_cache
+    token_ids, _ = sessions.session_tokens(llm.tokenizer, conversation)
+    start = time.perf_counter()
+    llm.generate({"prompt_token_ids": token_ids}, SamplingParams(max_tokens=1))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sessions.export(llm.engine, token_ids, None)  # what the engine thread does of a save
+    save_export_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "conversation.kvs"
         start = time.perf_counter()
@@ -98,7 +108,10 @@ def main() -> None:
         "saved_tokens": saved,
         "cached_tokens_after_restore": cached,
         "file_bytes": file_bytes,
+        "prefill_s": prefill_s,
         "save_s": save_s,
+        "save_mb_s": file_bytes / save_s / 1e6,
+        "save_export_s": save_export_s,
         "recompute_ttft_s": statistics.median(recompute),
         "restore_total_s": statistics.median(restore),
         "restore_ttft_s": statistics.median(restored_ttft),

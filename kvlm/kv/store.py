@@ -81,31 +81,48 @@ class KVStore:
 
     def read_pages(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy of the blocks' pages, [len(block_ids), page_nbytes] uint8, on the store's
-        device: one gather per part, queued, so reading it out to the host can happen on
-        another thread."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
-        data = self._data_pages.index_select(0, index)
-        if self._scale_pages is None:
-            return data
-        return torch.cat([data, self._scale_pages.index_select(0, index)], dim=1)
+        device: one slice copy per run of consecutive ids (a conversation's blocks mostly are
+        one run), queued, so reading it out to the host can happen on another thread."""
+        pages = torch.empty(
+            (len(block_ids), self.spec.page_nbytes), dtype=torch.uint8, device=self.data.device
+        )
+        num_data = self._data_pages.shape[1]
+        for first, position, count in _runs(block_ids):
+            out = pages[position : position + count]
+            out[:, :num_data].copy_(self._data_pages[first : first + count])
+            if self._scale_pages is not None:
+                out[:, num_data:].copy_(self._scale_pages[first : first + count])
+        return pages
 
     def write_pages(self, block_ids: Sequence[int], pages: torch.Tensor) -> None:
         """Overwrite the blocks with `pages` ([len(block_ids), page_nbytes] uint8, any
-        device), one scatter per part."""
+        device): one slice copy per run of consecutive ids."""
         assert pages.shape == (len(block_ids), self.spec.page_nbytes), pages.shape
-        device = self.data.device
-        index = torch.tensor(block_ids, dtype=torch.long, device=device)
-        pages = pages.to(device, non_blocking=True)
         num_data = self._data_pages.shape[1]
-        self._data_pages.index_copy_(0, index, pages[:, :num_data])
-        if self._scale_pages is not None:
-            self._scale_pages.index_copy_(0, index, pages[:, num_data:])
+        for first, position, count in _runs(block_ids):
+            page = pages[position : position + count]
+            self._data_pages[first : first + count].copy_(page[:, :num_data], non_blocking=True)
+            if self._scale_pages is not None:
+                scales = page[:, num_data:]
+                self._scale_pages[first : first + count].copy_(scales, non_blocking=True)
 
     def copy_block(self, source: int, destination: int) -> None:
         """Copy one block's rows (every layer, K and V, scales) onto another, in place."""
         self._data_pages[destination].copy_(self._data_pages[source])
         if self._scale_pages is not None:
             self._scale_pages[destination].copy_(self._scale_pages[source])
+
+
+def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first block id, position in `block_ids`, length) of each run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for position, block_id in enumerate(block_ids):
+        if runs and runs[-1][0] + runs[-1][2] == block_id:
+            first, start, count = runs[-1]
+            runs[-1] = (first, start, count + 1)
+        else:
+            runs.append((block_id, position, 1))
+    return runs
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
