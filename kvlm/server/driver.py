@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvlm.engine.async_engine import RequestStream
+from kvlm.engine.request import RequestOutput
 from kvlm.sampling import Logprob
 from kvlm.server.formatters import ChatFormatter, CompletionFormatter, Formatter, Header
 from kvlm.server.limits import ModelLimits
 from kvlm.server.metrics import RequestTimer
 from kvlm.server.params import Prepared, prepare_chat, prepare_completion
-from kvlm.server.responses import Usage, new_id, now
-from kvlm.server.serving import SSE_DONE, ServingContext, collect, guarded_events, sse, submit
+from kvlm.server.responses import new_id, now
+from kvlm.server.serving import (
+    SSE_DONE,
+    ServingContext,
+    collect,
+    guarded_events,
+    merged,
+    sse,
+    submit,
+)
 from kvlm.tokenizer import Tokenizer
 
 
@@ -48,41 +57,52 @@ async def generate(ctx: ServingContext, api: API, client: Request) -> Response:
     prepared = await asyncio.to_thread(api.prepare, raw, tokenizer, ctx.limits)
     request_id = new_id(api.id_prefix)
     body = prepared.body
-    stream = await submit(
-        ctx,
-        prepared.prompt,
-        prepared.params,
-        request_id,
-        body.cache_salt,
-        api.prompt_param,
-        prepared.prefix_adapter,
-    )
+    streams = await submit(ctx, prepared, request_id, api.prompt_param)
+    timers = [timer] + [timer.sibling() for _ in streams[1:]]  # one per choice
     formatter = api.formatter(prepared, tokenizer, Header(request_id, now(), ctx.model_name))
     if body.stream:
-        events = _events(formatter, stream, timer, body.include_usage)
-        return StreamingResponse(guarded_events(events, stream), media_type="text/event-stream")
-    final = await collect(stream, client, timer)
-    return JSONResponse(formatter.response(final).model_dump(mode="json"))
+        events = _events(formatter, streams, timers, body.include_usage)
+        return StreamingResponse(guarded_events(events, streams), media_type="text/event-stream")
+    finals = await collect(streams, client, timers)
+    return JSONResponse(formatter.response(finals).model_dump(mode="json"))
+
+
+@dataclass
+class _Unsent:
+    """What one choice's stream holds back: tokens whose text is not shown yet."""
+
+    started: bool = False  # its first chunks went out
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 async def _events(
-    formatter: Formatter, stream: RequestStream, timer: RequestTimer, include_usage: bool
+    formatter: Formatter,
+    streams: list[RequestStream],
+    timers: list[RequestTimer],
+    include_usage: bool,
 ) -> AsyncGenerator[str, None]:
+    """The choices' chunks interleaved as their outputs come, each tagged with its index,
+    then the usage of all (if asked for) and one [DONE]."""
     for chunk in formatter.stream_start():
         yield sse(chunk)
-    token_ids: list[int] = []  # tokens not sent yet (their text may be held back)
-    logprobs: list[dict[int, Logprob]] | None = None
-    last = None
-    async for delta in stream:
-        last, completion = delta, delta.outputs[0]
-        timer.on_output(len(completion.token_ids), completion.finish_reason)
-        token_ids += completion.token_ids
+    unsent = [_Unsent() for _ in streams]
+    last: dict[int, RequestOutput] = {}
+    async for index, delta in merged(streams):
+        last[index], completion, held = delta, delta.outputs[0], unsent[index]
+        timers[index].on_output(len(completion.token_ids), completion.finish_reason)
+        if not held.started:
+            held.started = True
+            for chunk in formatter.first_chunks(index, delta):
+                yield sse(chunk)
+        held.token_ids += completion.token_ids
         if completion.logprobs is not None:
-            logprobs = (logprobs or []) + completion.logprobs
+            held.logprobs = (held.logprobs or []) + completion.logprobs
         if not completion.text and completion.finish_reason is None:
             continue  # nothing to show yet (a partial character or a possible stop string)
-        yield sse(formatter.chunk(completion.text, token_ids, logprobs, completion))
-        token_ids, logprobs = [], None
-    if include_usage and last is not None:
-        yield sse(formatter.usage_chunk(Usage.of(last)))
+        chunk = formatter.chunk(index, completion.text, held.token_ids, held.logprobs, completion)
+        yield sse(chunk)
+        unsent[index] = _Unsent(started=True)
+    if include_usage and len(last) == len(streams):
+        yield sse(formatter.usage_chunk(formatter.usage([last[i] for i in range(len(streams))])))
     yield SSE_DONE

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from kvlm.engine.request import CompletionOutput, RequestOutput
 from kvlm.sampling import Logprob
 from kvlm.server.params import Prepared
+from kvlm.server.prompts import Prompt
 from kvlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvlm.server.responses import (
     ChatChoice,
@@ -47,7 +48,8 @@ class Header:
 
 
 class Formatter(ABC):
-    """Shapes of one request's output. Stateful: a stream's chunks must come in order."""
+    """Shapes of one request's output: one choice per prompt of `prepared`, `index` in
+    prompt order. Stateful: a stream's chunks of one choice must come in order."""
 
     def __init__(self, prepared: Prepared, tokenizer: Tokenizer, header: Header) -> None:
         self.prepared = prepared
@@ -58,77 +60,136 @@ class Formatter(ABC):
         """Chunks to send before the first generated text."""
         return []
 
+    def first_chunks(self, index: int, first: RequestOutput) -> list[BaseModel]:
+        """Chunks to send before choice `index`'s first text; `first` is its first output
+        (the one that carries the prompt's log-probabilities)."""
+        return []
+
     @abstractmethod
     def chunk(
         self,
+        index: int,
         text: str,
         token_ids: list[int],
         logprobs: Logprobs,
         completion: CompletionOutput,
     ) -> BaseModel:
-        """One stream chunk: `text` and the tokens not sent before; `completion` (the latest
-        delta) gives the finish reason."""
+        """One stream chunk of choice `index`: `text` and the tokens not sent before;
+        `completion` (the latest delta) gives the finish reason."""
+
+    def usage(self, outputs: list[RequestOutput]) -> Usage:
+        """The request's usage from an output of each choice, summed over the choices."""
+        return Usage.total(outputs)
 
     @abstractmethod
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
 
     @abstractmethod
-    def response(self, final: RequestOutput) -> BaseModel:
-        """The whole response from the assembled output."""
+    def response(self, finals: list[RequestOutput]) -> BaseModel:
+        """The whole response from each choice's assembled output, in index order."""
 
 
 class CompletionFormatter(Formatter):
-    """`/v1/completions`: `text_completion` objects; with echo, the prompt text comes first."""
+    """`/v1/completions`: `text_completion` objects. With echo, a choice's text starts with its
+    prompt, and with logprobs its log-probabilities start with the prompt's (OpenAI's legacy
+    shape: `null` for the first token, text offsets into the returned text); a stream sends
+    them in the choice's first chunk. `max_tokens: 0` (with echo) returns the prompt only:
+    the one token the engine generated for it is dropped (`completion_params`)."""
 
     def __init__(self, prepared: Prepared, tokenizer: Tokenizer, header: Header) -> None:
         super().__init__(prepared, tokenizer, header)
-        assert isinstance(prepared.body, CompletionRequest)
-        self.echo = ""
-        if prepared.body.echo:
-            prompt = prepared.prompt
-            self.echo = (
-                prompt.text
-                if prompt.text is not None
-                else tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
-            )
-        self.text_offset = 0  # characters of completion text sent so far, for logprobs
+        body = prepared.body
+        assert isinstance(body, CompletionRequest)
+        self.prompt_only = body.max_tokens == 0
+        self.echoes = [self._echo(p) if body.echo else "" for p in prepared.prompts]
+        # characters of each choice's text sent so far, for logprobs' text_offset
+        self.text_offsets = [0] * len(prepared.prompts)
 
-    def stream_start(self) -> list[BaseModel]:
-        if not self.echo:
+    def _echo(self, prompt: Prompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+
+    def first_chunks(self, index: int, first: RequestOutput) -> list[BaseModel]:
+        if not self.echoes[index]:
             return []
-        choice = CompletionChoice(text=self.echo)
+        choice = CompletionChoice(
+            index=index, text=self.echoes[index], logprobs=self._prompt_logprobs(index, first)
+        )
         return [CompletionResponse(**vars(self.header), choices=[choice])]
 
-    def chunk(
-        self, text: str, token_ids: list[int], logprobs: Logprobs, completion: CompletionOutput
-    ) -> BaseModel:
-        choice = CompletionChoice(
-            text=text,
-            logprobs=self._logprobs(token_ids, logprobs),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
+    def _prompt_logprobs(self, index: int, output: RequestOutput) -> CompletionLogprobs | None:
+        """The prompt's entries (with echo and logprobs); text offsets restart at 0, and the
+        completion's continue after the echoed text."""
+        self.text_offsets[index] = len(self.echoes[index])
+        if output.prompt_logprobs is None:
+            return None
+        return completion_logprobs(
+            self.tokenizer, output.prompt_token_ids, output.prompt_logprobs, 0
         )
+
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        token_ids: list[int],
+        logprobs: Logprobs,
+        completion: CompletionOutput,
+    ) -> BaseModel:
+        choice = self._choice(index, text, token_ids, logprobs, completion)
         return CompletionResponse(**vars(self.header), choices=[choice])
 
-    def _logprobs(self, token_ids: list[int], logprobs: Logprobs) -> CompletionLogprobs | None:
-        if logprobs is None:
-            return None
-        result = completion_logprobs(self.tokenizer, token_ids, logprobs, self.text_offset)
-        self.text_offset += sum(len(t) for t in result.tokens)
-        return result
+    def _choice(
+        self,
+        index: int,
+        text: str,
+        token_ids: list[int],
+        logprobs: Logprobs,
+        completion: CompletionOutput,
+        prompt: CompletionLogprobs | None = None,
+    ) -> CompletionChoice:
+        """Choice `index` with the generated `text`, after `prompt`'s entries if given."""
+        finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
+        if self.prompt_only:
+            text, token_ids = "", []
+            logprobs = None if logprobs is None else []
+            finish_reason = None if finish_reason is None else "length"
+            stop_reason = None
+        entries = None
+        if logprobs is not None:
+            entries = completion_logprobs(
+                self.tokenizer, token_ids, logprobs, self.text_offsets[index]
+            )
+            self.text_offsets[index] += sum(len(t) for t in entries.tokens)
+        if prompt is not None:
+            entries = prompt if entries is None else prompt.extend(entries)
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=entries,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+
+    def usage(self, outputs: list[RequestOutput]) -> Usage:
+        usage = super().usage(outputs)
+        return usage.without_completion() if self.prompt_only else usage
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return CompletionResponse(**vars(self.header), choices=[], usage=usage)
 
-    def response(self, final: RequestOutput) -> BaseModel:
-        completion = final.outputs[0]
-        choice = CompletionChoice(
-            text=self.echo + completion.text,
-            logprobs=self._logprobs(completion.token_ids, completion.logprobs),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
-        )
-        return CompletionResponse(**vars(self.header), choices=[choice], usage=Usage.of(final))
+    def response(self, finals: list[RequestOutput]) -> BaseModel:
+        choices = []
+        for index, final in enumerate(finals):
+            completion = final.outputs[0]
+            prompt = self._prompt_logprobs(index, final) if self.echoes[index] else None
+            choice = self._choice(
+                index, completion.text, completion.token_ids, completion.logprobs, completion,
+                prompt,
+            )  # fmt: skip
+            choice.text = self.echoes[index] + choice.text
+            choices.append(choice)
+        return CompletionResponse(**vars(self.header), choices=choices, usage=self.usage(finals))
 
 
 class ChatFormatter(Formatter):
@@ -148,7 +209,12 @@ class ChatFormatter(Formatter):
         return [ChatCompletionChunk(**vars(self.header), choices=[first])]
 
     def chunk(
-        self, text: str, token_ids: list[int], logprobs: Logprobs, completion: CompletionOutput
+        self,
+        index: int,
+        text: str,
+        token_ids: list[int],
+        logprobs: Logprobs,
+        completion: CompletionOutput,
     ) -> BaseModel:
         finish_reason: str | None = completion.finish_reason
         delta: dict[str, Any] = {"content": text} if text else {}
@@ -178,7 +244,8 @@ class ChatFormatter(Formatter):
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(**vars(self.header), choices=[], usage=usage)
 
-    def response(self, final: RequestOutput) -> BaseModel:
+    def response(self, finals: list[RequestOutput]) -> BaseModel:
+        [final] = finals
         completion = final.outputs[0]
         message = ChatMessageOut(content=completion.text)
         finish_reason: str | None = completion.finish_reason
@@ -195,7 +262,9 @@ class ChatFormatter(Formatter):
             finish_reason=finish_reason,
             stop_reason=completion.stop_reason,
         )
-        return ChatCompletionResponse(**vars(self.header), choices=[choice], usage=Usage.of(final))
+        return ChatCompletionResponse(
+            **vars(self.header), choices=[choice], usage=self.usage(finals)
+        )
 
 
 def _tool_finish(finish_reason: str | None, num_calls: int) -> str | None:

@@ -160,6 +160,12 @@ class RequestTimer:
         self.last: float | None = None  # when the latest new token arrived
         self.num_tokens = 0
 
+    def sibling(self) -> RequestTimer:
+        """A timer for another choice of the same request: the same arrival, its own tokens."""
+        twin = RequestTimer(self.metrics)
+        twin.start = self.start
+        return twin
+
     def on_output(self, num_new_tokens: int, finish_reason: str | None) -> None:
         """An output (a delta) arrived carrying `num_new_tokens` tokens."""
         t = time.perf_counter()

@@ -21,7 +21,7 @@ from kvlm.sampling import SamplingParams, SamplingParamsError, StructuredOutputs
 from kvlm.sampling.params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from kvlm.server.errors import APIError
 from kvlm.server.limits import ModelLimits
-from kvlm.server.prompts import Prompt, chat_prompt, completion_prompt
+from kvlm.server.prompts import Prompt, chat_prompt, completion_prompts
 from kvlm.server.protocol import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
@@ -121,9 +121,11 @@ def sampling_params(
     num_prompt_tokens: int,
     limits: ModelLimits,
     structured: StructuredOutputsParams | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Check what SamplingParams cannot know (OpenAI's ranges, the context) and build it;
-    `structured` is the request's constraint, compiled already (`structured.py`)."""
+    `structured` is the request's constraint, compiled already (`structured.py`);
+    `prompt_logprobs` is in the range of `logprobs`, checked here."""
     if request.stream_options is not None:
         check_unsupported(request.stream_options, UNSUPPORTED_STREAM_OPTIONS, "stream_options.")
     if request.n not in (None, 1):
@@ -171,6 +173,7 @@ def sampling_params(
             max_tokens=max_tokens,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
             logit_bias=logit_bias(request, limits.vocab_size),
@@ -185,24 +188,29 @@ def sampling_params(
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request checked and ready for the engine: its body, prompt and sampling params."""
+    """A request checked and ready for the engine: its body, and per prompt (completions may
+    send several, one choice each, in order; chat sends one) its prompt and sampling params."""
 
     body: SamplingRequest
-    prompt: Prompt
-    params: SamplingParams
+    prompts: list[Prompt]
+    params: list[SamplingParams]  # params[i] goes with prompts[i]
     prefix_adapter: str | None = None
     tools: ToolPlan | None = None  # chat: what tools and tool_choice asked for
 
+    def __post_init__(self) -> None:
+        assert self.prompts and len(self.prompts) == len(self.params)
+
 
 def prepare_completion(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
-    """Cheap checks first (fields, model), then the prompt (tokenized), then the constraint
+    """Cheap checks first (fields, model), then the prompts (tokenized), then the constraint
     (compiled) and the params."""
     body = parse_body(raw, CompletionRequest)
     adapter = requested_adapter(body, limits)
     check_unsupported(body, UNSUPPORTED_COMPLETION)
-    prompt = completion_prompt(body, tokenizer, limits)
+    prompts = completion_prompts(body, tokenizer, limits)
     structured = _constraint(body, limits)
-    return Prepared(body, prompt, completion_params(body, prompt, limits, structured), adapter)
+    params = [completion_params(body, prompt, limits, structured) for prompt in prompts]
+    return Prepared(body, prompts, params, adapter)
 
 
 def prepare_chat(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepared:
@@ -213,7 +221,7 @@ def prepare_chat(raw: bytes, tokenizer: Tokenizer, limits: ModelLimits) -> Prepa
     prompt = chat_prompt(body, tokenizer, limits, tools)
     structured = _constraint(body, limits, None if tools is None else tools.grammar())
     params = chat_params(body, prompt, limits, structured)
-    return Prepared(body, prompt, params, adapter, tools)
+    return Prepared(body, [prompt], [params], adapter, tools)
 
 
 def _constraint(
@@ -229,21 +237,27 @@ def completion_params(
     limits: ModelLimits,
     structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
-    if request.echo and request.logprobs is not None:
+    """With `echo`, `logprobs` asks for the prompt's log-probabilities too (OpenAI's legacy
+    scoring), and `max_tokens: 0` returns the prompt only: the engine then generates one token
+    (SamplingParams needs max_tokens >= 1, and the last prompt row is computed anyway) that
+    the formatter drops (`CompletionFormatter.prompt_only`)."""
+    max_tokens = request.max_tokens
+    if max_tokens == 0 and request.echo:
+        max_tokens = 1
+    elif max_tokens == 0:
         raise APIError(
-            "echo=true with logprobs would need the prompt's log-probabilities, which kvlm "
-            "does not compute: drop echo or logprobs",
-            param="echo",
-            code="unsupported_parameter",
+            "max_tokens must be at least 1, got 0 (0 only with echo=true, to score the prompt)",
+            param="max_tokens",
         )
     return sampling_params(
         request,
-        max_tokens=request.max_tokens,
+        max_tokens=max_tokens,
         max_tokens_param="max_tokens",
         logprobs=request.logprobs,
         num_prompt_tokens=len(prompt.token_ids),
         limits=limits,
         structured=structured,
+        prompt_logprobs=request.logprobs if request.echo else None,
     )
 
 

@@ -30,41 +30,62 @@ class Prompt:
     token_ids: list[int]
 
 
+def completion_prompts(
+    request: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
+) -> list[Prompt]:
+    """`prompt` as OpenAI takes it: a text, a list of token ids, or a non-empty list of either
+    (one completion each, in order); every prompt non-empty, no list mixing texts and ids."""
+    prompt = request.prompt
+    if prompt is None:
+        raise APIError("prompt is required", param="prompt")
+    if isinstance(prompt, str):
+        return [_text_prompt(prompt, "prompt", tokenizer, limits)]
+    if not isinstance(prompt, list):
+        raise APIError(
+            f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+            param="prompt",
+        )
+    if not prompt:
+        raise APIError("prompt is empty: give at least one token id or text", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [_text_prompt(p, f"prompt.{i}", tokenizer, limits) for i, p in enumerate(prompt)]
+    if all(isinstance(p, list) for p in prompt):
+        return [_ids_prompt(p, f"prompt.{i}") for i, p in enumerate(prompt)]
+    if any(isinstance(p, (str, list)) for p in prompt):
+        kinds = sorted({type(p).__name__ for p in prompt})
+        raise APIError(
+            f"prompt mixes {', '.join(kinds)} items: send texts only, token-id lists only, "
+            "or one list of token ids",
+            param="prompt",
+        )
+    return [_ids_prompt(prompt, "prompt")]
+
+
 def completion_prompt(
     request: CompletionRequest, tokenizer: Tokenizer, limits: ModelLimits
 ) -> Prompt:
-    """`prompt` as text or token ids; a list holding one prompt is unwrapped."""
-    prompt = request.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError("prompt is empty: give at least one character", param="prompt")
-        limits.prompt_length.check(prompt, "prompt")
-        return Prompt(prompt, tokenizer.encode(prompt))
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+    """The request's first prompt (what a router keys a request on), checked as all are."""
+    return completion_prompts(request, tokenizer, limits)[0]
+
+
+def _text_prompt(text: str, name: str, tokenizer: Tokenizer, limits: ModelLimits) -> Prompt:
+    if not text:
+        raise APIError(f"{name} is empty: give at least one character", param=name)
+    limits.prompt_length.check(text, name)
+    return Prompt(text, tokenizer.encode(text))
+
+
+def _ids_prompt(items: list[Any], name: str) -> Prompt:
+    if not items:
+        raise APIError(f"{name} is empty: give at least one token id", param=name)
+    token_ids = [json_integer(t) for t in items]
+    bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
         raise APIError(
-            f"prompt holds {len(prompt)} prompts; only one prompt per request is supported: "
-            "send one request per prompt",
-            param="prompt",
+            f"{name} must be a string or a list of token ids (ints), got {bad[0]!r} in the list",
+            param=name,
         )
-    if isinstance(prompt, list):
-        if not prompt:
-            raise APIError("prompt is empty: give at least one token id", param="prompt")
-        token_ids = [json_integer(t) for t in prompt]
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
-            bad = next(t for t in token_ids if isinstance(t, bool) or not isinstance(t, int))
-            raise APIError(
-                f"prompt must be a string or a list of token ids (ints), got {bad!r} in the list",
-                param="prompt",
-            )
-        return Prompt(None, token_ids)  # the engine checks the ids against the vocabulary
-    if prompt is None:
-        raise APIError("prompt is required", param="prompt")
-    raise APIError(
-        f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
-        param="prompt",
-    )
+    return Prompt(None, token_ids)  # the engine checks the ids against the vocabulary
 
 
 def chat_prompt(

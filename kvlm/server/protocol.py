@@ -66,7 +66,7 @@ CHAT_ROLES = {
 }
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-_ONE_TEXT = {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}
+_PROMPT_IDS = {**_TOKEN_IDS, "minItems": 1}
 
 
 class StreamOptions(BaseModel):
@@ -158,13 +158,20 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    # str, list of token ids, or a one-element list of either
+    # str, list of token ids, or a list of either (one choice per prompt, in order)
     prompt: Any = Field(
-        json_schema_extra={"anyOf": [_TEXT, {**_TOKEN_IDS, "minItems": 1}, _ONE_TEXT]}
-    )
-    # OpenAI's default for completions
-    max_tokens: Integer | None = Field(default=16, json_schema_extra={"minimum": 1})
-    logprobs: Integer | None = _range(0, 20)  # top log-probabilities per token
+        json_schema_extra={"anyOf": [
+            _TEXT,
+            _PROMPT_IDS,
+            {"type": "array", "items": _TEXT, "minItems": 1},
+            {"type": "array", "items": _PROMPT_IDS, "minItems": 1},
+        ]}
+    )  # fmt: skip
+    # OpenAI's default for completions; 0 only with echo (the prompt scored, nothing generated)
+    max_tokens: Integer | None = Field(default=16, json_schema_extra={"minimum": 0})
+    # top log-probabilities per token (OpenAI's legacy API allows 5, kvlm as vLLM 20); with
+    # echo, of the prompt's tokens too
+    logprobs: Integer | None = _range(0, 20)
     echo: StrictBool | None = None  # prepend the prompt to the completion
     suffix: Any = None  # only unset
     best_of: Any = None  # only 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -53,17 +54,46 @@ class Usage(BaseModel):
             kv_peak_bytes=output.metrics.kv_peak_bytes,
         )
 
+    @classmethod
+    def total(cls, outputs: list[RequestOutput]) -> Usage:
+        """Summed over the choices of one request, each counted once (`kv_peak_bytes` too:
+        the choices run side by side, so the sum bounds what they held at once)."""
+        usages = [cls.of(output) for output in outputs]
+        return cls(
+            prompt_tokens=sum(u.prompt_tokens for u in usages),
+            completion_tokens=sum(u.completion_tokens for u in usages),
+            total_tokens=sum(u.total_tokens for u in usages),
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(u.prompt_tokens_details.cached_tokens for u in usages)
+            ),
+            kv_peak_bytes=sum(u.kv_peak_bytes for u in usages),
+        )
+
+    def without_completion(self) -> Usage:
+        """The usage of a prompt scored with nothing generated (echo with max_tokens 0)."""
+        return self.model_copy(update={"completion_tokens": 0, "total_tokens": self.prompt_tokens})
+
 
 # --- log-probabilities -----------------------------------------------------------------------
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format: parallel lists, one entry per generated token."""
+    """The legacy completions format: parallel lists, one entry per token (with echo the
+    prompt's first, whose first token has `null`s: nothing before it to score it)."""
 
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+    def extend(self, more: CompletionLogprobs) -> CompletionLogprobs:
+        """These entries followed by `more`'s (a new object)."""
+        return CompletionLogprobs(
+            tokens=self.tokens + more.tokens,
+            token_logprobs=self.token_logprobs + more.token_logprobs,
+            top_logprobs=self.top_logprobs + more.top_logprobs,
+            text_offset=self.text_offset + more.text_offset,
+        )
 
 
 class TopLogprob(BaseModel):
@@ -95,18 +125,23 @@ def _piece(tokenizer: Tokenizer, token_id: int) -> str:
 
 def completion_logprobs(
     tokenizer: Tokenizer,
-    token_ids: list[int],
-    entries: list[dict[int, Logprob]],
+    token_ids: Sequence[int],
+    entries: Sequence[dict[int, Logprob] | None],
     text_offset: int,
 ) -> CompletionLogprobs:
-    """Log-probabilities of `token_ids` (their own entry plus the top ones) from `entries`."""
+    """Log-probabilities of `token_ids` (their own entry plus the top ones) from `entries`;
+    a None entry (a prompt's first token) gives `null`s."""
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries, strict=True):
         piece = _piece(tokenizer, token_id)
         result.tokens.append(piece)
-        result.token_logprobs.append(_finite(entry[token_id].logprob))
-        top = {_piece(tokenizer, t): _finite(lp.logprob) for t, lp in entry.items()}
-        result.top_logprobs.append(top)
+        if entry is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            result.token_logprobs.append(_finite(entry[token_id].logprob))
+            top = {_piece(tokenizer, t): _finite(lp.logprob) for t, lp in entry.items()}
+            result.top_logprobs.append(top)
         result.text_offset.append(text_offset)
         text_offset += len(piece)
     return result

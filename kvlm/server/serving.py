@@ -27,6 +27,7 @@ from kvlm.sampling import SamplingParams
 from kvlm.server.errors import APIError, server_error
 from kvlm.server.limits import ModelLimits
 from kvlm.server.metrics import RequestTimer, ServerMetrics
+from kvlm.server.params import Prepared
 from kvlm.server.prompts import Prompt
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
@@ -49,30 +50,50 @@ class ServingContext:
 
 
 async def submit(
-    ctx: ServingContext,
-    prompt: Prompt,
-    params: SamplingParams,
-    request_id: str,
-    cache_salt: str | None,
-    prompt_param: str,
-    prefix_adapter: str | None = None,
-) -> RequestStream:
-    """Hand the request to the engine; the engine's refusals become 400s."""
-    try:
-        return await ctx.engine.add_request(
-            prompt.text, prompt.token_ids, params, request_id, cache_salt, prefix_adapter
-        )
-    except InputError as e:
-        raise APIError(str(e), param=prompt_param) from e
-    except EngineDeadError as e:
-        raise _engine_dead(e) from e
+    ctx: ServingContext, prepared: Prepared, request_id: str, prompt_param: str
+) -> list[RequestStream]:
+    """Hand every prompt of the request to the engine at once (one engine request each, ids
+    `request_id` or `request_id-i`, queued in the same loop turn so they are scheduled
+    together); the engine's refusals become 400s, and when one prompt is refused the others
+    are aborted."""
+    several = len(prepared.prompts) > 1
+    cache_salt = prepared.body.cache_salt
+
+    async def add(i: int, prompt: Prompt, params: SamplingParams) -> RequestStream:
+        try:
+            return await ctx.engine.add_request(
+                prompt.text,
+                prompt.token_ids,
+                params,
+                f"{request_id}-{i}" if several else request_id,
+                cache_salt,
+                prepared.prefix_adapter,
+            )
+        except InputError as e:
+            raise APIError(str(e), param=f"{prompt_param}.{i}" if several else prompt_param) from e
+        except EngineDeadError as e:
+            raise _engine_dead(e) from e
+
+    pairs = zip(prepared.prompts, prepared.params, strict=True)
+    added = await asyncio.gather(
+        *(add(i, *pair) for i, pair in enumerate(pairs)), return_exceptions=True
+    )
+    streams = [s for s in added if isinstance(s, RequestStream)]
+    refused = [e for e in added if isinstance(e, BaseException)]
+    if refused:
+        for stream in streams:
+            stream.abort()
+        raise refused[0]
+    return streams
 
 
-async def collect(stream: RequestStream, client: Request, timer: RequestTimer) -> RequestOutput:
-    """Wait for the last output and return the whole (assembled) output; abort the request
-    if the client goes away meanwhile."""
+async def collect(
+    streams: list[RequestStream], client: Request, timers: list[RequestTimer]
+) -> list[RequestOutput]:
+    """Wait for each stream's last output and return the whole (assembled) outputs, in order;
+    abort every request if the client goes away meanwhile."""
 
-    async def drain() -> RequestOutput:
+    async def drain(stream: RequestStream, timer: RequestTimer) -> RequestOutput:
         accumulated = OutputAccumulator()
         async for delta in stream:
             completion = delta.outputs[0]
@@ -82,21 +103,42 @@ async def collect(stream: RequestStream, client: Request, timer: RequestTimer) -
         assert final.finished
         return final
 
-    task = asyncio.ensure_future(drain())
+    task = asyncio.gather(*(drain(s, t) for s, t in zip(streams, timers, strict=True)))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
                 return task.result()
             if await client.is_disconnected():
-                raise ClientDisconnected(stream.request_id)
+                raise ClientDisconnected(streams[0].request_id)
     except EngineStepError as e:
         raise server_error(e) from e
     except EngineDeadError as e:
         raise _engine_dead(e) from e
     finally:
         task.cancel()
-        stream.abort()
+        for stream in streams:
+            stream.abort()
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every stream's outputs as they come, each tagged with its stream's index (each
+    stream's in order; outputs ready at once in index order)."""
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                try:
+                    output = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+                yield index, output
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 def _engine_dead(error: EngineDeadError) -> APIError:
@@ -111,10 +153,10 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 async def guarded_events(
-    events: AsyncGenerator[str, None], stream: RequestStream
+    events: AsyncGenerator[str, None], streams: list[RequestStream]
 ) -> AsyncIterator[str]:
-    """Pass `events` through; an engine failure becomes an error event. Always aborts the
-    request at the end (a no-op when it finished), also when the client disconnected."""
+    """Pass `events` through; an engine failure becomes an error event. Always aborts every
+    request at the end (a no-op for one that finished), also when the client disconnected."""
     try:
         async for event in events:
             yield event
@@ -122,5 +164,6 @@ async def guarded_events(
         yield sse(server_error(e).to_dict())
         yield SSE_DONE
     finally:
-        stream.abort()
+        for stream in streams:
+            stream.abort()
         await events.aclose()

@@ -87,17 +87,22 @@ _MODEL = {"type": "string", "enum": [MODEL_NAME]}  # else nearly every body name
 _MESSAGE = "#/components/schemas/ChatCompletionRequest{}Message"
 _TOKENS = {"type": "integer", "minimum": 1, "maximum": 8}  # the fuzz server's context is short
 _TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": 255}  # in every model's vocabulary
-# Where kvlm accepts less than OpenAI's schema allows (one completion per request, one prompt,
-# a schema the grammar engine compiles, ...), so that requests reach the model; each is refused
-# by name elsewhere.
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 40}
+_PROMPT_IDS = {"type": "array", "minItems": 1, "maxItems": 8, "items": _TOKEN_ID}
+# Where kvlm accepts less than OpenAI's schema allows (one completion per request, a schema the
+# grammar engine compiles, ...), so that requests reach the model; each is refused by name
+# elsewhere. Prompts come in every shape OpenAI takes (a text, token ids, a list of either),
+# few and short, and `echo` with `logprobs` (the prompt scored) is honoured.
 _KVLM_RANGES = {
     "n": {"type": "integer", "minimum": 1, "maximum": 1},
     "max_tokens": _TOKENS,
     "max_completion_tokens": _TOKENS,
     "prompt": {
         "oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "minItems": 1, "maxItems": 8, "items": _TOKEN_ID},
+            _TEXT,
+            _PROMPT_IDS,
+            {"type": "array", "minItems": 2, "maxItems": 3, "items": _TEXT},
+            {"type": "array", "minItems": 2, "maxItems": 3, "items": _PROMPT_IDS},
         ]
     },
     "messages": {
