@@ -1,10 +1,11 @@
 """Restore vs recompute: the next turn of a long conversation after a restart.
 
 Builds a chat conversation of about --tokens tokens (a plain prompt and its completion for a
-model without a chat template, e.g. gemma3-270m's GGUF), computes it (`prefill_s`), saves it
-as a session file (`save_s`: the blocks are in the cache, so this is copying them out and
-writing the file; `save_export_s` is the part on the engine thread), then (each repeat
-starting from an empty prefix cache, as a restarted process would) times
+model without a chat template, e.g. gemma3-270m's GGUF), computes it (`prefill_s`), names the
+cache's K/V (`identity_s`: the model file hashed, once per engine), saves it as a session file
+(`save_s`: the blocks are in the cache, so this is copying them out and writing the file;
+`save_export_s` is the part on the engine thread), then (each repeat starting from an empty
+prefix cache, as a restarted process would) times
   recompute: the next turn's time to first token when the whole conversation is prefilled;
   restore:   reading and checking the session file and copying its blocks into the cache,
              plus the next turn's time to first token (a prefix hit).
@@ -79,6 +80,9 @@ def main() -> None:
     llm.generate({"prompt_token_ids": token_ids}, SamplingParams(max_tokens=1))
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
+    assert llm.engine.cache_identity is not None  # hashes the model file, once per engine
+    identity_s = time.perf_counter() - start
+    start = time.perf_counter()
     sessions.export(llm.engine, token_ids, None)  # what the engine thread does of a save
     save_export_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +113,7 @@ def main() -> None:
         "cached_tokens_after_restore": cached,
         "file_bytes": file_bytes,
         "prefill_s": prefill_s,
+        "identity_s": identity_s,
         "save_s": save_s,
         "save_mb_s": file_bytes / save_s / 1e6,
         "save_export_s": save_export_s,
