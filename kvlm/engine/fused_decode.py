@@ -3,12 +3,12 @@
 A pure decode step (one new token per sequence) spends most of its time outside the matmuls
 when each layer is ~30 torch ops: norms, rope, cache writes, a gather of the whole history and
 SDPA. `FusedDecoder` hands the whole stack to the C++ plan built once from the model's weights;
-it reads and writes the paged cache rows the runner computed (the same `GroupView`s the torch
-path uses), so the two paths share every scheduling and caching decision.
+it writes the cache rows the runner computed and reads K/V through the block tables (the same
+`GroupView`s the torch path uses) with the paged attention kernel, in every KV format, with
+windows and sinks, so the two paths share every scheduling and caching decision.
 
-It applies where the C++ kernels run with AVX2 or better, every projection is quantized and
-the cache holds float32, float16 or bfloat16 K/V with rope by place in the text; any other
-step (prefill, mixed chunks, quantized KV, attention sinks, no-cache) takes the torch path.
+It applies where the C++ kernels run with AVX2 or better and every projection is quantized;
+any other step (prefill, mixed chunks, no-cache) takes the torch path.
 The choice is the runner's (`ModelRunner.use_fused_decode`, then `accepts` step by step): the
 model only runs the stack it is handed, and `kvlm.models` never imports this module.
 """
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvlm.kernels.build import ISA_CODES, SIMD_PATHS, KernelUnavailableError, resolve_path
+from kvlm.kernels.paged import FORMAT_CODES
 from kvlm.kernels.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from kvlm.models.transformer import CausalLM
 
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
-_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # rows the C++ attention reads
+_NO_SCALES = torch.empty(0, dtype=torch.float16)  # what a float store passes for its scales
 
 
 def _parts(linear: Linear) -> tuple[list[torch.Tensor], list[int]]:
@@ -60,8 +61,6 @@ def why_not_fused(model: CausalLM, path: str | None = None) -> str | None:
         return f"the {kernel_path} kernel path (fused decode needs AVX2 kernels)"
     if model.layers[0].attn_norm.weight.device.type != "cpu":
         return "weights not on the CPU"
-    if config.attn_logit_softcapping is not None:
-        return "attention logit soft-capping"
     if config.head_dim % 8:
         return f"head_dim {config.head_dim} is not a multiple of 8"
     return None
@@ -82,6 +81,7 @@ class FusedDecoder:
             config.intermediate_size,
             config.rms_norm_eps,
             config.attn_scale,
+            config.attn_logit_softcapping or 0.0,
             _ACTIVATIONS[config.hidden_act],
             model.norm.weight.detach(),
             ISA_CODES[resolve_path(path)],
@@ -106,16 +106,10 @@ class FusedDecoder:
         self._layout: tuple[int, ...] | None = None  # ids of the stores the layout was set for
 
     def accepts(self, ctx: ForwardContext) -> bool:
-        """A decode step whose every layer reads a float cache, rope by place in the text."""
+        """A decode step (one new token per sequence) whose every layer reads a paged cache."""
         if ctx.max_query_len != 1:
             return False
-        for view in ctx.layer_views:
-            store = view.store
-            if store is None or view.key_positions is not None or view.key_counts is None:
-                return False
-            if store.format.is_quantized or store.data.dtype not in _CACHE_DTYPES:
-                return False
-        return True
+        return all(v.store is not None and v.block_table is not None for v in ctx.layer_views)
 
     def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x [M, H] embedded tokens -> final-normed hidden states [M, H]."""
@@ -126,9 +120,9 @@ class FusedDecoder:
             x,
             ctx.positions,
             [s.data for s in stores],
+            [_NO_SCALES if s.scales is None else s.scales for s in stores],
             [v.write_rows for v in views],
-            [v.gather_index for v in views],
-            [v.key_counts for v in views],
+            [v.block_table for v in views],
         )
 
     def _set_layout(self, ctx: ForwardContext, views: list) -> None:
@@ -143,4 +137,12 @@ class FusedDecoder:
             k_offs.append(k_off)
             v_offs.append(v_off)
         self.plan.set_layout(groups, k_offs, v_offs)
+        specs = [v.store.spec for v in views]
+        self.plan.set_groups(
+            [FORMAT_CODES[spec.kv_format] for spec in specs],
+            [spec.block_size for spec in specs],
+            [v.store.rows_per_block for v in views],
+            [spec.window or 0 for spec in specs],
+            [spec.num_sinks for spec in specs],
+        )
         self._layout = key

@@ -20,13 +20,31 @@ rounding in every format: both dequantize the same stored bytes.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 
-from kvlm.attention.rope import RotaryEmbedding
 from kvlm.kernels.build import ISA_CODES, KernelUnavailableError, _build, resolve_path
-from kvlm.kv.store import KVStore
 
 FORMAT_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4, "fp8": 5}
+
+
+class PagedStore(Protocol):
+    """What the kernel reads of a `kvlm.kv.store.KVStore` (kernels sit below kv: no import)."""
+
+    spec: Any  # KVCacheSpec: head_dim, num_kv_heads, block_size, kv_format, window, num_sinks
+    num_blocks: int
+    rows_per_block: int
+    data: torch.Tensor  # [num_blocks * rows_per_block, nkv, row_elements]
+    scales: torch.Tensor | None  # [rows, nkv, num_scales] float16
+
+    def layer_offsets(self, layer_idx: int) -> tuple[int, int]: ...
+
+
+class Rope(Protocol):
+    """What the kernel needs of a `kvlm.attention.rope.RotaryEmbedding`."""
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _ops():
@@ -55,7 +73,7 @@ def _int64(x: torch.Tensor, name: str, dims: int) -> torch.Tensor:
     return x.to(torch.int64).contiguous()
 
 
-def cache_rope_tables(rope: RotaryEmbedding, num_places: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cache_rope_tables(rope: Rope, num_places: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sign-folded sin [num_places, hd] of places 0 .. num_places - 1 in the cache."""
     cos, sin = rope.cos_sin(torch.arange(num_places))
     return cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous()
@@ -63,14 +81,14 @@ def cache_rope_tables(rope: RotaryEmbedding, num_places: int) -> tuple[torch.Ten
 
 def paged_attention(
     q: torch.Tensor,  # [T, nh, hd] float32
-    store: KVStore,
+    store: PagedStore,
     layer_idx: int,
     block_table: torch.Tensor,  # [B, max_blocks] int32/int64
     query_start: torch.Tensor,  # [B + 1] first row of each sequence in T, then T
     num_cached: torch.Tensor,  # [B] tokens cached before the step
     scale: float,
     softcap: float | None = None,
-    rope: RotaryEmbedding | None = None,  # needed when the group has sinks
+    rope: Rope | None = None,  # needed when the group has sinks
     path: str | None = None,  # kernel path; None: the process default
 ) -> torch.Tensor:  # [T, nh, hd] float32
     spec = store.spec

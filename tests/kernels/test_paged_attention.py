@@ -80,6 +80,22 @@ def test_odd_lengths_and_long_windows() -> None:
     torch.testing.assert_close(run_kernel(step, 0.125), expected, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("heads", ["gqa3", "mqa"])
+def test_one_sequence_splits_its_heads_over_threads(threads, heads) -> None:
+    """A lone decode row has fewer (sequence, kv head) items than threads: its query heads are
+    split over several items (3 heads as 2 + 1), with the same answer."""
+    step = make_step(HEADS[heads], "int8", 16, None, 0, [70], [1])
+    expected = reference(step, 0.125, None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run_kernel(step, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+
+
 @pytest.mark.parametrize("path", [p for p in C_PATHS if p != "ref"])
 @pytest.mark.parametrize("kv_format", FORMATS)
 @pytest.mark.parametrize("heads", ["gqa3", "mqa", "hd96"])
@@ -110,7 +126,7 @@ def test_swapped_blocks_fail() -> None:
     step = make_step(HEADS["mha"], "float16", 16, None, 0, [70], [1])
     expected = reference(step, 0.125, None)
     table = step.block_table.clone()
-    table[0, [0, 1]] = table[0, [1, 0]]
+    table[0, [0, 4]] = table[0, [4, 0]]  # the partial last block for a full one
     assert _far(run_kernel(step, 0.125, block_table=table), expected)
 
 

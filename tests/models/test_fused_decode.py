@@ -101,10 +101,7 @@ def test_fused_decode_switches_off(smollm2_llm: LLM, caplog: pytest.LogCaptureFi
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [
-        ({"attn_logit_softcapping": 50.0}, "attention logit soft-capping"),
-        ({"head_dim": 100}, "head_dim 100 is not a multiple of 8"),
-    ],
+    [({"head_dim": 100}, "head_dim 100 is not a multiple of 8")],
 )
 def test_why_not_fused_names_the_model_feature(
     smollm2_gguf: LLM, change: dict, reason: str
@@ -119,19 +116,27 @@ def test_why_not_fused_names_the_model_feature(
 
 @pytest.mark.parametrize(
     "config",
-    [{"kv_cache_dtype": "int8"}, {"sliding_window": 8, "attention_sinks": 4}],
-    ids=["int8-cache", "attention-sinks"],
+    [
+        {"kv_cache_dtype": "int8"},
+        {"kv_cache_dtype": "int4"},
+        {"kv_cache_dtype": "fp8"},
+        {"sliding_window": 8, "attention_sinks": 4},
+        {"kv_cache_dtype": "int4", "sliding_window": 8, "attention_sinks": 4},
+    ],
+    ids=["int8", "int4", "fp8", "sinks", "int4-sinks"],
 )
-def test_unsupported_caches_take_the_torch_path(
+def test_quantized_and_sink_caches_take_the_fused_path(
     config: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The paged kernel reads every KV format and ropes sinks' keys itself: decode steps of
+    these caches are fused (they took the torch path before issue 18)."""
     llm = LLM("smollm2", weight_format="gguf", **config)
     model = llm.engine.model
-    assert llm.engine.runner.fused is not None  # built, but no step accepts it
     with record_steps(model, monkeypatch) as steps:
         llm.generate(PROMPTS[:2], greedy(12))
-    assert sum(max(s.query_lens) == 1 for s in steps) == 11
-    assert all(s.fused == 0 and s.torch_layers == model.config.num_layers for s in steps)
+    decode = [s for s in steps if max(s.query_lens) == 1]
+    assert len(decode) == 11
+    assert all((s.fused, s.torch_layers) == (1, 0) for s in decode)
 
 
 # --- kernel paths ---------------------------------------------------------------------------
@@ -152,17 +157,24 @@ def _fused_outputs(llm: LLM, path: str, monkeypatch: pytest.MonkeyPatch) -> list
     return outputs
 
 
-def test_simd_paths_decode_identically(smollm2_gguf: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every SIMD path's plan is used when asked for, and the paths agree bit for bit (their
-    matmul kernels equal the scalar reference exactly; the row math is shared AVX2 code)."""
+def test_simd_paths_decode_alike(smollm2_gguf: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SIMD path's plan is used when asked for, and the first fused step (same inputs)
+    agrees across paths. Not bit for bit: the matmul kernels equal the scalar reference
+    exactly, but the paged attention's AVX-512 and AVX2 loops sum in different orders (each is
+    held to the scalar kernel in tests/kernels/test_paged_attention.py), and a 1e-7 change
+    there flips int8 roundings of the next matmul inputs: measured up to 1.2e-2 relative."""
     runner = smollm2_gguf.engine.runner
     default = runner.fused
     try:
         outputs = {path: _fused_outputs(smollm2_gguf, path, monkeypatch) for path in SIMD_PATHS}
     finally:
         runner.fused = default
+    first = SIMD_PATHS[0]
+    assert torch.equal(outputs[first][0], outputs[SIMD_PATHS[-1]][0])  # the torch prefill
     for path in SIMD_PATHS[1:]:
-        assert all(map(torch.equal, outputs[path], outputs[SIMD_PATHS[0]])), path
+        a, b = outputs[path][1], outputs[first][1]  # [3, H], the first decode step
+        relative = (a - b).abs().amax(1) / b.abs().amax(1)
+        assert (relative < 5e-2).all(), (path, relative)
 
 
 @pytest.mark.parametrize("path", ["ref", "torch"])
@@ -179,7 +191,7 @@ def test_plan_refuses_the_scalar_isa(smollm2_gguf: LLM) -> None:
     with pytest.raises(RuntimeError, match="needs AVX2 kernels"):
         torch.classes.kvlm.DecodePlan(
             config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            config.intermediate_size, config.rms_norm_eps, config.attn_scale, 0,
+            config.intermediate_size, config.rms_norm_eps, config.attn_scale, 0.0, 0,
             torch.ones(config.hidden_size), ISA_CODES["ref"],
         )  # fmt: skip
 
@@ -191,15 +203,16 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
     model = smollm2_gguf.engine.model
     config = model.config
     plan = one_layer_plan(model, model.layers[0], None).plan
-    store = torch.zeros(64, config.num_kv_heads, config.head_dim)  # K rows 0-15, V rows 16-31
-    row = torch.tensor([0])
-    good = {  # one sequence at position 0, in row 0, reading its own key
+    store = torch.zeros(64, config.num_kv_heads, config.head_dim)  # 2 blocks of 32 rows
+    row = torch.tensor([32])  # block 1, token 0: K row 32, V row 48
+    no_scales = torch.empty(0, dtype=torch.float16)
+    good = {  # one sequence at position 0 in block 1, reading its own key
         "x": torch.randn(1, config.hidden_size),
-        "positions": row,
+        "positions": torch.tensor([0]),
         "stores": [store],
+        "scales": [no_scales],
         "write_rows": [row],
-        "gather": [row],
-        "key_counts": [torch.tensor([1])],
+        "block_tables": [torch.tensor([[1]])],
     }
 
     def forward(**changes: object) -> torch.Tensor:
@@ -208,28 +221,38 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
     with pytest.raises(RuntimeError, match="layout not set"):
         forward()
     plan.set_layout([0], [0], [16])
+    with pytest.raises(RuntimeError, match="set_groups named 0"):
+        forward()
+    plan.set_groups([0], [16], [32], [0], [0])
     out = forward()
     assert out.shape == (1, config.hidden_size) and out.isfinite().all()
-    assert store[[0, 16]].abs().sum() > 0 and store[1:16].abs().sum() == 0  # K and V of row 0
+    assert store[[32, 48]].abs().sum() > 0 and store[33:48].abs().sum() == 0  # K and V
     with pytest.raises(RuntimeError, match=rf"x must be float32 \[M, {config.hidden_size}\]"):
         forward(x=torch.randn(1, config.hidden_size + 1))
-    with pytest.raises(RuntimeError, match="index sizes do not match M=1"):
+    with pytest.raises(RuntimeError, match="write_rows \\[M\\] and block_tables"):
         forward(write_rows=[torch.tensor([0, 1])])
-    with pytest.raises(RuntimeError, match="one write_rows, gather and key_counts per store"):
+    with pytest.raises(RuntimeError, match="one store, scales, write_rows and block_tables"):
         forward(write_rows=[row, row])
     with pytest.raises(RuntimeError, match="positions must be contiguous int64"):
         forward(positions=row.int())
     with pytest.raises(RuntimeError, match="one entry per layer"):
         plan.set_layout([0, 0], [0, 0], [16, 16])
-    # Rows past the store (V sits 16 rows further: 48 is the last base row), counts outside
-    # [1, S] and negative offsets are errors, never reads or writes out of bounds
+    # Rows past the store (V sits 16 rows further: 48 is the last base row), block ids and
+    # positions past the table, quantized stores without scales and negative offsets are
+    # errors, never reads or writes out of bounds
     with pytest.raises(RuntimeError, match="write_rows row 48 is outside the store's"):
         forward(write_rows=[torch.tensor([48])])
-    with pytest.raises(RuntimeError, match="gather row -1 is outside the store's"):
-        forward(gather=[torch.tensor([-1])])
-    for count in (0, 2):
-        with pytest.raises(RuntimeError, match=f"key count {count} of sequence 0"):
-            forward(key_counts=[torch.tensor([count])])
+    with pytest.raises(RuntimeError, match="block id 2 is outside the store's"):
+        forward(block_tables=[torch.tensor([[2]])])
+    with pytest.raises(RuntimeError, match="at position 16 is past its 1 blocks"):
+        forward(positions=torch.tensor([16]))
+    with pytest.raises(RuntimeError, match="sinks"):
+        plan.set_groups([0], [16], [32], [0], [4])
+    plan.set_groups([3], [16], [32], [0], [0])  # int8
+    with pytest.raises(RuntimeError, match="must be contiguous Char"):
+        forward()
+    with pytest.raises(RuntimeError, match="scales 0 must be float16"):
+        forward(stores=[store.to(torch.int8)])
     with pytest.raises(RuntimeError, match="offsets are >= 0"):
         plan.set_layout([0], [-1], [16])
 

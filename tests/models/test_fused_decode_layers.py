@@ -22,6 +22,8 @@ from kvlm import LLM
 from kvlm.attention.context import ForwardContext
 from kvlm.cli.evaluate import default_text
 from kvlm.engine.runner import ModelRunner
+from kvlm.kernels.paged import FORMAT_CODES
+from kvlm.kv.store import KVStore
 from kvlm.models.transformer import DecoderLayer
 from tests.models.conftest import PROMPTS, SIMD_PATHS, greedy, needs_simd, one_layer_plan, unit_norm
 
@@ -80,18 +82,23 @@ def compare_layers(
             return
         idx = layer.attn.layer_idx
         view = ctx.layer_views[idx]
-        k_off, v_off = view.store.layer_offsets(idx)
+        store = view.store
+        k_off, v_off = store.layer_offsets(idx)
         rows = torch.stack([view.write_rows + k_off, view.write_rows + v_off], 1)  # [B, 2]
-        data = view.store.data  # [rows, nkv, hd]
-        saved = data[rows].clone()
+        saved = [t[rows].clone() for t in _store_tensors(store)]
         plan = plans[idx].plan
         plan.set_layout([0], [k_off], [v_off])
+        spec = store.spec
+        plan.set_groups([FORMAT_CODES[spec.kv_format]], [spec.block_size],
+                        [store.rows_per_block], [spec.window or 0], [spec.num_sinks])  # fmt: skip
         positions = ctx.positions + position_shift
+        scales = torch.empty(0, dtype=torch.float16) if store.scales is None else store.scales
         out = plan.forward(
-            x, positions, [data], [view.write_rows], [view.gather_index], [view.key_counts]
+            x, positions, [store.data], [scales], [view.write_rows], [view.block_table]
         )
-        pending[idx] = (out, data[rows].float(), rows)
-        data[rows] = saved
+        pending[idx] = (out, _kv_rows(store, rows), rows)
+        for t, before_plan in zip(_store_tensors(store), saved, strict=True):
+            t[rows] = before_plan
         if idx == 0:
             _note_keys(report, ctx)
 
@@ -101,7 +108,7 @@ def compare_layers(
             return
         out, plan_kv, rows = pending.pop(idx)
         report.outputs.setdefault(idx, []).extend(_relative(out, unit(output)))
-        torch_kv = args[2].layer_views[idx].store.data[rows].float()
+        torch_kv = _kv_rows(args[2].layer_views[idx].store, rows)
         report.kv_rows.setdefault(idx, []).extend(_relative(plan_kv, torch_kv))
 
     fused, runner.fused = runner.fused, None
@@ -115,6 +122,16 @@ def compare_layers(
         for handle in handles:
             handle.remove()
         runner.fused = fused
+
+
+def _store_tensors(store: KVStore) -> list[torch.Tensor]:
+    return [store.data] if store.scales is None else [store.data, store.scales]
+
+
+def _kv_rows(store: KVStore, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the store, dequantized: [B, 2, nkv, hd] float32."""
+    scales = None if store.scales is None else store.scales[rows]
+    return store.format.dequantize(store.data[rows], scales, torch.float32)
 
 
 def _note_keys(report: LayerComparison, ctx: ForwardContext) -> None:
@@ -174,12 +191,14 @@ def test_gemma3_window_of_512_drops_keys(gemma3_gguf: LLM) -> None:
     _assert_layers_match(report, model.config.num_layers, 24)
 
 
-def test_engine_window_drops_keys() -> None:
-    llm = LLM("smollm2", weight_format="gguf", sliding_window=16)
+@pytest.mark.parametrize("num_sinks", [0, 4])
+def test_engine_window_drops_keys(num_sinks: int) -> None:
+    """With sinks, keys are stored unrotated and roped by place in the cache."""
+    llm = LLM("smollm2", weight_format="gguf", sliding_window=16, attention_sinks=num_sinks)
     model = llm.engine.model
     with compare_layers(llm.engine.runner) as report:
         llm.generate(PROMPTS, greedy(25))
-    assert report.max_dropped_keys == 13 + 24 - 16
+    assert report.max_dropped_keys == 13 + 24 - 16 - num_sinks  # sinks are kept
     _assert_layers_match(report, model.config.num_layers, 24)
 
 
@@ -195,13 +214,25 @@ def test_shared_prefix_blocks(smollm2_gguf: LLM) -> None:
     _assert_layers_match(report, model.config.num_layers, 24)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
-def test_half_precision_cache(kv_cache_dtype: str) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16", "int8", "int4", "fp8"])
+def test_each_cache_format(kv_cache_dtype: str) -> None:
+    """The plan writes K/V in the store's format (quantized as KVStore.write) and reads it
+    through the block tables."""
     llm = LLM("smollm2", weight_format="gguf", kv_cache_dtype=kv_cache_dtype)
     model = llm.engine.model
     with compare_layers(llm.engine.runner) as report:
         llm.generate(PROMPTS, greedy(25))
-    assert {s.data.dtype for s in llm.engine.kv_stores} == {getattr(torch, kv_cache_dtype)}
+    assert {s.format.name for s in llm.engine.kv_stores} == {kv_cache_dtype}
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
+def test_int4_cache_with_sinks_gemma3() -> None:
+    """int4's rotation undone per key before rope by place in the cache, on an MQA model."""
+    llm = LLM("gemma3-270m", weight_format="gguf", kv_cache_dtype="int4", sliding_window=16,
+              attention_sinks=4)  # fmt: skip
+    model = llm.engine.model
+    with compare_layers(llm.engine.runner) as report:
+        llm.generate(PROMPTS, greedy(25))
     _assert_layers_match(report, model.config.num_layers, 24)
 
 
@@ -222,7 +253,8 @@ def test_batch_grows_and_shrinks(smollm2_gguf: LLM) -> None:
 
 
 def test_comparison_catches_a_wrong_rope(smollm2_gguf: LLM) -> None:
-    """The tolerance is not too loose: the plan fed positions one off fails it."""
-    with compare_layers(smollm2_gguf.engine.runner, position_shift=1) as report:
+    """The tolerance is not too loose: the plan fed positions one off fails it (one back: one
+    ahead would be a position past the block table, an error of its own)."""
+    with compare_layers(smollm2_gguf.engine.runner, position_shift=-1) as report:
         smollm2_gguf.generate(PROMPTS, greedy(9))
     assert _mismatches(report.outputs) != []

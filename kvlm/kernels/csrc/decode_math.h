@@ -1,4 +1,4 @@
-// Row math of a decode step (norms, rope, attention over cache rows, gated activations), in
+// Row math of a decode step (norms, rope, cache row writes, gated activations), in
 // float32. Compiled for AVX2 + FMA in decode_math_avx2.cpp; the decode plan calls it only on
 // CPUs that have both. No torch headers, like qgemm.h. Widths: n any size unless stated.
 #pragma once
@@ -14,14 +14,8 @@ void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps);
 // x[i] * cos[i] + roll(x, hd / 2)[i] * sin[i], sin sign-folded ((-sin | sin)).
 void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t hd);
 
-// Element type of cache rows.
+// Element type of float cache rows (the codes of paged::Format's float formats).
 enum KVType { kKVFloat32 = 0, kKVFloat16 = 1, kKVBFloat16 = 2 };
-
-// One query head over n cached keys: out[hd] = softmax(q . k_j * scale) . v_j, where key j is
-// element k + rows[j] * stride of `k` (v likewise), rows of type `type`. hd a multiple of 8;
-// scores: scratch of n floats.
-void attend(const float* q, const void* k, const void* v, const int64_t* rows, int64_t n,
-            int64_t stride, int64_t hd, float scale, float* scores, float* out, KVType type);
 
 // dst[0 .. n) = x in `type`, rounded to nearest even (as torch's .to(dtype)).
 void store_row(const float* x, void* dst, int64_t n, KVType type);

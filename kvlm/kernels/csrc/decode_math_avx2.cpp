@@ -1,5 +1,5 @@
 // AVX2 + FMA versions of decode_math.h. exp is a degree-6 polynomial after range reduction
-// (relative error ~1e-7), so softmax, SiLU and GELU never call libm per element.
+// (relative error ~1e-7, avx2_math.h), so SiLU and GELU never call libm per element.
 #include <immintrin.h>
 
 #include <cmath>
@@ -14,29 +14,9 @@
 
 namespace kvlm {
 namespace decode {
-namespace {
 
 using avx2::exp8;
-using avx2::hmax;
 using avx2::hsum;
-using avx2::transpose_sum;
-
-// x . y for n a multiple of 8, four independent sums.
-inline float dot(const float* x, const float* y, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(y + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(y + i + 24), s3);
-  }
-  for (; i < n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), s0);
-  return hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-}
-
-}  // namespace
 
 void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
   __m256 acc = _mm256_setzero_ps();
@@ -63,89 +43,6 @@ void rope(float* x, const float* cos, const float* sin, int64_t heads, int64_t h
       x[i] = a * cos[i] + b * sin[i];
       x[i + half] = b * cos[i + half] + a * sin[i + half];
     }
-  }
-}
-
-namespace {
-
-template <int T>  // KVType
-inline __m256 load8(const void* base, int64_t offset) {
-  if constexpr (T == kKVFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(base) + offset);
-  } else {
-    const __m128i h = _mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + offset));
-    if constexpr (T == kKVFloat16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
-
-template <int T>
-void attend_t(const float* q, const void* k, const void* v, const int64_t* rows, int64_t n,
-              int64_t stride, int64_t hd, float scale, float* scores, float* out) {
-  const __m256 sv = _mm256_set1_ps(scale);
-  __m256 mxv = _mm256_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {  // 8 keys a round: 8 independent sums, one transpose to add them
-    __m256 acc[8];
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int r = 0; r < 8; ++r)
-        acc[r] = _mm256_fmadd_ps(qv, load8<T>(k, rows[j + r] * stride + d), acc[r]);
-    }
-    const __m256 s = _mm256_mul_ps(transpose_sum(acc), sv);
-    _mm256_storeu_ps(scores + j, s);
-    mxv = _mm256_max_ps(mxv, s);
-  }
-  float mx = hmax(mxv);
-  for (; j < n; ++j) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 8)
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<T>(k, rows[j] * stride + d), acc);
-    scores[j] = hsum(acc) * scale;
-    mx = scores[j] > mx ? scores[j] : mx;
-  }
-  mxv = _mm256_set1_ps(mx);
-  __m256 sumv = _mm256_setzero_ps();
-  for (j = 0; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
-    _mm256_storeu_ps(scores + j, e);
-    sumv = _mm256_add_ps(sumv, e);
-  }
-  float sum = hsum(sumv);
-  if (j < n) {  // the tail through a padded register
-    alignas(32) float tail[8] = {0};
-    for (int64_t t = j; t < n; ++t) tail[t - j] = scores[t] - mx;
-    alignas(32) float e[8];
-    _mm256_store_ps(e, exp8(_mm256_load_ps(tail)));
-    for (int64_t t = j; t < n; ++t) {
-      scores[t] = e[t - j];
-      sum += e[t - j];
-    }
-  }
-  const __m256 inv = _mm256_set1_ps(1.0f / sum);
-  for (int64_t c = 0; c < hd; c += 64) {  // 64 output columns (8 registers) per pass over v
-    const int width = (int)(hd - c < 64 ? hd - c : 64) / 8;
-    __m256 acc[8];
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t base = rows[t] * stride + c;
-      const __m256 p = _mm256_set1_ps(scores[t]);
-      for (int r = 0; r < width; ++r) acc[r] = _mm256_fmadd_ps(p, load8<T>(v, base + 8 * r), acc[r]);
-    }
-    for (int r = 0; r < width; ++r) _mm256_storeu_ps(out + c + 8 * r, _mm256_mul_ps(acc[r], inv));
-  }
-}
-
-}  // namespace
-
-void attend(const float* q, const void* k, const void* v, const int64_t* rows, int64_t n,
-            int64_t stride, int64_t hd, float scale, float* scores, float* out, KVType type) {
-  switch (type) {
-    case kKVFloat32: attend_t<kKVFloat32>(q, k, v, rows, n, stride, hd, scale, scores, out); break;
-    case kKVFloat16: attend_t<kKVFloat16>(q, k, v, rows, n, stride, hd, scale, scores, out); break;
-    case kKVBFloat16: attend_t<kKVBFloat16>(q, k, v, rows, n, stride, hd, scale, scores, out); break;
   }
 }
 

@@ -1,17 +1,20 @@
 // kvlm.DecodePlan: every decoder layer of a pure decode step (one new token per sequence) in
-// one call, on quantized weights and a paged KV cache of float32, float16 or bfloat16 rows.
-// Python builds the plan once per model (weights, norms, shapes) and calls `forward` each step
-// with that step's cache rows:
+// one call, on quantized weights and a paged KV cache in any KV format (float32, float16,
+// bfloat16, int8, int4, fp8). Python builds the plan once per model (weights, norms, shapes),
+// tells it the cache layout (set_layout, set_groups) and calls `forward` each step with that
+// step's write rows and block tables:
 //
 //   x [M, H] embedded tokens -> per layer:
-//     h = attn_norm(x); q, k, v = h @ Wqkv; [q_norm, k_norm per head]; rope(q, k)
-//     write k, v at the token's cache row; o = attention over the sequence's cache rows
+//     h = attn_norm(x); q, k, v = h @ Wqkv; [q_norm, k_norm per head]; rope(q, k) by place in
+//     the text (not in a group with sinks: the paged attention ropes by place in the cache)
+//     write k, v at the token's cache row, quantized as KVStore.write does;
+//     o = paged attention through the sequence's block table (paged_attention.h)
 //     a = o @ Wo; [a = post_attn_norm(a)]; x += a
 //     h = ffn_norm(x); g, u = h @ Wgu; f = act(g) * u @ Wdown; [f = post_ffn_norm(f)]; x += f
 //   -> final_norm(x) [M, H]
 //
 // Each matmul quantizes its input once and splits weight tiles across threads; attention splits
-// (sequence, query head) pairs. Buffers are allocated once and grow with M.
+// (sequence, kv head) pairs. Buffers are allocated once and grow with M.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "decode_math.h"
+#include "paged_attention.h"
 #include "qgemm.h"
 
 namespace kvlm {
@@ -81,15 +85,37 @@ struct Layer {
   int64_t group = -1, k_off = 0, v_off = 0;  // cache group, K and V row offsets (set_layout)
 };
 
+static_assert(decode::kKVFloat32 == paged::kF32 && decode::kKVFloat16 == paged::kF16 &&
+                  decode::kKVBFloat16 == paged::kBF16,
+              "float KV formats share their codes");
+
+// What one cache group's store holds (set_groups).
+struct Group {
+  int format;  // paged::Format
+  int64_t block_size, rows_per_block, window, num_sinks;  // window 0: none
+};
+
+// Storage element type of a format.
+at::ScalarType storage_type(int format) {
+  switch (format) {
+    case paged::kF32: return at::kFloat;
+    case paged::kF16: return at::kHalf;
+    case paged::kBF16: return at::kBFloat16;
+    case paged::kInt8: return at::kChar;
+    default: return at::kByte;
+  }
+}
+
 }  // namespace
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
   DecodePlan(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
-             int64_t intermediate, double eps, double scale, int64_t act, at::Tensor final_norm,
-             int64_t isa)
+             int64_t intermediate, double eps, double scale, double softcap, int64_t act,
+             at::Tensor final_norm, int64_t isa)
       : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim),
-        inter_(intermediate), eps_((float)eps), scale_((float)scale), act_((int)act),
+        inter_(intermediate), eps_((float)eps), scale_((float)scale), softcap_((float)softcap),
+        act_((int)act),
         final_norm_(final_norm.contiguous()), isa_(isa) {
     TORCH_CHECK(isa >= kIsaAvx2 && isa <= cpu_isa(), "DecodePlan needs AVX2 kernels; isa ", isa,
                 " (this CPU: ", cpu_isa(), ")");
@@ -144,6 +170,28 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
+  // Per cache group: its format (paged::Format code), block size, rows per block, window (0:
+  // none) and sinks.
+  void set_groups(std::vector<int64_t> formats, std::vector<int64_t> block_sizes,
+                  std::vector<int64_t> rows_per_block, std::vector<int64_t> windows,
+                  std::vector<int64_t> num_sinks) {
+    const size_t n = formats.size();
+    TORCH_CHECK(block_sizes.size() == n && rows_per_block.size() == n && windows.size() == n &&
+                    num_sinks.size() == n,
+                "DecodePlan.set_groups: one entry per group in each list");
+    groups_.clear();
+    for (size_t g = 0; g < n; ++g) {
+      TORCH_CHECK(formats[g] >= paged::kF32 && formats[g] <= paged::kFp8 && block_sizes[g] > 0 &&
+                      rows_per_block[g] >= 2 * block_sizes[g] && windows[g] >= 0 &&
+                      num_sinks[g] >= 0 && (num_sinks[g] == 0 || windows[g] > 0),
+                  "DecodePlan.set_groups: group ", g, " has format ", formats[g], ", blocks of ",
+                  block_sizes[g], " tokens in ", rows_per_block[g], " rows, window ", windows[g],
+                  " and ", num_sinks[g], " sinks");
+      groups_.push_back({(int)formats[g], block_sizes[g], rows_per_block[g], windows[g],
+                         num_sinks[g]});
+    }
+  }
+
   // Time each phase of `forward` from now on (false: stop; the sums are kept).
   void profile(bool on) { profiling_ = on; }
 
@@ -155,57 +203,47 @@ class DecodePlan : public torch::CustomClassHolder {
     return out;
   }
 
-  // x [M, H] float32; positions [M] int64 (rope angles: place in the text); per cache group:
-  // store data [rows, nkv, hd] (float32, float16 or bfloat16), write_rows [M] base row of each
-  // new token, gather [M * S] base rows each sequence reads (oldest first, S per sequence),
-  // key_counts [M] keys of each sequence (1 .. S).
-  at::Tensor forward(at::Tensor x, at::Tensor positions, std::vector<at::Tensor> stores, std::vector<at::Tensor> write_rows,
-                     std::vector<at::Tensor> gather, std::vector<at::Tensor> key_counts) {
+  // x [M, H] float32; positions [M] int64 (place in the text: M sequences of `positions[m]`
+  // cached tokens, one new token each); per cache group (set_groups order): store data
+  // [rows, nkv, row_elements] in its format, scales [rows, nkv, num_scales] float16 (numel 0
+  // for float formats), write_rows [M] base row of each new token, block_tables [M, max_blocks]
+  // int64 block ids (null-padded).
+  at::Tensor forward(at::Tensor x, at::Tensor positions, std::vector<at::Tensor> stores,
+                     std::vector<at::Tensor> scales, std::vector<at::Tensor> write_rows,
+                     std::vector<at::Tensor> block_tables) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.is_cpu(),
                 "DecodePlan.forward: x must be float32 [M, ", hidden_, "]");
     const int64_t M = x.size(0);
     const size_t num_groups = stores.size();
-    TORCH_CHECK(write_rows.size() == num_groups && gather.size() == num_groups &&
-                    key_counts.size() == num_groups,
-                "DecodePlan.forward: one write_rows, gather and key_counts per store");
-    for (size_t g = 0; g < num_groups; ++g) {
-      const at::ScalarType t = stores[g].scalar_type();
-      TORCH_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
-                      stores[g].is_contiguous() && stores[g].dim() == 3 &&
-                      stores[g].size(1) == kv_heads_ && stores[g].size(2) == head_dim_,
-                  "DecodePlan.forward: stores must be contiguous float32, float16 or bfloat16 "
-                  "[rows, ", kv_heads_, ", ", head_dim_, "]");
-      for (const at::Tensor* t : {&write_rows[g], &gather[g], &key_counts[g]})
-        TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
-                    "DecodePlan.forward: row indices must be contiguous int64");
-      TORCH_CHECK(write_rows[g].numel() == M && key_counts[g].numel() == M &&
-                      gather[g].numel() % std::max<int64_t>(M, 1) == 0,
-                  "DecodePlan.forward: index sizes do not match M=", M);
-    }
     for (const Layer& l : layers_)
       TORCH_CHECK(l.group >= 0 && (size_t)l.group < num_groups && (size_t)l.rope < inv_freqs_.size(),
                   "DecodePlan.forward: layout not set, or a group or rope out of range");
+    TORCH_CHECK(num_groups == groups_.size() && scales.size() == num_groups &&
+                    write_rows.size() == num_groups && block_tables.size() == num_groups,
+                "DecodePlan.forward: one store, scales, write_rows and block_tables per group "
+                "(set_groups named ", groups_.size(), ")");
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                     positions.numel() == M,
                 "DecodePlan.forward: positions must be contiguous int64 [M]");
-    int64_t max_keys = 1;
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m)
+      TORCH_CHECK(pos[m] >= 0, "DecodePlan.forward: position ", pos[m], " is negative");
+    int64_t max_place = 0;  // rope tables by place in the cache (groups with sinks)
     for (size_t g = 0; g < num_groups; ++g) {
-      const int64_t S = M ? gather[g].numel() / M : 1;
-      max_keys = std::max(max_keys, S);
-      // Every row a layer of this group touches (base row + its K/V offset) is in the store.
-      int64_t max_off = 0;
-      for (const Layer& l : layers_)
-        if (l.group == (int64_t)g) max_off = std::max({max_off, l.k_off, l.v_off});
-      const int64_t limit = stores[g].size(0) - max_off;
-      check_rows(write_rows[g], limit, "write_rows");
-      check_rows(gather[g], limit, "gather");
-      const int64_t* counts = key_counts[g].data_ptr<int64_t>();
-      for (int64_t m = 0; m < M; ++m)
-        TORCH_CHECK(counts[m] >= 1 && counts[m] <= S, "DecodePlan.forward: key count ",
-                    counts[m], " of sequence ", m, " is outside [1, ", S, "]");
+      check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], pos, M);
+      const Group& G = groups_[g];
+      for (int64_t m = 0; G.num_sinks && m < M; ++m) {
+        const int64_t ws = std::max<int64_t>(pos[m] - G.window + 1, 0);
+        max_place = std::max(max_place, std::min(G.num_sinks, ws) + pos[m] - ws);
+      }
     }
-    ensure_buffers(M, max_keys);
-    rope_tables(positions.data_ptr<int64_t>(), M);
+    ensure_buffers(M);
+    rope_tables(pos, M);
+    cache_rope_tables(max_place + 1);
+    query_start_.resize(M + 1);
+    for (int64_t m = 0; m <= M; ++m) query_start_[m] = m;
+    const std::vector<int64_t> tiles = paged::make_tiles(query_start_.data(), M, heads_ / kv_heads_,
+                                                         kv_heads_, at::get_num_threads());
 
     at::Tensor out = x.contiguous().clone();  // the residual stream, [M, H]
     float* xs = out.data_ptr<float>();
@@ -213,9 +251,9 @@ class DecodePlan : public torch::CustomClassHolder {
     tick_ = Clock::now();
     for (const Layer& l : layers_) {
       const float* cos = rope_.data_ptr<float>() + (2 * l.rope) * M * head_dim_;
-      attention_block(l, xs, M, cos, cos + M * head_dim_, stores[l.group], write_rows[l.group].data_ptr<int64_t>(),
-                      gather[l.group].data_ptr<int64_t>(), gather[l.group].numel() / M,
-                      key_counts[l.group].data_ptr<int64_t>());
+      const Cache cache{groups_[l.group], stores[l.group], scales[l.group],
+                        write_rows[l.group].data_ptr<int64_t>(), block_tables[l.group], pos, tiles};
+      attention_block(l, xs, M, cos, cos + M * head_dim_, cache);
       mlp_block(l, xs, M);
     }
     const float* fw = final_norm_.data_ptr<float>();
@@ -227,12 +265,62 @@ class DecodePlan : public torch::CustomClassHolder {
  private:
   using Clock = std::chrono::steady_clock;
 
-  // Base rows must lie in [0, limit): a bad index is an error, never a write out of bounds.
-  static void check_rows(const at::Tensor& rows, int64_t limit, const char* what) {
-    const int64_t* r = rows.data_ptr<int64_t>();
-    for (int64_t i = 0; i < rows.numel(); ++i)
-      TORCH_CHECK(r[i] >= 0 && r[i] < limit, "DecodePlan.forward: ", what, " row ", r[i],
+  // One group's step inputs, as forward hands them to a layer.
+  struct Cache {
+    const Group& group;
+    const at::Tensor& store;
+    const at::Tensor& scales;
+    const int64_t* write_rows;
+    const at::Tensor& block_table;
+    const int64_t* positions;
+    const std::vector<int64_t>& tiles;
+  };
+
+  // Group g's inputs: a bad shape, row or block id is an error, never a read or write out of
+  // bounds.
+  void check_group(size_t g, const at::Tensor& store, const at::Tensor& scales,
+                   const at::Tensor& write_rows, const at::Tensor& table, const int64_t* pos,
+                   int64_t M) const {
+    const Group& G = groups_[g];
+    const int64_t re = G.format == paged::kInt4 ? head_dim_ / 2 : head_dim_;
+    TORCH_CHECK(store.scalar_type() == storage_type(G.format) && store.is_contiguous() &&
+                    store.dim() == 3 && store.size(1) == kv_heads_ && store.size(2) == re &&
+                    store.size(0) % G.rows_per_block == 0,
+                "DecodePlan.forward: store ", g, " must be contiguous ",
+                storage_type(G.format), " [blocks * ", G.rows_per_block, ", ", kv_heads_, ", ",
+                re, "]");
+    const int64_t num_scales = paged::num_scales_of(G.format, head_dim_);
+    TORCH_CHECK(num_scales == 0 ? scales.numel() == 0
+                                : scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                                      scales.dim() == 3 && scales.size(0) == store.size(0) &&
+                                      scales.size(1) == kv_heads_ && scales.size(2) == num_scales,
+                "DecodePlan.forward: scales ", g, " must be float16 [rows, ", kv_heads_, ", ",
+                num_scales, "] (empty for a float format)");
+    for (const at::Tensor* t : {&write_rows, &table})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
+                  "DecodePlan.forward: write rows and block tables must be contiguous int64");
+    TORCH_CHECK(write_rows.numel() == M && table.dim() == 2 && table.size(0) == M,
+                "DecodePlan.forward: write_rows [M] and block_tables [M, max_blocks], M=", M);
+    int64_t max_off = 0;  // every row a layer of this group touches is in the store
+    for (const Layer& l : layers_)
+      if (l.group == (int64_t)g) max_off = std::max({max_off, l.k_off, l.v_off});
+    TORCH_CHECK(max_off + G.block_size <= G.rows_per_block,
+                "DecodePlan.forward: K/V offsets past the group's blocks of ", G.rows_per_block,
+                " rows");
+    const int64_t limit = store.size(0) - max_off, num_blocks = store.size(0) / G.rows_per_block;
+    const int64_t* rows = write_rows.data_ptr<int64_t>();
+    const int64_t* ids = table.data_ptr<int64_t>();
+    const int64_t max_blocks = table.size(1);
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(rows[m] >= 0 && rows[m] < limit, "DecodePlan.forward: write_rows row ", rows[m],
                   " is outside the store's [0, ", limit, ")");
+      TORCH_CHECK(pos[m] < max_blocks * G.block_size, "DecodePlan.forward: sequence ", m,
+                  " at position ", pos[m], " is past its ", max_blocks, " blocks of ",
+                  G.block_size);
+    }
+    for (int64_t i = 0; i < M * max_blocks; ++i)
+      TORCH_CHECK(ids[i] >= 0 && ids[i] < num_blocks, "DecodePlan.forward: block id ", ids[i],
+                  " is outside the store's [0, ", num_blocks, ")");
   }
 
   // Adds the time since the last lap to `phase` (when profiling).
@@ -243,25 +331,50 @@ class DecodePlan : public torch::CustomClassHolder {
     tick_ = now;
   }
 
-  // rope_[2 r] / rope_[2 r + 1]: cos and sign-folded sin [M, hd] of rope r, as RotaryEmbedding:
-  // angle i = position * inv_freq[i], cos | cos and -sin | sin over the two halves.
-  void rope_tables(const int64_t* positions, int64_t M) {
+  // cos and sign-folded sin [hd] of one position, as RotaryEmbedding: angle i = position *
+  // inv_freq[i], cos | cos and -sin | sin over the two halves.
+  void rope_row(const float* inv, int64_t position, float* cos, float* sin) const {
     const int64_t half = head_dim_ / 2;
+    const float pos = (float)position;
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = pos * inv[i], c = std::cos(angle), s = std::sin(angle);
+      cos[i] = cos[half + i] = c;
+      sin[i] = -s;
+      sin[half + i] = s;
+    }
+  }
+
+  // rope_[2 r] / rope_[2 r + 1]: cos and sin [M, hd] of rope r at each row's position.
+  void rope_tables(const int64_t* positions, int64_t M) {
     float* t = rope_.data_ptr<float>();
     for (size_t r = 0; r < inv_freqs_.size(); ++r) {
-      const float* inv = inv_freqs_[r].data_ptr<float>();
       float* cos = t + (2 * r) * M * head_dim_;
-      float* sin = cos + M * head_dim_;
-      for (int64_t m = 0; m < M; ++m) {
-        const float pos = (float)positions[m];
-        for (int64_t i = 0; i < half; ++i) {
-          const float angle = pos * inv[i], c = std::cos(angle), s = std::sin(angle);
-          cos[m * head_dim_ + i] = cos[m * head_dim_ + half + i] = c;
-          sin[m * head_dim_ + i] = -s;
-          sin[m * head_dim_ + half + i] = s;
-        }
-      }
+      for (int64_t m = 0; m < M; ++m)
+        rope_row(inv_freqs_[r].data_ptr<float>(), positions[m], cos + m * head_dim_,
+                 cos + (M + m) * head_dim_);
     }
+  }
+
+  // cache_cos_[r] / cache_sin_[r]: [places, hd] of rope r by place in the cache (groups with
+  // sinks), grown to `places` rows; places never move, so rows are computed once.
+  void cache_rope_tables(int64_t places) {
+    if (places <= cache_places_) return;
+    const auto f = at::TensorOptions().dtype(at::kFloat);
+    cache_cos_.resize(inv_freqs_.size());
+    cache_sin_.resize(inv_freqs_.size());
+    for (size_t r = 0; r < inv_freqs_.size(); ++r) {
+      at::Tensor cos = at::empty({places, head_dim_}, f), sin = at::empty({places, head_dim_}, f);
+      if (cache_places_) {
+        cos.narrow(0, 0, cache_places_).copy_(cache_cos_[r]);
+        sin.narrow(0, 0, cache_places_).copy_(cache_sin_[r]);
+      }
+      for (int64_t p = cache_places_; p < places; ++p)
+        rope_row(inv_freqs_[r].data_ptr<float>(), p, cos.data_ptr<float>() + p * head_dim_,
+                 sin.data_ptr<float>() + p * head_dim_);
+      cache_cos_[r] = cos;
+      cache_sin_[r] = sin;
+    }
+    cache_places_ = places;
   }
 
   // fn(m) for every row m < M; rows split across threads only past kParallelRows rows (below
@@ -274,7 +387,7 @@ class DecodePlan : public torch::CustomClassHolder {
     });
   }
 
-  void ensure_buffers(int64_t M, int64_t max_keys) {
+  void ensure_buffers(int64_t M) {
     if (M > rows_) {
       const auto f = at::TensorOptions().dtype(at::kFloat);
       const int64_t attn = heads_ * head_dim_, qkv = (heads_ + 2 * kv_heads_) * head_dim_;
@@ -289,12 +402,6 @@ class DecodePlan : public torch::CustomClassHolder {
       asum_ = at::empty({M, kmax / 16}, f.dtype(at::kInt));
       rope_ = at::empty({(int64_t)inv_freqs_.size() * 2, M, head_dim_}, f);
       rows_ = M;
-    }
-    const int64_t threads = at::get_num_threads();
-    if (max_keys > keys_ || threads > score_threads_) {
-      keys_ = std::max(max_keys, keys_);
-      score_threads_ = std::max(threads, score_threads_);
-      scores_ = at::empty({score_threads_, keys_}, at::TensorOptions().dtype(at::kFloat));
     }
   }
 
@@ -332,17 +439,19 @@ class DecodePlan : public torch::CustomClassHolder {
   }
 
   void attention_block(const Layer& l, float* xs, int64_t M, const float* cos, const float* sin,
-                       const at::Tensor& store, const int64_t* write_rows, const int64_t* gather,
-                       int64_t S, const int64_t* key_counts) {
+                       const Cache& c) {
     const int64_t hd = head_dim_, nh = heads_, nkv = kv_heads_, H = hidden_;
-    const int64_t qkv_w = (nh + 2 * nkv) * hd, row = nkv * hd;  // floats per cache row
+    const int64_t qkv_w = (nh + 2 * nkv) * hd;
+    const Group& G = c.group;
+    const int64_t re = G.format == paged::kInt4 ? hd / 2 : hd;
+    const int64_t num_scales = paged::num_scales_of(G.format, hd);
+    const int64_t rotation = paged::rotation_of(G.format, hd);
+    const int64_t elem = (int64_t)c.store.element_size();
+    const int64_t row_bytes = nkv * re * elem, head_bytes = re * elem;
     float* h = h_.data_ptr<float>();
     float* qkv = qkv_.data_ptr<float>();
-    const decode::KVType type = store.scalar_type() == at::kFloat  ? decode::kKVFloat32
-                                : store.scalar_type() == at::kHalf ? decode::kKVFloat16
-                                                                   : decode::kKVBFloat16;
-    char* data = static_cast<char*>(store.data_ptr());
-    const int64_t row_bytes = row * (int64_t)store.element_size();
+    uint8_t* data = static_cast<uint8_t*>(c.store.data_ptr());
+    uint16_t* scales = num_scales ? reinterpret_cast<uint16_t*>(c.scales.data_ptr()) : nullptr;
     const float* an = l.attn_norm.data_ptr<float>();
     for_rows(M, [&](int64_t m) { decode::rms_norm(xs + m * H, an, h + m * H, H, eps_); });
     lap(kNorms);
@@ -358,33 +467,63 @@ class DecodePlan : public torch::CustomClassHolder {
         for (int64_t i = 0; i < nh; ++i) decode::rms_norm(q + i * hd, qn, q + i * hd, hd, eps_);
         for (int64_t i = 0; i < nkv; ++i) decode::rms_norm(k + i * hd, kn, k + i * hd, hd, eps_);
       }
-      decode::rope(q, cos + m * hd, sin + m * hd, nh, hd);
-      decode::rope(k, cos + m * hd, sin + m * hd, nkv, hd);
-      decode::store_row(k, data + (write_rows[m] + l.k_off) * row_bytes, row, type);
-      decode::store_row(v, data + (write_rows[m] + l.v_off) * row_bytes, row, type);
-    });
-    lap(kCacheWrite);
-    float* attn = attn_.data_ptr<float>();
-    float* scores = scores_.data_ptr<float>();
-    const int64_t group = nh / nkv;
-    const int64_t head_bytes = hd * (int64_t)store.element_size();
-    const char* kbase = data + l.k_off * row_bytes;
-    const char* vbase = data + l.v_off * row_bytes;
-    const int64_t max_keys = keys_;
-    at::parallel_for(0, M * nh, 1, [&](int64_t i0, int64_t i1) {
-      float* sc = scores + at::get_thread_num() * max_keys;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m = i / nh, head = i % nh, kvh = head / group;
-        decode::attend(qkv + m * qkv_w + head * hd, kbase + kvh * head_bytes,
-                       vbase + kvh * head_bytes, gather + m * S, key_counts[m], row, hd, scale_, sc,
-                       attn + m * nh * hd + head * hd, type);
+      if (G.num_sinks == 0) {  // with sinks, K is stored unrotated
+        decode::rope(q, cos + m * hd, sin + m * hd, nh, hd);
+        decode::rope(k, cos + m * hd, sin + m * hd, nkv, hd);
+      }
+      for (const auto& [off, src] : {std::pair<int64_t, const float*>{l.k_off, k}, {l.v_off, v}}) {
+        const int64_t row = c.write_rows[m] + off;
+        if (num_scales == 0) {
+          decode::store_row(src, data + row * row_bytes, nkv * hd, (decode::KVType)G.format);
+          continue;
+        }
+        for (int64_t i = 0; i < nkv; ++i)
+          paged::quantize_head(G.format, src + i * hd, hd, num_scales, rotation,
+                               data + row * row_bytes + i * head_bytes,
+                               scales + (row * nkv + i) * num_scales);
       }
     });
+    lap(kCacheWrite);
+    paged::Args a{};
+    a.q = qkv;
+    a.q_stride = qkv_w;
+    a.out = attn_.data_ptr<float>();
+    a.out_stride = nh * hd;
+    a.k = data + l.k_off * row_bytes;
+    a.v = data + l.v_off * row_bytes;
+    a.k_scales = scales ? scales + l.k_off * nkv * num_scales : nullptr;
+    a.v_scales = scales ? scales + l.v_off * nkv * num_scales : nullptr;
+    a.row_bytes = row_bytes;
+    a.head_bytes = head_bytes;
+    a.scale_row = nkv * num_scales;
+    a.num_scales = num_scales;
+    a.rows_per_block = G.rows_per_block;
+    a.block_size = G.block_size;
+    a.block_table = c.block_table.data_ptr<int64_t>();
+    a.max_blocks = c.block_table.size(1);
+    a.query_start = query_start_.data();
+    a.num_cached = c.positions;
+    a.tiles = c.tiles.data();
+    a.nh = nh;
+    a.nkv = nkv;
+    a.hd = hd;
+    a.window = G.window;
+    a.num_sinks = G.num_sinks;
+    a.scale = scale_;
+    a.softcap = softcap_;
+    a.format = G.format;
+    a.rotation = rotation;
+    if (G.num_sinks) {
+      a.rope_cos = cache_cos_[l.rope].data_ptr<float>();
+      a.rope_sin = cache_sin_[l.rope].data_ptr<float>();
+      a.rope_len = cache_places_;
+    }
+    paged::run(a, (int64_t)c.tiles.size() / 5, isa_);
     lap(kAttention);
-    float* a = proj_.data_ptr<float>();
-    matmul(l.o, attn, nh * hd, M, a, H);
+    float* o = proj_.data_ptr<float>();
+    matmul(l.o, attn_.data_ptr<float>(), nh * hd, M, o, H);
     lap(kOut);
-    add_residual(xs, a, l.post_attn_norm, M);
+    add_residual(xs, o, l.post_attn_norm, M);
   }
 
   void mlp_block(const Layer& l, float* xs, int64_t M) {
@@ -416,14 +555,17 @@ class DecodePlan : public torch::CustomClassHolder {
   }
 
   int64_t hidden_, heads_, kv_heads_, head_dim_, inter_;
-  float eps_, scale_;
+  float eps_, scale_, softcap_;  // softcap 0: none
   int act_;
   at::Tensor final_norm_;
   int64_t isa_;
   std::vector<Layer> layers_;
+  std::vector<Group> groups_;
   std::vector<at::Tensor> inv_freqs_;
-  int64_t rows_ = 0, keys_ = 0, score_threads_ = 0;
-  at::Tensor h_, qkv_, attn_, proj_, act_buf_, qa_, da_, asum_, scores_, rope_;
+  int64_t rows_ = 0, cache_places_ = 0;
+  at::Tensor h_, qkv_, attn_, proj_, act_buf_, qa_, da_, asum_, rope_;
+  std::vector<at::Tensor> cache_cos_, cache_sin_;  // per rope, [cache_places_, hd]
+  std::vector<int64_t> query_start_;  // [M + 1]: 0, 1, .., M (one new token per sequence)
   bool profiling_ = false;
   int64_t profiled_calls_ = 0;
   double seconds_[kNumPhases] = {};
@@ -432,11 +574,12 @@ class DecodePlan : public torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(kvlm, m) {
   m.class_<DecodePlan>("DecodePlan")
-      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t,
-                       at::Tensor, int64_t>())
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, double,
+                       int64_t, at::Tensor, int64_t>())
       .def("add_layer", &DecodePlan::add_layer)
       .def("add_rope", &DecodePlan::add_rope)
       .def("set_layout", &DecodePlan::set_layout)
+      .def("set_groups", &DecodePlan::set_groups)
       .def("profile", &DecodePlan::profile)
       .def("timings", &DecodePlan::timings)
       .def("forward", &DecodePlan::forward);

@@ -102,12 +102,29 @@ int64_t rotation_of(int format, int64_t hd) {
   return hd % 32 == 0 ? 32 : 0;
 }
 
-std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group) {
+std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group, int64_t nkv,
+                                int64_t threads) {
   const int64_t per_tile = std::max<int64_t>(1, kMaxRows / group);
+  int64_t num_tiles = 0;
+  for (int64_t b = 0; b < B; ++b)
+    num_tiles += (query_start[b + 1] - query_start[b] + per_tile - 1) / per_tile;
+  int64_t split = 1;
+  double best = 0.0;
+  for (int64_t s = 1; s <= group; ++s) {
+    const int64_t heads = (group + s - 1) / s, items = num_tiles * nkv * s;
+    const double busiest = (double)((items + threads - 1) / threads) * (1.0 + (double)heads);
+    if (s == 1 || busiest < best) {
+      best = busiest;
+      split = s;
+    }
+  }
+  const int64_t heads = (group + split - 1) / split;
   std::vector<int64_t> tiles;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = query_start[b]; t < query_start[b + 1]; t += per_tile)
-      tiles.insert(tiles.end(), {b, t, std::min(t + per_tile, query_start[b + 1])});
+      for (int64_t g = 0; g < group; g += heads)
+        tiles.insert(tiles.end(), {b, t, std::min(t + per_tile, query_start[b + 1]), g,
+                                   std::min(g + heads, group)});
   return tiles;
 }
 
@@ -212,7 +229,7 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
               best, ")");
 
   at::Tensor out = at::empty({T, nh, hd}, q.options());
-  const std::vector<int64_t> tiles = make_tiles(qs, B, nh / nkv);
+  const std::vector<int64_t> tiles = make_tiles(qs, B, nh / nkv, nkv, at::get_num_threads());
   const int64_t row_bytes = nkv * re * (int64_t)data.element_size();
   const uint8_t* base = static_cast<const uint8_t*>(data.data_ptr());
   const uint16_t* sc = num_scales ? reinterpret_cast<const uint16_t*>(scales->data_ptr()) : nullptr;
@@ -247,7 +264,7 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
   a.rotation = rotation_of((int)format, hd);
   a.rope_cos = cos;
   a.rope_sin = sin;
-  run(a, (int64_t)tiles.size() / 3, isa);
+  run(a, (int64_t)tiles.size() / 5, isa);
   return out;
 }
 

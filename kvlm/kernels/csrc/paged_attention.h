@@ -52,7 +52,8 @@ struct Args {
   int64_t max_blocks;
   const int64_t* query_start;  // [B + 1] first row of each sequence in T
   const int64_t* num_cached;   // [B] tokens cached before the step
-  const int64_t* tiles;        // [num_tiles, 3]: sequence, first and end row in T
+  const int64_t* tiles;  // [num_tiles, 5]: sequence, first and end row in T, first and end head
+                         // of the kv head's query heads (all G but where threads outnumber work)
   int64_t nh, nkv, hd;
   int64_t window;  // 0: none
   int64_t num_sinks;
@@ -76,10 +77,15 @@ PagedKernel paged_kernel(int64_t isa);  // kIsa* -> its kernel
 int64_t num_scales_of(int format, int64_t hd);
 int64_t rotation_of(int format, int64_t hd);
 
-// [num_tiles * 3] tiles (sequence, first row, end row) of at most kMaxRows / group queries.
-std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group);
+// [num_tiles * 5] tiles (sequence, first row, end row, first head, end head) of at most
+// kMaxRows / group queries. Where tiles x nkv items are too few for `threads`, a kv head's
+// query heads are split over several items, each reading the K/V again: the split that
+// minimizes the busiest thread's work (one K/V read plus one unit per query head and item).
+std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group, int64_t nkv,
+                                int64_t threads);
 
 // Every work item of `a` (num_tiles tiles x nkv heads) across threads, with the kernel of isa.
+// Tiles come from make_tiles.
 void run(const Args& a, int64_t num_tiles, int64_t isa);
 
 // Quantize one head row x[hd] exactly as KVFormat.quantize (int4: up to float rounding of the
@@ -175,14 +181,15 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
       vbuf(kKeyTile * hd), s(kMaxRows * kKeyTile), m(kMaxRows), l(kMaxRows);
   int64_t pos[kMaxRows];
   for (int64_t item = i0; item < i1; ++item) {
-    const int64_t* tile = a.tiles + 3 * (item / a.nkv);
+    const int64_t* tile = a.tiles + 5 * (item / a.nkv);
     const int64_t kvh = item % a.nkv, b = tile[0], t0 = tile[1], t1 = tile[2];
+    const int64_t g0 = tile[3], gw = tile[4] - tile[3];  // query heads kvh * G + g0 ...
     const int64_t cached = a.num_cached[b], first = a.query_start[b];
     const int64_t ws = a.window ? std::max<int64_t>(cached - a.window + 1, 0) : 0;
     const int64_t ns = std::min(a.num_sinks, ws);
-    const int64_t R = (t1 - t0) * G;
+    const int64_t R = (t1 - t0) * gw;
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t t = t0 + r / G, head = kvh * G + r % G;
+      const int64_t t = t0 + r / gw, head = kvh * G + g0 + r % gw;
       float* q = qbuf.data() + r * hd;
       std::memcpy(q, a.q + t * a.q_stride + head * hd, hd * sizeof(float));
       pos[r] = cached + t - first;
@@ -271,7 +278,7 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
       float* o = acc.data() + r * hd;
       Ops::scale_rows(o, hd, 1.0f / l[r]);
       if (a.rotation) hadamard(o, hd, a.rotation);
-      const int64_t t = t0 + r / G, head = kvh * G + r % G;
+      const int64_t t = t0 + r / gw, head = kvh * G + g0 + r % gw;
       std::memcpy(a.out + t * a.out_stride + head * hd, o, hd * sizeof(float));
     }
   }
