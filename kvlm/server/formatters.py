@@ -101,7 +101,8 @@ class CompletionFormatter(Formatter):
         body = prepared.body
         assert isinstance(body, CompletionRequest)
         self.prompt_only = body.max_tokens == 0
-        self.echoes = [self._echo(p) if body.echo else "" for p in prepared.prompts]
+        self.echo = bool(body.echo)
+        self.echoes = [self._echo(p) if self.echo else "" for p in prepared.prompts]
         # characters of each choice's text sent so far, for logprobs' text_offset
         self.text_offsets = [0] * len(prepared.prompts)
 
@@ -111,7 +112,7 @@ class CompletionFormatter(Formatter):
         return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
 
     def first_chunks(self, index: int, first: RequestOutput) -> list[BaseModel]:
-        if not self.echoes[index]:
+        if not self.echo:
             return []
         choice = CompletionChoice(
             index=index, text=self.echoes[index], logprobs=self._prompt_logprobs(index, first)
@@ -182,7 +183,7 @@ class CompletionFormatter(Formatter):
         choices = []
         for index, final in enumerate(finals):
             completion = final.outputs[0]
-            prompt = self._prompt_logprobs(index, final) if self.echoes[index] else None
+            prompt = self._prompt_logprobs(index, final) if self.echo else None
             choice = self._choice(
                 index, completion.text, completion.token_ids, completion.logprobs, completion,
                 prompt,
