@@ -138,6 +138,27 @@ def test_stream_sends_the_prompt_logprobs_first(
     assert offsets == whole["logprobs"]["text_offset"]
 
 
+def test_stream_of_a_scored_prompt_alone(
+    http: httpx.Client, server: LiveServer, ids: list[list[int]], offline: list[torch.Tensor]
+) -> None:
+    chunks = _stream(
+        http,
+        prompt=ids[0],
+        echo=True,
+        logprobs=1,
+        max_tokens=0,
+        stream_options={"include_usage": True},
+    )
+    choices = [c["choices"][0] for c in chunks[:-1]]
+    _assert_scored(choices[0]["logprobs"], ids[0], offline[0], 1)
+    assert "".join(c["text"] for c in choices) == server.engine.tokenizer.decode(
+        ids[0], skip_special_tokens=False
+    )
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    assert all(c["logprobs"]["tokens"] == [] for c in choices[1:])  # nothing generated
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+
+
 PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is"]
 
 
