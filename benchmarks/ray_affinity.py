@@ -72,6 +72,7 @@ class RunResult:
     mean_ttft_s: float
     p50_ttft_s: float
     output_tok_per_s: float
+    prefill_tok_per_s_per_replica: float  # prompt tokens computed (not cached) / wall / replicas
     wall_s: float
     requests_per_replica: list[int]
 
@@ -180,6 +181,9 @@ def run(name: str, args: argparse.Namespace, docs: list[str], replicas: int, thr
         mean_ttft_s=statistics.fmean(ttfts),
         p50_ttft_s=statistics.median(ttfts),
         output_tok_per_s=sum(t.completion_tokens for t in turns) / wall,
+        prefill_tok_per_s_per_replica=sum(t.prompt_tokens - t.cached_tokens for t in turns)
+        / wall
+        / replicas,
         wall_s=wall,
         requests_per_replica=sorted(served.values(), reverse=True),
     )
@@ -218,6 +222,7 @@ def main() -> None:
             f"{r.name:12} {r.replicas} x {r.threads_per_replica} thread(s), {r.routing:11}: "
             f"hit rate {r.hit_rate:.1%}, TTFT mean {r.mean_ttft_s * 1000:.0f} ms "
             f"(p50 {r.p50_ttft_s * 1000:.0f}), {r.output_tok_per_s:.1f} output tok/s, "
+            f"{r.prefill_tok_per_s_per_replica:.0f} prefill tok/s per replica, "
             f"requests per replica {r.requests_per_replica}",
             flush=True,
         )

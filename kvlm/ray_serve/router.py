@@ -1,9 +1,9 @@
 """Ray Serve request routers for the engine deployment (Serve's custom-router API).
 
 Every engine request carries a `RouteHint` as its first argument (`bridge.HTTPCall.route`).
-`choose_replicas` returns ranks of replicas; Serve sends the request to the least-loaded
-replica of the first rank that has room (fewer than `max_ongoing_requests`), so a rank of one
-replica is a preference, not a promise.
+`choose_replicas` returns ranks of replicas; Serve sends the request to a replica of the first
+rank that has room (fewer than `max_ongoing_requests`), so a rank is a preference, not a
+promise.
 
 - `PrefixAffinityRouter`: a pinned request goes to its replica; a prompt goes to its favourite
   (`affinity.PrefixAffinity`) unless the favourite is busy, i.e. has more than `max_imbalance`
@@ -83,16 +83,17 @@ class PrefixAffinityRouter(RequestRouter):
             return []
         if hint.replica is not None:
             return _pinned(hint, candidate_replicas)
+        # One rank per replica, least loaded first: within a rank Serve would pick by its own
+        # queue-length cache, which is stale between probes.
+        by_load = [[r] for r in sorted(candidate_replicas, key=self._load)]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         favourite_id = self.affinity.favourite(hint.block_hashes, list(by_id))
         if favourite_id is None:
-            return [candidate_replicas]
+            return by_load
         favourite = by_id[favourite_id]
-        least = min(self._load(r) for r in candidate_replicas)
-        if self._load(favourite) - least > self.max_imbalance:
-            return [candidate_replicas]
-        others = [r for r in candidate_replicas if r is not favourite]
-        return [[favourite], others] if others else [[favourite]]
+        if self._load(favourite) - self._load(by_load[0][0]) > self.max_imbalance:
+            return by_load
+        return [[favourite], *(rank for rank in by_load if rank[0] is not favourite)]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
