@@ -73,14 +73,19 @@ template <int F>
 void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
                   float* out) {
   const int64_t hd = a.hd, group = a.num_scales ? hd / a.num_scales : hd;
-  const int64_t vec_end = group % 16 == 0 ? hd : 0;
+  const int64_t vec_end = group % 16 == 0 && a.num_scales <= 16 ? hd : 0;
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* row = src + j * a.row_bytes;
     const uint16_t* sc = scales ? scales + j * a.scale_row : nullptr;
     float* o = out + j * hd;
+    alignas(64) float scale[16];  // the row's scales, converted once (num_scales <= 16 here)
+    if constexpr (F >= kInt8)
+      if (vec_end)
+        _mm512_store_ps(scale, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                   (__mmask16)((1u << a.num_scales) - 1), sc)));
     for (int64_t d = 0; d < vec_end; d += 16) {
       __m512 x = load16<F>(row, d);
-      if constexpr (F >= kInt8) x = _mm512_mul_ps(x, _mm512_set1_ps(half_to_float(sc[d / group])));
+      if constexpr (F >= kInt8) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[d / group]));
       _mm512_storeu_ps(o + d, x);
     }
     dequant_tail(F, row, sc, hd, group, vec_end, o);
