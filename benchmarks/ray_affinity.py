@@ -160,6 +160,7 @@ def run(name: str, args: argparse.Namespace, docs: list[str], replicas: int, thr
         num_replicas=replicas,
         replica_cpus=threads,
         routing=routing,
+        max_imbalance=args.max_imbalance,
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,6 +203,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-memory", default="256MiB", help="per replica")
     parser.add_argument("--kv-offload", default=None, help="e.g. redis://127.0.0.1:6379")
+    parser.add_argument(
+        "--max-imbalance", type=int, default=4, help="prefix routing's busy threshold (4)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="prefix,round_robin,one_replica")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
