@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvlm.engine.async_engine import AsyncLLMEngine
 from kvlm.server.cache_view_routes import CACHE_VIEW_PATH, browser_key, install_cache_view
 from kvlm.server.driver import CHAT_COMPLETIONS, COMPLETIONS, generate
-from kvlm.server.errors import APIError, install_error_handlers
+from kvlm.server.errors import APIError, UnexpectedErrorMiddleware, install_error_handlers
 from kvlm.server.limits import (
     DEFAULT_MAX_REQUEST_BYTES,
     BodySizeLimitMiddleware,
@@ -123,7 +123,9 @@ def build_app(
     ctx = ServingContext(engine, model_limits(engine, served_model_name), metrics)
     app.state.serving = ctx
     install_error_handlers(app)
-    # Added last = outermost: the key is checked first, then the size, both before the body.
+    # Added last = outermost: the key is checked first, then the size, both before the body;
+    # unexpected exceptions become 500s innermost.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)

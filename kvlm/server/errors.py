@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("kvlm.server")
 
@@ -113,7 +114,34 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return APIError(message, status_code=exc.status_code, type=kind, code=code).to_response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return server_error(exc).to_response()
+
+class UnexpectedErrorMiddleware:
+    """An exception no handler took becomes the 500 error object, and the connection stays.
+
+    Starlette's handler for `Exception` answers and then re-raises, and uvicorn closes the
+    keep-alive connection after that, so the client's next request on it was reset. Once a
+    response has started (a stream), nothing can be sent: the exception goes on up.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:
+                raise
+            method, path = scope.get("method"), scope.get("path")
+            logger.error("unexpected error on %s %s", method, path, exc_info=exc)
+            await server_error(exc).to_response()(scope, receive, send)
