@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scoring_texts import TEXTS
 
 from kvlm import LLM
 from kvlm.engine.engine import InputError
 from kvlm.engine.scoring import token_logprobs
 from kvlm.sampling import SamplingParams
-
-HEADER = (
-    "<|im_start|>system\nYou are a helpful assistant who answers questions about science "
-    "clearly, briefly and without jargon, for curious readers of any age.<|im_end|>\n"
-    "<|im_start|>user\n"
-)
-TEXTS = [
-    HEADER + "Name three primary colours and say why they are called primary.",
-    HEADER + "Why does the moon show phases? Answer in two short sentences.",
-]
 
 
 def _llm() -> LLM:

@@ -5,19 +5,10 @@ each token's log-probability within 1e-4 in float32, also after a shared prefix 
 from __future__ import annotations
 
 import torch
+from scoring_texts import TEXTS
 
 from kvlm import SamplingParams
 from kvlm.engine.scoring import token_logprobs
-
-HEADER = (
-    "<|im_start|>system\nYou are a helpful assistant who answers questions about science "
-    "clearly, briefly and without jargon, for curious readers of any age.<|im_end|>\n"
-    "<|im_start|>user\n"
-)
-TEXTS = [
-    HEADER + "Name three primary colours and say why they are called primary.",
-    HEADER + "Why does the moon show phases? Answer in two short sentences.",
-]
 
 
 def _hf_token_logprobs(model, token_ids: list[int]) -> torch.Tensor:

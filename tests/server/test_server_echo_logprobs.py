@@ -12,18 +12,10 @@ import httpx
 import pytest
 import torch
 from live_server import MODEL_NAME, LiveServer
+from scoring_texts import TEXTS
 
 from kvlm.engine.scoring import token_logprobs
 
-HEADER = (
-    "<|im_start|>system\nYou are a helpful assistant who answers questions about science "
-    "clearly, briefly and without jargon, for curious readers of any age.<|im_end|>\n"
-    "<|im_start|>user\n"
-)
-TEXTS = [
-    HEADER + "Name three primary colours and say why they are called primary.",
-    HEADER + "Why does the moon show phases? Answer in two short sentences.",
-]
 TOLERANCE = 1e-4  # float32, batched differently from the offline run
 
 
