@@ -46,9 +46,17 @@ def route_hint(pending_request: PendingRequest | None) -> RouteHint:
     return hint if isinstance(hint, RouteHint) else RouteHint()
 
 
-def _pinned(hint: RouteHint, candidates: list[RunningReplica]) -> list[list[RunningReplica]]:
-    """A pinned request's rank: its replica; when that one is gone, any replica (which then
+def _settled(
+    hint: RouteHint, candidates: list[RunningReplica], pending_request: PendingRequest | None
+) -> list[list[RunningReplica]] | None:
+    """The ranks when routing is already decided, else None (the router chooses): none without
+    candidates; a pinned request's replica, or any replica when that one is gone (which then
     answers 404 naming the replica: see `replica.KVLMReplica.serve_http`)."""
+    _offered_all(pending_request)
+    if not candidates:
+        return []
+    if hint.replica is None:
+        return None
     chosen = [r for r in candidates if r.replica_id.unique_id == hint.replica]
     return [chosen or candidates]
 
@@ -78,11 +86,9 @@ class PrefixAffinityRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         hint = route_hint(pending_request)
-        _offered_all(pending_request)
-        if not candidate_replicas:
-            return []
-        if hint.replica is not None:
-            return _pinned(hint, candidate_replicas)
+        settled = _settled(hint, candidate_replicas, pending_request)
+        if settled is not None:
+            return settled
         # One rank per replica, least loaded first: within a rank Serve would pick by its own
         # queue-length cache, which is stale between probes.
         by_load = [[r] for r in sorted(candidate_replicas, key=self._load)]
@@ -123,11 +129,9 @@ class RoundRobinRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         hint = route_hint(pending_request)
-        _offered_all(pending_request)
-        if not candidate_replicas:
-            return []
-        if hint.replica is not None:
-            return _pinned(hint, candidate_replicas)
+        settled = _settled(hint, candidate_replicas, pending_request)
+        if settled is not None:
+            return settled
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         first = next(self._turn) % len(ordered)
         return [[ordered[first]], ordered[first + 1 :] + ordered[:first]]
