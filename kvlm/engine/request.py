@@ -221,6 +221,11 @@ class Request:
     # Prompt entries computed but not yet handed out, and how many were computed in all.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_prompt_logprobs: int = 0
+    # Speculative decoding: draft tokens proposed after the last sampled one, computed this
+    # step beside it (after `token_ids`, never part of them until verified). The runner feeds
+    # `token_ids + spec_token_ids` and returns 1 + len(spec_token_ids) logits rows for a
+    # request with drafts: the target's distribution after each of them, in order.
+    spec_token_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] = field(init=False)
     metrics: RequestMetrics = field(init=False)
     stop_checker: StopChecker = field(init=False)
