@@ -14,6 +14,7 @@ import torch
 
 from kvlm.attention.context import ForwardContext, GroupView
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
+from kvlm.engine.request import Request
 from kvlm.engine.scheduler import ScheduledBatch
 from kvlm.kv.block_pool import NULL_BLOCK_ID
 from kvlm.kv.cache_manager import KVCacheManager
@@ -26,7 +27,9 @@ from kvlm.models.transformer import CausalLM
 class StepInput:
     input_ids: torch.Tensor  # [T]
     ctx: ForwardContext
-    logits_indices: torch.Tensor  # [num_sampled] rows of the hidden states to project
+    # [num_rows] rows of the hidden states to project: per sampled request its last
+    # 1 + len(spec_token_ids) rows
+    logits_indices: torch.Tensor
     sampled: list[int]  # positions in the batch of requests that sample a token this step
     # Requests scoring their prompt: (batch index, first position, num rows) of the prompt
     # rows they still need, and those rows' places in the hidden states (None: no such rows)
@@ -53,6 +56,24 @@ class _StepShape:
     seq_of_token: np.ndarray  # [T]
     positions: np.ndarray  # [T]
     max_q: int
+
+
+def _step_tokens(request: Request, start: int, end: int) -> list[int]:
+    """`(token_ids + spec_token_ids)[start:end]`, without copying the whole history."""
+    known = len(request.token_ids)
+    drafts = request.spec_token_ids[max(start - known, 0) : max(end - known, 0)]
+    return request.token_ids[start:end] + drafts
+
+
+def _logits_rows(batch: ScheduledBatch, sampled: list[int], ends_in_t: np.ndarray) -> np.ndarray:
+    """[num rows] places in T of the rows to project: per sampled request its last
+    1 + len(spec_token_ids) rows, in order (one row without drafts)."""
+    rows = []
+    for i in sampled:
+        num_rows = 1 + len(batch.requests[i].spec_token_ids)
+        assert batch.num_new_tokens[i] >= num_rows, "a step with drafts computes them all"
+        rows.append(ends_in_t[i] - num_rows + np.arange(num_rows))
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
 class ModelRunner:
@@ -86,7 +107,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns float32 logits [num_sampled, vocab] and which batch rows they belong to."""
+        """Returns float32 logits [num_rows, vocab] and which batch rows sample: per sampled
+        request, in order, 1 + len(spec_token_ids) consecutive rows (the distribution after
+        its last known token, then after each draft; one row without drafts)."""
         step = self.prepare(batch)
         hidden = self._forward(step)  # [T, H]
         return self.model.logits(hidden.index_select(0, step.logits_indices)), step.sampled
@@ -120,12 +143,14 @@ class ModelRunner:
         local = np.arange(counts.sum()) - token_offsets[seq_of_token]  # [T] index in its chunk
         positions = starts[seq_of_token] + local  # [T]
         input_ids = np.concatenate(
-            [r.token_ids[s:e] for r, s, e in zip(batch.requests, starts, ends, strict=True)]
+            [_step_tokens(r, s, e) for r, s, e in zip(batch.requests, starts, ends, strict=True)]
         )
         sampled = [
-            i for i, r in enumerate(batch.requests) if ends[i] == len(r.token_ids)
-        ]  # requests whose known tokens are all computed after this step
-        logits_indices = token_offsets[sampled] + counts[sampled] - 1
+            i
+            for i, r in enumerate(batch.requests)
+            if ends[i] == len(r.token_ids) + len(r.spec_token_ids)
+        ]  # requests whose known tokens (and drafts) are all computed after this step
+        logits_indices = _logits_rows(batch, sampled, token_offsets + counts)
         prompt_spans = self._prompt_spans(batch, starts, ends) if batch.scores_prompt else []
         prompt_indices = None
         if prompt_spans:

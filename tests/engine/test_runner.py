@@ -163,3 +163,77 @@ def test_decodes_of_unequal_lengths_mask_the_shorter_ones_padding() -> None:
     assert view.write_rows.tolist() == [17, 25]
     assert view.mask.shape == (2, 1, 1, 6)
     assert view.mask[:, 0, 0].tolist() == [[T] * 6, [T, T, F, F, F, F]]
+
+
+def test_drafts_are_fed_after_the_known_tokens_and_each_gets_a_logits_row() -> None:
+    """Speculative rows: "s" has 6 known tokens (5 cached) and 2 drafts, so it computes 3
+    tokens and projects all 3 rows; "p" beside it decodes and projects its one row."""
+    runner = _runner((_spec(0),))
+    assert runner.cache is not None
+    spec, plain = _request("s", 6, 5), _request("p", 3, 2, first_id=200)
+    spec.spec_token_ids = [900, 901]
+    runner.cache.allocate("s", 8)  # room for the drafts' K/V: blocks 1, 2
+    runner.cache.allocate("p", 3)  # block 3
+    batch = ScheduledBatch()
+    batch.add(spec, 3)
+    batch.add(plain, 1)
+
+    step = runner.prepare(batch)
+
+    assert step.input_ids.tolist() == [105, 900, 901, 202]
+    assert step.ctx.positions.tolist() == [5, 6, 7, 2]
+    assert step.sampled == [0, 1]
+    assert step.logits_indices.tolist() == [0, 1, 2, 3]
+    (view,) = step.ctx.layer_views
+    assert view.write_rows.tolist() == [17, 18, 19, 26]  # block 2: positions 5, 6, 7
+
+
+def test_a_chunk_that_ends_before_the_drafts_samples_nothing() -> None:
+    runner = _runner((_spec(0),))
+    assert runner.cache is not None
+    spec = _request("s", 6, 0)
+    spec.spec_token_ids = [900, 901]
+    runner.cache.allocate("s", 8)
+    batch = ScheduledBatch()
+    batch.add(spec, 4)  # 4 of the 6 known tokens: no draft is computed yet
+
+    step = runner.prepare(batch)
+
+    assert step.input_ids.tolist() == list(range(100, 104))
+    assert step.sampled == [] and step.logits_indices.tolist() == []
+
+
+def test_draft_rows_equal_decoding_the_drafts_one_by_one(smollm2_llm) -> None:
+    """The logits a step with drafts returns are the target's distributions after the last
+    known token and after each draft, as if they had been decoded one at a time."""
+    engine = smollm2_llm.engine
+    runner, cache = engine.runner, engine.kv_cache
+    prompt = smollm2_llm.tokenizer.encode("The capital of France is")
+    drafts = [262, 3575, 28]
+
+    def step(request: Request, num_tokens: int) -> torch.Tensor:
+        batch = ScheduledBatch()
+        batch.add(request, num_tokens)
+        cache.allocate(request.request_id, request.num_computed_tokens + num_tokens)
+        logits, _ = runner.run(batch)
+        request.num_computed_tokens += num_tokens
+        return logits
+
+    one_by_one = _request("one-by-one", 0, 0)
+    one_by_one.token_ids = list(prompt)
+    rows = [step(one_by_one, len(prompt))]
+    for token in drafts:
+        one_by_one.token_ids.append(token)
+        rows.append(step(one_by_one, 1))
+    speculative = _request("speculative", 0, 0)
+    speculative.token_ids = list(prompt)
+    step(speculative, len(prompt) - 1)
+    speculative.spec_token_ids = list(drafts)
+    together = step(speculative, 1 + len(drafts))
+    cache.free("one-by-one")
+    cache.free("speculative")
+
+    expected = torch.cat(rows)  # [1 + len(drafts), vocab]
+    assert together.shape == expected.shape
+    torch.testing.assert_close(together, expected, atol=2e-3, rtol=0)
+    assert together.argmax(-1).tolist() == expected.argmax(-1).tolist()
