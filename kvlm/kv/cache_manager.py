@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvlm.kv.block_pool import BlockPool, KVBlock, OutOfBlocksError
+from kvlm.kv.block_pool import NULL_BLOCK_ID, BlockPool, KVBlock, OutOfBlocksError
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.kv.table_manager import HitBlocks, make_table_manager
 
@@ -165,6 +165,16 @@ class KVCacheManager:
     def bytes_held(self, request_id: str) -> int:
         """KV bytes the request's tables hold now, all groups, scales included."""
         return sum(g.num_held(request_id) * g.spec.page_nbytes for g in self.groups)
+
+    def bytes_held_together(self, request_ids: Sequence[str]) -> int:
+        """KV bytes the requests' tables hold between them, all groups, scales included: a
+        block several of them share (a fork) counts once; an id holding nothing adds nothing."""
+        total = 0
+        for group in self.groups:
+            held = {i for r in request_ids for i in group.tables.get(r, ())}
+            held.discard(NULL_BLOCK_ID)
+            total += len(held) * group.spec.page_nbytes
+        return total
 
     def num_used_blocks(self) -> list[int]:
         return [p.num_usable_blocks - p.num_free_blocks for p in self.pools]
