@@ -130,8 +130,11 @@ class SamplingParams:
     accepted and normalised to 0).
     """
 
-    # Completions per prompt; only 1 is supported for now.
+    # Completions returned per prompt: its sequences share the prompt's K/V blocks.
     n: int = 1
+    # Sequences generated per prompt (>= n), of which the n with the highest cumulative
+    # log-probability are returned, once all have finished; None = n.
+    best_of: int | None = None
     # 0 (or anything below GREEDY_TEMPERATURE) means greedy: argmax of the penalised logits.
     temperature: float = 1.0
     # Keep the smallest set of most likely tokens whose probability mass reaches top_p.
@@ -178,16 +181,25 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
-        if self.n != 1:
+        if self.n < 1:
+            raise SamplingParamsError(f"n must be >= 1, got {self.n}")
+        _check_int("best_of", self.best_of, optional=True)
+        if self.best_of is not None and self.best_of < self.n:
             raise SamplingParamsError(
-                f"n must be 1 (several completions per prompt are not supported yet), "
-                f"got {self.n}; send the prompt {self.n} times with different seeds instead"
+                f"best_of must be >= n ({self.n}), got {self.best_of}: it is how many "
+                "sequences are generated to return the n best"
             )
 
         temperature = _check_float("temperature", self.temperature)
         if temperature < 0:
             raise SamplingParamsError(
                 f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if temperature < GREEDY_TEMPERATURE and self.num_sequences > 1:
+            field = "n" if self.best_of is None else "best_of"
+            raise SamplingParamsError(
+                f"{field} must be 1 with greedy sampling (temperature 0), got "
+                f"{self.num_sequences}: every sequence would be the same; raise temperature"
             )
         top_p = _check_float("top_p", self.top_p)
         if not 0 < top_p <= 1:
@@ -259,6 +271,11 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", logit_bias)
         object.__setattr__(self, "stop", _normalize_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _normalize_stop_token_ids(self.stop_token_ids))
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the prompt: best_of, or n without it."""
+        return self.n if self.best_of is None else self.best_of
 
     @property
     def is_greedy(self) -> bool:

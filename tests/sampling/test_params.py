@@ -56,6 +56,13 @@ def test_frozen_and_replace_revalidates() -> None:
         dataclasses.replace(params, top_p=2.0)
 
 
+def test_n_and_best_of_give_the_number_of_sequences() -> None:
+    assert SamplingParams().num_sequences == 1
+    assert SamplingParams(n=3).num_sequences == 3
+    assert SamplingParams(n=2, best_of=5).num_sequences == 5
+    assert SamplingParams(best_of=1, temperature=0.0).num_sequences == 1
+
+
 def test_accepted_edges() -> None:
     SamplingParams(top_p=1.0, min_p=1.0, top_k=1, logprobs=0, max_tokens=None, seed=0)
     SamplingParams(logprobs=20, seed=2**64 - 1, max_tokens=1, repetition_penalty=0.5)
@@ -64,7 +71,23 @@ def test_accepted_edges() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"n": 2}, "n must be 1 (several completions per prompt are not supported yet), got 2"),
+        ({"n": 0}, "n must be >= 1, got 0"),
+        (
+            {"n": 3, "best_of": 2},
+            "best_of must be >= n (3), got 2: it is how many sequences are generated to "
+            "return the n best",
+        ),
+        ({"best_of": 1.5}, "best_of must be an int or None, got 1.5 (float)"),
+        (
+            {"n": 2, "temperature": 0.0},
+            "n must be 1 with greedy sampling (temperature 0), got 2: every sequence would "
+            "be the same; raise temperature",
+        ),
+        (
+            {"best_of": 3, "temperature": 0.0},
+            "best_of must be 1 with greedy sampling (temperature 0), got 3: every sequence "
+            "would be the same; raise temperature",
+        ),
         ({"n": 1.0}, "n must be an int, got 1.0 (float)"),
         ({"temperature": -1.0}, "temperature must be >= 0 (0 = greedy), got -1.0"),
         ({"temperature": math.nan}, "temperature must be a finite number, got nan"),
