@@ -16,6 +16,7 @@ from kvlm.engine.config import DTYPES, KV_CACHE_DTYPES, EngineConfig, EngineConf
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import OutputAccumulator, RequestOutput
+from kvlm.engine.speculative import METHODS as SPECULATIVE_METHODS
 from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 from kvlm.loading import DEFAULT_MODEL, ModelLoadError, ModelNotFoundError
 from kvlm.sampling import SamplingParams, SamplingParamsError
@@ -115,6 +116,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: torch's, one per core); use fewer than the cores "
         "when other work shares the machine",
+    )
+    group.add_argument(
+        "--speculative-method",
+        default=None,
+        choices=list(SPECULATIVE_METHODS),
+        help="speculative decoding: ngram drafts tokens from the prompt and output (prompt "
+        "lookup), verified in one step; greedy output is unchanged",
+    )
+    group.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --speculative-method: drafts per step at most (default 4)",
     )
 
 
@@ -217,6 +232,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = args.kv_cache_memory
+    if args.speculative_method is not None:
+        speculative: dict[str, Any] = {"method": args.speculative_method}
+        if args.num_speculative_tokens is not None:
+            speculative["num_tokens"] = args.num_speculative_tokens
+        kwargs["speculative"] = speculative
+    elif args.num_speculative_tokens is not None:
+        raise CLIError("--num-speculative-tokens needs --speculative-method (e.g. ngram)")
     return kwargs
 
 

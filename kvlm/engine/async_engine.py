@@ -17,13 +17,14 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
 
 from kvlm.engine.engine import LLMEngine
 from kvlm.engine.request import RequestOutput
+from kvlm.engine.speculative import SpeculativeStats
 from kvlm.engine.step_threads import StepThreads
 from kvlm.kv.offload.tier import TierSnapshot
 from kvlm.sampling import SamplingParams
@@ -64,6 +65,8 @@ class EngineStats:
     num_step_errors: int = 0
     kv_offload: tuple[TierSnapshot, ...] = ()  # per offload tier (RAM, disk, Redis), if any
     num_offload_dropped_writes: int = 0  # evicted blocks not offloaded: too many writes queued
+    # Speculative decoding (kvlm.engine.speculative.SpeculativeStats); None when it is off
+    speculative: SpeculativeStats | None = None
     taken_at: float = 0.0  # time.time()
 
     @property
@@ -345,7 +348,8 @@ class AsyncLLMEngine:
             self._fail(affected, error)
             return
         self._num_steps += 1
-        self._num_generation_tokens += len(outputs)  # each output carries one new token
+        # An output carries one new token, or several after accepted speculative drafts.
+        self._num_generation_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -365,7 +369,7 @@ class AsyncLLMEngine:
 
     def _publish_stats(self) -> None:
         engine = self.engine
-        cache, stats = engine.kv_cache, engine.scheduler_stats
+        cache, stats, spec = engine.kv_cache, engine.scheduler_stats, engine.speculative_stats
         pools = cache.pools if cache else []
         self._stats = EngineStats(
             num_running=len(engine.running_requests()),
@@ -383,6 +387,7 @@ class AsyncLLMEngine:
             num_step_errors=self._num_step_errors,
             kv_offload=engine.offload.snapshot() if engine.offload else (),
             num_offload_dropped_writes=engine.offload.num_dropped_writes if engine.offload else 0,
+            speculative=None if spec is None else replace(spec),
             taken_at=time.time(),
         )
 

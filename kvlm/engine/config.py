@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kvlm.engine.speculative import SpeculativeConfig, SpeculativeConfigError
 from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 from kvlm.kv.offload.spec import OffloadSpecError, parse_offload
 from kvlm.sizes import SizeError, parse_bytes
@@ -61,6 +62,10 @@ class EngineConfig:
     # Offload tiers for blocks evicted from the pool, e.g. "ram:2GiB,disk:/tmp/kv:20GiB,
     # redis://127.0.0.1:6379" (see kvlm.kv.offload.spec); None: evicted blocks are gone.
     kv_offload: str | None = None
+    # Speculative decoding, a dict as vLLM's speculative_config: {"method": "ngram",
+    # "num_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 4} (kvlm.engine.speculative);
+    # kept as a SpeculativeConfig. None: one token per step.
+    speculative: Mapping[str, object] | SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -102,6 +107,8 @@ class EngineConfig:
             raise EngineConfigError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.kv_offload is not None:
             self._check_offload()
+        if self.speculative is not None:
+            self._check_speculative()
         pairs = dict(self.prefix_adapters).items()
         adapters = tuple(sorted(((name, str(path)) for name, path in pairs), key=str))
         object.__setattr__(self, "prefix_adapters", adapters)
@@ -125,6 +132,25 @@ class EngineConfig:
             raise EngineConfigError(
                 "kv_offload brings blocks back through prefix caching: it needs the KV cache "
                 "and enable_prefix_caching (drop --no-cache)"
+            )
+
+    def _check_speculative(self) -> None:
+        spec = self.speculative
+        if not isinstance(spec, SpeculativeConfig):
+            if not isinstance(spec, Mapping):
+                raise EngineConfigError(
+                    f"speculative must be a dict such as {{'method': 'ngram', 'num_tokens': 4}}, "
+                    f"got {type(spec).__name__}"
+                )
+            try:
+                spec = SpeculativeConfig.from_dict(spec)
+            except SpeculativeConfigError as e:
+                raise EngineConfigError(str(e)) from e
+            object.__setattr__(self, "speculative", spec)
+        if not self.use_cache:
+            raise EngineConfigError(
+                "speculative decoding verifies drafts over the KV cache and rolls it back: it "
+                "needs the cache (drop --no-cache or the speculative setting)"
             )
 
     def _check_prefix_adapters(self) -> None:

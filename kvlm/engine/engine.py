@@ -19,6 +19,7 @@ from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner, PromptRows
 from kvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats
+from kvlm.engine.speculative import SpeculativeDecoder, SpeculativeStats
 from kvlm.engine.weight_format import resolve_weight_format
 from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
@@ -116,6 +117,9 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
         self.sampler = Sampler(self.stop_token_ids)  # banned before a request's min_tokens
+        self.speculative: SpeculativeDecoder | None = None
+        if config.speculative is not None:
+            self.speculative = SpeculativeDecoder(config.speculative, self.sampler)
         vocab_size = self.model_config.vocab_size  # structured outputs: built on first use
         self.structured = StructuredDecoder(
             lambda: llguidance_tokenizer(self.tokenizer, vocab_size, self.stop_token_ids),
@@ -298,6 +302,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward pass over the scheduled batch; returns outputs of requests that changed."""
+        if self.speculative is not None:
+            max_len = None if self.unbounded_length else self.max_model_len
+            self.speculative.propose(self.scheduler.running, max_len)
         batch = self.scheduler.schedule()
         if not batch.requests:
             if self.scheduler.waiting:
@@ -318,9 +325,11 @@ class LLMEngine:
             )
         self.scheduler.update_after_step(batch)
         tables_after = None if forward is None else block_tables(forward.scheduled, self.kv_cache)
-        changed = []
-        if sampled:
-            requests = [batch.requests[i] for i in sampled]
+        changed: list[Request] = []
+        requests = [batch.requests[i] for i in sampled]
+        if self.speculative is not None and requests:
+            logits, requests = self._accept_drafts(logits, requests, changed)
+        if requests:
             out = self.sampler(
                 logits,
                 [r.params for r in requests],
@@ -344,6 +353,29 @@ class LLMEngine:
         if forward is not None and tables_after is not None:
             self._observers.step(forward, tables_after, outputs)
         return outputs
+
+    def _accept_drafts(
+        self, logits: torch.Tensor, requests: list[Request], changed: list[Request]
+    ) -> tuple[torch.Tensor, list[Request]]:
+        """Verify the drafted requests' rows, roll their caches back to the verified tokens
+        and append what they keep (up to a stop); returns the other requests and their rows."""
+        assert self.speculative is not None
+        verified = self.speculative.verify(logits, requests)
+        now = time.perf_counter()
+        for request, token_ids, logprobs in verified.accepted:
+            self.scheduler.roll_back(request, len(request.token_ids) + len(token_ids) - 1)
+            for token_id, entry in zip(token_ids, logprobs, strict=True):
+                self._append_token(request, token_id, entry, now)
+                if request.finished:  # EOS, a stop or max_tokens inside the accepted run
+                    break
+            changed.append(request)
+        return verified.logits, verified.plain
+
+    @property
+    def speculative_stats(self) -> SpeculativeStats | None:
+        """Drafts proposed and accepted, tokens per step (live counters); None without
+        speculative decoding."""
+        return None if self.speculative is None else self.speculative.stats
 
     def _score_prompts(self, batch: ScheduledBatch, rows: PromptRows) -> None:
         """Append to each scoring request the entries of the prompt rows just computed: the

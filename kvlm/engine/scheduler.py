@@ -100,7 +100,7 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             if self.config.use_cache:
-                num_tokens = min(len(request.token_ids) - request.num_computed_tokens, budget)
+                num_tokens = self._fit_drafts(request, budget)
             else:  # the baseline recomputes the whole sequence, never in chunks
                 request.num_computed_tokens = 0
                 num_tokens = len(request.token_ids)
@@ -138,9 +138,19 @@ class Scheduler:
         for request, num_tokens in zip(batch.requests, batch.num_new_tokens, strict=True):
             request.num_computed_tokens += num_tokens
             if self.cache is not None:
-                hashes = self._hashes(request, request.num_computed_tokens)
+                # Draft tokens are not verified yet: only known tokens' blocks are named, and
+                # windows pass only them, so a rollback finds every block it keeps.
+                verified = min(request.num_computed_tokens, len(request.token_ids))
+                hashes = self._hashes(request, verified)
                 self.cache.cache_full_blocks(request.request_id, hashes)
-                self.cache.remove_skipped(request.request_id, request.num_computed_tokens)
+                self.cache.remove_skipped(request.request_id, verified)
+
+    def roll_back(self, request: Request, num_tokens: int) -> None:
+        """Keep the K/V of the request's first `num_tokens` tokens only (its rejected draft
+        tokens' blocks go back to the pool); the next step computes from there."""
+        assert self.cache is not None, "speculative decoding needs the KV cache"
+        request.num_computed_tokens = num_tokens
+        self.cache.truncate(request.request_id, num_tokens)
 
     def finish(self, request: Request) -> None:
         """Take a finished (or aborted) request out and return its blocks to the pool."""
@@ -174,6 +184,20 @@ class Scheduler:
             request.extra_keys,
         )
         return hashes
+
+    def _fit_drafts(self, request: Request, budget: int) -> int:
+        """Tokens a running request computes now: its uncomputed known tokens, then its drafts
+        if they all fit the budget and the free blocks (else none: drafts never preempt)."""
+        num_known = len(request.token_ids) - request.num_computed_tokens
+        drafts = request.spec_token_ids
+        if drafts:
+            assert self.cache is not None
+            total = request.num_computed_tokens + num_known + len(drafts)
+            if num_known + len(drafts) > budget or not self.cache.can_allocate(
+                request.request_id, total
+            ):
+                drafts.clear()
+        return min(num_known + len(drafts), budget)
 
     def _allocate(self, request: Request, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Blocks for the request's first `num_tokens` tokens, if they fit; tracks its peak."""
@@ -237,6 +261,7 @@ class Scheduler:
         self.cache.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.spec_token_ids.clear()  # admission computes known tokens only
         request.metrics.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -139,22 +139,34 @@ class Sampler:
         raw = logits.float()
         if mask is not None:
             raw = mask.apply(raw)
-        logits = self._ban_stop_tokens(raw, params, num_output_tokens)
-        logits = apply_logit_bias(logits, [p.logit_bias for p in params])
-        penalties = [p.repetition_penalty for p in params]
-        logits = apply_repetition_penalty(logits, penalties, past_token_ids)
-        logits = apply_presence_frequency_penalties(
-            logits,
-            [p.presence_penalty for p in params],
-            [p.frequency_penalty for p in params],
-            _output_token_ids(params, past_token_ids, num_output_tokens),
-        )
+        logits = self.adjusted_logits(raw, params, past_token_ids, num_output_tokens)
         token_ids = _select_tokens(logits, params, generators)  # [num_seqs] int64
         if all(p.logprobs is None for p in params):
             logprobs: list[dict[int, Logprob] | None] = [None] * num_seqs
         else:
             logprobs = gather_logprobs(raw, token_ids, [p.logprobs for p in params])
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def adjusted_logits(
+        self,
+        raw: torch.Tensor,
+        params: Sequence[SamplingParams],
+        past_token_ids: Sequence[Sequence[int]],
+        num_output_tokens: Sequence[int] | None,
+    ) -> torch.Tensor:
+        """Steps 1-3 on float32 `raw` ([num_seqs, vocab_size]): min_tokens, logit_bias and
+        penalties. A greedy row's token is the argmax of the result; a random row's
+        distribution is `sampling_logits` of it (speculative decoding verifies against both)."""
+        logits = self._ban_stop_tokens(raw, params, num_output_tokens)
+        logits = apply_logit_bias(logits, [p.logit_bias for p in params])
+        penalties = [p.repetition_penalty for p in params]
+        logits = apply_repetition_penalty(logits, penalties, past_token_ids)
+        return apply_presence_frequency_penalties(
+            logits,
+            [p.presence_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            _output_token_ids(params, past_token_ids, num_output_tokens),
+        )
 
     def _ban_stop_tokens(
         self,
@@ -224,6 +236,12 @@ def _sample(
     generators: Sequence[torch.Generator | None],
 ) -> torch.Tensor:
     """Random sampling for non-greedy rows. logits: [num_rows, vocab_size] -> [num_rows]"""
+    return race(sampling_logits(logits, params), generators)
+
+
+def sampling_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Steps 5-8 for non-greedy rows ([num_rows, vocab_size]): temperature, then top-k, top-p
+    and min-p; its softmax is the distribution each row's token is drawn from."""
     vocab_size = logits.shape[1]
     device, dtype = logits.device, logits.dtype
 
@@ -242,8 +260,13 @@ def _sample(
         top_p = row_tensor([p.top_p for p in params], dtype)
     if any(p.min_p > 0.0 for p in params):
         min_p = row_tensor([p.min_p for p in params], dtype)
-    logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    return apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
 
+
+def race(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Step 9: one token per row of `logits` ([num_rows, vocab_size]) drawn from its softmax,
+    argmax(logit_i - log q_i) with q_i ~ Exp(1) from the row's generator. -> [num_rows]"""
+    dtype = logits.dtype
     q = torch.empty_like(logits)  # [num_rows, vocab_size], ~ Exp(1)
     if any(g is None for g in generators):
         q.exponential_()  # global RNG, one call for the whole batch

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvlm.engine.async_engine import AsyncLLMEngine
+from kvlm.engine.async_engine import AsyncLLMEngine, EngineStats
 from kvlm.kv.offload.tier import TierSnapshot
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -75,6 +75,7 @@ class EngineCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        yield from self._speculative(s)
         yield from self._offload(s.kv_offload)
         if s.kv_offload:
             dropped = CounterMetricFamily(
@@ -84,6 +85,44 @@ class EngineCollector(Collector):
             )
             dropped.add_metric([self.model_name], s.num_offload_dropped_writes)
             yield dropped
+
+    def _speculative(self, s: EngineStats) -> Iterator[Metric]:
+        """Speculative decoding's counters (as vLLM's spec_decode_*), acceptance rate and
+        mean tokens per sampling step; nothing when speculation is off."""
+        spec = s.speculative
+        if spec is None:
+            return
+        counters = [
+            ("drafts", "Request steps that verified draft tokens.", spec.num_drafts),
+            ("draft_tokens", "Draft tokens proposed and verified.", spec.num_draft_tokens),
+            (
+                "accepted_tokens",
+                "Draft tokens the target model accepted.",
+                spec.num_accepted_tokens,
+            ),
+        ]
+        for field, doc, value in counters:
+            counter = CounterMetricFamily(
+                f"kvlm_spec_decode_num_{field}", doc, labels=["model_name"]
+            )
+            counter.add_metric([self.model_name], value)
+            yield counter
+        gauges = [
+            (
+                "acceptance_ratio",
+                "Accepted / proposed draft tokens since start.",
+                spec.acceptance_rate,
+            ),
+            (
+                "mean_tokens_per_step",
+                "Tokens a request gains per sampling step (1 without accepted drafts).",
+                spec.mean_tokens_per_step,
+            ),
+        ]
+        for name, doc, value in gauges:
+            gauge = GaugeMetricFamily(f"kvlm_spec_decode_{name}", doc, labels=["model_name"])
+            gauge.add_metric([self.model_name], value)
+            yield gauge
 
     def _offload(self, tiers: tuple[TierSnapshot, ...]) -> Iterator[Metric]:
         """Per offload tier: blocks hit, missed, stored, failed operations, bytes, load time."""
