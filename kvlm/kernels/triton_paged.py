@@ -43,8 +43,11 @@ def _jit(fn):
 
 
 def interpreted() -> bool:
-    """Whether the kernels were defined for triton's CPU interpreter."""
-    return triton is not None and not isinstance(_paged_attention_kernel, triton.JITFunction)
+    """Whether the kernels run in triton's CPU interpreter: TRITON_INTERPRET=1 was set when
+    triton was first imported (triton.language defines its own @jit functions then) and when
+    this module was."""
+    jitted = (_paged_attention_kernel, tl.sum) if triton is not None else ()
+    return triton is not None and not any(isinstance(f, triton.JITFunction) for f in jitted)
 
 
 @_jit
@@ -287,7 +290,7 @@ def paged_attention(
     if device.type == "cpu" and not interpreted():
         raise ValueError(
             "CPU tensors run only in triton's interpreter: set TRITON_INTERPRET=1 "
-            "before kvlm.kernels.triton_paged is imported"
+            "before triton is first imported"
         )
     if store.data.device != device:
         raise ValueError(f"q is on {device} but the store on {store.data.device}")
