@@ -115,6 +115,21 @@ def test_softcap_equals_the_reference(kv_format, cache) -> None:
     torch.testing.assert_close(run_kernel(step, 0.3, 5.0), expected, atol=ATOL, rtol=1e-5)
 
 
+# Triton's interpreter multiplies bfloat16 dot operands as their raw bits: bfloat16 q only on CUDA.
+@pytest.mark.parametrize(
+    ("dtype", "atol"),
+    [(torch.float16, 1e-2), *([(torch.bfloat16, 4e-2)] if DEVICE.type == "cuda" else [])],
+)
+def test_16_bit_queries_run_their_dots_in_16_bits(dtype, atol) -> None:
+    """q in the model's 16-bit compute dtype: K/V tiles and probabilities are rounded to it for
+    the dots (float32 accumulation), so the bound is the dtype's rounding."""
+    step = make_step(HEADS["gqa3"], "int8", 16, 24, 4, *SHAPES["mixed"])
+    expected = reference(step, 0.125, None)
+    got = run_kernel(step, 0.125, q=step.kernel_query().to(DEVICE, dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=1e-2)
+
+
 # --- the comparison has teeth: simulated bugs fail it --------------------------------------
 
 
