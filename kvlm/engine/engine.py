@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +42,10 @@ from kvlm.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvlm.tokenizer.llguidance_bridge import llguidance_tokenizer
 
 logger = logging.getLogger(__name__)
+
+# Takes the float32 logits rows [len(requests), vocab] of requests whose tokens it chooses
+# itself (`LLMEngine.consume_rows`): one call per step, its requests in batch order.
+RowConsumer = Callable[[list[Request], torch.Tensor], None]
 
 
 class InputError(ValueError):
@@ -112,6 +116,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0  # forward passes run
         self._observers = Observers()
+        self._row_consumers: dict[str, RowConsumer] = {}  # per request id, see consume_rows
         torch.manual_seed(config.seed)
         self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(
             self.model_config.eos_token_ids
@@ -264,11 +269,56 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks (a client went away)."""
         request = self.requests.pop(request_id, None)
+        self._row_consumers.pop(request_id, None)
         if request is not None and not request.finished:
             request.finish_reason = "abort"
             self.scheduler.finish(request)
             if self._observers:
                 self._observers.request(RequestEvent("aborted", request))
+
+    def consume_rows(self, request_id: str, consumer: RowConsumer) -> None:
+        """From now on the request's logits rows go to `consumer`, not the sampler: it picks
+        the request's tokens itself (`append_token`), as beam search does; its forks too."""
+        if request_id not in self.requests:
+            raise KeyError(f"no request {request_id!r} in this engine")
+        self._row_consumers[request_id] = consumer
+
+    def fork_request(self, parent_id: str) -> str:
+        """A new running request continuing `parent_id`'s tokens under its parameters (its
+        generator seeded alike): it holds every block of the parent by reference, so nothing
+        is computed again, and a shared partial block is copied on its first write. Returns
+        the new request's id."""
+        parent = self.requests[parent_id]
+        if parent.grammar is not None:
+            raise InputError(
+                f"request {parent_id} follows structured outputs: its grammar cannot be forked"
+            )
+        child = Request(
+            request_id=str(next(self._ids)),
+            prompt=parent.prompt,
+            token_ids=list(parent.prompt_token_ids),
+            params=parent.params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, parent.params.skip_special_tokens),
+            generator=make_generator(parent.params.seed, self.device),
+            cache_salt=parent.cache_salt,
+            virtual_prefix=parent.virtual_prefix,
+        )
+        for token_id in parent.output_token_ids:  # the text so far, as the parent has it
+            child.token_ids.append(token_id)
+            child.append_text(child.detokenizer.push(token_id), check_stop=False)
+        child.metrics.num_generated_tokens = parent.metrics.num_generated_tokens
+        self.requests[child.request_id] = child
+        self.scheduler.fork(parent, child)
+        if parent_id in self._row_consumers:
+            self._row_consumers[child.request_id] = self._row_consumers[parent_id]
+        if self._observers:
+            self._observers.request(RequestEvent("added", child))
+        return child.request_id
+
+    def append_token(self, request_id: str, token_id: int) -> None:
+        """Extend a request whose tokens its consumer chooses by `token_id`, exactly as if
+        the sampler had picked it (stop rules and limits apply)."""
+        self._append_token(self.requests[request_id], token_id, None, time.perf_counter())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -327,6 +377,8 @@ class LLMEngine:
         tables_after = None if forward is None else block_tables(forward.scheduled, self.kv_cache)
         changed: list[Request] = []
         requests = [batch.requests[i] for i in sampled]
+        if self._row_consumers and requests:
+            logits, requests = self._hand_out_rows(logits, requests)
         if self.speculative is not None and requests:
             logits, requests = self._accept_drafts(logits, requests, changed)
         if requests:
@@ -376,6 +428,31 @@ class LLMEngine:
         """Drafts proposed and accepted, tokens per step (live counters); None without
         speculative decoding."""
         return None if self.speculative is None else self.speculative.stats
+
+    def _hand_out_rows(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[torch.Tensor, list[Request]]:
+        """Give each row consumer the rows of its requests; returns the rows and requests left
+        for the sampler (with drafts, a request has 1 + len(spec_token_ids) rows)."""
+        kept_rows: list[int] = []
+        kept: list[Request] = []
+        taken: dict[int, tuple[RowConsumer, list[Request], list[int]]] = {}
+        row = 0
+        for request in requests:
+            num_rows = 1 + len(request.spec_token_ids)
+            consumer = self._row_consumers.get(request.request_id)
+            if consumer is None:
+                kept_rows += range(row, row + num_rows)
+                kept.append(request)
+            else:
+                assert num_rows == 1, "a request whose tokens a consumer chooses has no drafts"
+                _, mine, rows = taken.setdefault(id(consumer), (consumer, [], []))
+                mine.append(request)
+                rows.append(row)
+            row += num_rows
+        for consumer, mine, rows in taken.values():
+            consumer(mine, logits[rows])
+        return logits[kept_rows], kept
 
     def _score_prompts(self, batch: ScheduledBatch, rows: PromptRows) -> None:
         """Append to each scoring request the entries of the prompt rows just computed: the
@@ -434,6 +511,7 @@ class LLMEngine:
         if not isinstance(stop_reason, str):  # a stop string already cut the text
             request.append_text(request.detokenizer.flush(), check_stop=False)
         request.finish_reason = reason
+        self._row_consumers.pop(request.request_id, None)
         request.stop_reason = stop_reason
         request.metrics.finish_time = now
         self.scheduler.finish(request)

@@ -21,6 +21,7 @@ from kvlm.engine.config import EngineConfigError
 from kvlm.engine.observers import RequestEvent
 from kvlm.engine.request import Request, RequestStatus
 from kvlm.kv.block_hash import extend_block_hashes
+from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)  # per request, tokens computed now
     # (group, source, destination) whole-block copies to make before the step runs: a prefix
-    # adapter's partial last block, into the block a newly admitted request fills next
+    # adapter's partial last block, into the block a newly admitted request fills next; a
+    # forked request's shared partial block, into the block it writes next (copy-on-write)
     block_copies: list[tuple[int, int, int]] = field(default_factory=list)
     scores_prompt: bool = False  # some request still needs logits of its prompt rows
 
@@ -104,7 +106,7 @@ class Scheduler:
             else:  # the baseline recomputes the whole sequence, never in chunks
                 request.num_computed_tokens = 0
                 num_tokens = len(request.token_ids)
-            if self._reserve(request, num_tokens):
+            if self._reserve(request, num_tokens, batch):
                 batch.add(request, num_tokens)
                 budget = max(budget - num_tokens, 0)
         if self.offload is not None:
@@ -151,6 +153,20 @@ class Scheduler:
         assert self.cache is not None, "speculative decoding needs the KV cache"
         request.num_computed_tokens = num_tokens
         self.cache.truncate(request.request_id, num_tokens)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Run `child`, whose tokens are the running `parent`'s so far, beside it: the child
+        holds every block of the parent by reference (beams, n > 1) and computes nothing
+        again; whichever first writes into a shared partial block gets a copy (`_reserve`)."""
+        assert parent.status == RequestStatus.RUNNING, f"request {parent.request_id} is not running"
+        assert child.token_ids == parent.token_ids, "a fork starts with its parent's tokens"
+        if self.cache is not None:
+            self.cache.fork(parent.request_id, child.request_id)
+            self.block_hashes[child.request_id] = list(self.block_hashes[parent.request_id])
+            child.metrics.kv_peak_bytes = self.cache.bytes_held(child.request_id)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
 
     def finish(self, request: Request) -> None:
         """Take a finished (or aborted) request out and return its blocks to the pool."""
@@ -240,19 +256,31 @@ class Scheduler:
             self.stats.num_prefix_hits += num_cached - num_virtual
         return num_tokens
 
-    def _reserve(self, request: Request, num_tokens: int) -> bool:
-        """Make room for a running request's next tokens, preempting newer requests if needed.
+    def _reserve(self, request: Request, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Make room for a running request's next tokens, preempting newer requests if needed;
+        a shared partial block they go into is copied first (the copy joins `batch`).
 
         Returns False when the request itself had to be preempted.
         """
         if self.cache is None:
             return True
         needed = request.num_computed_tokens + num_tokens
-        while not self._allocate(request, needed):
+        while not (self._allocate(request, needed) and self._unshare(request, batch)):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is request:
                 return False
+        return True
+
+    def _unshare(self, request: Request, batch: ScheduledBatch) -> bool:
+        """Copy-on-write before the request's next write; False (nothing changed) when no
+        block is free for the copy."""
+        assert self.cache is not None
+        try:
+            copies = self.cache.copy_on_write(request.request_id, request.num_computed_tokens)
+        except OutOfBlocksError:
+            return False
+        batch.block_copies += copies
         return True
 
     def _preempt(self, request: Request) -> None:
