@@ -16,6 +16,7 @@ from kvlm.adapters.registry import PrefixAdapters
 from kvlm.engine.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, EngineConfigError
 from kvlm.engine.observers import EngineObserver, Observers, RequestEvent, block_tables
 from kvlm.engine.offload import OffloadConnector
+from kvlm.engine.parallel_sampling import ParallelSampling, sequence_params
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner, PromptRows
 from kvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats
@@ -117,6 +118,7 @@ class LLMEngine:
         self.num_steps = 0  # forward passes run
         self._observers = Observers()
         self._row_consumers: dict[str, RowConsumer] = {}  # per request id, see consume_rows
+        self.parallel = ParallelSampling()  # requests with n > 1 or best_of
         torch.manual_seed(config.seed)
         self.stop_token_ids = frozenset(self.tokenizer.stop_token_ids) | frozenset(
             self.model_config.eos_token_ids
@@ -214,6 +216,11 @@ class LLMEngine:
         request_id = request_id or str(next(self._ids))
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
+        user_params, num_sequences = params, params.num_sequences
+        if num_sequences > 1:
+            if params.structured_outputs is not None:
+                raise InputError("n or best_of above 1 cannot be combined with structured_outputs")
+            params = sequence_params(params, 0)  # the request is sequence 0 of the group
         grammar = None
         if params.structured_outputs is not None:
             try:
@@ -232,6 +239,8 @@ class LLMEngine:
             grammar=grammar,
         )
         self.requests[request_id] = request
+        if num_sequences > 1:
+            self.parallel.add(request, user_params)
         self.scheduler.add(request)
         if self._observers:
             self._observers.request(RequestEvent("added", request))
@@ -267,7 +276,10 @@ class LLMEngine:
         return token_ids
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its blocks (a client went away)."""
+        """Stop a request now and free its blocks (a client went away); with n > 1, all
+        its sequences."""
+        for sequence_id in self.parallel.remove(request_id):
+            self.abort(sequence_id)
         request = self.requests.pop(request_id, None)
         self._row_consumers.pop(request_id, None)
         if request is not None and not request.finished:
@@ -363,6 +375,8 @@ class LLMEngine:
                 self.offload.wait_for_load(timeout=0.05)  # nothing else to run meanwhile
             return []
         self.num_steps += 1
+        if self.kv_cache is not None and self.parallel.groups:
+            self.parallel.note_kv(self.kv_cache)
         if batch.scores_prompt:
             logits, sampled, prompt_rows = self.runner.run_scoring(batch)
             self._score_prompts(batch, prompt_rows)
@@ -377,6 +391,8 @@ class LLMEngine:
         tables_after = None if forward is None else block_tables(forward.scheduled, self.kv_cache)
         changed: list[Request] = []
         requests = [batch.requests[i] for i in sampled]
+        if self.parallel.groups and requests:  # n > 1: prompts just computed fork here
+            logits, requests = self.parallel.fork_prompts(logits, requests, self._fork_sequence)
         if self._row_consumers and requests:
             logits, requests = self._hand_out_rows(logits, requests)
         if self.speculative is not None and requests:
@@ -404,7 +420,16 @@ class LLMEngine:
                 self.requests.pop(request.request_id, None)
         if forward is not None and tables_after is not None:
             self._observers.step(forward, tables_after, outputs)
+        if self.parallel.groups:
+            outputs = self.parallel.merge(outputs)
         return outputs
+
+    def _fork_sequence(self, parent: Request, params: SamplingParams) -> Request:
+        """Another sequence of `parent`'s request: a fork under its own parameters (seed)."""
+        child = self.requests[self.fork_request(parent.request_id)]
+        child.params = params
+        child.generator = make_generator(params.seed, self.device)
+        return child
 
     def _accept_drafts(
         self, logits: torch.Tensor, requests: list[Request], changed: list[Request]

@@ -66,6 +66,8 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, Logprob]] | None = None
+    # With best_of: the sum of the sampled tokens' log-probabilities it was ranked by.
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -134,48 +136,61 @@ class TextBuffer:
         return self._pieces[0] if self._pieces else ""
 
 
+class _CompletionParts:
+    """One completion's deltas, joined when the whole is asked for."""
+
+    def __init__(self) -> None:
+        self.last: CompletionOutput | None = None
+        self.text = TextBuffer()
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = None
+
+    def add(self, delta: CompletionOutput) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        self.last = delta
+
+    def build(self) -> CompletionOutput:
+        assert self.last is not None
+        return dataclasses.replace(
+            self.last, text=self.text.text(), token_ids=self.token_ids, logprobs=self.logprobs
+        )
+
+
 class OutputAccumulator:
-    """Builds a request's full output from its delta outputs, joining the text once."""
+    """Builds a request's full output from its delta outputs, joining each completion's text
+    once (a request with n > 1 sends deltas of its completions, each with its index)."""
 
     def __init__(self) -> None:
         self.last: RequestOutput | None = None
-        self._text = TextBuffer()
-        self._token_ids: list[int] = []
-        self._logprobs: list[dict[int, Logprob]] | None = None
+        self._completions: dict[int, _CompletionParts] = {}
         self._prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def add(self, delta: RequestOutput) -> None:
         if delta.prompt_logprobs is not None:
             self._prompt_logprobs = (self._prompt_logprobs or []) + delta.prompt_logprobs
-        completion = delta.outputs[0]
-        self._text.append(completion.text)
-        self._token_ids.extend(completion.token_ids)
-        if completion.logprobs is not None:
-            if self._logprobs is None:
-                self._logprobs = []
-            self._logprobs.extend(completion.logprobs)
+        for completion in delta.outputs:
+            self._completions.setdefault(completion.index, _CompletionParts()).add(completion)
         self.last = delta
 
     @property
     def num_token_ids(self) -> int:
-        return len(self._token_ids)
+        """Token ids received, all completions together."""
+        return sum(len(c.token_ids) for c in self._completions.values())
 
     def build(self) -> RequestOutput:
-        """The output as if one snapshot held everything: full text, ids and logprobs; the
-        finish reason, `finished` and metrics of the latest delta."""
+        """The output as if one snapshot held everything: per completion (by index) its full
+        text, ids and logprobs and its latest finish reason; `finished` and metrics of the
+        latest delta."""
         if self.last is None:
             raise ValueError("no output was added")
-        last = self.last.outputs[0]
-        completion = CompletionOutput(
-            index=last.index,
-            text=self._text.text(),
-            token_ids=self._token_ids,
-            finish_reason=last.finish_reason,
-            stop_reason=last.stop_reason,
-            logprobs=self._logprobs,
-        )
+        completions = [self._completions[i].build() for i in sorted(self._completions)]
         return dataclasses.replace(
-            self.last, outputs=[completion], prompt_logprobs=self._prompt_logprobs
+            self.last, outputs=completions, prompt_logprobs=self._prompt_logprobs
         )
 
 
