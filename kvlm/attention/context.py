@@ -9,30 +9,57 @@ sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from kvlm.kv.store import KVStore
 
 
+class PagedKernel(Protocol):
+    """kvlm.kernels.paged.paged_attention (C++) or kvlm.kernels.triton_paged's (CUDA): reads
+    K/V through the block table in place; this step's K/V must be written first."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, nh, hd]
+        store: KVStore,
+        layer_idx: int,
+        block_table: torch.Tensor,  # [B, max_blocks]
+        query_start: torch.Tensor,  # [B + 1]
+        num_cached: torch.Tensor,  # [B]
+        scale: float,
+        softcap: float | None = None,
+        rope: torch.nn.Module | None = None,
+    ) -> torch.Tensor: ...  # [T, nh, hd]
+
+
 @dataclass
 class GroupView:
-    """How the layers of one cache group write this step's K/V and read their history."""
+    """How the layers of one cache group write this step's K/V and read their history.
 
-    # [B * S] rows to read keys from: base rows of the group's store, or (no-cache) rows of
-    # this step's tokens; sequence b's keys are rows b * S .. b * S + S - 1, oldest first
-    gather_index: torch.Tensor
-    num_keys: int  # S
-    # [B, 1, Q, S] True where a query may attend; None when every query sees all S keys
-    mask: torch.Tensor | None
+    With a cache, the block table, num_cached and query_start always come (views of the
+    runner's persistent batch state); the paged kernels and the fused decode read K/V through
+    them. gather_index, num_keys and mask are built only for the torch reference (gather +
+    SDPA): no-cache mode, KVLM_KERNELS=torch, or a device without a paged kernel.
+    """
+
     store: KVStore | None  # None: no-cache mode, keys come from this step's tokens only
     write_rows: torch.Tensor | None  # [T] base row receiving each new token's K/V
-    key_counts: torch.Tensor | None = None  # [B] int64 keys sequence b reads (<= S); cache only
-    # [B, max_blocks] int64 block ids of each sequence, padded with the null block; cache only
-    # (the paged kernels read K/V through it in place of gather_index)
+    # With sinks, rope by place in the cache (keys stored unrotated), not in the text
+    rope_in_cache: bool = False
+    # [B, max_blocks] int64 block ids of each sequence, the null block past its end; cache only
     block_table: torch.Tensor | None = None
-    # Attention sinks: rope by place in the cache. [B * S] positions of the gathered keys and
-    # [T] of the queries; None when rope uses each token's place in the text.
+    query_start: torch.Tensor | None = None  # [B + 1] int64 first row in T of each sequence
+    num_cached: torch.Tensor | None = None  # [B] int64 tokens cached before the step
+    # Torch reference only. [B * S] rows to read keys from: base rows of the group's store, or
+    # (no-cache) rows of this step's tokens; sequence b's keys are rows b * S .. b * S + S - 1
+    gather_index: torch.Tensor | None = None
+    num_keys: int = 0  # S
+    # [B, 1, Q, S] True where a query may attend; None when every query sees all S keys
+    mask: torch.Tensor | None = None
+    key_counts: torch.Tensor | None = None  # [B] int64 keys sequence b reads (<= S)
+    # Sinks: [B * S] places in the cache of the gathered keys and [T] of the queries
     key_positions: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None
 
@@ -45,6 +72,8 @@ class ForwardContext:
     # [T] position of each token in the padded [B * Q] query layout; None when Q == 1
     query_pad_index: torch.Tensor | None
     layer_views: list[GroupView]  # per model layer: its group's view (shared by the group)
+    # The paged kernel every cached layer reads K/V with this step; None: the torch reference
+    paged_attention: PagedKernel | None = None
     _rope_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )

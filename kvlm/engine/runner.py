@@ -1,26 +1,33 @@
 """Turns a ScheduledBatch into tensors, runs the model once, and returns logits to sample from.
 
-All index arithmetic (positions, slot mapping, which keys each window reads, masks) happens
-here once per step with numpy on the host, then moves to the device in one go per tensor;
-layers only consume the resulting ForwardContext.
+Block tables live in the persistent batch state (`InputBatch`), updated where they changed;
+the rest of the step's index arithmetic (positions, the rows new K/V go to) is O(new tokens),
+on the host with numpy, moved to the device in one go per tensor. With a paged kernel the
+layers read K/V through the block tables; only the torch reference (no cache, KVLM_KERNELS=
+torch, a device without a paged kernel) gets per-step gather indices and masks, built here.
+Layers only consume the resulting ForwardContext.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kvlm.attention.backend import paged_kernel_for
 from kvlm.attention.context import ForwardContext, GroupView
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
+from kvlm.engine.input_batch import InputBatch
 from kvlm.engine.request import Request
 from kvlm.engine.scheduler import ScheduledBatch
-from kvlm.kv.block_pool import NULL_BLOCK_ID
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.kv.store import KVStore
 from kvlm.models.transformer import CausalLM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +103,11 @@ class ModelRunner:
             for layer in spec.layer_ids:
                 self.group_of_layer[layer] = g
         self.fused: FusedDecoder | None = None  # set by use_fused_decode
+        self.input_batch = None if cache is None else InputBatch(specs, cache, device)
+        self.paged_attention = None
+        if stores is not None:
+            self.paged_attention, why = paged_kernel_for(device, stores[0].dtype)
+            logger.info("attention reads the KV cache with %s", why)
 
     def use_fused_decode(self, path: str | None = None) -> str | None:
         """Run decode steps the plan accepts through `FusedDecoder` from now on (kernel `path`,
@@ -159,15 +171,19 @@ class ModelRunner:
             )
 
         shape = _StepShape(starts, ends, counts, token_offsets, seq_of_token, positions, max_q)
-        tables = self._block_tables(batch)
-        views = [self._view(g, shape, tables[g]) for g in range(len(self.specs))]
-        pad_index = None if max_q == 1 else seq_of_token * max_q + local
+        paged = self.paged_attention is not None
+        if self.input_batch is not None:
+            self.input_batch.update([r.request_id for r in batch.requests])
+            self.input_batch.set_lengths(starts, counts)
+        views = [self._view(g, shape, paged) for g in range(len(self.specs))]
+        pad_index = None if max_q == 1 or paged else seq_of_token * max_q + local
         ctx = ForwardContext(
             positions=self._to_device(positions),
             num_seqs=num_seqs,
             max_query_len=max_q,
             query_pad_index=None if pad_index is None else self._to_device(pad_index),
             layer_views=[views[g] for g in self.group_of_layer],
+            paged_attention=self.paged_attention if paged else None,
         )
         return StepInput(
             self._to_device(input_ids),
@@ -193,24 +209,34 @@ class ModelRunner:
                 spans.append((i, first, end - first))
         return spans
 
-    def _block_tables(self, batch: ScheduledBatch) -> list[np.ndarray | None]:
-        """Per group, [B, max_blocks] block ids padded with the null block; None without cache."""
-        if self.cache is None:
-            return [None] * len(self.specs)
-        per_request = [self.cache.block_tables(r.request_id) for r in batch.requests]
-        arrays = []
-        for g in range(len(self.specs)):
-            rows = [tables[g] for tables in per_request]
-            width = max(len(row) for row in rows)
-            arrays.append(
-                np.array([row + [NULL_BLOCK_ID] * (width - len(row)) for row in rows], np.int64)
-            )
-        return arrays
+    def _view(self, group: int, shape: _StepShape, paged: bool) -> GroupView:
+        """The group's view: block tables (views of the persistent state) and write rows with
+        a cache, plus the gather index and mask only where the torch reference reads them."""
+        spec = self.specs[group]
+        if self.input_batch is None:
+            return self._reference(group, shape, GroupView(None, None, spec.positions_in_cache))
+        store = self.stores[group]
+        num_seqs = len(shape.starts)
+        table = self.input_batch.host_table(group, num_seqs)  # [B, max_blocks]
+        view = GroupView(
+            store=store,
+            write_rows=self._to_device(
+                self._rows(store, table, shape.seq_of_token, shape.positions)
+            ),
+            rope_in_cache=spec.positions_in_cache,
+            block_table=self.input_batch.block_table(group, num_seqs),
+            query_start=self.input_batch.query_start(num_seqs),
+            num_cached=self.input_batch.num_cached(num_seqs),
+        )
+        return view if paged else self._reference(group, shape, view, table)
 
-    def _view(self, group: int, shape: _StepShape, table: np.ndarray | None) -> GroupView:
+    def _reference(
+        self, group: int, shape: _StepShape, view: GroupView, table: np.ndarray | None = None
+    ) -> GroupView:
+        """`view` with the gather index, key counts and mask of the torch reference: per
+        sequence its sinks that lie before the window, then every key from the first query's
+        window start to the sequence end, oldest first. `table` None: no cache."""
         spec, s = self.specs[group], shape
-        # Keys the group reads per sequence: its sinks that lie before the window, then every
-        # key from the first query's window start to the sequence end, oldest first.
         window_start = np.zeros_like(s.starts)
         if spec.window is not None:
             window_start = np.maximum(s.starts - spec.window + 1, 0)  # [B]
@@ -222,15 +248,10 @@ class ModelRunner:
         in_window = window_start[:, None] + clamped - num_sinks[:, None]
         # [B, S] place in the text of each gathered key (padding repeats the last)
         key_pos = np.where(clamped < num_sinks[:, None], clamped, in_window)
-        store = None if self.stores is None else self.stores[group]
         if table is None:  # no-cache: keys are this step's own tokens
             gather = s.token_offsets[:, None] + key_pos
-            write_rows = None
         else:
-            rows = np.arange(len(s.starts))[:, None]
-            gather = self._rows(store, table, rows, key_pos)
-            write_rows = self._to_device(self._rows(store, table, s.seq_of_token, s.positions))
-        mask = None
+            gather = self._rows(view.store, table, np.arange(len(s.starts))[:, None], key_pos)
         if s.max_q > 1 or bool((num_keys != max_keys).any()):
             query_pos = s.starts[:, None] + np.minimum(
                 np.arange(s.max_q)[None, :], s.counts[:, None] - 1
@@ -240,16 +261,10 @@ class ModelRunner:
             allowed = (kp <= qp) & (index[None, None, :] < num_keys[:, None, None])
             if spec.window is not None:
                 allowed &= (kp > qp - spec.window) | (kp < spec.num_sinks)
-            mask = self._to_device(allowed[:, None])  # [B, 1, Q, S]
-        view = GroupView(
-            gather_index=self._to_device(gather.reshape(-1)),
-            num_keys=max_keys,
-            mask=mask,
-            store=store,
-            write_rows=write_rows,
-            key_counts=None if table is None else self._to_device(num_keys),
-            block_table=None if table is None else self._to_device(table),
-        )
+            view.mask = self._to_device(allowed[:, None])  # [B, 1, Q, S]
+        view.gather_index = self._to_device(gather.reshape(-1))
+        view.num_keys = max_keys
+        view.key_counts = None if table is None else self._to_device(num_keys)
         if spec.positions_in_cache:
             seq = s.seq_of_token
             view.key_positions = self._to_device(np.tile(index, len(s.starts)))

@@ -60,6 +60,9 @@ class KVCacheManager:
         self.groups = [make_table_manager(s, p) for s, p in zip(specs, self.pools, strict=True)]
         self._evict_listeners: list[EvictListener] = []
         self.event_log: ChangeLog | None = None
+        # Per request, the first table index that may have changed other than by appending
+        # (a free, fork, rollback or copy-on-write) since `pop_table_edits`; None: not tracked.
+        self._table_edits: dict[str, int] | None = None
 
     # --- prefix hits ----------------------------------------------------------------------
 
@@ -116,12 +119,14 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         for group in self.groups:
             group.free(request_id)
+        self._edited(request_id, 0)
 
     def fork(self, parent_request_id: str, child_request_id: str) -> None:
         """The child holds every block of the parent by reference (n > 1, beams): no block
         is copied until one of them writes into a shared partial block (`copy_on_write`)."""
         for group in self.groups:
             group.fork(parent_request_id, child_request_id)
+        self._edited(child_request_id, 0)
 
     def truncate(self, request_id: str, num_tokens: int) -> None:
         """Roll the request back to its first `num_tokens` tokens (rejected draft tokens):
@@ -134,6 +139,7 @@ class KVCacheManager:
             group.check_truncate(request_id, num_tokens)
         for group in self.groups:
             group.truncate(request_id, num_tokens)
+        self._edited(request_id, num_tokens // self.block_size)
 
     def copy_on_write(
         self, request_id: str, num_computed_tokens: int
@@ -149,11 +155,14 @@ class KVCacheManager:
                     f"request {request_id} needs a block in layer group {i} to copy a shared "
                     "partial block into; none is free"
                 )
-        return [
+        copies = [
             (i, *group.unshare_partial(request_id, index))
             for i, (group, index) in enumerate(zip(self.groups, shared, strict=True))
             if index is not None
         ]
+        if copies:
+            self._edited(request_id, min(i for i in shared if i is not None))
+        return copies
 
     def holds(self, request_id: str) -> bool:
         return request_id in self.groups[0].tables
@@ -161,6 +170,25 @@ class KVCacheManager:
     def block_tables(self, request_id: str) -> list[list[int]]:
         """Per group, the request's block ids (the null block where a window let go)."""
         return [g.tables[request_id] for g in self.groups]
+
+    def track_table_edits(self) -> None:
+        """From now on note, per request, where its block tables change other than by
+        appending blocks or by a window nulling its oldest entries, for `pop_table_edits`."""
+        if self._table_edits is None:
+            self._table_edits = {}
+
+    def pop_table_edits(self) -> dict[str, int]:
+        """Requests whose tables changed since the last call other than by appending (a
+        window's nulled entries aside), each with the first table index that may differ (0
+        after a free or fork: the whole table); the log starts empty again."""
+        if self._table_edits is None:
+            raise RuntimeError("pop_table_edits needs track_table_edits() first")
+        edits, self._table_edits = self._table_edits, {}
+        return edits
+
+    def _edited(self, request_id: str, index: int) -> None:
+        if self._table_edits is not None:
+            self._table_edits[request_id] = min(index, self._table_edits.get(request_id, index))
 
     def bytes_held(self, request_id: str) -> int:
         """KV bytes the request's tables hold now, all groups, scales included."""

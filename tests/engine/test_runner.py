@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from kvlm.engine.request import Request
@@ -31,10 +32,13 @@ def _spec(layer: int, window: int | None = None, sinks: int = 0) -> KVCacheSpec:
 
 
 def _runner(specs: tuple[KVCacheSpec, ...]) -> ModelRunner:
+    """A runner on the torch reference, so its steps carry gather indices and masks."""
     cache = KVCacheManager(specs, [NUM_BLOCKS] * len(specs))
     stores = [KVStore(s, NUM_BLOCKS, torch.float32, CPU) for s in specs]
     model = SimpleNamespace(config=SimpleNamespace(num_layers=len(specs)))
-    return ModelRunner(model, CPU, specs, stores, cache)  # type: ignore[arg-type]
+    runner = ModelRunner(model, CPU, specs, stores, cache)  # type: ignore[arg-type]
+    runner.paged_attention = None
+    return runner
 
 
 def _request(request_id: str, num_tokens: int, num_computed: int, first_id: int = 100) -> Request:
@@ -237,3 +241,42 @@ def test_draft_rows_equal_decoding_the_drafts_one_by_one(smollm2_llm) -> None:
     assert together.shape == expected.shape
     torch.testing.assert_close(together, expected, atol=2e-3, rtol=0)
     assert together.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+KERNEL_CASES = [
+    ("smollm2", {}),
+    ("smollm2", {"kv_cache_dtype": "int8"}),
+    ("smollm2", {"kv_cache_dtype": "int4"}),
+    ("smollm2", {"sliding_window": 24, "attention_sinks": 4}),
+    ("gemma3-270m", {}),
+    ("gemma3-270m", {"kv_cache_dtype": "int8"}),
+    ("gemma3-270m", {"kv_cache_dtype": "int4"}),
+    ("gemma3-270m", {"sliding_window": 24, "attention_sinks": 4}),
+]
+
+
+@pytest.mark.parametrize(("model", "cache"), KERNEL_CASES)
+def test_paged_kernel_steps_give_the_torch_references_tokens(model: str, cache: dict) -> None:
+    """Chunked prefills beside decodes (mixed steps), prefill-only and decode-only steps
+    through the paged kernel give the greedy tokens of gather + SDPA on the same engine."""
+    from kvlm import LLM
+
+    llm = LLM(
+        model,
+        weight_format="float",
+        kv_cache_memory="64MiB",
+        max_model_len=256,
+        max_num_batched_tokens=16,  # a 40-token prompt takes 3 chunks, beside the decodes
+        enable_prefix_caching=False,
+        **cache,
+    )
+    runner = llm.engine.runner
+    assert runner.paged_attention is not None, "the C++ paged kernel should run here"
+    prompts = [
+        {"prompt_token_ids": [int(t) for t in torch.randint(100, 5000, (n,))]} for n in (7, 40)
+    ]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    kernel = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    runner.paged_attention = None
+    reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert kernel == reference
