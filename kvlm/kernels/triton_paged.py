@@ -35,7 +35,6 @@ except ImportError:  # `paged_attention` says so when called
     triton = tl = None
 
 _Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KEY_TILE = 32  # BLOCK_N: keys per inner step
 
 
 def _jit(fn):
@@ -325,8 +324,10 @@ def paged_attention(
         return out
     group = num_heads // spec.num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # Decode rows fill a tile with one query's heads; chunks take more queries per tile.
-    rows = 16 if num_tokens == num_seqs else (64 if head_dim <= 128 else 32)
+    # Decode rows fill a tile with one query's heads; chunks take more queries per tile. Sizes
+    # and warps chosen so that sm_90 builds spill no registers (ptxas, checked without a GPU).
+    wide = block_d > 128
+    rows = 16 if num_tokens == num_seqs or wide else 64
     block_m = max(rows, triton.next_power_of_2(group))
     queries = block_m // group
     fmt = spec.format
@@ -369,7 +370,7 @@ def paged_attention(
         GROUP=group,
         QUERIES=queries,
         BLOCK_M=block_m,
-        BLOCK_N=KEY_TILE,
+        BLOCK_N=16 if wide else 32,
         BLOCK_D=block_d,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=spec.block_size,
@@ -381,5 +382,6 @@ def paged_attention(
         CACHE_ROPE=spec.num_sinks > 0,
         SOFTCAP=bool(softcap),
         DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else getattr(tl, str(q.dtype)[6:]),
+        num_warps=4 if block_m * block_d <= 16 * 64 else 8,
     )
     return out

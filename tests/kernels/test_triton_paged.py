@@ -99,6 +99,11 @@ def test_int4_rotates_by_blocks_of_32_when_head_dim_is_no_power_of_two(cache) ->
     check(Heads(6, 2, 96), "int4", 16, cache, *SHAPES["mixed"])
 
 
+def test_wide_heads_take_narrower_key_tiles() -> None:
+    """Gemma 3's 256-wide heads: 16 keys a tile, int4 rotated by the whole head, sinks."""
+    check(Heads(4, 1, 256), "int4", 16, "window+sinks", *SHAPES["mixed"])
+
+
 def test_odd_lengths_and_long_windows() -> None:
     """Lengths that end mid-block, a window wider than blocks, several key tiles per query."""
     step = make_step(HEADS["gqa3"], "int4", 16, 100, 4, [131, 1, 99], [3, 1, 33], seed=3)
