@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from kvlm.engine import session
+from kvlm.engine.beam_search import BeamSearchOutput, beam_search
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.engine import InputError, LLMEngine
 from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.engine.session import Session
 from kvlm.engine.task_prefixes import RegisteredPrefix, TaskPrefixes
 from kvlm.sampling import SamplingParams
+from kvlm.sampling.beam import BeamSearchParams
 from kvlm.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} / {"prompt": "..."}
@@ -78,6 +80,17 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, prefix_adapter=prefix_adapter)
+
+    def beam_search(
+        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams
+    ) -> list[BeamSearchOutput]:
+        """Beam search each prompt (vLLM's `LLM.beam_search`), scored and stopped as
+        transformers' `generate(num_beams=params.beam_width, do_sample=False)` does: the
+        beams are forks sharing the prompt's and their ancestors' KV blocks. Per prompt,
+        `beam_width` sequences, best score first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return beam_search(self.engine, [self._token_ids(p) for p in prompts], params)
 
     def stream(
         self,
@@ -165,6 +178,17 @@ class LLM:
         return self.engine.add_request(
             prompt, None, params, cache_salt, prefix_adapter=prefix_adapter
         )
+
+    def _token_ids(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise InputError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = {request_id: OutputAccumulator() for request_id in request_ids}
