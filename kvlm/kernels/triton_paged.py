@@ -264,6 +264,35 @@ def _check_values(
         )
 
 
+def launch_options(spec, num_heads: int, q_dtype: torch.dtype, decode: bool) -> dict:
+    """The kernel's constexprs and warps for a group's spec, q's heads and dtype, and whether
+    the step is all decode rows (one query per sequence)."""
+    group = num_heads // spec.num_kv_heads
+    block_d = max(16, triton.next_power_of_2(spec.head_dim))
+    # Decode rows fill a tile with one query's heads; chunks take more queries per tile. Sizes
+    # and warps chosen so that sm_90 builds spill no registers (ptxas, checked without a GPU).
+    wide = block_d > 128
+    block_m = max(16 if decode or wide else 64, triton.next_power_of_2(group))
+    rotation = spec.format.rotation_size or 0
+    return {
+        "GROUP": group,
+        "QUERIES": block_m // group,
+        "BLOCK_M": block_m,
+        "BLOCK_N": 16 if wide else 32,
+        "BLOCK_D": block_d,
+        "HEAD_DIM": spec.head_dim,
+        "BLOCK_SIZE": spec.block_size,
+        "FORMAT": FORMAT_CODES[spec.kv_format],
+        "SCALE_GROUP": spec.format.group_size,
+        "ROTATION_LOG2": rotation.bit_length() - 1 if rotation else 0,
+        "ROTATION_NORM": rotation**-0.5 if rotation else 1.0,
+        "HAS_WINDOW": spec.window is not None,
+        "CACHE_ROPE": spec.num_sinks > 0,
+        "DOT_DTYPE": tl.float32 if q_dtype == torch.float32 else getattr(tl, str(q_dtype)[6:]),
+        "num_warps": 4 if block_m * block_d <= 16 * 64 else 8,
+    }
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, nh, hd] float32, float16 or bfloat16
     store: PagedStore,
@@ -322,16 +351,7 @@ def paged_attention(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    group = num_heads // spec.num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    # Decode rows fill a tile with one query's heads; chunks take more queries per tile. Sizes
-    # and warps chosen so that sm_90 builds spill no registers (ptxas, checked without a GPU).
-    wide = block_d > 128
-    rows = 16 if num_tokens == num_seqs or wide else 64
-    block_m = max(rows, triton.next_power_of_2(group))
-    queries = block_m // group
-    fmt = spec.format
-    rotation = fmt.rotation_size or 0
+    options = launch_options(spec, num_heads, q.dtype, decode=num_tokens == num_seqs)
     cos = sin = q  # unread placeholders without sinks
     if spec.num_sinks:  # every place the table can hold, so no host read of the lengths
         cos, sin = rope.cos_sin(torch.arange(max_blocks * spec.block_size, device=device))
@@ -339,7 +359,7 @@ def paged_attention(
     data = store.data.view(torch.int16) if spec.kv_format == "bfloat16" else store.data
     scales = store.scales if store.scales is not None else data
     k_off, v_off = store.layer_offsets(layer_idx)
-    grid = (num_tokens // queries + num_seqs, spec.num_kv_heads)
+    grid = (num_tokens // options["QUERIES"] + num_seqs, spec.num_kv_heads)
     _paged_attention_kernel[grid](
         out,
         q,
@@ -367,21 +387,7 @@ def paged_attention(
         spec.num_sinks,
         scale,
         softcap or 0.0,
-        GROUP=group,
-        QUERIES=queries,
-        BLOCK_M=block_m,
-        BLOCK_N=16 if wide else 32,
-        BLOCK_D=block_d,
-        HEAD_DIM=head_dim,
-        BLOCK_SIZE=spec.block_size,
-        FORMAT=FORMAT_CODES[spec.kv_format],
-        SCALE_GROUP=fmt.group_size,
-        ROTATION_LOG2=rotation.bit_length() - 1 if rotation else 0,
-        ROTATION_NORM=rotation**-0.5 if rotation else 1.0,
-        HAS_WINDOW=spec.window is not None,
-        CACHE_ROPE=spec.num_sinks > 0,
         SOFTCAP=bool(softcap),
-        DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else getattr(tl, str(q.dtype)[6:]),
-        num_warps=4 if block_m * block_d <= 16 * 64 else 8,
+        **options,
     )
     return out
