@@ -183,6 +183,11 @@ def beam_search(
     searches already running only when one step holds every beam plus its whole prefill, so no
     beam waits for a row while the others have theirs."""
     config = engine.config
+    if engine.speculative is not None:  # drafts would give a beam more than its one row
+        raise InputError(
+            "beam search cannot run on an engine with speculative decoding: load the model "
+            "without speculative= for it"
+        )
     capacity = min(config.max_num_seqs, config.max_num_batched_tokens)
     if params.beam_width > capacity:
         raise InputError(
