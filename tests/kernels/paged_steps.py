@@ -101,12 +101,21 @@ def make_step(
         store.scales[null_rows] = float("nan")
     else:
         store.data[null_rows] = float("nan")
-    cache = types.SimpleNamespace(block_tables=lambda rid: [tables[int(rid)]])
+    cache = types.SimpleNamespace(  # the cache manager's side the runner reads: fixed tables
+        block_tables=lambda rid: [tables[int(rid)]],
+        track_table_edits=lambda: None,
+        pop_table_edits=dict,
+        holds=lambda rid: True,
+    )
     model = types.SimpleNamespace(config=types.SimpleNamespace(num_layers=2))
     runner = ModelRunner(model, torch.device("cpu"), (spec,), [store], cache)  # type: ignore[arg-type]
     requests = [
         types.SimpleNamespace(
-            request_id=str(b), num_computed_tokens=c, token_ids=[0] * e, next_scored_row=None
+            request_id=str(b),
+            num_computed_tokens=c,
+            token_ids=[0] * e,
+            spec_token_ids=[],
+            next_scored_row=None,
         )  # fmt: skip
         for b, (c, e) in enumerate(zip(cached, ends, strict=True))
     ]

@@ -80,6 +80,19 @@ def test_odd_lengths_and_long_windows() -> None:
     torch.testing.assert_close(run_kernel(step, 0.125), expected, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("cache", ["plain", "window+sinks"])
+def test_head_dims_past_the_vector_width(kv_format, cache) -> None:
+    """A head of 36 ends 4 columns past the AVX2 vectors and 4 past AVX-512's: the scalar tails
+    of the scores and the weighted sum; a chunk of 23 queries in tiles of 5 with 3 query heads
+    per kv head fills row blocks of 4 and one of 3."""
+    step = make_step(Heads(9, 3, 36), kv_format, 16, *CACHES[cache], [40, 3], [23, 1])
+    expected = reference(step, 0.2, None)
+    for path in C_PATHS:
+        torch.testing.assert_close(run_kernel(step, 0.2, path=path), expected, atol=ATOL,
+                                   rtol=1e-5)  # fmt: skip
+
+
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("heads", ["gqa3", "mqa"])
 def test_one_sequence_splits_its_heads_over_threads(threads, heads) -> None:
@@ -150,8 +163,9 @@ def test_refuses_bad_inputs() -> None:
         run_kernel(step, 0.1, block_table=table)
     with pytest.raises(ValueError, match="rise from 0 to T"):
         run_kernel(step, 0.1, query_start=step.query_start + 1)
-    with pytest.raises(ValueError, match="past 3 blocks of 16"):
-        run_kernel(step, 0.1, num_cached=step.num_cached + 40)
+    max_blocks = step.block_table.shape[1]
+    with pytest.raises(ValueError, match=f"past {max_blocks} blocks of 16"):
+        run_kernel(step, 0.1, num_cached=step.num_cached + 16 * max_blocks)
     with pytest.raises(ValueError, match="query_start"):
         run_kernel(step, 0.1, num_cached=step.num_cached[:2])
     with pytest.raises(ValueError, match="needs `rope`"):

@@ -1,5 +1,6 @@
 // Paged attention that reads K/V through the block table, from the block-major store in place
-// (kvlm/kv/store.py), in every KV format (kvlm/kv/quant.py), dequantizing one key tile at a time.
+// (kvlm/kv/store.py), in every KV format (kvlm/kv/quant.py), dequantizing in registers as it
+// reads (keys through a float tile only with sinks, to rope them), prefetching the next tile.
 //
 // Work item = (query tile, kv head): up to kMaxRows query rows (queries x the kv head's query
 // heads, GQA/MQA) read each K/V tile once. Per sequence b with `cached` tokens before the step,
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "qgemm.h"  // half_to_float, kIsa*
@@ -131,6 +133,23 @@ inline float stored_value(int format, const uint8_t* src, int64_t i) {
   }
 }
 
+// Element d of one stored head row, dequantized with its row's float scales sc (if quantized).
+inline float element(int format, const uint8_t* row, const float* sc, int64_t group, int64_t d) {
+  const float x = stored_value(format, row, d);
+  return format >= kInt8 ? x * sc[d / group] : x;
+}
+
+// s[r * kKeyTile + j] += columns [hv, hd) of q[r] . key j: the head dims past the last whole
+// vector of an ISA's micro-kernel (k, ks as Ops::scores takes them).
+inline void scores_tail(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
+                        const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hv,
+                        int64_t hd, float* s) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = hv; d < hd; ++d)
+        s[r * kKeyTile + j] += q[r * hd + d] * element(format, k + j * ldk, ks + j * nsc, group, d);
+}
+
 // out[hd] = stored head row, dequantized (values times their group's scale), elements [d0, hd).
 inline void dequant_tail(int format, const uint8_t* src, const uint16_t* scales, int64_t hd,
                          int64_t group, int64_t d0, float* out) {
@@ -166,19 +185,49 @@ inline void rope_row(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-// The driver. Ops supplies the inner loops of one ISA:
+// fn(rows, r) over query rows [0, R) in blocks of 4 and one of the rest, `rows` a
+// std::integral_constant with the block's row count (for register-blocked micro-kernels).
+template <class Fn>
+inline void row_blocks(int64_t R, Fn fn) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) fn(std::integral_constant<int, 4>{}, r);
+  if (R - r == 3) fn(std::integral_constant<int, 3>{}, r);
+  if (R - r == 2) fn(std::integral_constant<int, 2>{}, r);
+  if (R - r == 1) fn(std::integral_constant<int, 1>{}, r);
+}
+
+// fn<F>(args...) with F the Format code `format` names (for the ISA files' templates).
+#define KVLM_BY_FORMAT(format, fn, ...)      \
+  switch (format) {                          \
+    case kF32: fn<kF32>(__VA_ARGS__); break;   \
+    case kF16: fn<kF16>(__VA_ARGS__); break;   \
+    case kBF16: fn<kBF16>(__VA_ARGS__); break; \
+    case kInt8: fn<kInt8>(__VA_ARGS__); break; \
+    case kInt4: fn<kInt4>(__VA_ARGS__); break; \
+    default: fn<kFp8>(__VA_ARGS__); break;     \
+  }
+
+// The driver. Ops supplies the inner loops of one ISA; K/V rows are read in their stored format
+// (`format`; kF32 with ld = 4 hd for the float rows of kbuf) and dequantized in registers, each
+// stored vector once per block of up to 4 query rows (row_blocks), its scale multiplied in:
+//   scales(sc, ld, n, nsc, out): out[j * nsc + g] = float of sc[j * ld + g] (n rows)
 //   dequant(a, src, scales, n, out): n head rows (src/scales strides of the store) -> out [n, hd]
-//   scores(q, R, k, ldk, n, hd, s): s[r * kKeyTile + j] = q[r] . k[j] (q [R, hd], k row ldk)
+//       (keys to rope by place in the cache, with sinks)
+//   scores(f, q, R, k, ldk, ks, nsc, group, n, hd, s): s[r * kKeyTile + j] = q[r] . k[j]
+//       (q [R, hd]; key j at k + j * ldk bytes, times ks[j * nsc + d / group] if quantized)
 //   exp_sum(s, n, m): s[j] = exp(s[j] - m), returns the sum
-//   accumulate(p, R, v, ldv, n, hd, acc): acc[r] += sum_j p[r * kKeyTile + j] v[j]
+//   accumulate(f, p, R, v, ldv, vs, nsc, group, n, hd, acc): acc[r] += sum_j p[r * kKeyTile + j]
+//       v[j] (v and vs as k and ks)
 //   scale_rows(x, n, c): x[0 .. n) *= c
 template <class Ops>
 void run_items(const Args& a, int64_t i0, int64_t i1) {
   const int64_t hd = a.hd, G = a.nh / a.nkv;
   const int64_t group = a.num_scales ? hd / a.num_scales : hd;
   const bool cache_rope = a.num_sinks > 0;  // rope by place in the cache, keys unrotated
-  std::vector<float> qbuf(kMaxRows * hd), acc(kMaxRows * hd), kbuf(kKeyTile * hd),
-      vbuf(kKeyTile * hd), s(kMaxRows * kKeyTile), m(kMaxRows), l(kMaxRows);
+  const bool quantized = a.num_scales > 0;
+  const int64_t nsc = a.num_scales;
+  std::vector<float> qbuf(kMaxRows * hd), acc(kMaxRows * hd), kbuf(cache_rope ? kKeyTile * hd : 0),
+      s(kMaxRows * kKeyTile), m(kMaxRows), l(kMaxRows), ks(kKeyTile * nsc), vs(kKeyTile * nsc);
   int64_t pos[kMaxRows];
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t* tile = a.tiles + 5 * (item / a.nkv);
@@ -207,32 +256,46 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
     const int64_t p_first = pos[0], p_last = pos[R - 1];
     const int64_t lo = a.window ? std::max<int64_t>(p_first - a.window + 1, 0) : 0;
     const int64_t* table = a.block_table + b * a.max_blocks;
+    auto head_offset = [&](int64_t kp) {  // bytes from a row 0 to key kp's head row
+      const int64_t row = table[kp / a.block_size] * a.rows_per_block + kp % a.block_size;
+      return row * a.row_bytes + kvh * a.head_bytes;
+    };
+    auto prefetch = [&](int64_t kp, int64_t n) {  // K/V head rows of keys kp .. kp + n - 1,
+      const int64_t off = head_offset(kp);          // consecutive rows of one block
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = 0; c < a.head_bytes; c += 64) {
+          __builtin_prefetch(a.k + off + j * a.row_bytes + c);
+          __builtin_prefetch(a.v + off + j * a.row_bytes + c);
+        }
+    };
     auto visit = [&](int64_t k0, int64_t k1) {
       for (int64_t kp = k0; kp < k1;) {
         const int64_t off = kp % a.block_size;
         const int64_t n = std::min({k1 - kp, a.block_size - off, kKeyTile});
-        const int64_t row = table[kp / a.block_size] * a.rows_per_block + off;
-        const int64_t head_off = row * a.row_bytes + kvh * a.head_bytes;
-        const int64_t scale_off = row * a.scale_row + kvh * a.num_scales;
-        const uint16_t* ks = a.k_scales ? a.k_scales + scale_off : nullptr;
-        const uint16_t* vs = a.v_scales ? a.v_scales + scale_off : nullptr;
-        const float* kt = kbuf.data();
-        int64_t ldk = hd;
-        if (a.format == kF32 && !cache_rope) {  // read float rows where they are
-          kt = reinterpret_cast<const float*>(a.k + head_off);
-          ldk = a.row_bytes / 4;
-        } else {
-          Ops::dequant(a, a.k + head_off, ks, n, kbuf.data());
+        const int64_t head_off = head_offset(kp);
+        const int64_t row = head_off / a.row_bytes;
+        if (kp + n < k1)  // the next tile, while this one computes
+          prefetch(kp + n, std::min({k1 - kp - n, a.block_size - (kp + n) % a.block_size,
+                                     kKeyTile}));
+        if (quantized) {
+          Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks.data());
+          Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs.data());
         }
         if (cache_rope) {
+          Ops::dequant(a, a.k + head_off, a.k_scales ? a.k_scales + row * a.scale_row + kvh * nsc
+                                                     : nullptr, n, kbuf.data());
           for (int64_t j = 0; j < n; ++j) {
             float* key = kbuf.data() + j * hd;
             const int64_t place = kp + j < ns ? kp + j : ns + kp + j - ws;
             if (a.rotation) hadamard(key, hd, a.rotation);
             rope_row(key, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
           }
+          Ops::scores(kF32, qbuf.data(), R, reinterpret_cast<const uint8_t*>(kbuf.data()),
+                      hd * 4, nullptr, 0, hd, n, hd, s.data());
+        } else {
+          Ops::scores(a.format, qbuf.data(), R, a.k + head_off, a.row_bytes, ks.data(), nsc,
+                      group, n, hd, s.data());
         }
-        Ops::scores(qbuf.data(), R, kt, ldk, n, hd, s.data());
         for (int64_t r = 0; r < R; ++r) {
           float* sr = s.data() + r * kKeyTile;
           if (a.softcap > 0.0f)
@@ -260,15 +323,8 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           if (corr != 1.0f) Ops::scale_rows(acc.data() + r * hd, hd, corr);
           m[r] = m_new;
         }
-        const float* vt = vbuf.data();
-        int64_t ldv = hd;
-        if (a.format == kF32) {
-          vt = reinterpret_cast<const float*>(a.v + head_off);
-          ldv = a.row_bytes / 4;
-        } else {
-          Ops::dequant(a, a.v + head_off, vs, n, vbuf.data());
-        }
-        Ops::accumulate(s.data(), R, vt, ldv, n, hd, acc.data());
+        Ops::accumulate(a.format, s.data(), R, a.v + head_off, a.row_bytes, vs.data(), nsc, group,
+                        n, hd, acc.data());
         kp += n;
       }
     };

@@ -1,7 +1,9 @@
-// AVX2 + FMA + F16C inner loops of the paged attention (paged_attention.h): one K or V tile is
-// dequantized into L1 (int4 nibbles unpacked in registers, fp8 by exponent shift), then 8 keys
-// a round give 8 dot products per query row; the exp is avx2_math.h's polynomial. Only this
-// file is compiled for these instructions.
+// AVX2 + FMA + F16C inner loops of the paged attention (paged_attention.h). K/V rows are read
+// where the store holds them and dequantized in registers (F16C, int4 nibbles unpacked, fp8 by
+// exponent shift, the per-32 scale multiplied in), each vector once for a block of up to 4
+// query rows: q.k as 4 rows x 2 keys (... 1 row x 8 keys) of independent sums added by one
+// transpose, p.v as 4 rows x 2 registers of output (... 1 x 8). The exp is avx2_math.h's
+// polynomial. Only this file is compiled for these instructions.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -77,49 +79,123 @@ void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int
   }
 }
 
-inline float dot_tail(const float* x, const float* y, int64_t d0, int64_t hd) {
-  float sum = 0.0f;
-  for (int64_t d = d0; d < hd; ++d) sum += x[d] * y[d];
-  return sum;
+// The stored rows' vectors at element d of keys j .. j + KB - 1 (the last key standing in for
+// those past n), dequantized: times their scale if quantized.
+template <int F, int KB>
+inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t group,
+                      int64_t j, int64_t n, int64_t d, __m256* out) {
+  for (int i = 0; i < KB; ++i) {
+    const int64_t key = std::min(j + i, n - 1);
+    out[i] = load8<F>(k + key * ldk, d);
+    if constexpr (F >= kInt8) out[i] = _mm256_mul_ps(out[i], _mm256_set1_ps(ks[key * nsc + d / group]));
+  }
+}
+
+// RB query rows x KB = 8 / RB keys a round: 8 independent sums, one transpose to add them; each
+// key vector is dequantized once for the RB rows. Columns past the last multiple of 8 are
+// left to scores_tail; rows of s are written up to a multiple of KB keys (kKeyTile is one).
+template <int F, int RB>
+void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc,
+                 int64_t group, int64_t n, int64_t hd, float* s) {
+  constexpr int KB = 8 / RB;
+  const int64_t hv = hd / 8 * 8;
+  for (int64_t j = 0; j < n; j += KB) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hv; d += 8) {
+      __m256 kv[KB];
+      load_keys<F, KB>(k, ldk, ks, nsc, group, j, n, d, kv);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * hd + d);
+        for (int i = 0; i < KB; ++i) acc[r * KB + i] = _mm256_fmadd_ps(qv, kv[i], acc[r * KB + i]);
+      }
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, avx2::transpose_sum(acc));
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < KB; ++i) s[r * kKeyTile + j + i] = sums[r * KB + i];
+  }
+}
+
+// acc[r][c .. c + 8 CB) += sum_j p[r][j] v[j] for RB rows: each value vector is dequantized
+// once for the RB rows.
+template <int F, int RB, int CB>
+void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
+                     int64_t group, int64_t n, int64_t hd, int64_t c, float* acc) {
+  __m256 o[RB * CB];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < CB; ++i) o[r * CB + i] = _mm256_loadu_ps(acc + r * hd + c + 8 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 w[RB];
+    for (int r = 0; r < RB; ++r) w[r] = _mm256_set1_ps(p[r * kKeyTile + j]);
+    const uint8_t* row = v + j * ldv;
+    for (int i = 0; i < CB; ++i) {
+      __m256 x = load8<F>(row, c + 8 * i);
+      if constexpr (F >= kInt8)
+        x = _mm256_mul_ps(x, _mm256_set1_ps(vs[j * nsc + (c + 8 * i) / group]));
+      for (int r = 0; r < RB; ++r) o[r * CB + i] = _mm256_fmadd_ps(w[r], x, o[r * CB + i]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < CB; ++i) _mm256_storeu_ps(acc + r * hd + c + 8 * i, o[r * CB + i]);
+}
+
+// All columns of RB rows: 8 / RB registers per row a pass, then single registers, then scalars.
+template <int F, int RB>
+void accumulate_rows(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
+                     int64_t group, int64_t n, int64_t hd, float* acc) {
+  constexpr int CB = 8 / RB;
+  const int64_t hv = hd / 8 * 8;
+  int64_t c = 0;
+  for (; c + 8 * CB <= hv; c += 8 * CB)
+    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
+  for (; c < hv; c += 8) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = hv; d < hd; ++d) {
+      const float x = element(F, v + j * ldv, vs + j * nsc, group, d);
+      for (int r = 0; r < RB; ++r) acc[r * hd + d] += p[r * kKeyTile + j] * x;
+    }
+}
+
+template <int F>
+void scores_f(const float* q, int64_t R, const uint8_t* k, int64_t ldk, const float* ks,
+              int64_t nsc, int64_t group, int64_t n, int64_t hd, float* s) {
+  row_blocks(R, [&](auto rows, int64_t r) {
+    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, group, n, hd, s + r * kKeyTile);
+  });
+  if (hd % 8) scores_tail(F, q, R, k, ldk, ks, nsc, group, n, hd / 8 * 8, hd, s);
+}
+
+template <int F>
+void accumulate_f(const float* p, int64_t R, const uint8_t* v, int64_t ldv, const float* vs,
+                  int64_t nsc, int64_t group, int64_t n, int64_t hd, float* acc) {
+  row_blocks(R, [&](auto rows, int64_t r) {
+    accumulate_rows<F, rows.value>(p + r * kKeyTile, v, ldv, vs, nsc, group, n, hd, acc + r * hd);
+  });
 }
 
 struct Avx2Ops {
-  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                      float* out) {
-    switch (a.format) {
-      case kF32: dequant_rows<kF32>(a, src, scales, n, out); break;
-      case kF16: dequant_rows<kF16>(a, src, scales, n, out); break;
-      case kBF16: dequant_rows<kBF16>(a, src, scales, n, out); break;
-      case kInt8: dequant_rows<kInt8>(a, src, scales, n, out); break;
-      case kInt4: dequant_rows<kInt4>(a, src, scales, n, out); break;
-      default: dequant_rows<kFp8>(a, src, scales, n, out); break;
-    }
+  static void scales(const uint16_t* sc, int64_t ld, int64_t n, int64_t nsc, float* out) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < nsc; g += 8) {
+        alignas(16) uint16_t halves[8] = {0};
+        const int64_t w = std::min<int64_t>(nsc - g, 8);
+        std::memcpy(halves, sc + j * ld + g, w * sizeof(uint16_t));
+        alignas(32) float f[8];
+        _mm256_store_ps(f, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<__m128i*>(halves))));
+        std::memcpy(out + j * nsc + g, f, w * sizeof(float));
+      }
   }
 
-  static void scores(const float* q, int64_t R, const float* k, int64_t ldk, int64_t n,
-                     int64_t hd, float* s) {
-    const int64_t hv = hd / 8 * 8;
-    for (int64_t r = 0; r < R; ++r, q += hd, s += kKeyTile) {
-      int64_t j = 0;
-      for (; j + 8 <= n; j += 8) {  // 8 independent sums, one transpose to add them
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < hv; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + d);
-          for (int i = 0; i < 8; ++i)
-            acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (j + i) * ldk + d), acc[i]);
-        }
-        _mm256_storeu_ps(s + j, avx2::transpose_sum(acc));
-        if (hv < hd)
-          for (int i = 0; i < 8; ++i) s[j + i] += dot_tail(q, k + (j + i) * ldk, hv, hd);
-      }
-      for (; j < n; ++j) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < hv; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + j * ldk + d), acc);
-        s[j] = avx2::hsum(acc) + dot_tail(q, k + j * ldk, hv, hd);
-      }
-    }
+  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
+                      float* out) {
+    KVLM_BY_FORMAT(a.format, dequant_rows, a, src, scales, n, out)
+  }
+
+  static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
+                     const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                     float* s) {
+    KVLM_BY_FORMAT(format, scores_f, q, R, k, ldk, ks, nsc, group, n, hd, s)
   }
 
   static float exp_sum(float* s, int64_t n, float m) {
@@ -141,24 +217,10 @@ struct Avx2Ops {
     return total;
   }
 
-  static void accumulate(const float* p, int64_t R, const float* v, int64_t ldv, int64_t n,
-                         int64_t hd, float* acc) {
-    const int64_t hv = hd / 8 * 8;
-    for (int64_t r = 0; r < R; ++r, p += kKeyTile, acc += hd) {
-      for (int64_t c = 0; c < hv; c += 64) {  // 64 output columns (8 registers) per pass
-        const int width = (int)(std::min<int64_t>(hv - c, 64) / 8);
-        __m256 o[8];
-        for (int i = 0; i < width; ++i) o[i] = _mm256_loadu_ps(acc + c + 8 * i);
-        for (int64_t j = 0; j < n; ++j) {
-          const __m256 w = _mm256_set1_ps(p[j]);
-          const float* vj = v + j * ldv + c;
-          for (int i = 0; i < width; ++i) o[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * i), o[i]);
-        }
-        for (int i = 0; i < width; ++i) _mm256_storeu_ps(acc + c + 8 * i, o[i]);
-      }
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = hv; d < hd; ++d) acc[d] += p[j] * v[j * ldv + d];
-    }
+  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v, int64_t ldv,
+                         const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                         float* acc) {
+    KVLM_BY_FORMAT(format, accumulate_f, p, R, v, ldv, vs, nsc, group, n, hd, acc)
   }
 
   static void scale_rows(float* x, int64_t n, float c) {

@@ -1,5 +1,6 @@
 // AVX-512 inner loops of the paged attention (paged_attention.h): as the AVX2 file, 16 lanes
-// wide (a 64-wide head is 4 registers). Only this file is compiled for these instructions.
+// wide (a 64-wide head is 4 registers), same register blocks. Only this file is compiled for
+// these instructions.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -92,55 +93,122 @@ void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int
   }
 }
 
-inline float dot_tail(const float* x, const float* y, int64_t d0, int64_t hd) {
-  float sum = 0.0f;
-  for (int64_t d = d0; d < hd; ++d) sum += x[d] * y[d];
-  return sum;
-}
-
 inline __m256 fold(__m512 x) {
   return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
 }
 
-struct Avx512Ops {
-  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                      float* out) {
-    switch (a.format) {
-      case kF32: dequant_rows<kF32>(a, src, scales, n, out); break;
-      case kF16: dequant_rows<kF16>(a, src, scales, n, out); break;
-      case kBF16: dequant_rows<kBF16>(a, src, scales, n, out); break;
-      case kInt8: dequant_rows<kInt8>(a, src, scales, n, out); break;
-      case kInt4: dequant_rows<kInt4>(a, src, scales, n, out); break;
-      default: dequant_rows<kFp8>(a, src, scales, n, out); break;
+// As the AVX2 file's, 16 lanes: keys j .. j + KB - 1 at element d, dequantized.
+template <int F, int KB>
+inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t group,
+                      int64_t j, int64_t n, int64_t d, __m512* out) {
+  for (int i = 0; i < KB; ++i) {
+    const int64_t key = std::min(j + i, n - 1);
+    out[i] = load16<F>(k + key * ldk, d);
+    if constexpr (F >= kInt8) out[i] = _mm512_mul_ps(out[i], _mm512_set1_ps(ks[key * nsc + d / group]));
+  }
+}
+
+// RB query rows x KB = 8 / RB keys a round, folded to 8 lanes and transposed; the columns past
+// the last multiple of 16 are left to scores_tail (as the AVX2 file).
+template <int F, int RB>
+void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc,
+                 int64_t group, int64_t n, int64_t hd, float* s) {
+  constexpr int KB = 8 / RB;
+  const int64_t hv = hd / 16 * 16;
+  for (int64_t j = 0; j < n; j += KB) {
+    __m512 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hv; d += 16) {
+      __m512 kv[KB];
+      load_keys<F, KB>(k, ldk, ks, nsc, group, j, n, d, kv);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 qv = _mm512_loadu_ps(q + r * hd + d);
+        for (int i = 0; i < KB; ++i) acc[r * KB + i] = _mm512_fmadd_ps(qv, kv[i], acc[r * KB + i]);
+      }
+    }
+    __m256 half[8];
+    for (int i = 0; i < 8; ++i) half[i] = fold(acc[i]);
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, avx2::transpose_sum(half));
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < KB; ++i) s[r * kKeyTile + j + i] = sums[r * KB + i];
+  }
+}
+
+// acc[r][c .. c + 16 CB) += sum_j p[r][j] v[j] for RB rows.
+template <int F, int RB, int CB>
+void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
+                     int64_t group, int64_t n, int64_t hd, int64_t c, float* acc) {
+  __m512 o[RB * CB];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < CB; ++i) o[r * CB + i] = _mm512_loadu_ps(acc + r * hd + c + 16 * i);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 w[RB];
+    for (int r = 0; r < RB; ++r) w[r] = _mm512_set1_ps(p[r * kKeyTile + j]);
+    const uint8_t* row = v + j * ldv;
+    for (int i = 0; i < CB; ++i) {
+      __m512 x = load16<F>(row, c + 16 * i);
+      if constexpr (F >= kInt8)
+        x = _mm512_mul_ps(x, _mm512_set1_ps(vs[j * nsc + (c + 16 * i) / group]));
+      for (int r = 0; r < RB; ++r) o[r * CB + i] = _mm512_fmadd_ps(w[r], x, o[r * CB + i]);
     }
   }
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < CB; ++i) _mm512_storeu_ps(acc + r * hd + c + 16 * i, o[r * CB + i]);
+}
 
-  static void scores(const float* q, int64_t R, const float* k, int64_t ldk, int64_t n,
-                     int64_t hd, float* s) {
-    const int64_t hv = hd / 16 * 16;
-    for (int64_t r = 0; r < R; ++r, q += hd, s += kKeyTile) {
-      int64_t j = 0;
-      for (; j + 8 <= n; j += 8) {  // 8 keys a round, folded to 8 lanes and transposed
-        __m512 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < hv; d += 16) {
-          const __m512 qv = _mm512_loadu_ps(q + d);
-          for (int i = 0; i < 8; ++i)
-            acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + (j + i) * ldk + d), acc[i]);
-        }
-        __m256 half[8];
-        for (int i = 0; i < 8; ++i) half[i] = fold(acc[i]);
-        _mm256_storeu_ps(s + j, avx2::transpose_sum(half));
-        if (hv < hd)
-          for (int i = 0; i < 8; ++i) s[j + i] += dot_tail(q, k + (j + i) * ldk, hv, hd);
-      }
-      for (; j < n; ++j) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < hv; d += 16)
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + j * ldk + d), acc);
-        s[j] = _mm512_reduce_add_ps(acc) + dot_tail(q, k + j * ldk, hv, hd);
-      }
+template <int F, int RB>
+void accumulate_rows(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
+                     int64_t group, int64_t n, int64_t hd, float* acc) {
+  constexpr int CB = 8 / RB;
+  const int64_t hv = hd / 16 * 16;
+  int64_t c = 0;
+  for (; c + 16 * CB <= hv; c += 16 * CB)
+    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
+  for (; c < hv; c += 16) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = hv; d < hd; ++d) {
+      const float x = element(F, v + j * ldv, vs + j * nsc, group, d);
+      for (int r = 0; r < RB; ++r) acc[r * hd + d] += p[r * kKeyTile + j] * x;
     }
+}
+
+template <int F>
+void scores_f(const float* q, int64_t R, const uint8_t* k, int64_t ldk, const float* ks,
+              int64_t nsc, int64_t group, int64_t n, int64_t hd, float* s) {
+  row_blocks(R, [&](auto rows, int64_t r) {
+    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, group, n, hd, s + r * kKeyTile);
+  });
+  if (hd % 16) scores_tail(F, q, R, k, ldk, ks, nsc, group, n, hd / 16 * 16, hd, s);
+}
+
+template <int F>
+void accumulate_f(const float* p, int64_t R, const uint8_t* v, int64_t ldv, const float* vs,
+                  int64_t nsc, int64_t group, int64_t n, int64_t hd, float* acc) {
+  row_blocks(R, [&](auto rows, int64_t r) {
+    accumulate_rows<F, rows.value>(p + r * kKeyTile, v, ldv, vs, nsc, group, n, hd, acc + r * hd);
+  });
+}
+
+struct Avx512Ops {
+  static void scales(const uint16_t* sc, int64_t ld, int64_t n, int64_t nsc, float* out) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < nsc; g += 16) {
+        const __mmask16 live = (__mmask16)((1u << std::min<int64_t>(nsc - g, 16)) - 1);
+        _mm512_mask_storeu_ps(out + j * nsc + g, live,
+                              _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, sc + j * ld + g)));
+      }
+  }
+
+  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
+                      float* out) {
+    KVLM_BY_FORMAT(a.format, dequant_rows, a, src, scales, n, out)
+  }
+
+  static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
+                     const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                     float* s) {
+    KVLM_BY_FORMAT(format, scores_f, q, R, k, ldk, ks, nsc, group, n, hd, s)
   }
 
   static float exp_sum(float* s, int64_t n, float m) {
@@ -155,24 +223,10 @@ struct Avx512Ops {
     return _mm512_reduce_add_ps(sum);
   }
 
-  static void accumulate(const float* p, int64_t R, const float* v, int64_t ldv, int64_t n,
-                         int64_t hd, float* acc) {
-    const int64_t hv = hd / 16 * 16;
-    for (int64_t r = 0; r < R; ++r, p += kKeyTile, acc += hd) {
-      for (int64_t c = 0; c < hv; c += 128) {  // 128 output columns (8 registers) per pass
-        const int width = (int)(std::min<int64_t>(hv - c, 128) / 16);
-        __m512 o[8];
-        for (int i = 0; i < width; ++i) o[i] = _mm512_loadu_ps(acc + c + 16 * i);
-        for (int64_t j = 0; j < n; ++j) {
-          const __m512 w = _mm512_set1_ps(p[j]);
-          const float* vj = v + j * ldv + c;
-          for (int i = 0; i < width; ++i) o[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vj + 16 * i), o[i]);
-        }
-        for (int i = 0; i < width; ++i) _mm512_storeu_ps(acc + c + 16 * i, o[i]);
-      }
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t d = hv; d < hd; ++d) acc[d] += p[j] * v[j * ldv + d];
-    }
+  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v, int64_t ldv,
+                         const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                         float* acc) {
+    KVLM_BY_FORMAT(format, accumulate_f, p, R, v, ldv, vs, nsc, group, n, hd, acc)
   }
 
   static void scale_rows(float* x, int64_t n, float c) {

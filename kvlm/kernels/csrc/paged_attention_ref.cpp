@@ -15,12 +15,19 @@ struct RefOps {
                    a.hd, group, 0, out + j * a.hd);
   }
 
-  static void scores(const float* q, int64_t R, const float* k, int64_t ldk, int64_t n,
-                     int64_t hd, float* s) {
+  static void scales(const uint16_t* sc, int64_t ld, int64_t n, int64_t nsc, float* out) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < nsc; ++g) out[j * nsc + g] = half_to_float(sc[j * ld + g]);
+  }
+
+  static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
+                     const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                     float* s) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < n; ++j) {
         float sum = 0.0f;
-        for (int64_t d = 0; d < hd; ++d) sum += q[r * hd + d] * k[j * ldk + d];
+        for (int64_t d = 0; d < hd; ++d)
+          sum += q[r * hd + d] * element(format, k + j * ldk, ks + j * nsc, group, d);
         s[r * kKeyTile + j] = sum;
       }
   }
@@ -31,12 +38,14 @@ struct RefOps {
     return sum;
   }
 
-  static void accumulate(const float* p, int64_t R, const float* v, int64_t ldv, int64_t n,
-                         int64_t hd, float* acc) {
+  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v, int64_t ldv,
+                         const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                         float* acc) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < n; ++j) {
         const float w = p[r * kKeyTile + j];
-        for (int64_t d = 0; d < hd; ++d) acc[r * hd + d] += w * v[j * ldv + d];
+        for (int64_t d = 0; d < hd; ++d)
+          acc[r * hd + d] += w * element(format, v + j * ldv, vs + j * nsc, group, d);
       }
   }
 
