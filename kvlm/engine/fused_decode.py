@@ -8,7 +8,8 @@ it writes the cache rows the runner computed and reads K/V through the block tab
 windows and sinks, so the two paths share every scheduling and caching decision.
 
 It applies where the C++ kernels run with AVX2 or better and every projection is quantized;
-any other step (prefill, mixed chunks, no-cache) takes the torch path.
+any other step (prefill, mixed chunks, no-cache) runs layer by layer, where attention reads
+the same block tables (the runner's persistent batch state) with the same paged kernel.
 The choice is the runner's (`ModelRunner.use_fused_decode`, then `accepts` step by step): the
 model only runs the stack it is handed, and `kvlm.models` never imports this module.
 """

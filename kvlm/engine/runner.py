@@ -29,6 +29,12 @@ from kvlm.models.transformer import CausalLM
 
 logger = logging.getLogger(__name__)
 
+# The C++ paged kernel's many-query path was slower than SDPA for long prefill chunks: SmolLM2
+# gguf weights, 1 thread, prompt to first token, min of interleaved repeats on a loaded 2-CPU
+# AMD EPYC Zen 3 (AVX2): 512 tokens (one chunk) kernel 7.8 s vs SDPA 8.4 s; 4,096 tokens
+# (chunks of 2,048) kernel 158 s vs SDPA 137 s. Longer chunks stay on SDPA until it catches up.
+CPU_PAGED_MAX_QUERY_LEN = 512
+
 
 @dataclass
 class StepInput:
@@ -105,8 +111,13 @@ class ModelRunner:
         self.fused: FusedDecoder | None = None  # set by use_fused_decode
         self.input_batch = None if cache is None else InputBatch(specs, cache, device)
         self.paged_attention = None
+        # Steps whose longest chunk has more queries take the torch reference (None: none)
+        self.paged_max_query_len: int | None = None
         if stores is not None:
             self.paged_attention, why = paged_kernel_for(device, stores[0].dtype)
+            if self.paged_attention is not None and device.type == "cpu":
+                self.paged_max_query_len = CPU_PAGED_MAX_QUERY_LEN
+                why += f"; chunks of over {CPU_PAGED_MAX_QUERY_LEN} tokens take gather + SDPA"
             logger.info("attention reads the KV cache with %s", why)
 
     def use_fused_decode(self, path: str | None = None) -> str | None:
@@ -171,7 +182,8 @@ class ModelRunner:
             )
 
         shape = _StepShape(starts, ends, counts, token_offsets, seq_of_token, positions, max_q)
-        paged = self.paged_attention is not None
+        limit = self.paged_max_query_len
+        paged = self.paged_attention is not None and (limit is None or max_q <= limit)
         if self.input_batch is not None:
             self.input_batch.update([r.request_id for r in batch.requests])
             self.input_batch.set_lengths(starts, counts)
