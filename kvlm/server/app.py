@@ -153,8 +153,14 @@ def build_app(
     async def models() -> ModelList:
         names = [served_model_name] + [f"{served_model_name}:{a}" for a in engine.prefix_adapters]
         created, max_model_len = now(), engine.max_model_len
+        template = engine.tokenizer.chat_template_origin
         return ModelList(
-            data=[ModelCard(id=n, created=created, max_model_len=max_model_len) for n in names]
+            data=[
+                ModelCard(
+                    id=n, created=created, max_model_len=max_model_len, chat_template=template
+                )
+                for n in names
+            ]
         )
 
     # Bodies are parsed by hand (not as FastAPI parameters) so every bad body is a 400 that

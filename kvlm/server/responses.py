@@ -284,6 +284,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "kvlm"
     max_model_len: int
+    chat_template: str | None  # where it came from: "model files", "built-in gemma", None
 
 
 class ModelList(BaseModel):

@@ -19,7 +19,8 @@ class TokenizerSpec:
 
     Invariants: `backend`'s post-processor adds BOS to single sequences iff `add_bos`;
     `template_tokens` maps template variable names ("bos_token", ...) to token text;
-    `extra_stop_ids` are ids (besides eos) the source names as ending generation.
+    `extra_stop_ids` are ids (besides eos) the source names as ending generation;
+    `builtin_template` names the built-in `chat_template` used because the source has none.
     """
 
     backend: Backend
@@ -30,6 +31,7 @@ class TokenizerSpec:
     chat_template: str | None
     template_tokens: dict[str, str]
     extra_stop_ids: frozenset[int] = frozenset()
+    builtin_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.add_bos and self.bos_token_id is None:

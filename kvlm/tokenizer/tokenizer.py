@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvlm.tokenizer.builtin_templates import builtin_template
 from kvlm.tokenizer.chat_template import ChatTemplate
 from kvlm.tokenizer.errors import TokenizerError
 from kvlm.tokenizer.gguf_backend import build_backend
 from kvlm.tokenizer.gguf_vocab import GGUFVocab
 from kvlm.tokenizer.hf_dir import load_hf_dir
 from kvlm.tokenizer.spec import TokenizerSpec
+
+logger = logging.getLogger(__name__)
 
 _BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 
@@ -34,6 +38,11 @@ class Tokenizer:
         self.stop_token_ids: frozenset[int] = spec.stop_token_ids()
         self.add_bos: bool = spec.add_bos
         self.chat_template: str | None = spec.chat_template
+        # Where the template came from: "model files", "built-in gemma", or None without one.
+        self.chat_template_origin: str | None = None
+        if spec.chat_template is not None:
+            builtin = spec.builtin_template
+            self.chat_template_origin = f"built-in {builtin}" if builtin else "model files"
         self._template_tokens = spec.template_tokens
         self._compiled_template: ChatTemplate | None = None
         # Ids that `decode(..., skip_special_tokens=True)` leaves out.
@@ -66,15 +75,26 @@ class Tokenizer:
             )
             if token_id is not None
         }
+        chat_template, builtin = vocab.chat_template, None
+        if chat_template is None and (known := builtin_template(vocab.architecture)) is not None:
+            chat_template, builtin = known.source, known.name
+            logger.info(
+                "%s has no tokenizer.chat_template; using kvlm's built-in %r template "
+                "for architecture %r",
+                path,
+                known.name,
+                vocab.architecture,
+            )
         spec = TokenizerSpec(
             backend=backend,
             name=vocab.name,
             bos_token_id=vocab.bos_token_id,
             eos_token_id=vocab.eos_token_id,
             add_bos=add_bos,
-            chat_template=vocab.chat_template,
+            chat_template=chat_template,
             template_tokens=template_tokens,
             extra_stop_ids=frozenset(vocab.eot_token_ids),
+            builtin_template=builtin,
         )
         return cls(spec)
 

@@ -50,6 +50,13 @@ def server() -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="session")
+def gemma3_server() -> Iterator[LiveServer]:
+    """Gemma 3 270M, whose GGUF has no chat template (kvlm's built-in Gemma one is used)."""
+    with _serve(EngineConfig(model="gemma3-270m")) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
 def fuzz_server() -> Iterator[LiveServer]:
     """A server for API fuzzers: a 48-token context, so every request that passes the checks
     generates a few tokens at most, whatever max_tokens the fuzzer picks."""

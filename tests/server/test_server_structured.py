@@ -123,20 +123,64 @@ SCHEMAS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+@pytest.fixture(scope="module", params=["server", "gemma3_server"])
+def model(request: pytest.FixtureRequest) -> str:
+    """Every test runs on both embedded models: SmolLM2 (its GGUF's own chat template) and
+    Gemma 3 270M (none in the file: kvlm's built-in Gemma template). The server fixture's name."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def http(server: LiveServer) -> httpx.Client:
-    with server.client() as client:
+def model_server(model: str, request: pytest.FixtureRequest) -> LiveServer:
+    return request.getfixturevalue(model)
+
+
+# Gemma 3 270M is a base model: greedy, it can write the digits of an unbounded integer until
+# max_tokens ("qty": 1000000...), which the grammar allows; a repetition penalty stops that.
+PENALTY: dict[str, dict[str, Any]] = {"server": {}, "gemma3_server": {"repetition_penalty": 1.3}}
+
+
+@pytest.fixture(scope="module")
+def greedy(model: str) -> dict[str, Any]:
+    """Greedy keyword arguments for the openai client's create / parse."""
+    return {**GREEDY, "extra_body": PENALTY[model]}
+
+
+@pytest.fixture(scope="module")
+def greedy_body(model: str) -> dict[str, Any]:
+    """Greedy fields of a JSON request body."""
+    return {**GREEDY, **PENALTY[model]}
+
+
+@pytest.fixture(scope="module")
+def client(model_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=model_server.base_url, api_key=API_KEY, max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def http(model_server: LiveServer) -> httpx.Client:
+    with model_server.client() as client:
         yield client
 
 
-def test_parse_returns_a_nested_pydantic_object(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize(
+    ("name", "origin"), [("server", "model files"), ("gemma3_server", "built-in gemma")]
+)
+def test_the_model_card_names_the_chat_template(
+    request: pytest.FixtureRequest, name: str, origin: str
+) -> None:
+    with request.getfixturevalue(name).client() as http:
+        card = http.get("/v1/models").json()["data"][0]
+    assert card["chat_template"] == origin
+
+
+def test_parse_returns_a_nested_pydantic_object(
+    greedy: dict[str, Any], client: openai.OpenAI
+) -> None:
     completion = client.chat.completions.parse(
-        **GREEDY,
+        **greedy,
         messages=[{"role": "user", "content": "Describe a person who has two pets, as JSON."}],
         response_format=Person,
         max_tokens=120,
@@ -147,12 +191,14 @@ def test_parse_returns_a_nested_pydantic_object(client: openai.OpenAI) -> None:
     jsonschema.validate(json.loads(choice.message.content), Person.model_json_schema())
 
 
-def _schema_answers(client: openai.OpenAI, schemas: list[dict[str, Any]]) -> None:
+def _schema_answers(
+    greedy: dict[str, Any], client: openai.OpenAI, schemas: list[dict[str, Any]]
+) -> None:
     """Each answer complete ("stop") and valid; the failures are listed together."""
     failures = []
     for i, schema in enumerate(schemas):
         completion = client.chat.completions.create(
-            **GREEDY,
+            **greedy,
             messages=[{"role": "user", "content": f"Answer in JSON like {json.dumps(schema)}"}],
             response_format={
                 "type": "json_schema",
@@ -168,19 +214,21 @@ def _schema_answers(client: openai.OpenAI, schemas: list[dict[str, Any]]) -> Non
     assert not failures, failures
 
 
-def test_three_schemas_are_followed(client: openai.OpenAI) -> None:
-    _schema_answers(client, [SCHEMAS[1], SCHEMAS[9], SCHEMAS[14]])
+def test_three_schemas_are_followed(greedy: dict[str, Any], client: openai.OpenAI) -> None:
+    _schema_answers(greedy, client, [SCHEMAS[1], SCHEMAS[9], SCHEMAS[14]])
 
 
 @pytest.mark.slow
-def test_twenty_schemas_are_followed(client: openai.OpenAI) -> None:
-    _schema_answers(client, SCHEMAS)
+def test_twenty_schemas_are_followed(greedy: dict[str, Any], client: openai.OpenAI) -> None:
+    _schema_answers(greedy, client, SCHEMAS)
 
 
-def test_json_object_regex_and_choice_on_both_routes(http: httpx.Client) -> None:
+def test_json_object_regex_and_choice_on_both_routes(
+    greedy_body: dict[str, Any], http: httpx.Client
+) -> None:
     chat = http.post(
         "/v1/chat/completions",
-        json={**GREEDY, "messages": ASK_WEATHER, "max_tokens": 60,
+        json={**greedy_body, "messages": ASK_WEATHER, "max_tokens": 60,
               "response_format": {"type": "json_object"}},
     )  # fmt: skip
     assert isinstance(json.loads(chat.json()["choices"][0]["message"]["content"]), dict)
@@ -197,7 +245,7 @@ def test_json_object_regex_and_choice_on_both_routes(http: httpx.Client) -> None
         ({"guided_grammar": 'start: "x=" /[0-9]{1,4}/'}, lambda t: re.fullmatch(r"x=\d{1,4}", t)),
     ]  # fmt: skip
     for fields, check in bodies:
-        body = {**GREEDY, "prompt": "The code is", "max_tokens": 40, **fields}
+        body = {**greedy_body, "prompt": "The code is", "max_tokens": 40, **fields}
         choice = http.post("/v1/completions", json=body).json()["choices"][0]
         text = choice["text"]
         assert choice["finish_reason"] == "stop", (fields, text)
@@ -215,9 +263,11 @@ def _validate_calls(calls: list[Any], tools: list[dict[str, Any]]) -> None:
 @pytest.mark.parametrize(
     "tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}]
 )
-def test_required_and_named_tool_choice_call_a_tool(client: openai.OpenAI, tool_choice) -> None:
+def test_required_and_named_tool_choice_call_a_tool(
+    greedy: dict[str, Any], client: openai.OpenAI, tool_choice
+) -> None:
     completion = client.chat.completions.create(
-        **GREEDY, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice=tool_choice,
+        **greedy, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice=tool_choice,
         max_tokens=80,
     )  # fmt: skip
     choice = completion.choices[0]
@@ -227,10 +277,10 @@ def test_required_and_named_tool_choice_call_a_tool(client: openai.OpenAI, tool_
         assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
 
 
-def test_auto_is_text_or_a_valid_call(client: openai.OpenAI) -> None:
+def test_auto_is_text_or_a_valid_call(greedy: dict[str, Any], client: openai.OpenAI) -> None:
     for messages in (ASK_WEATHER, [{"role": "user", "content": "Say hello."}]):
         completion = client.chat.completions.create(
-            **GREEDY, messages=messages, tools=[WEATHER], max_tokens=60
+            **greedy, messages=messages, tools=[WEATHER], max_tokens=60
         )
         choice = completion.choices[0]
         if choice.message.tool_calls:
@@ -240,8 +290,10 @@ def test_auto_is_text_or_a_valid_call(client: openai.OpenAI) -> None:
             assert choice.message.content and "<tool_call>" not in choice.message.content
 
 
-def test_streamed_tool_calls_equal_the_whole_response(client: openai.OpenAI) -> None:
-    request = {**GREEDY, "messages": ASK_WEATHER, "tools": [WEATHER, TIME],
+def test_streamed_tool_calls_equal_the_whole_response(
+    greedy: dict[str, Any], client: openai.OpenAI
+) -> None:
+    request = {**greedy, "messages": ASK_WEATHER, "tools": [WEATHER, TIME],
                "tool_choice": "required", "max_tokens": 80}  # fmt: skip
     whole = client.chat.completions.create(**request).choices[0]
     calls: dict[int, dict[str, str]] = {}
@@ -260,9 +312,11 @@ def test_streamed_tool_calls_equal_the_whole_response(client: openai.OpenAI) -> 
     assert (content or None, finish) == (whole.message.content, whole.finish_reason)
 
 
-def test_second_turn_with_the_tool_result_is_answered(client: openai.OpenAI) -> None:
+def test_second_turn_with_the_tool_result_is_answered(
+    greedy: dict[str, Any], client: openai.OpenAI
+) -> None:
     first = client.chat.completions.create(
-        **GREEDY, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_tokens=80
+        **greedy, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_tokens=80
     )
     call = first.choices[0].message.tool_calls[0]
     messages = [
@@ -271,7 +325,7 @@ def test_second_turn_with_the_tool_result_is_answered(client: openai.OpenAI) -> 
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "sunny"}'},
     ]
     second = client.chat.completions.create(
-        **GREEDY, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=40
+        **greedy, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=40
     )
     answer = second.choices[0]
     assert answer.message.content and answer.message.tool_calls is None
@@ -299,29 +353,38 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("fields", "param", "word"), BAD_REQUESTS)
 def test_unusable_requests_are_400_naming_the_field(
-    http: httpx.Client, fields: dict, param: str, word: str
+    greedy_body: dict[str, Any], http: httpx.Client, fields: dict, param: str, word: str
 ) -> None:
-    body = {**GREEDY, "messages": ASK_WEATHER, "max_tokens": 4, **fields}
+    body = {**greedy_body, "messages": ASK_WEATHER, "max_tokens": 4, **fields}
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and word in error["message"], error
 
 
-def test_max_tokens_inside_a_value_says_length(http: httpx.Client) -> None:
+def test_max_tokens_inside_a_value_says_length(
+    greedy_body: dict[str, Any], http: httpx.Client
+) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}},
               "required": ["answer"]}  # fmt: skip
     response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
-    body = {**GREEDY, "messages": ASK_WEATHER, "max_tokens": 3, "response_format": response_format}
+    body = {
+        **greedy_body,
+        "messages": ASK_WEATHER,
+        "max_tokens": 3,
+        "response_format": response_format,
+    }
     choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert choice["finish_reason"] == "length"
     with pytest.raises(json.JSONDecodeError):
         json.loads(choice["message"]["content"])
 
 
-def test_logprobs_of_tokens_the_grammar_bans_are_finite(http: httpx.Client) -> None:
-    body = {**GREEDY, "messages": ASK_WEATHER, "guided_choice": ["yes", "no"], "logprobs": True,
-            "top_logprobs": 20}  # fmt: skip
+def test_logprobs_of_tokens_the_grammar_bans_are_finite(
+    greedy_body: dict[str, Any], http: httpx.Client
+) -> None:
+    body = {**greedy_body, "messages": ASK_WEATHER, "guided_choice": ["yes", "no"],
+            "logprobs": True, "top_logprobs": 20}  # fmt: skip
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     entry = response.json()["choices"][0]["logprobs"]["content"][0]
