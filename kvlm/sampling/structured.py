@@ -9,7 +9,11 @@ The step, for the constrained rows (unconstrained rows are never touched or copi
      is complete (nothing but end-of-sequence could follow), and the request stops there;
   3. `prefetch(grammars)` queues the next masks of the requests still running on the worker
      thread, which computes them while the engine returns its outputs and runs the next
-     forward pass (llguidance drops the GIL).
+     forward pass (llguidance drops the GIL). That overlap needs a core the forward does not
+     use: where torch's threads already take every core the process may run on (2 threads on
+     the project's 2-core machines), a third busy thread stalls the forward's OpenMP barriers
+     for more than the masks cost, so the masks are computed right there on the engine thread
+     instead (`overlap`, chosen once at start and logged).
 
 A request's matcher has consumed exactly its generated tokens: preemption keeps those tokens
 (the scheduler recomputes their K/V only), so the matcher and its pending mask stay valid;
@@ -19,6 +23,8 @@ only advances after that, so the worker and the engine thread never touch one ma
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +35,13 @@ import torch
 from kvlm.sampling.sampler import RowMask
 from kvlm.sampling.structured_grammar import GrammarCompiler, compute_banned
 from kvlm.sampling.structured_params import StructuredOutputsParams
+
+log = logging.getLogger(__name__)
+
+
+def spare_core() -> bool:
+    """True when the process may run on more cores than torch's intra-op threads take."""
+    return len(os.sched_getaffinity(0)) > torch.get_num_threads()
 
 
 @dataclass
@@ -45,11 +58,16 @@ class StructuredDecoder:
     """The engine's constrained decoding: compiles constraints, owns the mask worker."""
 
     def __init__(
-        self, make_tokenizer: Callable[[], llguidance.LLTokenizer], vocab_size: int
+        self,
+        make_tokenizer: Callable[[], llguidance.LLTokenizer],
+        vocab_size: int,
+        overlap: bool | None = None,  # masks on a worker during the forward; None: spare_core()
     ) -> None:
         self.compiler = GrammarCompiler(make_tokenizer, vocab_size)
         self.vocab_size = vocab_size
+        self.overlap = spare_core() if overlap is None else overlap
         self._worker: ThreadPoolExecutor | None = None  # started with the first grammar
+        self._announced = False  # the mode is logged at the first prefetch
 
     def start(self, spec: StructuredOutputsParams) -> RequestGrammar:
         """A matcher at the start of `spec`'s grammar, its first mask ready (computed when
@@ -93,10 +111,18 @@ class StructuredDecoder:
         """Start computing the next mask of each grammar (advanced this step), in one job."""
         if not grammars:
             return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvlm-grammar")
         matchers = [g.matcher for g in grammars]
-        job = self._worker.submit(compute_banned, matchers, self.vocab_size)
+        if not self._announced:
+            where = "on a worker during the forward" if self.overlap else "on the engine thread"
+            log.info("structured outputs: next-token masks computed %s", where)
+            self._announced = True
+        if self.overlap:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvlm-grammar")
+            job = self._worker.submit(compute_banned, matchers, self.vocab_size)
+        else:  # no core to spare: computed now, between the sampler and the next forward
+            job = Future()
+            job.set_result(compute_banned(matchers, self.vocab_size))
         for row, grammar in enumerate(grammars):
             grammar.pending, grammar.row = job, row
 

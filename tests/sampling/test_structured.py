@@ -80,10 +80,13 @@ def tokenizer(smollm2_path) -> Tokenizer:
     return Tokenizer.from_gguf(smollm2_path)
 
 
-@pytest.fixture(scope="module")
-def decoder(tokenizer: Tokenizer) -> StructuredDecoder:
+@pytest.fixture(scope="module", params=[True, False], ids=["worker", "engine-thread"])
+def decoder(tokenizer: Tokenizer, request: pytest.FixtureRequest) -> StructuredDecoder:
+    """Masks prefetched on the worker thread, and computed inline (no core to spare)."""
     vocab = tokenizer.vocab_size
-    decoder = StructuredDecoder(lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab)
+    decoder = StructuredDecoder(
+        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, overlap=request.param
+    )
     yield decoder
     decoder.close()
 
