@@ -349,7 +349,7 @@ class AsyncLLMEngine:
             return
         self._num_steps += 1
         # An output carries one new token, or several after accepted speculative drafts.
-        self._num_generation_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        self._num_generation_tokens += sum(len(c.token_ids) for o in outputs for c in o.outputs)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

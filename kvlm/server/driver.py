@@ -58,12 +58,12 @@ async def generate(ctx: ServingContext, api: API, client: Request) -> Response:
     request_id = new_id(api.id_prefix)
     body = prepared.body
     streams = await submit(ctx, prepared, request_id, api.prompt_param)
-    timers = [timer] + [timer.sibling() for _ in streams[1:]]  # one per choice
     formatter = api.formatter(prepared, tokenizer, Header(request_id, now(), ctx.model_name))
+    timers = [timer] + [timer.sibling() for _ in range(formatter.num_choices - 1)]
     if body.stream:
         events = _events(formatter, streams, timers, body.include_usage)
         return StreamingResponse(guarded_events(events, streams), media_type="text/event-stream")
-    finals = await collect(streams, client, timers)
+    finals = await collect(streams, client, timers, formatter.n)
     return JSONResponse(formatter.response(finals).model_dump(mode="json"))
 
 
@@ -82,27 +82,31 @@ async def _events(
     timers: list[RequestTimer],
     include_usage: bool,
 ) -> AsyncGenerator[str, None]:
-    """The choices' chunks interleaved as their outputs come, each tagged with its index,
-    then the usage of all (if asked for) and one [DONE]."""
+    """The choices' chunks interleaved as their outputs come, each tagged with its index
+    (a prompt's stream carries its n completions), then the usage of all (if asked for) and
+    one [DONE]."""
     for chunk in formatter.stream_start():
         yield sse(chunk)
-    unsent = [_Unsent() for _ in streams]
+    unsent = [_Unsent() for _ in range(formatter.num_choices)]
     last: dict[int, RequestOutput] = {}
-    async for index, delta in merged(streams):
-        last[index], completion, held = delta, delta.outputs[0], unsent[index]
-        timers[index].on_output(len(completion.token_ids), completion.finish_reason)
-        if not held.started:
-            held.started = True
-            for chunk in formatter.first_chunks(index, delta):
-                yield sse(chunk)
-        held.token_ids += completion.token_ids
-        if completion.logprobs is not None:
-            held.logprobs = (held.logprobs or []) + completion.logprobs
-        if not completion.text and completion.finish_reason is None:
-            continue  # nothing to show yet (a partial character or a possible stop string)
-        chunk = formatter.chunk(index, completion.text, held.token_ids, held.logprobs, completion)
-        yield sse(chunk)
-        unsent[index] = _Unsent(started=True)
+    async for prompt_index, delta in merged(streams):
+        last[prompt_index] = delta
+        for index, _, completion in formatter.choices([delta]):
+            index += prompt_index * formatter.n
+            held = unsent[index]
+            timers[index].on_output(len(completion.token_ids), completion.finish_reason)
+            if not held.started:
+                held.started = True
+                for chunk in formatter.first_chunks(index, delta):
+                    yield sse(chunk)
+            held.token_ids += completion.token_ids
+            if completion.logprobs is not None:
+                held.logprobs = (held.logprobs or []) + completion.logprobs
+            if not completion.text and completion.finish_reason is None:
+                continue  # nothing to show yet (a partial character or a possible stop string)
+            text = completion.text
+            yield sse(formatter.chunk(index, text, held.token_ids, held.logprobs, completion))
+            unsent[index] = _Unsent(started=True)
     if include_usage and len(last) == len(streams):
         yield sse(formatter.usage_chunk(formatter.usage([last[i] for i in range(len(streams))])))
     yield SSE_DONE

@@ -48,13 +48,26 @@ class Header:
 
 
 class Formatter(ABC):
-    """Shapes of one request's output: one choice per prompt of `prepared`, `index` in
-    prompt order. Stateful: a stream's chunks of one choice must come in order."""
+    """Shapes of one request's output: n choices per prompt of `prepared`, prompt-major as
+    OpenAI numbers them (`index` = prompt * n + completion). Stateful: a stream's chunks of
+    one choice must come in order."""
 
     def __init__(self, prepared: Prepared, tokenizer: Tokenizer, header: Header) -> None:
         self.prepared = prepared
         self.tokenizer = tokenizer
         self.header = header
+        self.n = prepared.params[0].n  # completions per prompt, the same for every prompt
+        self.num_choices = len(prepared.prompts) * self.n
+
+    def choices(
+        self, finals: list[RequestOutput]
+    ) -> list[tuple[int, RequestOutput, CompletionOutput]]:
+        """(choice index, its prompt's output, the completion) of every choice, in order."""
+        return [
+            (i * self.n + c.index, final, c)
+            for i, final in enumerate(finals)
+            for c in sorted(final.outputs, key=lambda c: c.index)
+        ]
 
     def stream_start(self) -> list[BaseModel]:
         """Chunks to send before the first generated text."""
@@ -102,9 +115,10 @@ class CompletionFormatter(Formatter):
         assert isinstance(body, CompletionRequest)
         self.prompt_only = body.max_tokens == 0
         self.echo = bool(body.echo)
-        self.echoes = [self._echo(p) if self.echo else "" for p in prepared.prompts]
+        echoes = [self._echo(p) if self.echo else "" for p in prepared.prompts]
+        self.echoes = [e for e in echoes for _ in range(self.n)]  # per choice
         # characters of each choice's text sent so far, for logprobs' text_offset
-        self.text_offsets = [0] * len(prepared.prompts)
+        self.text_offsets = [0] * self.num_choices
 
     def _echo(self, prompt: Prompt) -> str:
         if prompt.text is not None:
@@ -181,8 +195,7 @@ class CompletionFormatter(Formatter):
 
     def response(self, finals: list[RequestOutput]) -> BaseModel:
         choices = []
-        for index, final in enumerate(finals):
-            completion = final.outputs[0]
+        for index, final, completion in self.choices(finals):
             prompt = self._prompt_logprobs(index, final) if self.echo else None
             choice = self._choice(
                 index, completion.text, completion.token_ids, completion.logprobs, completion,
@@ -203,11 +216,16 @@ class ChatFormatter(Formatter):
         assert isinstance(prepared.body, ChatCompletionRequest)
         self.num_top = prepared.body.top_logprobs or 0
         tools = prepared.tools
-        self.parser = ToolCallParser() if tools is not None and tools.parses_calls else None
+        parses = tools is not None and tools.parses_calls
+        # one per choice: each one's text is parsed on its own
+        self.parsers = [ToolCallParser() if parses else None for _ in range(self.num_choices)]
 
     def stream_start(self) -> list[BaseModel]:
-        first = ChatChunkChoice(delta={"role": "assistant", "content": ""})
-        return [ChatCompletionChunk(**vars(self.header), choices=[first])]
+        role = {"role": "assistant", "content": ""}
+        return [
+            ChatCompletionChunk(**vars(self.header), choices=[ChatChunkChoice(index=i, delta=role)])
+            for i in range(self.num_choices)
+        ]
 
     def chunk(
         self,
@@ -219,17 +237,19 @@ class ChatFormatter(Formatter):
     ) -> BaseModel:
         finish_reason: str | None = completion.finish_reason
         delta: dict[str, Any] = {"content": text} if text else {}
-        if self.parser is not None:
-            first = self.parser.num_calls
-            parsed = self.parser.feed(text)
+        parser = self.parsers[index]
+        if parser is not None:
+            first = parser.num_calls
+            parsed = parser.feed(text)
             if finish_reason is not None:
-                rest = self.parser.finish()
+                rest = parser.finish()
                 parsed.content += rest.content
             delta = {"content": parsed.content} if parsed.content else {}
             if parsed.calls:
                 delta["tool_calls"] = [c.to_dict(first + k) for k, c in enumerate(parsed.calls)]
-            finish_reason = _tool_finish(finish_reason, self.parser.num_calls)
+            finish_reason = _tool_finish(finish_reason, parser.num_calls)
         choice = ChatChunkChoice(
+            index=index,
             delta=delta,
             logprobs=self._logprobs(token_ids, logprobs),
             finish_reason=finish_reason,
@@ -246,25 +266,27 @@ class ChatFormatter(Formatter):
         return ChatCompletionChunk(**vars(self.header), choices=[], usage=usage)
 
     def response(self, finals: list[RequestOutput]) -> BaseModel:
-        [final] = finals
-        completion = final.outputs[0]
+        choices = [self._whole_choice(i, c) for i, _, c in self.choices(finals)]
+        return ChatCompletionResponse(
+            **vars(self.header), choices=choices, usage=self.usage(finals)
+        )
+
+    def _whole_choice(self, index: int, completion: CompletionOutput) -> ChatChoice:
         message = ChatMessageOut(content=completion.text)
         finish_reason: str | None = completion.finish_reason
-        if self.parser is not None:
+        if self.parsers[index] is not None:
             content, calls = parse_all(completion.text)
             message = ChatMessageOut(
                 content=content,
                 tool_calls=[ToolCall.model_validate(c.to_dict()) for c in calls] or None,
             )
             finish_reason = _tool_finish(finish_reason, len(calls))
-        choice = ChatChoice(
+        return ChatChoice(
+            index=index,
             message=message,
             logprobs=self._logprobs(completion.token_ids, completion.logprobs),
             finish_reason=finish_reason,
             stop_reason=completion.stop_reason,
-        )
-        return ChatCompletionResponse(
-            **vars(self.header), choices=[choice], usage=self.usage(finals)
         )
 
 

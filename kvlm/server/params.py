@@ -23,6 +23,7 @@ from kvlm.server.errors import APIError
 from kvlm.server.limits import ModelLimits
 from kvlm.server.prompts import Prompt, chat_prompt, completion_prompts
 from kvlm.server.protocol import (
+    MAX_SEQUENCES,
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
     UNSUPPORTED_STREAM_OPTIONS,
@@ -122,17 +123,23 @@ def sampling_params(
     limits: ModelLimits,
     structured: StructuredOutputsParams | None = None,
     prompt_logprobs: int | None = None,
+    best_of: int | None = None,
 ) -> SamplingParams:
     """Check what SamplingParams cannot know (OpenAI's ranges, the context) and build it;
     `structured` is the request's constraint, compiled already (`structured.py`);
     `prompt_logprobs` is in the range of `logprobs`, checked here."""
     if request.stream_options is not None:
         check_unsupported(request.stream_options, UNSUPPORTED_STREAM_OPTIONS, "stream_options.")
-    if request.n not in (None, 1):
+    n = 1 if request.n is None else request.n
+    for name, value in (("n", n), ("best_of", best_of)):
+        if value is not None and not 1 <= value <= MAX_SEQUENCES:
+            raise APIError(f"{name} must be in [1, {MAX_SEQUENCES}], got {value}", param=name)
+    if structured is not None and max(n, best_of or 1) > 1:
+        name = "n" if n > 1 else "best_of"
         raise APIError(
-            f"n must be 1 (one completion per request), got {request.n}: "
-            "send the request several times with different seeds instead",
-            param="n",
+            f"{name} must be 1 with structured outputs or tools (their grammar state cannot "
+            f"be forked), got {max(n, best_of or 1)}",
+            param=name,
         )
     temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
     if not 0 <= temperature <= MAX_TEMPERATURE:
@@ -174,6 +181,8 @@ def sampling_params(
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            n=n,
+            best_of=best_of,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
             logit_bias=logit_bias(request, limits.vocab_size),
@@ -249,6 +258,12 @@ def completion_params(
             "max_tokens must be at least 1, got 0 (0 only with echo=true, to score the prompt)",
             param="max_tokens",
         )
+    if request.stream and request.best_of is not None and request.best_of > 1:
+        raise APIError(
+            f"best_of ({request.best_of}) cannot be combined with stream: the best completions "
+            "are known only when all have finished (OpenAI refuses it too); drop one",
+            param="best_of",
+        )
     return sampling_params(
         request,
         max_tokens=max_tokens,
@@ -258,6 +273,7 @@ def completion_params(
         limits=limits,
         structured=structured,
         prompt_logprobs=request.logprobs if request.echo else None,
+        best_of=request.best_of,
     )
 
 

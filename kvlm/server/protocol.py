@@ -67,6 +67,9 @@ CHAT_ROLES = {
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _PROMPT_IDS = {**_TOKEN_IDS, "minItems": 1}
+# n and best_of at most: each sequence is a running request of its own, and a server runs
+# 32 at once by default (max_num_seqs), so more would only queue behind the first ones
+MAX_SEQUENCES = 16
 
 
 class StreamOptions(BaseModel):
@@ -128,7 +131,7 @@ class SamplingRequest(BaseModel):
     seed: Integer | None = _range(-(2**63), 2**64 - 1)  # OpenAI's are signed
     # str | list[str]; checked by SamplingParams
     stop: Any = _schema(anyOf=[_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}])
-    n: Integer | None = _range(1, 1)  # only 1
+    n: Integer | None = _range(1, MAX_SEQUENCES)  # completions per prompt
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None  # an end-user id: accepted, changes nothing
@@ -174,7 +177,8 @@ class CompletionRequest(SamplingRequest):
     logprobs: Integer | None = _range(0, 20)
     echo: StrictBool | None = None  # prepend the prompt to the completion
     suffix: Any = None  # only unset
-    best_of: Any = None  # only 1
+    # sequences per prompt, of which the n best (cumulative logprob) return; not with stream
+    best_of: Integer | None = _range(1, MAX_SEQUENCES)
 
 
 class FunctionCall(BaseModel):
@@ -290,7 +294,6 @@ def _one_of(*values: Any) -> Callable[[Any], bool]:
 _NO_FUNCTIONS = "kvlm implements tools, not the deprecated functions: send tools and tool_choice"
 UNSUPPORTED_COMPLETION: dict[str, Unsupported] = {
     "suffix": Unsupported("kvlm does not fill in text before a suffix", _one_of("")),
-    "best_of": Unsupported("kvlm generates one completion per request; send 1", _one_of(1)),
 }
 UNSUPPORTED_CHAT: dict[str, Unsupported] = {
     "audio": Unsupported("kvlm generates text only"),

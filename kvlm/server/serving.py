@@ -88,22 +88,25 @@ async def submit(
 
 
 async def collect(
-    streams: list[RequestStream], client: Request, timers: list[RequestTimer]
+    streams: list[RequestStream], client: Request, timers: list[RequestTimer], n: int = 1
 ) -> list[RequestOutput]:
     """Wait for each stream's last output and return the whole (assembled) outputs, in order;
-    abort every request if the client goes away meanwhile."""
+    abort every request if the client goes away meanwhile. Each stream (prompt) carries `n`
+    completions, timed by `timers[prompt * n + completion index]`."""
 
-    async def drain(stream: RequestStream, timer: RequestTimer) -> RequestOutput:
+    async def drain(stream: RequestStream, timers: list[RequestTimer]) -> RequestOutput:
         accumulated = OutputAccumulator()
         async for delta in stream:
-            completion = delta.outputs[0]
-            timer.on_output(len(completion.token_ids), completion.finish_reason)
+            for completion in delta.outputs:
+                timers[completion.index].on_output(
+                    len(completion.token_ids), completion.finish_reason
+                )
             accumulated.add(delta)
         final = accumulated.build()
         assert final.finished
         return final
 
-    task = asyncio.gather(*(drain(s, t) for s, t in zip(streams, timers, strict=True)))
+    task = asyncio.gather(*(drain(s, timers[i * n : (i + 1) * n]) for i, s in enumerate(streams)))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)

@@ -89,12 +89,13 @@ _TOKENS = {"type": "integer", "minimum": 1, "maximum": 8}  # the fuzz server's c
 _TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": 255}  # in every model's vocabulary
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 40}
 _PROMPT_IDS = {"type": "array", "minItems": 1, "maxItems": 8, "items": _TOKEN_ID}
-# Where kvlm accepts less than OpenAI's schema allows (one completion per request, a schema the
+# Where kvlm accepts less than OpenAI's schema allows (few completions per prompt, a schema the
 # grammar engine compiles, ...), so that requests reach the model; each is refused by name
 # elsewhere. Prompts come in every shape OpenAI takes (a text, token ids, a list of either),
 # few and short, and `echo` with `logprobs` (the prompt scored) is honoured.
 _KVLM_RANGES = {
-    "n": {"type": "integer", "minimum": 1, "maximum": 1},
+    "n": {"type": "integer", "minimum": 1, "maximum": 3},
+    "best_of": {"type": "integer", "minimum": 1, "maximum": 4},
     "max_tokens": _TOKENS,
     "max_completion_tokens": _TOKENS,
     "prompt": {

@@ -35,7 +35,8 @@ from kvlm.server.protocol import (
 # returns (identifiers, hints, tags); every other OpenAI field must be refused by name.
 HONOURED_COMPLETION = {
     "model", "prompt", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n",
-    "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature", "top_p",
+    "best_of", "presence_penalty", "seed", "stop", "stream", "stream_options", "temperature",
+    "top_p",
 }  # fmt: skip
 HONOURED_CHAT = {
     "messages", "model", "frequency_penalty", "logit_bias", "logprobs", "max_completion_tokens",
