@@ -231,8 +231,9 @@ def test_refuses_bad_inputs() -> None:
         run_kernel(step, 0.1, block_table=table)
     with pytest.raises(ValueError, match="rise from 0 to T"):
         run_kernel(step, 0.1, query_start=step.query_start + 1)
-    with pytest.raises(ValueError, match="past 3 blocks of 16"):
-        run_kernel(step, 0.1, num_cached=step.num_cached + 40)
+    width = step.block_table.shape[1]
+    with pytest.raises(ValueError, match=f"past {width} blocks of 16"):
+        run_kernel(step, 0.1, num_cached=step.num_cached + 16 * width)
     with pytest.raises(ValueError, match="query_start"):
         run_kernel(step, 0.1, num_cached=step.num_cached[:2])
     with pytest.raises(ValueError, match="int32 or int64"):
