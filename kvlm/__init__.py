@@ -4,9 +4,11 @@ from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import CompletionOutput, RequestOutput
 from kvlm.sampling import SamplingParams, StructuredOutputsParams
+from kvlm.sampling.beam import BeamSearchParams
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
     "CompletionOutput",
     "InputError",
     "RequestOutput",

@@ -155,8 +155,9 @@ class InputBatch:
             stored[start : len(live)] = live[start:]
             stored[len(live) : entries] = NULL_BLOCK_ID
             self._num_entries[row, g] = len(live)
-            if self._sink_blocks[g] is not None:
-                self._nulled_to[row, g] = max(min(self._nulled_to[row, g], start), 0)
+            sinks = self._sink_blocks[g]
+            if sinks is not None:  # nulls are followed from past the sinks again, at most
+                self._nulled_to[row, g] = max(min(self._nulled_to[row, g], start), sinks)
         self._sync(row)
 
     def _sync(self, row: int) -> None:

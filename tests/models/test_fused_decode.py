@@ -51,11 +51,8 @@ def record_steps(model: CausalLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[l
 
     def on_forward(module: CausalLM, args: tuple) -> None:
         _, ctx = args
-        if ctx.query_pad_index is None:  # one token per sequence
-            steps.append(StepRecord([1] * ctx.num_seqs))
-        else:  # [T] seq * Q + place in its chunk
-            seqs = ctx.query_pad_index // ctx.max_query_len
-            steps.append(StepRecord(seqs.bincount(minlength=ctx.num_seqs).tolist()))
+        query_start = ctx.layer_views[0].query_start  # [B + 1] (these engines have a cache)
+        steps.append(StepRecord(query_start.diff().tolist()))
 
     def on_layer(module: DecoderLayer, args: tuple) -> None:
         steps[-1].torch_layers += 1

@@ -111,7 +111,10 @@ def compare_layers(
         torch_kv = _kv_rows(args[2].layer_views[idx].store, rows)
         report.kv_rows.setdefault(idx, []).extend(_relative(plan_kv, torch_kv))
 
+    # The torch path with its reference attention (gather + SDPA), whose gather index and key
+    # counts `_note_keys` reads; the paged kernel builds neither.
     fused, runner.fused = runner.fused, None
+    paged, runner.paged_attention = runner.paged_attention, None
     handles = []
     for layer in model.layers:
         handles.append(layer.register_forward_pre_hook(before))
@@ -122,6 +125,7 @@ def compare_layers(
         for handle in handles:
             handle.remove()
         runner.fused = fused
+        runner.paged_attention = paged
 
 
 def _store_tensors(store: KVStore) -> list[torch.Tensor]:

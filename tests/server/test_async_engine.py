@@ -140,6 +140,7 @@ class _NeverFinishingEngine:
         # A compiler that is never used: no request here asks for a grammar.
         self.structured = SimpleNamespace(compiler=GrammarCompiler(self._no_tokenizer, 8))
         self.scheduler_stats = SchedulerStats()
+        self.speculative_stats = None  # no speculative decoding
         self.requests: dict[str, SimpleNamespace] = {}
         self.stepping = threading.Event()
 
