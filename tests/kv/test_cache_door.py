@@ -165,6 +165,7 @@ def test_fork_shares_every_block_and_copies_the_partial_one_on_first_write() -> 
     assert [b.ref_count for b in blocks[1:4]] == [1, 0, 1]
     cache.check_integrity()
 
+
 def test_bytes_held_together_counts_a_forks_shared_blocks_once() -> None:
     cache = KVCacheManager([spec(), spec(window=4)], [9, 9])
     page = sum(s.page_nbytes for s in cache.specs)
@@ -176,7 +177,6 @@ def test_bytes_held_together_counts_a_forks_shared_blocks_once() -> None:
     assert cache.bytes_held("p") + cache.bytes_held("c") == 4 * page
     cache.free("p")
     assert cache.bytes_held_together(["p", "c"]) == 2 * page
-
 
 
 def test_truncate_returns_the_tail_and_never_writes_into_a_named_block() -> None:
