@@ -121,7 +121,7 @@ def test_errors_and_the_api_key_are_the_servers(app: ServeApp) -> None:
     missing = httpx.post(url, json={"model": MODEL, "prompt": "hi"}, timeout=30)
     assert missing.status_code == 401
     assert missing.json()["error"]["code"] == "invalid_api_key"
-    bad = httpx.post(url, json={"model": MODEL, "prompt": "hi", "n": 3}, headers=HEADERS)
+    bad = httpx.post(url, json={"model": MODEL, "prompt": "hi", "n": 0}, headers=HEADERS)
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "n"
     too_long = {"model": MODEL, "prompt": list(range(300)), "max_tokens": 1}
