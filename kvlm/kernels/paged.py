@@ -79,6 +79,56 @@ def cache_rope_tables(rope: Rope, num_places: int) -> tuple[torch.Tensor, torch.
     return cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous()
 
 
+def check_heads(q: torch.Tensor, spec: Any) -> None:
+    """q [T, nh, hd] fits the store's heads (a whole number of query heads per KV head)."""
+    _, num_heads, head_dim = q.shape
+    if head_dim != spec.head_dim or num_heads % spec.num_kv_heads:
+        raise ValueError(
+            f"q has {num_heads} heads of {head_dim}; the store holds "
+            f"{spec.num_kv_heads} heads of {spec.head_dim}"
+        )
+
+
+def check_lengths(table: torch.Tensor, starts: torch.Tensor, cached: torch.Tensor) -> None:
+    """A block table row, a query start and a cached count per sequence (plus the end)."""
+    num_seqs = table.shape[0]
+    if len(starts) != num_seqs + 1 or len(cached) != num_seqs:
+        raise ValueError(
+            f"{num_seqs} block table rows need query_start [{num_seqs + 1}] and "
+            f"num_cached [{num_seqs}]; got {len(starts)} and {len(cached)}"
+        )
+
+
+def check_values(
+    table: torch.Tensor,  # [B, max_blocks] on the host
+    starts: torch.Tensor,  # [B + 1]
+    cached: torch.Tensor,  # [B]
+    num_tokens: int,
+    block_size: int,
+    num_blocks: int,
+) -> torch.Tensor:  # [B] where each sequence ends after the step
+    """The index values' invariants of the module docstring (host tensors: reading them is a
+    sync on a device)."""
+    counts = starts.diff()
+    if starts[0] != 0 or starts[-1] != num_tokens or bool((counts < 0).any()):
+        raise ValueError(f"query_start must rise from 0 to T={num_tokens}: {starts.tolist()}")
+    if bool((cached < 0).any()):
+        raise ValueError(f"num_cached must be >= 0: {cached.tolist()}")
+    ends = cached + counts
+    capacity = table.shape[1] * block_size
+    if bool((ends > capacity).any()):
+        raise ValueError(
+            f"sequences end at {ends.tolist()} tokens, past {table.shape[1]} blocks of "
+            f"{block_size} = {capacity} in the block table"
+        )
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
+        raise ValueError(
+            f"block ids {int(table.min())} .. {int(table.max())} are outside the "
+            f"store's [0, {num_blocks})"
+        )
+    return ends
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, nh, hd] float32
     store: PagedStore,
@@ -97,38 +147,14 @@ def paged_attention(
             f"q must be float32 [T, nh, hd] on the CPU, got {q.dtype} "
             f"{tuple(q.shape)} on {q.device}"
         )
-    num_tokens, num_heads, head_dim = q.shape
-    if head_dim != spec.head_dim or num_heads % spec.num_kv_heads:
-        raise ValueError(
-            f"q has {num_heads} heads of {head_dim}; the store holds "
-            f"{spec.num_kv_heads} heads of {spec.head_dim}"
-        )
+    num_tokens = q.shape[0]
+    check_heads(q, spec)
     table = _int64(block_table, "block_table", 2)
     starts = _int64(query_start, "query_start", 1)
     cached = _int64(num_cached, "num_cached", 1)
-    num_seqs, max_blocks = table.shape
-    if len(starts) != num_seqs + 1 or len(cached) != num_seqs:
-        raise ValueError(
-            f"{num_seqs} block table rows need query_start [{num_seqs + 1}] and "
-            f"num_cached [{num_seqs}]; got {len(starts)} and {len(cached)}"
-        )
-    counts = starts.diff()
-    if starts[0] != 0 or starts[-1] != num_tokens or bool((counts < 0).any()):
-        raise ValueError(f"query_start must rise from 0 to T={num_tokens}: {starts.tolist()}")
-    if bool((cached < 0).any()):
-        raise ValueError(f"num_cached must be >= 0: {cached.tolist()}")
-    ends = cached + counts
-    capacity = max_blocks * spec.block_size
-    if bool((ends > capacity).any()):
-        raise ValueError(
-            f"sequences end at {ends.tolist()} tokens, past {max_blocks} blocks of "
-            f"{spec.block_size} = {capacity} in the block table"
-        )
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= store.num_blocks):
-        raise ValueError(
-            f"block ids {int(table.min())} .. {int(table.max())} are outside the "
-            f"store's [0, {store.num_blocks})"
-        )
+    check_lengths(table, starts, cached)
+    num_seqs = table.shape[0]
+    ends = check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
     rope_cos = rope_sin = None
     if spec.num_sinks:
         if rope is None:

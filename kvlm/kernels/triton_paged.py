@@ -26,7 +26,14 @@ from __future__ import annotations
 import torch
 
 from kvlm.kernels.build import KernelUnavailableError
-from kvlm.kernels.paged import FORMAT_CODES, PagedStore, Rope
+from kvlm.kernels.paged import (
+    FORMAT_CODES,
+    PagedStore,
+    Rope,
+    check_heads,
+    check_lengths,
+    check_values,
+)
 
 try:
     import triton
@@ -236,34 +243,6 @@ def _index(x: torch.Tensor, name: str, dims: int, device: torch.device) -> torch
     return x.contiguous()
 
 
-def _check_values(
-    table: torch.Tensor,
-    starts: torch.Tensor,
-    cached: torch.Tensor,
-    num_tokens: int,
-    block_size: int,
-    num_blocks: int,
-) -> None:
-    """The C++ entry's checks of the index values (host tensors only: no device sync)."""
-    counts = starts.diff()
-    if starts[0] != 0 or starts[-1] != num_tokens or bool((counts < 0).any()):
-        raise ValueError(f"query_start must rise from 0 to T={num_tokens}: {starts.tolist()}")
-    if bool((cached < 0).any()):
-        raise ValueError(f"num_cached must be >= 0: {cached.tolist()}")
-    ends = cached + counts
-    capacity = table.shape[1] * block_size
-    if bool((ends > capacity).any()):
-        raise ValueError(
-            f"sequences end at {ends.tolist()} tokens, past {table.shape[1]} blocks "
-            f"of {block_size} = {capacity} in the block table"
-        )
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= num_blocks):
-        raise ValueError(
-            f"block ids {int(table.min())} .. {int(table.max())} are outside the "
-            f"store's [0, {num_blocks})"
-        )
-
-
 def launch_options(spec, num_heads: int, q_dtype: torch.dtype, decode: bool) -> dict:
     """The kernel's constexprs and warps for a group's spec, q's heads and dtype, and whether
     the step is all decode rows (one query per sequence)."""
@@ -322,26 +301,18 @@ def paged_attention(
         )
     if store.data.device != device:
         raise ValueError(f"q is on {device} but the store on {store.data.device}")
-    num_tokens, num_heads, head_dim = q.shape
-    if head_dim != spec.head_dim or num_heads % spec.num_kv_heads:
-        raise ValueError(
-            f"q has {num_heads} heads of {head_dim}; the store holds "
-            f"{spec.num_kv_heads} heads of {spec.head_dim}"
-        )
+    num_tokens, num_heads, _ = q.shape
+    check_heads(q, spec)
     table = _index(block_table, "block_table", 2, device)
     starts = _index(query_start, "query_start", 1, device)
     cached = _index(num_cached, "num_cached", 1, device)
     num_seqs, max_blocks = table.shape
-    if len(starts) != num_seqs + 1 or len(cached) != num_seqs:
-        raise ValueError(
-            f"{num_seqs} block table rows need query_start [{num_seqs + 1}] and "
-            f"num_cached [{num_seqs}]; got {len(starts)} and {len(cached)}"
-        )
+    check_lengths(table, starts, cached)
     on_host = [x.device.type == "cpu" for x in (table, starts, cached)]
     if any(on_host):
         if not all(on_host):
             raise ValueError("block_table, query_start and num_cached must be on one device")
-        _check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
+        check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
         table, starts, cached = (x.to(device) for x in (table, starts, cached))
     if spec.num_sinks and rope is None:
         raise ValueError(
