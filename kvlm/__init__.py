@@ -3,7 +3,7 @@
 from kvlm.engine.engine import InputError
 from kvlm.engine.llm import LLM
 from kvlm.engine.request import CompletionOutput, RequestOutput
-from kvlm.sampling import SamplingParams, StructuredOutputsParams
+from kvlm.sampling import KVPress, SamplingParams, StructuredOutputsParams
 from kvlm.sampling.beam import BeamSearchParams
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "BeamSearchParams",
     "CompletionOutput",
     "InputError",
+    "KVPress",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",

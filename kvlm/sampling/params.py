@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvlm.sampling.errors import SamplingParamsError
+from kvlm.sampling.press import KVPress
 from kvlm.sampling.structured_params import StructuredOutputsParams
 
 # Below this temperature a request is sampled greedily (dividing logits by a smaller number only
@@ -178,6 +179,9 @@ class SamplingParams:
     # Constrain the output to a JSON schema, regex, choice or grammar (llguidance masks the
     # logits); None = unconstrained, at no cost.
     structured_outputs: StructuredOutputsParams | None = None
+    # Compress the request's KV cache once its prompt is prefilled (sampling/press.py); None =
+    # keep every token. Refused by an engine without a cache or with windows or sinks.
+    kv_press: KVPress | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
@@ -259,6 +263,10 @@ class SamplingParams:
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         _check_structured(self.structured_outputs)
+        if self.kv_press is not None and not isinstance(self.kv_press, KVPress):
+            raise SamplingParamsError(
+                f"kv_press must be a KVPress or None, got {_describe(self.kv_press)}"
+            )
 
         # Normalise (frozen dataclass: assign through object.__setattr__).
         object.__setattr__(self, "temperature", temperature)
