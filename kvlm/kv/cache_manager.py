@@ -141,6 +141,28 @@ class KVCacheManager:
             group.truncate(request_id, num_tokens)
         self._edited(request_id, num_tokens // self.block_size)
 
+    def compact(self, request_id: str, num_tokens: int) -> None:
+        """After a press: the request keeps blocks for its first `num_tokens` cache rows only,
+        in every group (the caller then moves the kept K/V into them, `KVStore.compact`, reading
+        the rows of the tables it held before). Blocks past them go back to the pools; a kept
+        block another request or the prefix index may read is swapped for a fresh one (the old
+        one keeps its K/V and its name), and the request's blocks are never named for prefix
+        hits again. In every group or (OutOfBlocksError) none: a swap needs a free block."""
+        if num_tokens < 1:
+            raise ValueError(f"cannot compact request {request_id} to {num_tokens} tokens")
+        for i, (group, pool) in enumerate(zip(self.groups, self.pools, strict=True)):
+            if window := group.spec.window:
+                raise ValueError(f"layer group {i} has a window of {window}: it cannot compact")
+            taken, freed = group.blocks_to_compact(request_id, num_tokens)
+            if taken > pool.num_free_blocks + freed:
+                raise OutOfBlocksError(
+                    f"compacting request {request_id} swaps {taken} shared blocks in layer "
+                    f"group {i} for its own; {pool.num_free_blocks + freed} would be free"
+                )
+        for group in self.groups:
+            group.compact(request_id, num_tokens)
+        self._edited(request_id, 0)
+
     def copy_on_write(
         self, request_id: str, num_computed_tokens: int
     ) -> list[tuple[int, int, int]]:

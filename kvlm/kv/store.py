@@ -106,6 +106,24 @@ class KVStore:
                 scales = page[:, num_data:]
                 self._scale_pages[first : first + count].copy_(scales, non_blocking=True)
 
+    def compact(
+        self,
+        source_rows: torch.Tensor,  # [n] base rows of a sequence's cached tokens, in order
+        kept: torch.Tensor,  # [num_layers, num_kv_heads, keep] int64 token indices into them
+        destination_rows: torch.Tensor,  # [keep] base rows the kept tokens move to, in order
+    ) -> None:
+        """For every layer of the group and KV head, move the K/V (and scales) of its j-th
+        kept token to destination row j, as stored (no requantization). Each layer's K (or V)
+        rows are all read before any is written, so destinations may overlap the sources."""
+        heads = torch.arange(self.spec.num_kv_heads, device=self.data.device)[:, None]  # [H, 1]
+        for local, layer in enumerate(self.spec.layer_ids):
+            for offset in self.layer_offsets(layer):
+                src = source_rows[kept[local]] + offset  # [H, keep]
+                dst = (destination_rows + offset)[None, :]  # [1, keep]
+                self.data[dst, heads] = self.data[src, heads]  # [H, keep, row_elements]
+                if self.scales is not None:
+                    self.scales[dst, heads] = self.scales[src, heads]
+
     def copy_block(self, source: int, destination: int) -> None:
         """Copy one block's rows (every layer, K and V, scales) onto another, in place."""
         self._data_pages[destination].copy_(self._data_pages[source])

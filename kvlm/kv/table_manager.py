@@ -24,6 +24,9 @@ class TableManager:
         self.block_size = spec.block_size
         self.tables: dict[str, list[int]] = {}
         self.num_named: dict[str, int] = {}  # leading table entries already offered to the index
+        # Requests whose blocks a press compacted: their blocks no longer hold their text's
+        # prefix, so none of them is ever named for prefix hits.
+        self.compacted: set[str] = set()
         self.events: list[str] | None = None  # ids of requests whose table changed (kv/events.py)
 
     # --- prefix hits ----------------------------------------------------------------------
@@ -74,6 +77,8 @@ class TableManager:
 
     def name_full_blocks(self, request_id: str, block_hashes: Sequence[bytes]) -> None:
         """Offer each newly hashed block of the request to the prefix index."""
+        if request_id in self.compacted:
+            return
         table = self.tables[request_id]
         end = min(len(block_hashes), len(table))
         for i in range(self.num_named[request_id], end):
@@ -85,6 +90,7 @@ class TableManager:
         """Release a request's blocks; tail blocks join the free queue first (evicted first)."""
         table = self.tables.pop(request_id)
         self.num_named.pop(request_id)
+        self.compacted.discard(request_id)
         held = [self.pool.blocks[i] for i in reversed(table) if i != NULL_BLOCK_ID]
         self.pool.release(held)
         if self.events is not None:
@@ -101,6 +107,8 @@ class TableManager:
                 self.pool.ref(self.pool.blocks[block_id])
         self.tables[child_id] = list(table)
         self.num_named[child_id] = self.num_named[parent_id]
+        if parent_id in self.compacted:
+            self.compacted.add(child_id)
         if self.events is not None:
             self.events.append(child_id)
 
@@ -120,6 +128,37 @@ class TableManager:
         self.num_named[request_id] = min(self.num_named[request_id], num_tokens // self.block_size)
         self.pool.release(dropped)
         if self.events is not None and dropped:
+            self.events.append(request_id)
+
+    def blocks_to_compact(self, request_id: str, num_tokens: int) -> tuple[int, int]:
+        """(blocks `compact` takes from the free queue, blocks it returns there): the kept
+        range's blocks that another holder or the prefix index may read are replaced."""
+        table, keep = self.tables[request_id], -(-num_tokens // self.block_size)
+        blocks = [self.pool.blocks[i] for i in table]
+        replaced = [b for b in blocks[:keep] if b.ref_count > 1 or b.block_hash is not None]
+        freed = [b for b in blocks[keep:] + replaced if b.ref_count == 1]
+        return len(replaced), len(freed)
+
+    def compact(self, request_id: str, num_tokens: int) -> None:
+        """Keep table entries for the first `num_tokens` cache rows only (a press moves the
+        kept K/V there): the blocks past them are released, tail first, and each kept block
+        that another holder or the prefix index may read (shared, or named) is released and
+        replaced by a fresh one, so the rewrite touches only the request's own blocks and a
+        named block keeps the plain prefix it names. The request is never named again."""
+        table, keep = self.tables[request_id], -(-num_tokens // self.block_size)
+        self.pool.release(self.pool.blocks[i] for i in reversed(table[keep:]))
+        del table[keep:]
+        replaced = [
+            j
+            for j, block_id in enumerate(table)
+            if self.pool.blocks[block_id].ref_count > 1
+            or self.pool.blocks[block_id].block_hash is not None
+        ]
+        self.pool.release(self.pool.blocks[table[j]] for j in replaced)
+        for j, block in zip(replaced, self.pool.take(len(replaced)), strict=True):
+            table[j] = block.block_id
+        self.compacted.add(request_id)
+        if self.events is not None:
             self.events.append(request_id)
 
     def shared_partial(self, request_id: str, num_computed_tokens: int) -> int | None:
