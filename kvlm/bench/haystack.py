@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 Tokenize = Callable[[str], list[int]]  # text -> token ids, no special tokens
 
+CHARS_PER_TOKEN_BOUND = 16  # a tokenizer needs at most this many characters per token
 MIN_CONTEXT_TOKENS = 256
 MAX_FACTS = 64
 COLOURS = (
@@ -121,13 +122,22 @@ def make_facts(num_facts: int, rng: random.Random) -> list[Fact]:
     return [Fact(a, k, str(v)) for (a, k), v in zip(chosen, values, strict=True)]
 
 
-def filler_lines(rng: random.Random) -> list[str]:
-    """Every line of the Python reference topics, rotated to start at a seeded topic."""
+def reference_text(first_topic: int = 0) -> str:
+    """English prose and code from the Python reference, shipped with CPython: every topic in
+    name order from topic `first_topic` on (then round again), blank-line separated. Also the
+    default text of `kvlm eval ppl`."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    start = rng.randrange(len(names))
-    text = "\n\n".join(topics[name] for name in names[start:] + names[:start])
+    start = first_topic % len(names)
+    return "\n\n".join(topics[name] for name in names[start:] + names[:start])
+
+
+def filler_lines(rng: random.Random) -> list[str]:
+    """Every non-blank line of the Python reference topics, from a seeded topic on."""
+    from pydoc_data.topics import topics
+
+    text = reference_text(rng.randrange(len(topics)))
     return [line for line in text.splitlines(keepends=True) if line.strip()]
 
 

@@ -1,0 +1,218 @@
+"""kvpress's presses on the same GGUF, the same long-context task and the same perplexity as
+`kvlm eval longctx` / `kvlm eval ppl --kv-press`: the anchor kvlm's presses are compared with.
+
+Runs in kvpress's own virtual environment (`bash benchmarks/kvpress_venv.sh`; kvpress 0.5.5
+needs transformers < 5.3) and imports kvlm's stdlib-only task modules by path, not kvlm itself:
+
+    VENV=~/.cache/kvlm/kvpress-venv
+    GGUF=$(python -c "from kvlm.loading import resolve_model_path as r; print(r('smollm2'))")
+    $VENV/bin/python benchmarks/kvpress_anchor.py --model "$GGUF" --kv-press snapkv:0.5
+
+One JSON line per press and task, with the keys `kvlm eval longctx --json` and `kvlm eval ppl
+--json` print (plus "backend": "kvpress"). The weights are dequantized to float32 by
+transformers, so compare with kvlm's `--weight-format float`.
+
+What "after the press" means, on both sides: the prompt is prefilled in one pass with every
+token attending to the whole prompt; the press compresses its cache (kvpress's forward hooks,
+run after each attention layer's prefill); the continuation is then fed reading the compressed
+cache at its true positions (position ids continue from the prompt's length, as kvpress's
+pipeline does). The continuation's first token is scored from the prompt's last logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
+
+BENCH = Path(__file__).resolve().parent.parent / "kvlm" / "bench"
+METHODS = ("knorm", "streaming_llm", "snapkv", "expected_attention")
+RATIOS = (0.25, 0.5, 0.75)
+
+
+def load_by_path(name: str) -> ModuleType:
+    """kvlm/bench/NAME.py, stdlib only, without importing the kvlm package (torch, kernels)."""
+    spec = importlib.util.spec_from_file_location(f"kvlm_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+haystack = load_by_path("haystack")
+press_spec = load_by_path("press_spec")
+
+
+def kvpress_press(spec: press_spec.PressSpec) -> object:
+    """kvpress's press of the same method: ratio = compression_ratio; window = SnapKV's
+    window_size; num_sinks = n_sink (StreamingLLM, expected attention). Unset options keep
+    kvpress's defaults, which kvlm's KVPress shares (window 64, 4 sinks)."""
+    options = dict(spec.options)
+    renames = {
+        "knorm": (KnormPress, {}),
+        "streaming_llm": (StreamingLLMPress, {"num_sinks": "n_sink"}),
+        "snapkv": (SnapKVPress, {"window": "window_size"}),
+        "expected_attention": (ExpectedAttentionPress, {"num_sinks": "n_sink"}),
+    }
+    if spec.method not in renames:
+        raise SystemExit(
+            f"error: no kvpress press for {spec.method!r}; choose {', '.join(METHODS)}"
+        )
+    cls, names = renames[spec.method]
+    unknown = set(options) - set(names)
+    if unknown:
+        raise SystemExit(f"error: {spec.method} takes no option {', '.join(sorted(unknown))}")
+    return cls(compression_ratio=spec.ratio, **{names[k]: v for k, v in options.items()})
+
+
+class Scorer:
+    """One model; a prompt pressed once, then continuations read through its cache."""
+
+    def __init__(self, model: AutoModelForCausalLM) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def press_prompt(
+        self, prompt_ids: list[int], press: object | None
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """The prompt's pressed cache and its last row of logits [vocab] (pre-press attention)."""
+        cache = DynamicCache(config=self.model.config)
+        with press(self.model) if press is not None else nullcontext():  # type: ignore[operator]
+            out = self.model(
+                input_ids=torch.tensor([prompt_ids]), past_key_values=cache, logits_to_keep=1
+            )
+        return cache, out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def continuation(
+        self, cache: DynamicCache, last_logits: torch.Tensor, num_prompt: int, ids: list[int]
+    ) -> tuple[list[float], list[int]]:
+        """log p and rank of each continuation token; the cache is left as it was."""
+        lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        positions = torch.arange(num_prompt, num_prompt + len(ids)).unsqueeze(0)
+        out = self.model(
+            input_ids=torch.tensor([ids]), past_key_values=cache, position_ids=positions
+        )
+        for layer, length in zip(cache.layers, lengths, strict=True):  # drop the continuation
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+        logits = torch.cat([last_logits[None], out.logits[0, :-1].float()])  # [len(ids), vocab]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(ids)
+        chosen = logprobs.gather(1, target[:, None])[:, 0]  # [len(ids)]
+        ranks = 1 + (logprobs > chosen[:, None]).sum(dim=1)  # 1 + strictly likelier, as kvlm
+        return chosen.tolist(), ranks.tolist()
+
+
+def run_longctx(
+    scorer: Scorer, tokenizer: object, args: argparse.Namespace, spec: object | None
+) -> dict:
+    config = haystack.HaystackConfig(args.context_tokens, args.num_facts, args.seed)
+    bos = tokenizer("", add_special_tokens=True).input_ids  # type: ignore[operator]
+    tokenize = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731  # type: ignore[operator]
+    task = haystack.make_task(config, tokenize, bos)
+    press = None if spec is None else kvpress_press(spec)
+    answers = []
+    pressed: tuple[DynamicCache, torch.Tensor] | None = None  # one context for every question
+    for placed in task.facts:
+        prompt, continuation = haystack.scoring_split(task, placed, args.question_aware)
+        if pressed is None or args.question_aware:
+            pressed = scorer.press_prompt(prompt, press)
+        logprobs, ranks = scorer.continuation(*pressed, len(prompt), continuation)
+        n = len(placed.answer_ids)  # the answer ends the continuation
+        answers.append(haystack.AnswerScore(logprobs[-n:], ranks[-n:]))
+    return {
+        **haystack.score_task(task, answers),
+        "question_aware": args.question_aware,
+    }
+
+
+def run_ppl(
+    scorer: Scorer, tokenizer: object, args: argparse.Namespace, spec: object | None
+) -> dict:
+    text = haystack.reference_text()[: args.max_tokens * haystack.CHARS_PER_TOKEN_BOUND]
+    ids = tokenizer(text, add_special_tokens=True).input_ids[: args.max_tokens]  # type: ignore[operator]
+    prompt, continuation = ids[: args.ppl_context_tokens], ids[args.ppl_context_tokens :]
+    press = None if spec is None else kvpress_press(spec)
+    logprobs, _ = scorer.continuation(
+        *scorer.press_prompt(prompt, press), len(prompt), continuation
+    )
+    return {
+        "perplexity": math.exp(-sum(logprobs) / len(logprobs)),
+        "num_tokens": len(ids),
+        "context_tokens": len(prompt),
+        "scored_tokens": len(continuation),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a .gguf file")
+    parser.add_argument(
+        "--kv-press",
+        action="append",
+        default=None,
+        metavar="METHOD:RATIO[,NAME=INT]",
+        help="a press to run (repeatable); 'none' is the plain cache; default: the plain cache, "
+        f"then {', '.join(METHODS)} at ratios {', '.join(map(str, RATIOS))}",
+    )
+    parser.add_argument("--task", choices=("longctx", "ppl", "both"), default="both")
+    parser.add_argument("--context-tokens", type=int, default=4096, help="longctx haystack size")
+    parser.add_argument("--num-facts", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--question-aware", action="store_true", help="the question ends the pressed prompt"
+    )
+    parser.add_argument("--max-tokens", type=int, default=4096, help="ppl: tokens of the text")
+    parser.add_argument(
+        "--ppl-context-tokens", type=int, default=2048, help="ppl: the pressed prefix"
+    )
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if not 0 < args.ppl_context_tokens < args.max_tokens - 1:
+        parser.error("--ppl-context-tokens must be in (0, --max-tokens - 1)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    labels = args.kv_press or ["none"] + [f"{m}:{r}" for m in METHODS for r in RATIOS]
+    specs = [None if label == "none" else press_spec.parse_press(label) for label in labels]
+    for spec in specs:
+        if spec is not None:
+            kvpress_press(spec)  # a bad value fails before the model loads
+    hf_logging.disable_progress_bar()  # the GGUF load draws two bars of 272 steps
+    folder, name = str(args.model.parent), args.model.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    scorer = Scorer(model)
+    tasks = {"longctx": run_longctx, "ppl": run_ppl}
+    for spec in specs:
+        for task_name, run in tasks.items():
+            if args.task not in (task_name, "both"):
+                continue
+            result = run(scorer, tokenizer, args, spec)
+            result.update(
+                task=task_name,
+                backend="kvpress",
+                model=str(args.model),
+                weight_format="float",
+                kv_cache_dtype="float32",
+                kv_press=None if spec is None else spec.label,
+            )
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
