@@ -65,6 +65,18 @@ class GroupView:
 
 
 @dataclass
+class QueryCapture:
+    """Queries to keep from this step (a KV press's observation window): every attention
+    layer records its rows `rows` of q, after rope and times the softmax scale."""
+
+    rows: torch.Tensor  # [R] places in T
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [R, nh, hd]
+
+    def add(self, layer_idx: int, q: torch.Tensor, scale: float) -> None:
+        self.queries[layer_idx] = q.index_select(0, self.rows) * scale
+
+
+@dataclass
 class ForwardContext:
     positions: torch.Tensor  # [T] place of each new token in its sequence
     num_seqs: int  # B
@@ -74,6 +86,7 @@ class ForwardContext:
     layer_views: list[GroupView]  # per model layer: its group's view (shared by the group)
     # The paged kernel every cached layer reads K/V with this step; None: the torch reference
     paged_attention: PagedKernel | None = None
+    query_capture: QueryCapture | None = None  # None: no press reads this step's queries
     _rope_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )

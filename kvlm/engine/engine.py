@@ -17,6 +17,7 @@ from kvlm.engine.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, EngineConfig
 from kvlm.engine.observers import EngineObserver, Observers, RequestEvent, block_tables
 from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.parallel_sampling import ParallelSampling, sequence_params
+from kvlm.engine.press import apply_press, why_no_press
 from kvlm.engine.request import Request, RequestOutput
 from kvlm.engine.runner import ModelRunner, PromptRows
 from kvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats
@@ -203,9 +204,12 @@ class LLMEngine:
         cache_salt: str | None = None,
         request_id: str | None = None,
         prefix_adapter: str | None = None,
+        continuation_start: int | None = None,
     ) -> str:
         """Queue a prompt (text, or token ids when given); returns its request id.
-        With `prefix_adapter`, the sequence starts with that adapter's virtual tokens."""
+        With `prefix_adapter`, the sequence starts with that adapter's virtual tokens. With
+        `continuation_start` (`LLM.score_continuations`), the prompt's tokens from there on are
+        a continuation: a press runs before it, prompt_logprobs score its tokens only."""
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -221,6 +225,10 @@ class LLMEngine:
             if params.structured_outputs is not None:
                 raise InputError("n or best_of above 1 cannot be combined with structured_outputs")
             params = sequence_params(params, 0)  # the request is sequence 0 of the group
+        if params.kv_press is not None:
+            reason = why_no_press(self, params.kv_press, continuation_start or len(token_ids))
+            if reason is not None:
+                raise InputError(f"kv_press {params.kv_press.method!r}: {reason}")
         grammar = None
         if params.structured_outputs is not None:
             try:
@@ -237,6 +245,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             virtual_prefix=virtual_prefix,
             grammar=grammar,
+            continuation_start=continuation_start,
         )
         self.requests[request_id] = request
         if num_sequences > 1:
@@ -388,6 +397,11 @@ class LLMEngine:
                 self.num_steps, batch.requests, batch.num_new_tokens, self.kv_cache
             )
         self.scheduler.update_after_step(batch)
+        for request in batch.requests:  # prefills that reached their press compress now
+            if request.press_pending and request.num_computed_tokens == request.press_at:
+                assert self.kv_cache is not None and self.kv_stores is not None
+                apply_press(request, self.kv_cache, self.kv_stores)
+                request.metrics.kv_pressed_bytes = self.kv_cache.bytes_held(request.request_id)
         tables_after = None if forward is None else block_tables(forward.scheduled, self.kv_cache)
         changed: list[Request] = []
         requests = [batch.requests[i] for i in sampled]

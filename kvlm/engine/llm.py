@@ -9,6 +9,7 @@ from typing import Any
 from kvlm.engine import session
 from kvlm.engine.beam_search import BeamSearchOutput, beam_search
 from kvlm.engine.config import EngineConfig
+from kvlm.engine.continuations import ContinuationScore, score_continuations
 from kvlm.engine.engine import InputError, LLMEngine
 from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.engine.session import Session
@@ -91,6 +92,28 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         return beam_search(self.engine, [self._token_ids(p) for p in prompts], params)
+
+    def score_continuations(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        continuations: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[ContinuationScore]:
+        """Per prompt, the log-probabilities of its continuation's tokens (text, or token ids)
+        and their sum, computed after the prompt's KV cache was compressed by
+        `sampling_params.kv_press` (only that field is read): answer log-likelihoods and the
+        perplexity of text after a context (engine/continuations.py). Without a press, the
+        same as scoring the concatenation."""
+        if isinstance(prompts, (str, dict)):
+            prompts, continuations = [prompts], [continuations]  # type: ignore[list-item]
+        params = _per_prompt(sampling_params, len(prompts))
+        tokens = [
+            self.tokenizer.encode(c) if isinstance(c, str) else list(c)  # type: ignore[arg-type]
+            for c in continuations
+        ]
+        return score_continuations(
+            self.engine, [self._token_ids(p) for p in prompts], tokens, params
+        )
 
     def stream(
         self,

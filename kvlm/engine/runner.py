@@ -20,6 +20,7 @@ from kvlm.attention.backend import paged_kernel_for
 from kvlm.attention.context import ForwardContext, GroupView
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.input_batch import InputBatch
+from kvlm.engine.press import keep_window_queries, window_capture
 from kvlm.engine.request import Request
 from kvlm.engine.scheduler import ScheduledBatch
 from kvlm.kv.cache_manager import KVCacheManager
@@ -135,6 +136,7 @@ class ModelRunner:
         its last known token, then after each draft; one row without drafts)."""
         step = self.prepare(batch)
         hidden = self._forward(step)  # [T, H]
+        keep_window_queries(batch, step.ctx.query_capture)
         return self.model.logits(hidden.index_select(0, step.logits_indices)), step.sampled
 
     @torch.inference_mode()
@@ -143,6 +145,7 @@ class ModelRunner:
         need, projected on their own (so they do not depend on the sampled rows beside them)."""
         step = self.prepare(batch)
         hidden = self._forward(step)  # [T, H]
+        keep_window_queries(batch, step.ctx.query_capture)
         logits = self.model.logits(hidden.index_select(0, step.logits_indices))
         rows = hidden[:0] if step.prompt_indices is None else hidden[step.prompt_indices]
         return logits, step.sampled, PromptRows(self.model.logits(rows), step.prompt_spans)
@@ -151,6 +154,8 @@ class ModelRunner:
         """The model on the step: the fused stack where it accepts the step, else layer by
         layer. Final hidden states [T, H]."""
         fused = self.fused if self.fused is not None and self.fused.accepts(step.ctx) else None
+        if step.ctx.query_capture is not None:  # a press's window queries come from attention()
+            fused = None
         return self.model(step.input_ids, step.ctx, decoder=fused)
 
     def prepare(self, batch: ScheduledBatch) -> StepInput:
@@ -160,6 +165,8 @@ class ModelRunner:
         starts = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)  # [B]
         counts = np.array(batch.num_new_tokens, dtype=np.int64)  # [B]
         ends = starts + counts  # [B] sequence length after this step
+        # [B] tokens a KV press dropped: text positions less these are cache indices
+        dropped = np.array([r.num_dropped_tokens for r in batch.requests], dtype=np.int64)
         num_seqs, max_q = len(counts), int(counts.max())
         token_offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))  # [B] first row in T
         seq_of_token = np.repeat(np.arange(num_seqs), counts)  # [T]
@@ -181,12 +188,20 @@ class ModelRunner:
                 [token_offsets[i] + p - starts[i] + np.arange(n) for i, p, n in prompt_spans]
             )
 
-        shape = _StepShape(starts, ends, counts, token_offsets, seq_of_token, positions, max_q)
+        shape = _StepShape(
+            starts - dropped,
+            ends - dropped,
+            counts,
+            token_offsets,
+            seq_of_token,
+            positions - dropped[seq_of_token],
+            max_q,
+        )  # in cache indices: write rows, key counts, masks
         limit = self.paged_max_query_len
         paged = self.paged_attention is not None and (limit is None or max_q <= limit)
         if self.input_batch is not None:
             self.input_batch.update([r.request_id for r in batch.requests])
-            self.input_batch.set_lengths(starts, counts)
+            self.input_batch.set_lengths(shape.starts, counts)
         views = [self._view(g, shape, paged) for g in range(len(self.specs))]
         pad_index = None if max_q == 1 or paged else seq_of_token * max_q + local
         ctx = ForwardContext(
@@ -196,6 +211,7 @@ class ModelRunner:
             query_pad_index=None if pad_index is None else self._to_device(pad_index),
             layer_views=[views[g] for g in self.group_of_layer],
             paged_attention=self.paged_attention if paged else None,
+            query_capture=window_capture(batch, starts, token_offsets, self.device),
         )
         return StepInput(
             self._to_device(input_ids),

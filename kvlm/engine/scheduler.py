@@ -165,6 +165,8 @@ class Scheduler:
             self.block_hashes[child.request_id] = list(self.block_hashes[parent.request_id])
             child.metrics.kv_peak_bytes = self.cache.bytes_held(child.request_id)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.press_at, child.pressed = parent.press_at, parent.pressed
+        child.num_dropped_tokens = parent.num_dropped_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)
 
@@ -208,12 +210,12 @@ class Scheduler:
         drafts = request.spec_token_ids
         if drafts:
             assert self.cache is not None
-            total = request.num_computed_tokens + num_known + len(drafts)
+            total = request.num_cache_tokens + num_known + len(drafts)
             if num_known + len(drafts) > budget or not self.cache.can_allocate(
                 request.request_id, total
             ):
                 drafts.clear()
-        return min(num_known + len(drafts), budget)
+        return _press_cap(request, min(num_known + len(drafts), budget))
 
     def _allocate(self, request: Request, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Blocks for the request's first `num_tokens` tokens, if they fit; tracks its peak."""
@@ -234,10 +236,14 @@ class Scheduler:
         # A request scoring its prompt computes every row it still needs: no hit past it.
         scored_row = request.next_scored_row
         limit = len(request.token_ids) if scored_row is None else scored_row + 1
+        if request.press_pending:  # the press reads what its chunks compute: no hit past it
+            assert request.press_at is not None
+            window = request.press_window
+            limit = min(limit, request.press_at if window is None else window[0] + 1)
         hit = self.cache.find_cached_prefix(hashes, limit)
         num_virtual = request.num_virtual_tokens  # never computed: their K/V are pinned
         num_cached = max(hit.num_tokens, num_virtual)
-        num_tokens = min(len(request.token_ids) - num_cached, budget)
+        num_tokens = _press_cap(request, min(len(request.token_ids) - num_cached, budget))
         if not self._allocate(request, num_cached + num_tokens, hit):
             return 0
         if hit.num_tokens < num_virtual:  # the prefix's partial block is the request's to fill
@@ -264,7 +270,7 @@ class Scheduler:
         """
         if self.cache is None:
             return True
-        needed = request.num_computed_tokens + num_tokens
+        needed = request.num_cache_tokens + num_tokens
         while not (self._allocate(request, needed) and self._unshare(request, batch)):
             victim = self.running[-1]
             self._preempt(victim)
@@ -277,7 +283,7 @@ class Scheduler:
         block is free for the copy."""
         assert self.cache is not None
         try:
-            copies = self.cache.copy_on_write(request.request_id, request.num_computed_tokens)
+            copies = self.cache.copy_on_write(request.request_id, request.num_cache_tokens)
         except OutOfBlocksError:
             return False
         batch.block_copies += copies
@@ -290,8 +296,17 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.spec_token_ids.clear()  # admission computes known tokens only
+        request.forget_press()
         request.metrics.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
         if self.notify is not None:
             self.notify(RequestEvent("preempted", request))
+
+
+def _press_cap(request: Request, num_tokens: int) -> int:
+    """`num_tokens`, cut so a chunk ends where the request's pending press runs."""
+    if not request.press_pending:
+        return num_tokens
+    assert request.press_at is not None
+    return min(num_tokens, request.press_at - request.num_computed_tokens)

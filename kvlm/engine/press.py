@@ -1,0 +1,143 @@
+"""The KV press step: once a request's prefill reaches `press_at`, score its cached tokens per
+layer and KV head, keep the same number in each, and compact them into fewer blocks.
+
+For every group (all full attention: a press refuses windows and sinks), layer and KV head,
+its j-th kept token (in cache order) moves to cache row j, so the request keeps only
+ceil(kept / block_size) blocks; the door (`KVCacheManager.compact`) returns the rest to the
+pool at once and the persistent batch state follows the reported table edit. Keys were stored
+with rope by text position, so each kept key keeps its true position; the request records how
+many tokens were dropped, and from then on its cache index is its text position less that
+(engine/runner.py). snapkv reads the observation window's queries, recorded by attention()
+while the window's rows are computed (`window_capture`, `keep_window_queries`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kvlm.attention.context import QueryCapture
+from kvlm.engine.request import Request
+from kvlm.engine.scheduler import ScheduledBatch
+from kvlm.kv.block_pool import OutOfBlocksError
+from kvlm.kv.cache_manager import KVCacheManager
+from kvlm.kv.press_scores import token_scores
+from kvlm.kv.store import KVStore
+from kvlm.sampling.press import KVPress
+
+if TYPE_CHECKING:
+    from kvlm.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+def why_no_press(engine: LLMEngine, press: KVPress, press_at: int) -> str | None:
+    """Why `engine` cannot press a request whose press runs after `press_at` tokens, in
+    words for its InputError; None when it can."""
+    if engine.kv_cache is None:
+        return "a press compresses the KV cache; this engine runs without one (use_cache=False)"
+    for spec in engine.kv_specs:
+        if spec.window is not None:
+            sinks = f" and {spec.num_sinks} sinks" if spec.num_sinks else ""
+            return (
+                f"layers {spec.layer_ids[0]}-{spec.layer_ids[-1]} keep a window of "
+                f"{spec.window}{sinks}; presses compress full-attention caches only (drop "
+                "--sliding-window / --attention-sinks, or use a model without local layers)"
+            )
+    if engine.speculative is not None:
+        return "speculative decoding rolls back by text position; use one or the other"
+    if press.method == "snapkv" and press_at <= press.window:
+        return (
+            f"snapkv scores the {press_at} tokens before the press by a window of "
+            f"{press.window}: give more tokens than the window or a smaller window"
+        )
+    return None
+
+
+def window_capture(
+    batch: ScheduledBatch,
+    starts: np.ndarray,  # [B] text position of each chunk's first token
+    token_offsets: np.ndarray,  # [B] first row of each chunk in T
+    device: torch.device,
+) -> QueryCapture | None:
+    """The rows of this step whose queries a pending snapkv press reads; None: none."""
+    rows = []
+    for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
+        first, end = _window_rows(request, int(starts[i]), count)
+        if first < end and request.press_window[0] >= starts[i]:  # type: ignore[index]
+            request.press_queries.clear()  # the window starts in this chunk: (re)computed
+        rows.append(token_offsets[i] + np.arange(first, end) - starts[i])
+    index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return QueryCapture(torch.from_numpy(index).to(device)) if len(index) else None
+
+
+def keep_window_queries(batch: ScheduledBatch, capture: QueryCapture | None) -> None:
+    """After the forward (before the step's tokens are counted): append to each request its
+    rows of the captured queries, in the order `window_capture` listed them."""
+    if capture is None:
+        return
+    start = 0
+    for request, count in zip(batch.requests, batch.num_new_tokens, strict=True):
+        first, end = _window_rows(request, request.num_computed_tokens, count)
+        if first < end:
+            for layer, queries in capture.queries.items():
+                part = queries[start : start + end - first]
+                request.press_queries.setdefault(layer, []).append(part)
+            start += end - first
+
+
+def _window_rows(request: Request, start: int, count: int) -> tuple[int, int]:
+    """[first, end) text positions of the chunk [start, start + count) in the request's
+    pending press window (empty when it has none or the chunk misses it)."""
+    window = request.press_window
+    if window is None:
+        return 0, 0
+    first, end = max(window[0], start), min(window[1], start + count)
+    return (first, end) if first < end else (0, 0)
+
+
+def apply_press(request: Request, cache: KVCacheManager, stores: Sequence[KVStore]) -> None:
+    """Run the request's press on its `press_at` cached tokens (see the module docstring).
+    When the kept blocks cannot be unshared (the pool is full) the request stays whole, with
+    a warning naming it."""
+    press = request.params.kv_press
+    assert press is not None and request.press_pending and request.num_dropped_tokens == 0
+    num_tokens = request.num_computed_tokens
+    assert num_tokens == request.press_at, "the press runs when the prefill reaches press_at"
+    request.pressed = True
+    queries = {layer: torch.cat(parts) for layer, parts in request.press_queries.items()}
+    request.press_queries.clear()
+    keep = press.num_kept(num_tokens)
+    if keep == num_tokens:
+        return
+    block_size = cache.block_size
+    positions = np.arange(num_tokens)
+    tables = cache.block_tables(request.request_id)
+    sources, kept = [], []
+    for store, table in zip(stores, tables, strict=True):
+        rows = np.asarray(table)[positions // block_size] * store.rows_per_block
+        source = torch.from_numpy(rows + positions % block_size).to(store.data.device)
+        sources.append(source)  # [n] base rows
+        per_layer = []
+        for layer in store.spec.layer_ids:
+            keys, _ = store.gather(layer, source)  # [n, H, hd]
+            scores = token_scores(press, keys, queries.get(layer))  # [H, n]
+            per_layer.append(scores.topk(keep, dim=-1).indices.sort(dim=-1).values)
+        kept.append(torch.stack(per_layer))  # [layers, H, keep]
+    try:
+        cache.compact(request.request_id, keep)
+    except OutOfBlocksError as e:
+        logger.warning("request %s is not compressed: %s", request.request_id, e)
+        return
+    cache_rows = np.arange(keep)
+    for store, source, index, table in zip(
+        stores, sources, kept, cache.block_tables(request.request_id), strict=True
+    ):
+        rows = np.asarray(table)[cache_rows // block_size] * store.rows_per_block
+        destination = torch.from_numpy(rows + cache_rows % block_size).to(source.device)
+        store.compact(source, index, destination)
+    request.num_dropped_tokens = num_tokens - keep

@@ -1,0 +1,55 @@
+"""Scores of a KV press: how much each cached token of one layer matters, per KV head.
+
+Pure functions on tensors (the engine's press step gathers the keys and picks the kept rows).
+Higher scores are kept; definitions follow kvpress's presses of the same names (see
+`kvlm/sampling/press.py`). Notation: n cached tokens, H KV heads, nh query heads, w window
+queries, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvlm.sampling.press import KVPress
+
+SNAPKV_POOL = 5  # kvpress's (and SnapKV's) average-pool width over the scores
+
+
+def token_scores(
+    press: KVPress,
+    keys: torch.Tensor,  # [n, H, hd] as attention reads them (rope applied)
+    queries: torch.Tensor | None,  # [w, nh, hd] the window's queries times the scale (snapkv)
+) -> torch.Tensor:  # [H, n] float32
+    if press.method == "knorm":
+        return -keys.float().norm(dim=-1).T
+    if press.method == "streaming_llm":
+        return _streaming_llm(press, keys.shape[0], keys.shape[1], keys.device)
+    assert press.method == "snapkv", press.method
+    assert queries is not None, "snapkv scores with the observation window's queries"
+    return _snapkv(keys.float(), queries.float())
+
+
+def _streaming_llm(press: KVPress, n: int, num_heads: int, device: torch.device) -> torch.Tensor:
+    """1 for the sinks and the most recent tokens, 0 for the `n - kept` tokens after the sinks."""
+    scores = torch.ones(num_heads, n, device=device)
+    scores[:, press.num_sinks : press.num_sinks + n - press.num_kept(n)] = 0
+    return scores
+
+
+def _snapkv(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Window query i sits at position n - w + i and sees keys up to it (causal); its softmax
+    over those keys, averaged over the window, pooled, averaged over each KV head's query
+    heads, for the n - w keys before the window; the window's own tokens get the top score."""
+    n, num_heads, _ = keys.shape
+    w, num_query_heads, _ = queries.shape
+    groups = num_query_heads // num_heads
+    expanded = keys.repeat_interleave(groups, dim=1)  # [n, nh, hd]
+    logits = torch.einsum("qhd,khd->hqk", queries, expanded)  # [nh, w, n]
+    future = torch.arange(n)[None, :] > (n - w + torch.arange(w))[:, None]  # [w, n]
+    weights = logits.masked_fill(future, float("-inf")).softmax(dim=-1)[..., : n - w]
+    scores = F.avg_pool1d(
+        weights.mean(dim=1), SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2
+    )  # [nh, n - w]
+    scores = scores.view(num_heads, groups, n - w).mean(dim=1)  # [H, n - w]
+    return F.pad(scores, (0, w), value=scores.max().item())  # [H, n]
