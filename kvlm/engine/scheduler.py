@@ -215,7 +215,9 @@ class Scheduler:
                 request.request_id, total
             ):
                 drafts.clear()
-        return _press_cap(request, min(num_known + len(drafts), budget))
+        return _press_cap(
+            request, request.num_computed_tokens, min(num_known + len(drafts), budget)
+        )
 
     def _allocate(self, request: Request, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Blocks for the request's first `num_tokens` tokens, if they fit; tracks its peak."""
@@ -243,7 +245,8 @@ class Scheduler:
         hit = self.cache.find_cached_prefix(hashes, limit)
         num_virtual = request.num_virtual_tokens  # never computed: their K/V are pinned
         num_cached = max(hit.num_tokens, num_virtual)
-        num_tokens = _press_cap(request, min(len(request.token_ids) - num_cached, budget))
+        num_tokens = min(len(request.token_ids) - num_cached, budget)
+        num_tokens = _press_cap(request, num_cached, num_tokens)
         if not self._allocate(request, num_cached + num_tokens, hit):
             return 0
         if hit.num_tokens < num_virtual:  # the prefix's partial block is the request's to fill
@@ -304,9 +307,10 @@ class Scheduler:
             self.notify(RequestEvent("preempted", request))
 
 
-def _press_cap(request: Request, num_tokens: int) -> int:
-    """`num_tokens`, cut so a chunk ends where the request's pending press runs."""
+def _press_cap(request: Request, start: int, num_tokens: int) -> int:
+    """`num_tokens` from token `start` on, cut so the chunk ends where the request's pending
+    press runs."""
     if not request.press_pending:
         return num_tokens
     assert request.press_at is not None
-    return min(num_tokens, request.press_at - request.num_computed_tokens)
+    return min(num_tokens, request.press_at - start)

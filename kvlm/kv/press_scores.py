@@ -46,7 +46,8 @@ def _snapkv(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     groups = num_query_heads // num_heads
     expanded = keys.repeat_interleave(groups, dim=1)  # [n, nh, hd]
     logits = torch.einsum("qhd,khd->hqk", queries, expanded)  # [nh, w, n]
-    future = torch.arange(n)[None, :] > (n - w + torch.arange(w))[:, None]  # [w, n]
+    place = torch.arange(n, device=keys.device)
+    future = place[None, :] > place[n - w :, None]  # [w, n] keys after each window query
     weights = logits.masked_fill(future, float("-inf")).softmax(dim=-1)[..., : n - w]
     scores = F.avg_pool1d(
         weights.mean(dim=1), SNAPKV_POOL, stride=1, padding=SNAPKV_POOL // 2

@@ -6,12 +6,19 @@ that masks the dropped ones, exact path), pressed and plain requests share a bat
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvlm import LLM, KVPress, SamplingParams
+from kvlm.attention.context import ForwardContext, GroupView
+from kvlm.engine.engine import InputError
+from kvlm.engine.press import why_no_press
 from kvlm.engine.scoring import token_logprobs
+from kvlm.kv.block_hash import extend_block_hashes
+from kvlm.kv.press_scores import token_scores
+from kvlm.kv.spec import KVCacheSpec
 
 BLOCK_SIZE = 16
 DOC = (
@@ -50,3 +57,135 @@ def test_without_a_press_scoring_continuations_is_scoring_the_concatenation(llm:
         assert torch.allclose(torch.tensor(score.logprobs), whole, atol=1e-4)
         assert math.isclose(score.total, float(whole.sum()), abs_tol=1e-3)
     llm.engine.kv_cache.check_integrity()
+
+
+def plain_keys(llm: LLM, prompt: list[int]) -> list[torch.Tensor]:
+    """Per layer [n, H, hd]: the prompt's keys as its prefill stored them, read from the
+    blocks that still name it (a press swaps named blocks for fresh ones, so they keep them)."""
+    engine = llm.engine
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, prompt, len(prompt), BLOCK_SIZE, None)
+    hit = engine.kv_cache.find_cached_prefix(hashes, len(prompt) + 1)
+    assert hit.num_tokens == len(prompt)
+    store = engine.kv_stores[0]
+    rows = torch.tensor(
+        [
+            hit.blocks[0][i // BLOCK_SIZE].block_id * store.rows_per_block + i % BLOCK_SIZE
+            for i in range(len(prompt))
+        ]
+    )
+    return [store.gather(layer, rows)[0] for layer in store.spec.layer_ids]
+
+
+def masked_reference(
+    llm: LLM, prompt: list[int], continuation: list[int], kept: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """[len(continuation)] log-probabilities from one no-cache forward of prompt +
+    continuation in which the continuation's rows see, of the prompt, only each layer and KV
+    head's `kept` tokens (None: every token); the prompt's own rows are plain causal."""
+    model, config = llm.engine.model, llm.engine.model_config
+    tokens = prompt + continuation
+    n, total = len(prompt), len(tokens)
+    groups = config.num_heads // config.num_kv_heads
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    views = []
+    for layer in range(config.num_layers):
+        mask = causal.expand(config.num_heads, total, total).clone()  # [nh, T, T]
+        if kept is not None:
+            seen = torch.zeros(config.num_kv_heads, n, dtype=torch.bool)
+            seen.scatter_(1, kept[layer], True)
+            mask[:, n:, :n] = seen.repeat_interleave(groups, dim=0)[:, None, :]
+        views.append(
+            GroupView(None, None, gather_index=torch.arange(total), num_keys=total, mask=mask[None])
+        )
+    ctx = ForwardContext(
+        positions=torch.arange(total),
+        num_seqs=1,
+        max_query_len=total,
+        query_pad_index=torch.arange(total),
+        layer_views=views,
+    )
+    with torch.inference_mode():
+        hidden = model(torch.tensor(tokens), ctx)
+        logits = model.logits(hidden[n - 1 : total - 1]).log_softmax(dim=-1)
+    return logits.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("method", ["knorm", "streaming_llm"])
+def test_decode_after_a_press_reads_only_the_kept_tokens(llm: LLM, method: str) -> None:
+    prompt = ids(llm, DOC * 3)[:160]  # ten full blocks
+    continuation = ids(llm, " So the press frees memory for the other requests.")
+    press = KVPress(method, ratio=0.5, num_sinks=4)
+    [score] = llm.score_continuations(
+        {"prompt_token_ids": prompt}, continuation, SamplingParams(kv_press=press)
+    )
+    keep = press.num_kept(len(prompt))  # 80: five blocks
+    page = llm.engine.kv_specs[0].page_nbytes
+    assert score.kv_pressed_bytes == math.ceil(keep / BLOCK_SIZE) * page
+    kept = [
+        token_scores(press, keys, None).topk(keep, dim=-1).indices.sort(dim=-1).values
+        for keys in plain_keys(llm, prompt)
+    ]
+    expected = masked_reference(llm, prompt, continuation, kept)
+    assert torch.allclose(torch.tensor(score.logprobs), expected, atol=1e-4)
+    whole = masked_reference(llm, prompt, continuation, None)
+    assert (torch.tensor(score.logprobs) - whole)[1:].abs().max() > 1e-3  # the press mattered
+    assert score.logprobs[0] == pytest.approx(float(whole[0]), abs=1e-4)  # scored before it
+    llm.engine.kv_cache.check_integrity()
+
+
+def test_pressed_and_plain_requests_share_a_batch(llm: LLM) -> None:
+    """Each result equals the request run alone; the pressed one's blocks fall to the kept
+    tokens' (at most (1 - r) of the plain ones plus one block) right after its prefill."""
+    engine = llm.engine
+    engine.kv_cache.reset_prefix_cache()
+    long_prompt = {"prompt_token_ids": ids(llm, DOC * 3)[:150]}
+    short_prompt = {"prompt_token_ids": ids(llm, "Blocks of sixteen tokens hold the cache of")}
+    ratio = 0.75
+    pressed = SamplingParams(max_tokens=6, temperature=0, kv_press=KVPress("snapkv", ratio, 16))
+    plain = SamplingParams(max_tokens=6, temperature=0)
+    alone = [llm.generate(long_prompt, pressed)[0], llm.generate(short_prompt, plain)[0]]
+    engine.kv_cache.reset_prefix_cache()
+    together = llm.generate([long_prompt, short_prompt], [pressed, plain])
+    for a, b in zip(alone, together, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    page = engine.kv_specs[0].page_nbytes
+    plain_blocks = math.ceil(150 / BLOCK_SIZE)  # 10
+    held = together[0].metrics.kv_pressed_bytes // page
+    assert held == math.ceil(KVPress("snapkv", ratio, 16).num_kept(150) / BLOCK_SIZE)  # 3
+    assert held <= (1 - ratio) * plain_blocks + 1
+    assert together[0].metrics.kv_pressed_bytes == alone[0].metrics.kv_pressed_bytes
+    assert together[1].metrics.kv_pressed_bytes is None
+    assert engine.kv_cache.num_used_blocks() == [0]
+    engine.kv_cache.check_integrity()
+
+
+def test_bad_presses_are_refused_at_add_request(llm: LLM) -> None:
+    short = {"prompt_token_ids": ids(llm, "A short prompt.")}
+    params = SamplingParams(kv_press=KVPress("snapkv", window=64))
+    with pytest.raises(
+        InputError, match=r"snapkv scores the \d+ tokens before the press by a window of 64"
+    ):
+        llm.generate(short, params)
+    assert not llm.engine.has_unfinished()
+
+
+def test_engines_a_press_cannot_run_on_say_why() -> None:
+    full = KVCacheSpec((0, 1), 3, 64, BLOCK_SIZE, "float32")
+    local = KVCacheSpec((2, 3), 3, 64, BLOCK_SIZE, "float32", window=512, num_sinks=4)
+    press = KVPress("knorm")
+
+    def engine(**kw: object) -> SimpleNamespace:
+        fields = {"kv_cache": object(), "kv_specs": (full,), "speculative": None, **kw}
+        return SimpleNamespace(**fields)
+
+    assert why_no_press(engine(), press, 100) is None  # type: ignore[arg-type]
+    cases = [
+        (engine(kv_cache=None), "runs without one (use_cache=False)"),
+        (engine(kv_specs=(full, local)), "layers 2-3 keep a window of 512 and 4 sinks"),
+        (engine(speculative=object()), "speculative decoding"),
+    ]
+    for fake, words in cases:
+        assert words in why_no_press(fake, press, 100)  # type: ignore[arg-type, operator]
+    assert "window of 64" in why_no_press(engine(), KVPress("snapkv"), 64)  # type: ignore[arg-type, operator]
+    assert why_no_press(engine(), KVPress("snapkv"), 65) is None  # type: ignore[arg-type]
