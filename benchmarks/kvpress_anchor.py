@@ -131,7 +131,9 @@ def run_longctx(
             pressed = scorer.press_prompt(prompt, press)
         logprobs, ranks = scorer.continuation(*pressed, len(prompt), continuation)
         n = len(placed.answer_ids)  # the answer ends the continuation
-        answers.append(haystack.AnswerScore(logprobs[-n:], ranks[-n:]))
+        # greedy decoding gives the answer iff each answer token ranks first after the ones
+        # before it: one teacher-forced pass tells
+        answers.append(haystack.AnswerScore(logprobs[-n:], all(r == 1 for r in ranks[-n:])))
     return {
         **haystack.score_task(task, answers),
         "question_aware": args.question_aware,

@@ -5,9 +5,8 @@ into text from CPython's `pydoc_data.topics`, so nothing is downloaded; after th
 question per fact ends in a cue ("Answer: The access code of the blue archive is") whose
 continuation is the value. A press that drops the fact's K/V loses the answer.
 
-Scores per fact: exact match of the greedy answer (every answer token ranks first given the
-tokens before it, which is what greedy decoding of the answer's tokens produces) and the
-answer's log-likelihood. The module is stdlib only and deterministic by seed; token counts come
+Scores per fact: exact match of the greedy answer (its tokens, as many as the answer has) and
+the answer's log-likelihood. The module is stdlib only and deterministic by seed; token counts come
 from a `tokenize` callable handed in, so kvlm and the kvpress anchor (another virtual
 environment, `benchmarks/kvpress_anchor.py`, which imports this file by path) build the same
 task with their own tokenizers.
@@ -27,7 +26,6 @@ Tokenize = Callable[[str], list[int]]  # text -> token ids, no special tokens
 
 CHARS_PER_TOKEN_BOUND = 16  # a tokenizer needs at most this many characters per token
 MIN_CONTEXT_TOKENS = 256
-MAX_FACTS = 64
 COLOURS = (
     "blue", "amber", "crimson", "silver", "green", "violet", "golden", "black",
     "white", "orange", "scarlet", "grey",
@@ -36,7 +34,12 @@ PLACES = (
     "archive", "lantern", "harbour", "library", "tower", "garden", "vault", "station",
     "bridge", "observatory", "workshop", "cellar",
 )  # fmt: skip
-ATTRIBUTES = ("access code", "room number", "serial number", "locker number", "ticket number")
+ATTRIBUTES = (
+    "access code", "room number", "serial number", "locker number", "ticket number",
+    "account number", "badge number", "order number", "gate number", "case number",
+    "phone extension", "batch number",
+)  # fmt: skip
+MAX_FACTS = len(COLOURS)  # facts share no attribute, colour or place: a small model mixes them
 
 
 class HaystackError(ValueError):
@@ -115,11 +118,14 @@ class HaystackTask:
 
 
 def make_facts(num_facts: int, rng: random.Random) -> list[Fact]:
-    """Distinct (attribute, key) pairs with 5-digit values, none a prefix of another fact's."""
-    pairs = [(a, f"{c} {p}") for a in ATTRIBUTES for c in COLOURS for p in PLACES]
-    chosen = rng.sample(pairs, num_facts)
+    """Facts with no attribute, colour or place in common, and distinct 5-digit values."""
+    attributes = rng.sample(ATTRIBUTES, num_facts)
+    keys = [
+        f"{c} {p}"
+        for c, p in zip(rng.sample(COLOURS, num_facts), rng.sample(PLACES, num_facts), strict=True)
+    ]
     values = rng.sample(range(10_000, 100_000), num_facts)
-    return [Fact(a, k, str(v)) for (a, k), v in zip(chosen, values, strict=True)]
+    return [Fact(a, k, str(v)) for a, k, v in zip(attributes, keys, values, strict=True)]
 
 
 def reference_text(first_topic: int = 0) -> str:
@@ -216,14 +222,12 @@ def scoring_split(
 
 @dataclass(frozen=True)
 class AnswerScore:
-    """What a backend measured for one answer: per token, log p and rank (1 = most likely)."""
+    """What a backend measured for one answer: log p of each of its tokens after the pressed
+    prompt, and whether greedy decoding gives exactly its tokens (equivalently: each answer
+    token is the likeliest given the ones before it)."""
 
     logprobs: list[float]
-    ranks: list[int]
-
-    @property
-    def exact(self) -> bool:
-        return all(rank == 1 for rank in self.ranks)
+    exact: bool
 
 
 def score_task(task: HaystackTask, answers: Sequence[AnswerScore]) -> dict[str, object]:
@@ -232,12 +236,10 @@ def score_task(task: HaystackTask, answers: Sequence[AnswerScore]) -> dict[str, 
         raise HaystackError(f"{len(answers)} answer scores for {len(task.facts)} facts")
     per_fact = []
     for placed, answer in zip(task.facts, answers, strict=True):
-        if len(answer.logprobs) != len(placed.answer_ids) or len(answer.ranks) != len(
-            placed.answer_ids
-        ):
+        if len(answer.logprobs) != len(placed.answer_ids):
             raise HaystackError(
-                f"fact {placed.fact.value}: {len(answer.logprobs)} logprobs and "
-                f"{len(answer.ranks)} ranks for {len(placed.answer_ids)} answer tokens"
+                f"fact {placed.fact.value}: {len(answer.logprobs)} logprobs for "
+                f"{len(placed.answer_ids)} answer tokens"
             )
         per_fact.append(
             {
