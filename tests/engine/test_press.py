@@ -189,3 +189,24 @@ def test_engines_a_press_cannot_run_on_say_why() -> None:
         assert words in why_no_press(fake, press, 100)  # type: ignore[arg-type, operator]
     assert "window of 64" in why_no_press(engine(), KVPress("snapkv"), 64)  # type: ignore[arg-type, operator]
     assert why_no_press(engine(), KVPress("snapkv"), 65) is None  # type: ignore[arg-type]
+
+
+def test_pressed_decode_is_the_same_with_and_without_the_fused_plan() -> None:
+    """The fused decode plan counts keys by text position, so steps holding a compacted
+    request run layer by layer: quantized weights give the same tokens either way."""
+    prompt = None
+    tokens = []
+    for fused in (True, False):
+        llm = LLM(
+            "smollm2",
+            block_size=BLOCK_SIZE,
+            max_model_len=512,
+            kv_cache_memory="32MiB",
+            fused_decode=fused,
+        )
+        assert (llm.engine.runner.fused is not None) == fused
+        prompt = prompt or {"prompt_token_ids": ids(llm, DOC * 2)}
+        params = SamplingParams(max_tokens=8, temperature=0, kv_press=KVPress("knorm", 0.5))
+        tokens.append(llm.generate(prompt, params)[0].outputs[0].token_ids)
+        del llm
+    assert tokens[0] == tokens[1]
