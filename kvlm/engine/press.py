@@ -67,8 +67,9 @@ def window_capture(
     """The rows of this step whose queries a pending snapkv press reads; None: none."""
     rows = []
     for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
+        window = request.press_window
         first, end = _window_rows(request, int(starts[i]), count)
-        if first < end and request.press_window[0] >= starts[i]:  # type: ignore[index]
+        if window is not None and first < end and first == window[0]:
             request.press_queries.clear()  # the window starts in this chunk: (re)computed
         rows.append(token_offsets[i] + np.arange(first, end) - starts[i])
     index = np.concatenate(rows) if rows else np.zeros(0, np.int64)

@@ -210,3 +210,31 @@ def test_pressed_decode_is_the_same_with_and_without_the_fused_plan() -> None:
         tokens.append(llm.generate(prompt, params)[0].outputs[0].token_ids)
         del llm
     assert tokens[0] == tokens[1]
+
+
+def test_a_preempted_pressed_request_is_recomputed_and_pressed_again() -> None:
+    """A pool of 19 blocks: the pressed request, admitted second, is preempted while both
+    generate, recomputed (prefill stopping at press_at, pressed again, its generated tokens
+    after) and ends with the tokens it gets alone."""
+    llm = LLM(
+        "smollm2",
+        weight_format="float",
+        block_size=BLOCK_SIZE,
+        max_model_len=256,
+        kv_cache_memory=str(19 * 737_280),  # SmolLM2's float32 block: 737,280 bytes
+        max_num_batched_tokens=64,
+    )
+    assert llm.engine.kv_cache.pools[0].num_usable_blocks == 19
+    pressed_prompt = {"prompt_token_ids": ids(llm, DOC * 3)[:150]}
+    plain_prompt = {"prompt_token_ids": ids(llm, DOC[::-1] * 3)[:150]}
+    press = KVPress("knorm", 0.75)
+    pressed = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, kv_press=press)
+    plain = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    alone = llm.generate(pressed_prompt, pressed)[0]
+    llm.engine.kv_cache.reset_prefix_cache()
+    together = llm.generate([plain_prompt, pressed_prompt], [plain, pressed])
+    assert together[1].metrics.num_preemptions >= 1
+    assert together[1].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert together[1].metrics.kv_pressed_bytes == alone.metrics.kv_pressed_bytes
+    assert llm.engine.kv_cache.num_used_blocks() == [0]
+    llm.engine.kv_cache.check_integrity()
