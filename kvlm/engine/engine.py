@@ -386,6 +386,7 @@ class LLMEngine:
         self.num_steps += 1
         if self.kv_cache is not None and self.parallel.groups:
             self.parallel.note_kv(self.kv_cache)
+        self.structured.before_forward()  # no spare core: the masks are done before it starts
         if batch.scores_prompt:
             logits, sampled, prompt_rows = self.runner.run_scoring(batch)
             self._score_prompts(batch, prompt_rows)

@@ -66,19 +66,31 @@ class RowMask:
 
     @torch.inference_mode()  # the runner's logits are inference tensors: written in place
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` ([num_seqs, vocab_size] float) with the banned entries at -inf, in place;
-        one masked_fill over the constrained rows."""
+        """`logits` ([num_seqs, vocab_size] float) with the banned entries at -inf, in place:
+        one masked_fill per run of consecutive constrained rows, on a view of those rows (no
+        copy, and nothing read or written in the other rows)."""
         if self.banned.shape != (len(self.rows), logits.shape[1]):
             raise ValueError(
                 f"mask is {tuple(self.banned.shape)} for {len(self.rows)} rows of "
                 f"{logits.shape[1]} logits"
             )
         banned = self.banned.to(logits.device, non_blocking=True)
-        if len(self.rows) == logits.shape[0]:
-            return logits.masked_fill_(banned, float("-inf"))
-        rows = torch.tensor(self.rows, dtype=torch.long).to(logits.device)
-        logits[rows] = logits[rows].masked_fill_(banned, float("-inf"))
+        for start, stop, first in _runs(self.rows):
+            logits[start:stop].masked_fill_(banned[first : first + stop - start], float("-inf"))
         return logits
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive values in ascending `rows`: (start, stop, index in rows of
+    start), e.g. [0, 1, 2, 5] -> [(0, 3, 0), (5, 6, 3)]."""
+    runs: list[tuple[int, int, int]] = []
+    for index, row in enumerate(rows):
+        if runs and runs[-1][1] == row:
+            start, _, first = runs[-1]
+            runs[-1] = (start, row + 1, first)
+        else:
+            runs.append((row, row + 1, index))
+    return runs
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

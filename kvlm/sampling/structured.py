@@ -1,19 +1,22 @@
 """Constrained decoding inside the engine loop: one llguidance matcher per constrained request,
-its next-token mask computed off the engine thread while the model runs, applied to that
-request's logits row only.
+its next-token mask computed on a worker thread while the engine does other work, applied to
+that request's logits row only.
 
 The step, for the constrained rows (unconstrained rows are never touched or copied):
-  1. `masks(grammars)` waits for each row's mask (normally computed already, during the
-     forward pass) and returns one `RowMask` the sampler applies with one masked_fill;
+  1. `masks(grammars)` waits for each row's mask (normally computed already) and returns one
+     `RowMask` the sampler applies in place;
   2. `advance(grammar, token)` feeds the sampled token to the matcher; True when the grammar
      is complete (nothing but end-of-sequence could follow), and the request stops there;
   3. `prefetch(grammars)` queues the next masks of the requests still running on the worker
-     thread, which computes them while the engine returns its outputs and runs the next
-     forward pass (llguidance drops the GIL). That overlap needs a core the forward does not
-     use: where torch's threads already take every core the process may run on (2 threads on
-     the project's 2-core machines), a third busy thread stalls the forward's OpenMP barriers
-     for more than the masks cost, so the masks are computed right there on the engine thread
-     instead (`overlap`, chosen once at start and logged).
+     thread (llguidance drops the GIL while it walks the token trie). Where a core is spare
+     (`spare_core()`: the process may run on more cores than torch's threads take), the
+     worker computes them while the engine returns its outputs and runs the next forward.
+     Where torch's threads already take every core (2 threads on the project's 2-core
+     machines), a third busy thread during the forward stalls its OpenMP barriers for more
+     than the masks cost, so the worker runs only during the engine's host work between two
+     forwards (outputs, detokenizing, scheduling, the next step's inputs), when torch's
+     threads are idle: `before_forward()` waits for it before the next forward starts
+     (`overlap`, chosen once at start and logged).
 
 A request's matcher has consumed exactly its generated tokens: preemption keeps those tokens
 (the scheduler recomputes their K/V only), so the matcher and its pending mask stay valid;
@@ -61,12 +64,13 @@ class StructuredDecoder:
         self,
         make_tokenizer: Callable[[], llguidance.LLTokenizer],
         vocab_size: int,
-        overlap: bool | None = None,  # masks on a worker during the forward; None: spare_core()
+        overlap: bool | None = None,  # masks computed through the forward; None: spare_core()
     ) -> None:
         self.compiler = GrammarCompiler(make_tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.overlap = spare_core() if overlap is None else overlap
         self._worker: ThreadPoolExecutor | None = None  # started with the first grammar
+        self._job: Future[torch.Tensor] | None = None  # the latest prefetch
         self._announced = False  # the mode is logged at the first prefetch
 
     def start(self, spec: StructuredOutputsParams) -> RequestGrammar:
@@ -113,18 +117,22 @@ class StructuredDecoder:
             return
         matchers = [g.matcher for g in grammars]
         if not self._announced:
-            where = "on a worker during the forward" if self.overlap else "on the engine thread"
-            log.info("structured outputs: next-token masks computed %s", where)
+            where = "through the forward" if self.overlap else "between forwards"
+            log.info("structured outputs: next-token masks computed on a worker %s", where)
             self._announced = True
-        if self.overlap:
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvlm-grammar")
-            job = self._worker.submit(compute_banned, matchers, self.vocab_size)
-        else:  # no core to spare: computed now, between the sampler and the next forward
-            job = Future()
-            job.set_result(compute_banned(matchers, self.vocab_size))
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvlm-grammar")
+        job = self._worker.submit(compute_banned, matchers, self.vocab_size)
         for row, grammar in enumerate(grammars):
             grammar.pending, grammar.row = job, row
+        self._job = job
+
+    def before_forward(self) -> None:
+        """Called by the engine before each forward: without a spare core, waits for the
+        latest prefetch, so that the worker never competes with torch's threads."""
+        if self._job is not None and not self.overlap:
+            self._job.result()
+        self._job = None
 
     def close(self) -> None:
         if self._worker is not None:

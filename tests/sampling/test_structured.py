@@ -140,6 +140,20 @@ def test_prefetched_masks_follow_the_matcher(decoder: StructuredDecoder, tokeniz
     assert mask.banned[:, letters].all()  # a letter before the dash breaks the regex
 
 
+def test_without_a_spare_core_masks_are_done_before_the_forward(tokenizer: Tokenizer) -> None:
+    vocab = tokenizer.vocab_size
+    decoder = StructuredDecoder(
+        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, overlap=False
+    )
+    grammars = [decoder.start(StructuredOutputsParams(regex="[0-9]+")) for _ in range(3)]
+    for g in grammars:
+        assert not decoder.advance(g, tokenizer.encode("7", add_special_tokens=False)[0])
+    decoder.prefetch(grammars)
+    decoder.before_forward()
+    assert all(g.pending is not None and g.pending.done() for g in grammars)
+    decoder.close()
+
+
 def test_row_mask_touches_constrained_rows_only() -> None:
     logits = torch.randn(3, 8)
     before = logits.clone()
@@ -148,6 +162,14 @@ def test_row_mask_touches_constrained_rows_only() -> None:
     RowMask([1], banned).apply(logits)
     assert torch.equal(logits[[0, 2]], before[[0, 2]])
     assert torch.equal(logits[1, :2], before[1, :2]) and torch.isinf(logits[1, 2:]).all()
+    # Runs of consecutive rows ([0], [2, 3], [5]) each take their own rows of the mask.
+    logits = torch.randn(6, 8)
+    before = logits.clone()
+    banned = torch.rand(4, 8) < 0.5
+    RowMask([0, 2, 3, 5], banned).apply(logits)
+    expected = before.clone()
+    expected[[0, 2, 3, 5]] = before[[0, 2, 3, 5]].masked_fill(banned, float("-inf"))
+    assert torch.equal(logits, expected)
     with pytest.raises(ValueError, match="mask is"):
         RowMask([0, 1], banned).apply(logits)
 
