@@ -36,6 +36,10 @@ _SOURCES = (
     "paged_attention_ref.cpp",
     "paged_attention_avx2.cpp",
     "paged_attention_avx512.cpp",
+    "paged_prefill.cpp",
+    "paged_prefill_ref.cpp",
+    "paged_prefill_avx2.cpp",
+    "paged_prefill_avx512.cpp",
 )
 
 

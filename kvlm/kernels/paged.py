@@ -27,6 +27,9 @@ import torch
 from kvlm.kernels.build import ISA_CODES, KernelUnavailableError, _build, resolve_path
 
 FORMAT_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "int8": 3, "int4": 4, "fp8": 5}
+# Steps whose longest chunk has more queries take the GEMM-shaped prefill kernel
+# (csrc/paged_prefill.h: query tiles of 64 tokens, each key tile dequantized once per tile).
+PREFILL_MIN_QUERY_LEN = 128
 
 
 class PagedStore(Protocol):
@@ -140,6 +143,8 @@ def paged_attention(
     softcap: float | None = None,
     rope: Rope | None = None,  # needed when the group has sinks
     path: str | None = None,  # kernel path; None: the process default
+    prefill: bool | None = None,  # the prefill kernel; None: if a chunk has over
+    # PREFILL_MIN_QUERY_LEN queries
 ) -> torch.Tensor:  # [T, nh, hd] float32
     spec = store.spec
     if q.dtype != torch.float32 or q.dim() != 3 or q.device.type != "cpu":
@@ -155,6 +160,8 @@ def paged_attention(
     check_lengths(table, starts, cached)
     num_seqs = table.shape[0]
     ends = check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
+    if prefill is None:
+        prefill = num_seqs > 0 and int(starts.diff().max()) > PREFILL_MIN_QUERY_LEN
     rope_cos = rope_sin = None
     if spec.num_sinks:
         if rope is None:
@@ -185,6 +192,7 @@ def paged_attention(
         rope_cos,
         rope_sin,
         _isa(path),
+        prefill,
     )
 
 

@@ -2,7 +2,7 @@
 //
 //   kvlm::paged_attention(q, data, scales, k_off, v_off, block_size, rows_per_block,
 //       block_table, query_start, num_cached, window, num_sinks, scale, softcap, format,
-//       rope_cos, rope_sin, isa) -> out [T, nh, hd] float32
+//       rope_cos, rope_sin, isa, prefill=False) -> out [T, nh, hd] float32
 //   kvlm::quantize_kv(x [N, hd] float32, format) -> (data [N, row_elements], scales [N, G] f16)
 //
 // Inputs are checked here so that a bad index is an error, never a read outside the store;
@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "paged_attention.h"
+#include "paged_prefill.h"
 
 namespace kvlm {
 namespace paged {
@@ -164,7 +165,8 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
                               const at::Tensor& num_cached, int64_t window, int64_t num_sinks,
                               double scale, double softcap, int64_t format,
                               const std::optional<at::Tensor>& rope_cos,
-                              const std::optional<at::Tensor>& rope_sin, int64_t isa) {
+                              const std::optional<at::Tensor>& rope_sin, int64_t isa,
+                              bool prefill) {
   const char* op = "kvlm::paged_attention";
   TORCH_CHECK(format >= kF32 && format <= kFp8, op, ": unknown format code ", format);
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
@@ -229,7 +231,9 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
               best, ")");
 
   at::Tensor out = at::empty({T, nh, hd}, q.options());
-  const std::vector<int64_t> tiles = make_tiles(qs, B, nh / nkv, nkv, at::get_num_threads());
+  const std::vector<int64_t> tiles =  // prefill: GEMM-shaped tiles of paged_prefill.h
+      prefill ? prefill::make_tiles(qs, B, nh / nkv)
+              : make_tiles(qs, B, nh / nkv, nkv, at::get_num_threads());
   const int64_t row_bytes = nkv * re * (int64_t)data.element_size();
   const uint8_t* base = static_cast<const uint8_t*>(data.data_ptr());
   const uint16_t* sc = num_scales ? reinterpret_cast<const uint16_t*>(scales->data_ptr()) : nullptr;
@@ -264,7 +268,7 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
   a.rotation = rotation_of((int)format, hd);
   a.rope_cos = cos;
   a.rope_sin = sin;
-  run(a, (int64_t)tiles.size() / 5, isa);
+  (prefill ? prefill::run : run)(a, (int64_t)tiles.size() / 5, isa);
   return out;
 }
 
@@ -295,7 +299,7 @@ TORCH_LIBRARY_FRAGMENT(kvlm, m) {
       "paged_attention(Tensor q, Tensor data, Tensor? scales, int k_off, int v_off, "
       "int block_size, int rows_per_block, Tensor block_table, Tensor query_start, "
       "Tensor num_cached, int window, int num_sinks, float scale, float softcap, int format, "
-      "Tensor? rope_cos, Tensor? rope_sin, int isa) -> Tensor");
+      "Tensor? rope_cos, Tensor? rope_sin, int isa, bool prefill=False) -> Tensor");
   m.def("quantize_kv(Tensor x, int format) -> (Tensor, Tensor)");
 }
 
