@@ -109,6 +109,7 @@ def make_step(
     )
     model = types.SimpleNamespace(config=types.SimpleNamespace(num_layers=2))
     runner = ModelRunner(model, torch.device("cpu"), (spec,), [store], cache)  # type: ignore[arg-type]
+    runner.paged_attention = None  # the torch path's context (gather index, mask): the reference
     requests = [
         types.SimpleNamespace(
             request_id=str(b),

@@ -11,7 +11,7 @@
 // The driver is written once over a vector type S (an ISA file's struct):
 //   V, W (floats per vector), kRows x kCols (register block: rows x vectors of C),
 //   zero(), load(p), store(p, v), set1(x), fma(a, b, c) = a * b + c, exp(v) (lane by lane,
-//   avx2::exp8's polynomial in the SIMD files), sum(v) (of the lanes),
+//   avx2::exp8's polynomial in the SIMD files), sum(v) / max(v) (of the lanes), max(a, b),
 //   halves(h, n, out): out[i] = float of float16 h[i].
 // Rows and the value columns are padded (to kRows, to W) so the GEMMs have no tails.
 //
@@ -101,6 +101,17 @@ inline float exp_sum(float* s, int64_t n, float m) {
   float total = S::sum(acc);
   for (; j < n; ++j) total += (s[j] = std::exp(s[j] - m));
   return total;
+}
+
+// The largest of s[0 .. n).
+template <class S>
+inline float row_max(const float* s, int64_t n) {
+  typename S::V acc = S::set1(-INFINITY);
+  int64_t j = 0;
+  for (; j + S::W <= n; j += S::W) acc = S::max(acc, S::load(s + j));
+  float mx = S::max(acc);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
 }
 
 // out[hd] = one stored head row of format F, dequantized with its float16 scales sc (quantized
@@ -214,8 +225,7 @@ void run_item(const Args& a, int64_t item, Workspace& w) {
         if (!all_seen)
           for (int64_t j = 0; j < n; ++j)
             if (unseen(kp + j, p)) sr[j] = -INFINITY;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+        const float mx = row_max<S>(sr, n);
         if (mx == -INFINITY) {  // nothing of this tile for this row
           std::fill(sr, sr + n, 0.0f);
           continue;

@@ -27,6 +27,8 @@ struct Avx2 {
   static V exp(V x) { return avx2::exp8(x); }
   static float sum(V x) { return avx2::hsum(x); }
 
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float max(V x) { return avx2::hmax(x); }
   static void halves(const uint16_t* h, int64_t n, float* out) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)

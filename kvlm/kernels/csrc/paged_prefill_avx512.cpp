@@ -29,6 +29,8 @@ struct Avx512 {
   }
   static float sum(V x) { return _mm512_reduce_add_ps(x); }
 
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float max(V x) { return _mm512_reduce_max_ps(x); }
   static void halves(const uint16_t* h, int64_t n, float* out) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)

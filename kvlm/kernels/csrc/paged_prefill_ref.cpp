@@ -16,6 +16,8 @@ struct Scalar {
   static V fma(V a, V b, V c) { return a * b + c; }
   static V exp(V x) { return std::exp(x); }
   static float sum(V x) { return x; }
+  static V max(V a, V b) { return std::max(a, b); }
+  static float max(V x) { return x; }
   static void halves(const uint16_t* h, int64_t n, float* out) {
     for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
   }
