@@ -30,12 +30,6 @@ from kvlm.models.transformer import CausalLM
 
 logger = logging.getLogger(__name__)
 
-# The C++ paged kernel's many-query path was slower than SDPA for long prefill chunks: SmolLM2
-# gguf weights, 1 thread, prompt to first token, min of interleaved repeats on a loaded 2-CPU
-# AMD EPYC Zen 3 (AVX2): 512 tokens (one chunk) kernel 7.8 s vs SDPA 8.4 s; 4,096 tokens
-# (chunks of 2,048) kernel 158 s vs SDPA 137 s. Longer chunks stay on SDPA until it catches up.
-CPU_PAGED_MAX_QUERY_LEN = 512
-
 
 @dataclass
 class StepInput:
@@ -115,13 +109,8 @@ class ModelRunner:
         self._said_compacted = False  # logged once: compacted requests skip the fused plan
         self.input_batch = None if cache is None else InputBatch(specs, cache, device)
         self.paged_attention = None
-        # Steps whose longest chunk has more queries take the torch reference (None: none)
-        self.paged_max_query_len: int | None = None
         if stores is not None:
             self.paged_attention, why = paged_kernel_for(device, stores[0].dtype)
-            if self.paged_attention is not None and device.type == "cpu":
-                self.paged_max_query_len = CPU_PAGED_MAX_QUERY_LEN
-                why += f"; chunks of over {CPU_PAGED_MAX_QUERY_LEN} tokens take gather + SDPA"
             logger.info("attention reads the KV cache with %s", why)
 
     def use_fused_decode(self, path: str | None = None) -> str | None:
@@ -208,8 +197,7 @@ class ModelRunner:
             positions - dropped[seq_of_token],
             max_q,
         )  # in cache indices: write rows, key counts, masks
-        limit = self.paged_max_query_len
-        paged = self.paged_attention is not None and (limit is None or max_q <= limit)
+        paged = self.paged_attention is not None
         if self.input_batch is not None:
             self.input_batch.update([r.request_id for r in batch.requests])
             self.input_batch.set_lengths(shape.starts, counts)
