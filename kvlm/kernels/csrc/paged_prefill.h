@@ -87,16 +87,17 @@ inline void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
   }
 }
 
-// s[j] = exp(s[j] - m) for j < n; returns their sum.
+// s[j] = exp(s[j] - m) for j < n; returns their sum. (The fmas by -1 and 1 are exactly the
+// subtraction and the sum.)
 template <class S>
 inline float exp_sum(float* s, int64_t n, float m) {
-  const typename S::V mv = S::set1(m);
+  const typename S::V minus_m = S::set1(-m), one = S::set1(1.0f);
   typename S::V acc = S::zero();
   int64_t j = 0;
   for (; j + S::W <= n; j += S::W) {
-    const typename S::V e = S::exp(S::fma(S::set1(-1.0f), mv, S::load(s + j)));
+    const typename S::V e = S::exp(S::fma(one, minus_m, S::load(s + j)));
     S::store(s + j, e);
-    acc = S::fma(S::set1(1.0f), e, acc);
+    acc = S::fma(one, e, acc);
   }
   float total = S::sum(acc);
   for (; j < n; ++j) total += (s[j] = std::exp(s[j] - m));
