@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from kvlm.bench.haystack import AnswerScore, HaystackConfig, HaystackTask, make_task, scoring_split
 from kvlm.engine.llm import LLM
-from kvlm.engine.request import OutputAccumulator
 from kvlm.sampling import KVPress, SamplingParams
 
 
@@ -44,17 +43,11 @@ def greedy_answers(
             request_ids.append(
                 engine.add_request(None, prompt + question, params, continuation_start=start)
             )
-        outputs = {request_id: OutputAccumulator() for request_id in request_ids}
-        num_finished = 0
-        while num_finished < len(request_ids):
-            for delta in engine.step():
-                if delta.request_id in outputs:
-                    outputs[delta.request_id].add(delta)
-                    num_finished += delta.finished
+        outputs = dict(zip(request_ids, engine.run_to_completion(request_ids), strict=True))
     finally:
         for request_id in request_ids:
             engine.abort(request_id)  # a no-op once it finished
-    return [outputs[request_id].build().outputs[0].token_ids for request_id in request_ids]
+    return [outputs[request_id].outputs[0].token_ids for request_id in request_ids]
 
 
 def answer_scores(

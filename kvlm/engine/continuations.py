@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvlm.engine.engine import InputError, LLMEngine
-from kvlm.engine.request import OutputAccumulator
 from kvlm.sampling import SamplingParams
 
 
@@ -55,19 +54,13 @@ def score_continuations(
             )
             token_ids = [*prompt, *continuation]
             ids.append(engine.add_request(None, token_ids, scoring, continuation_start=len(prompt)))
-        outputs = {request_id: OutputAccumulator() for request_id in ids}
-        num_finished = 0
-        while num_finished < len(ids):
-            for delta in engine.step():
-                if delta.request_id in outputs:
-                    outputs[delta.request_id].add(delta)
-                    num_finished += delta.finished
+        outputs = dict(zip(ids, engine.run_to_completion(ids), strict=True))
     finally:
         for request_id in ids:
             engine.abort(request_id)  # a no-op once it finished
     scores = []
     for request_id, continuation in zip(ids, continuations, strict=True):
-        output = outputs[request_id].build()
+        output = outputs[request_id]
         assert output.prompt_logprobs is not None
         entries = output.prompt_logprobs
         assert len(entries) == len(continuation), (len(entries), len(continuation))

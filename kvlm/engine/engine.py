@@ -18,7 +18,7 @@ from kvlm.engine.observers import EngineObserver, Observers, RequestEvent, block
 from kvlm.engine.offload import OffloadConnector
 from kvlm.engine.parallel_sampling import ParallelSampling, sequence_params
 from kvlm.engine.press import apply_press, why_no_press
-from kvlm.engine.request import Request, RequestOutput
+from kvlm.engine.request import OutputAccumulator, Request, RequestOutput
 from kvlm.engine.runner import ModelRunner, PromptRows
 from kvlm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats
 from kvlm.engine.speculative import SpeculativeDecoder, SpeculativeStats
@@ -343,6 +343,23 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def run_to_completion(self, request_ids: Sequence[str]) -> list[RequestOutput]:
+        """Step until every one of `request_ids` finished; their whole outputs, in that order.
+        If stepping fails, the ones not yet finished are aborted."""
+        outputs = {request_id: OutputAccumulator() for request_id in request_ids}
+        num_finished = 0
+        try:
+            while num_finished < len(outputs):
+                for delta in self.step():
+                    if delta.request_id in outputs:
+                        outputs[delta.request_id].add(delta)
+                        num_finished += delta.finished
+        finally:
+            for request_id, accumulated in outputs.items():
+                if accumulated.last is None or not accumulated.last.finished:
+                    self.abort(request_id)
+        return [outputs[request_id].build() for request_id in request_ids]
 
     def running_requests(self) -> list[Request]:
         """The requests in the batch, oldest first (each holds blocks with a cache)."""

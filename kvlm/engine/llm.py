@@ -11,7 +11,7 @@ from kvlm.engine.beam_search import BeamSearchOutput, beam_search
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.continuations import ContinuationScore, score_continuations
 from kvlm.engine.engine import InputError, LLMEngine
-from kvlm.engine.request import OutputAccumulator, RequestOutput
+from kvlm.engine.request import RequestOutput
 from kvlm.engine.session import Session
 from kvlm.engine.task_prefixes import RegisteredPrefix, TaskPrefixes
 from kvlm.sampling import SamplingParams
@@ -214,19 +214,7 @@ class LLM:
         return self.tokenizer.encode(prompt)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        outputs = {request_id: OutputAccumulator() for request_id in request_ids}
-        num_finished = 0
-        try:
-            while num_finished < len(request_ids):
-                for delta in self.engine.step():
-                    if delta.request_id in outputs:
-                        outputs[delta.request_id].add(delta)
-                        num_finished += delta.finished
-        finally:
-            for request_id, accumulated in outputs.items():
-                if accumulated.last is None or not accumulated.last.finished:
-                    self.engine.abort(request_id)
-        return [outputs[i].build() for i in request_ids]
+        return self.engine.run_to_completion(request_ids)
 
 
 def _per_prompt(
