@@ -18,7 +18,7 @@ import torch
 
 from kvlm import LLM, SamplingParams
 from kvlm.attention.context import ForwardContext
-from kvlm.cli.evaluate import default_text
+from kvlm.bench.haystack import reference_text
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.scoring import token_logprobs
 from kvlm.kernels import QuantizedWeight, repack_gguf
@@ -316,11 +316,11 @@ def _check_quality(float_llm: LLM, name: str, monkeypatch: pytest.MonkeyPatch) -
     The float model generates 64 greedy tokens per prompt; the fused model reads prompt and
     tokens one decode step at a time (a 1-token budget) and its argmax at each position is
     compared with the float token (free-running agreement is no measure: one near-tie flip
-    sends the texts apart). Perplexity of the first 256 tokens of `default_text()`, read the
+    sends the texts apart). Perplexity of the first 256 tokens of `reference_text()`, read the
     same way, may exceed the float path's by 2%: measured +0.05% (SmolLM2) and +0.7%
     (Gemma 3), and the int8 rounding noise alone moves it by ~0.5%; leaving the oldest key
     out of every fused attention raises it 5x."""
-    text_ids = float_llm.tokenizer.encode(default_text())[:NUM_TEXT_TOKENS]
+    text_ids = float_llm.tokenizer.encode(reference_text())[:NUM_TEXT_TOKENS]
     float_ppl = _perplexity(float_llm, text_ids)
     texts = []
     for output in float_llm.generate(QUALITY_PROMPTS, greedy(NUM_GREEDY)):

@@ -20,7 +20,7 @@ import torch
 
 from kvlm import LLM
 from kvlm.attention.context import ForwardContext
-from kvlm.cli.evaluate import default_text
+from kvlm.bench.haystack import reference_text
 from kvlm.engine.runner import ModelRunner
 from kvlm.kernels.paged import FORMAT_CODES
 from kvlm.kv.store import KVStore
@@ -186,7 +186,7 @@ def test_each_layer_matches_torch_gemma3(gemma3_gguf: LLM) -> None:
 def test_gemma3_window_of_512_drops_keys(gemma3_gguf: LLM) -> None:
     """A 505-token prompt beside short ones: the sliding layers' window leaves keys out after
     a few steps while the global layers read everything."""
-    long_ids = gemma3_gguf.tokenizer.encode(default_text())[:505]
+    long_ids = gemma3_gguf.tokenizer.encode(reference_text())[:505]
     prompts = [{"prompt_token_ids": long_ids}, *PROMPTS[:2]]
     model = gemma3_gguf.engine.model
     with compare_layers(gemma3_gguf.engine.runner) as report:
