@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,13 +29,18 @@ from kvlm.kv.press_scores import token_scores
 from kvlm.kv.store import KVStore
 from kvlm.sampling.press import KVPress
 
-if TYPE_CHECKING:
-    from kvlm.engine.engine import LLMEngine
-
 logger = logging.getLogger(__name__)
 
 
-def why_no_press(engine: LLMEngine, press: KVPress, press_at: int) -> str | None:
+class PressedEngine(Protocol):
+    """What `why_no_press` reads of an `LLMEngine` (the engine imports this module)."""
+
+    kv_cache: KVCacheManager | None
+    kv_specs: Sequence[Any]  # KVCacheSpec per cache group
+    speculative: Any  # the speculative decoder, or None
+
+
+def why_no_press(engine: PressedEngine, press: KVPress, press_at: int) -> str | None:
     """Why `engine` cannot press a request whose press runs after `press_at` tokens, in
     words for its InputError; None when it can."""
     if engine.kv_cache is None:

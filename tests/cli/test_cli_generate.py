@@ -43,7 +43,10 @@ def test_generate_no_cache(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_generate_chat_template(capsys: pytest.CaptureFixture[str]) -> None:
+    # Float weights: on the int8-activation path the greedy answer to this chat prompt depends
+    # on the CPU's rounding (llama.cpp answers "L'Étoile, la Marseillaise" on the same file).
     args = ["generate", "What is the capital of France?", "--chat", *GREEDY]
+    args += ["--weight-format", "float"]
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "Paris" in out

@@ -21,9 +21,16 @@ OTHER = list(range(3000, 3240))  # 240 tokens: with PREFIX's blocks, more than t
 
 
 def small_llm(kv_offload: str) -> LLM:
-    """A pool of 17 blocks (272 tokens), so one long prompt evicts another."""
+    """A pool of 17 blocks (272 tokens), so one long prompt evicts another. Float weights: a
+    fresh prefill and a prefix hit run other attention kernels, whose float rounding the int8
+    activation quantization of gguf weights can amplify into another greedy token."""
     return LLM(
-        "smollm2", kv_cache_memory="12MiB", max_model_len=256, num_threads=1, kv_offload=kv_offload
+        "smollm2",
+        kv_cache_memory="12MiB",
+        max_model_len=256,
+        num_threads=1,
+        kv_offload=kv_offload,
+        weight_format="float",
     )
 
 
