@@ -93,7 +93,7 @@ void quantize_head(int format, const float* x, int64_t hd, int64_t num_scales, i
 
 int64_t num_scales_of(int format, int64_t hd) {
   if (format < kInt8) return 0;
-  return hd % 32 == 0 ? hd / 32 : 1;
+  return hd % kScaleGroup == 0 ? hd / kScaleGroup : 1;
 }
 
 int64_t rotation_of(int format, int64_t hd) {

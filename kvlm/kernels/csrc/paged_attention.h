@@ -83,7 +83,10 @@ void paged_attention_avx512(const Args& a, int64_t i0, int64_t i1);
 using PagedKernel = void (*)(const Args&, int64_t, int64_t);
 PagedKernel paged_kernel(int64_t isa);  // kIsa* -> its kernel
 
-// Scales per head (0 for float formats) and the int4 rotation width (0: none) of a format.
+constexpr int64_t kScaleGroup = 32;  // elements per scale where a head has several
+
+// Scales per head (0 for float formats: one, of the whole head, where hd % kScaleGroup != 0)
+// and the int4 rotation width (0: none) of a format.
 int64_t num_scales_of(int format, int64_t hd);
 int64_t rotation_of(int format, int64_t hd);
 
@@ -138,6 +141,10 @@ inline float stored_value(int format, const uint8_t* src, int64_t i) {
     default: return fp8_to_float(src[i]);
   }
 }
+
+// The scale of element d of a head row with nsc scales (num_scales_of): d / group without a
+// division in the SIMD loops (the group is kScaleGroup, or the whole row).
+inline int64_t scale_index(int64_t nsc, int64_t d) { return nsc > 1 ? d / kScaleGroup : 0; }
 
 // Element d of one stored head row, dequantized with its row's float scales sc (if quantized).
 inline float element(int format, const uint8_t* row, const float* sc, int64_t group, int64_t d) {
@@ -266,8 +273,20 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
   const bool cache_rope = a.num_sinks > 0;  // rope by place in the cache, keys unrotated
   const bool quantized = a.num_scales > 0;
   const int64_t nsc = a.num_scales;
-  std::vector<float> qbuf(kMaxRows * hd), acc(kMaxRows * hd), kbuf(cache_rope ? kKeyTile * hd : 0),
-      s(kMaxRows * kKeyTile), m(kMaxRows), l(kMaxRows), ks(kKeyTile * nsc), vs(kKeyTile * nsc);
+  // This thread's buffers, grown once (no allocation or zeroing per call): q rows, output rows,
+  // keys roped by place (with sinks), scores, running max and sum, K and V tile scales.
+  thread_local std::vector<float> scratch;
+  const size_t need = 2 * kMaxRows * hd + (cache_rope ? kKeyTile * hd : 0) +
+                      kMaxRows * (kKeyTile + 2) + 2 * kKeyTile * nsc;
+  if (scratch.size() < need) scratch.resize(need);
+  float* qbuf = scratch.data();
+  float* acc = qbuf + kMaxRows * hd;
+  float* kbuf = acc + kMaxRows * hd;
+  float* s = kbuf + (cache_rope ? kKeyTile * hd : 0);
+  float* m = s + kMaxRows * kKeyTile;
+  float* l = m + kMaxRows;
+  float* ks = l + kMaxRows;
+  float* vs = ks + kKeyTile * nsc;
   int64_t pos[kMaxRows];
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t* part = a.parts + 3 * (item / a.nkv);
@@ -280,7 +299,7 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
     for (int64_t r = 0; r < R; ++r) {
       int64_t t, head;
       row_place(a, tile, kvh, r, &t, &head);
-      float* q = qbuf.data() + r * hd;
+      float* q = qbuf + r * hd;
       std::memcpy(q, a.q + t * a.q_stride + head * hd, hd * sizeof(float));
       pos[r] = cached + t - a.query_start[b];
       if (cache_rope) {
@@ -293,7 +312,7 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
       m[r] = -INFINITY;
       l[r] = 0.0f;
     }
-    std::fill(acc.begin(), acc.begin() + R * hd, 0.0f);
+    std::fill(acc, acc + R * hd, 0.0f);
     const int64_t* table = a.block_table + b * a.max_blocks;
     auto head_offset = [&](int64_t kp) {  // bytes from a row 0 to key kp's head row
       const int64_t row = table[kp / a.block_size] * a.rows_per_block + kp % a.block_size;
@@ -317,26 +336,26 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           prefetch(kp + n, std::min({k1 - kp - n, a.block_size - (kp + n) % a.block_size,
                                      kKeyTile}));
         if (quantized) {
-          Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks.data());
-          Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs.data());
+          Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks);
+          Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs);
         }
         if (cache_rope) {
           Ops::dequant(a, a.k + head_off, a.k_scales ? a.k_scales + row * a.scale_row + kvh * nsc
-                                                     : nullptr, n, kbuf.data());
+                                                     : nullptr, n, kbuf);
           for (int64_t j = 0; j < n; ++j) {
-            float* key = kbuf.data() + j * hd;
+            float* key = kbuf + j * hd;
             const int64_t place = kp + j < ns ? kp + j : ns + kp + j - ws;
             if (a.rotation) hadamard(key, hd, a.rotation);
             rope_row(key, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
           }
-          Ops::scores(kF32, qbuf.data(), R, reinterpret_cast<const uint8_t*>(kbuf.data()),
-                      hd * 4, nullptr, 0, hd, n, hd, s.data());
+          Ops::scores(kF32, qbuf, R, reinterpret_cast<const uint8_t*>(kbuf),
+                      hd * 4, nullptr, 0, hd, n, hd, s);
         } else {
-          Ops::scores(a.format, qbuf.data(), R, a.k + head_off, a.row_bytes, ks.data(), nsc,
-                      group, n, hd, s.data());
+          Ops::scores(a.format, qbuf, R, a.k + head_off, a.row_bytes, ks, nsc,
+                      group, n, hd, s);
         }
         for (int64_t r = 0; r < R; ++r) {
-          float* sr = s.data() + r * kKeyTile;
+          float* sr = s + r * kKeyTile;
           if (a.softcap > 0.0f)
             for (int64_t j = 0; j < n; ++j) sr[j] = std::tanh(sr[j] / a.softcap) * a.softcap;
           const int64_t p = pos[r], last = kp + n - 1;
@@ -359,11 +378,11 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           if (!all_seen)  // exp(-inf) may be a tiny positive number in the SIMD exp
             for (int64_t j = 0; j < n; ++j)
               if (unseen(kp + j)) sr[j] = 0.0f;
-          if (corr != 1.0f) Ops::scale_rows(acc.data() + r * hd, hd, corr);
+          if (corr != 1.0f) Ops::scale_rows(acc + r * hd, hd, corr);
           m[r] = m_new;
         }
-        Ops::accumulate(a.format, s.data(), R, a.v + head_off, a.row_bytes, vs.data(), nsc, group,
-                        n, hd, acc.data());
+        Ops::accumulate(a.format, s, R, a.v + head_off, a.row_bytes, vs, nsc, group,
+                        n, hd, acc);
         kp += n;
       }
     };
@@ -372,13 +391,13 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
     visit(keys.lo + std::max<int64_t>(part[1] - keys.sinks, 0), keys.lo + part[2] - keys.sinks);
     if (a.partial) {  // unnormalized, merged by run()
       float* dst = a.partial + item * partial_floats(hd);
-      std::memcpy(dst, acc.data(), R * hd * sizeof(float));
-      std::memcpy(dst + kMaxRows * hd, m.data(), R * sizeof(float));
-      std::memcpy(dst + kMaxRows * (hd + 1), l.data(), R * sizeof(float));
+      std::memcpy(dst, acc, R * hd * sizeof(float));
+      std::memcpy(dst + kMaxRows * hd, m, R * sizeof(float));
+      std::memcpy(dst + kMaxRows * (hd + 1), l, R * sizeof(float));
       continue;
     }
     for (int64_t r = 0; r < R; ++r) {
-      float* o = acc.data() + r * hd;
+      float* o = acc + r * hd;
       Ops::scale_rows(o, hd, 1.0f / l[r]);
       write_row(a, tile, kvh, r, o);
     }
