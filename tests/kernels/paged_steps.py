@@ -113,6 +113,8 @@ def make_step(
         types.SimpleNamespace(
             request_id=str(b),
             num_computed_tokens=c,
+            num_dropped_tokens=0,  # no KV press
+            press_window=None,
             token_ids=[0] * e,
             spec_token_ids=[],
             next_scored_row=None,
