@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from kvlm.attention.backend import paged_kernel_for
-from kvlm.attention.context import ForwardContext, GroupView
+from kvlm.attention.context import ForwardContext, GroupView, PagedKernel
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.input_batch import InputBatch
 from kvlm.engine.press import keep_window_queries, window_capture
 from kvlm.engine.request import Request
 from kvlm.engine.scheduler import ScheduledBatch
+from kvlm.kernels import paged as paged_kernels
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.kv.store import KVStore
@@ -209,7 +210,7 @@ class ModelRunner:
             max_query_len=max_q,
             query_pad_index=None if pad_index is None else self._to_device(pad_index),
             layer_views=[views[g] for g in self.group_of_layer],
-            paged_attention=self.paged_attention if paged else None,
+            paged_attention=self._step_kernel() if paged else None,
             query_capture=window_capture(batch, starts, token_offsets, self.device),
         )
         return StepInput(
@@ -221,6 +222,13 @@ class ModelRunner:
             None if prompt_indices is None else self._to_device(prompt_indices),
             compacted=bool(dropped.any()),
         )
+
+    def _step_kernel(self) -> PagedKernel:
+        """The paged kernel the step's layers call: the C++ one as a `StepKernel`, so each
+        group's block tables and counts are checked once per step, not once per layer."""
+        if self.paged_attention is paged_kernels.paged_attention:
+            return paged_kernels.StepKernel()
+        return self.paged_attention
 
     @staticmethod
     def _prompt_spans(

@@ -30,6 +30,7 @@ _SOURCES = (
     "qgemm_ref.cpp",
     "qgemm_avx2.cpp",
     "qgemm_avx512.cpp",
+    "qgemm_amx.cpp",
     "decode_math_avx2.cpp",
     "decode_plan.cpp",
     "paged_attention.cpp",
@@ -177,7 +178,11 @@ def kernel_status() -> KernelStatus:
     status = _default_status()
     names = {"avx512": "avx512-vnni kernels", "avx2": "avx2 kernels", "ref": "scalar C++ kernels"}
     what = names.get(status.path, "the torch fallback (dequantize + float matmul)")
-    print(f"kvlm: quantized matmuls use {what}: {status.reason}", file=sys.stderr)
+    amx = ""
+    if status.path == "avx512":
+        no_amx = str(torch.ops.kvlm.amx_status())
+        amx = f"; no AMX tiles: {no_amx}" if no_amx else "; AMX int8 tiles for 16+ rows"
+    print(f"kvlm: quantized matmuls use {what}: {status.reason}{amx}", file=sys.stderr)
     return status
 
 

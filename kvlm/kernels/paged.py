@@ -20,6 +20,7 @@ rounding in every format: both dequantize the same stored bytes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -132,6 +133,133 @@ def check_values(
     return ends
 
 
+@dataclass(frozen=True)
+class _GroupIndex:
+    """One cache group's index inputs of a step, checked (`check_lengths`, `check_values`)."""
+
+    table: torch.Tensor  # [B, max_blocks] int64
+    starts: torch.Tensor  # [B + 1] int64
+    cached: torch.Tensor  # [B] int64
+    ends: torch.Tensor  # [B] where each sequence ends after the step
+    max_query_len: int  # the longest chunk's new tokens (0 without sequences)
+    # The caller's tensors, kept alive so that their ids are not reused during the step
+    sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class StepKernel:
+    """The C++ paged kernel for the layers of one step (the `PagedKernel` call): each cache
+    group's index inputs are converted and checked once, on the first layer that reads them,
+    and a group with sinks gets its rope tables once per rope; later layers check only q.
+
+    Build one per step (`ModelRunner.prepare` does): it holds the step's index tensors, so
+    none is freed and its id reused while it lives, and a new step never sees stale checks.
+    The index tensors must not change during the step (the runner writes them before it)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.isa = _isa(path)
+        # id(block_table), id(query_start), id(num_cached) -> those inputs, checked
+        self._groups: dict[tuple[int, int, int], _GroupIndex] = {}
+        self._ropes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, nh, hd] float32
+        store: PagedStore,
+        layer_idx: int,
+        block_table: torch.Tensor,  # [B, max_blocks] int32/int64
+        query_start: torch.Tensor,  # [B + 1] first row of each sequence in T, then T
+        num_cached: torch.Tensor,  # [B] tokens cached before the step
+        scale: float,
+        softcap: float | None = None,
+        rope: Rope | None = None,  # needed when the group has sinks
+        prefill: bool | None = None,  # the prefill kernel; None: if a chunk has over
+        # PREFILL_MIN_QUERY_LEN queries
+    ) -> torch.Tensor:  # [T, nh, hd] float32
+        spec = store.spec
+        if q.dtype != torch.float32 or q.dim() != 3 or q.device.type != "cpu":
+            raise ValueError(
+                f"q must be float32 [T, nh, hd] on the CPU, got {q.dtype} "
+                f"{tuple(q.shape)} on {q.device}"
+            )
+        check_heads(q, spec)
+        index = self.check_indices(q.shape[0], store, block_table, query_start, num_cached)
+        if prefill is None:
+            prefill = index.max_query_len > PREFILL_MIN_QUERY_LEN
+        rope_cos = rope_sin = None
+        if spec.num_sinks:
+            if rope is None:
+                raise ValueError(
+                    "a group with attention sinks needs `rope`: keys are roped by place "
+                    "in the cache inside the kernel"
+                )
+            rope_cos, rope_sin = self._rope_tables(rope, spec, index.cached, index.ends)
+        k_off, v_off = store.layer_offsets(layer_idx)
+        return _ops().paged_attention(
+            q.contiguous(),
+            store.data,
+            store.scales,
+            k_off,
+            v_off,
+            spec.block_size,
+            store.rows_per_block,
+            index.table,
+            index.starts,
+            index.cached,
+            spec.window or 0,
+            spec.num_sinks,
+            scale,
+            softcap or 0.0,
+            FORMAT_CODES[spec.kv_format],
+            rope_cos,
+            rope_sin,
+            self.isa,
+            prefill,
+        )
+
+    def check_indices(
+        self,
+        num_tokens: int,
+        store: PagedStore,
+        block_table: torch.Tensor,
+        query_start: torch.Tensor,
+        num_cached: torch.Tensor,
+    ) -> _GroupIndex:
+        """A group's index inputs as int64, checked on the first call of the step (each
+        layer's call repeats only an O(1) check of T)."""
+        key = (id(block_table), id(query_start), id(num_cached))
+        index = self._groups.get(key)
+        if index is None:
+            table = _int64(block_table, "block_table", 2)
+            starts = _int64(query_start, "query_start", 1)
+            cached = _int64(num_cached, "num_cached", 1)
+            check_lengths(table, starts, cached)
+            spec = store.spec
+            ends = check_values(
+                table, starts, cached, num_tokens, spec.block_size, store.num_blocks
+            )
+            max_query_len = int(starts.diff().max()) if len(cached) else 0
+            sources = (block_table, query_start, num_cached)
+            index = _GroupIndex(table, starts, cached, ends, max_query_len, sources)
+            self._groups[key] = index
+        elif int(index.starts[-1]) != num_tokens:
+            raise ValueError(
+                f"query_start must rise from 0 to T={num_tokens}: {index.starts.tolist()}"
+            )
+        return index
+
+    def _rope_tables(
+        self, rope: Rope, spec: Any, cached: torch.Tensor, ends: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [places, hd] by place in the cache of every key the step reads."""
+        window_start = (cached - spec.window + 1).clamp_min(0)
+        places = torch.minimum(window_start, torch.tensor(spec.num_sinks)) + ends - window_start
+        num_places = int(places.max()) if len(cached) else 1
+        key = (id(rope), num_places)
+        if key not in self._ropes:
+            self._ropes[key] = cache_rope_tables(rope, num_places)
+        return self._ropes[key]
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, nh, hd] float32
     store: PagedStore,
@@ -146,53 +274,10 @@ def paged_attention(
     prefill: bool | None = None,  # the prefill kernel; None: if a chunk has over
     # PREFILL_MIN_QUERY_LEN queries
 ) -> torch.Tensor:  # [T, nh, hd] float32
-    spec = store.spec
-    if q.dtype != torch.float32 or q.dim() != 3 or q.device.type != "cpu":
-        raise ValueError(
-            f"q must be float32 [T, nh, hd] on the CPU, got {q.dtype} "
-            f"{tuple(q.shape)} on {q.device}"
-        )
-    num_tokens = q.shape[0]
-    check_heads(q, spec)
-    table = _int64(block_table, "block_table", 2)
-    starts = _int64(query_start, "query_start", 1)
-    cached = _int64(num_cached, "num_cached", 1)
-    check_lengths(table, starts, cached)
-    num_seqs = table.shape[0]
-    ends = check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
-    if prefill is None:
-        prefill = num_seqs > 0 and int(starts.diff().max()) > PREFILL_MIN_QUERY_LEN
-    rope_cos = rope_sin = None
-    if spec.num_sinks:
-        if rope is None:
-            raise ValueError(
-                "a group with attention sinks needs `rope`: keys are roped by place "
-                "in the cache inside the kernel"
-            )
-        window_start = (cached - spec.window + 1).clamp_min(0)
-        places = torch.minimum(window_start, torch.tensor(spec.num_sinks)) + ends - window_start
-        rope_cos, rope_sin = cache_rope_tables(rope, int(places.max()) if num_seqs else 1)
-    k_off, v_off = store.layer_offsets(layer_idx)
-    return _ops().paged_attention(
-        q.contiguous(),
-        store.data,
-        store.scales,
-        k_off,
-        v_off,
-        spec.block_size,
-        store.rows_per_block,
-        table,
-        starts,
-        cached,
-        spec.window or 0,
-        spec.num_sinks,
-        scale,
-        softcap or 0.0,
-        FORMAT_CODES[spec.kv_format],
-        rope_cos,
-        rope_sin,
-        _isa(path),
-        prefill,
+    """One layer's call, every input checked (a step's layers share a `StepKernel` instead)."""
+    step = StepKernel(path)
+    return step(
+        q, store, layer_idx, block_table, query_start, num_cached, scale, softcap, rope, prefill
     )
 
 

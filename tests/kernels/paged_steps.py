@@ -114,7 +114,7 @@ def make_step(
         types.SimpleNamespace(
             request_id=str(b),
             num_computed_tokens=c,
-            num_dropped_tokens=0,
+            num_dropped_tokens=0,  # no KV press
             press_window=None,
             token_ids=[0] * e,
             spec_token_ids=[],

@@ -33,7 +33,7 @@ def _error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return half_step.double() @ w.abs().double().T + 1e-4 * exact.abs() + 1e-5
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("num_rows", [1, 3, 16, 17, 64])  # 16+: AMX tiles where the CPU has them
 @pytest.mark.parametrize("shape", [(40, 256), (16, 512)], ids=["40x256", "16x512"])
 def test_kernels_match_reference_and_each_other(qtype: Q, num_rows: int, shape) -> None:
     out_features, in_features = shape
@@ -46,6 +46,20 @@ def test_kernels_match_reference_and_each_other(qtype: Q, num_rows: int, shape) 
         assert y.shape == (num_rows, out_features)
         assert ((y.double() - expected.double()).abs() <= bound).all(), path
         assert torch.equal(y, outs["ref"]), f"{path} differs from the scalar reference"
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split()[2:]) for line in f if line.startswith("flags")), set())
+
+
+@pytest.mark.skipif("avx512" not in KERNEL_PATHS, reason="AMX tiles run on the avx512 path")
+@pytest.mark.skipif(
+    not {"amx_tile", "amx_int8"} <= _cpu_flags(), reason="this CPU has no AMX int8 tiles"
+)
+def test_amx_tiles_run_where_the_cpu_has_them() -> None:
+    # Where this holds, the avx512 results above at 16+ rows came from the tile kernel.
+    assert torch.ops.kvlm.amx_status() == ""
 
 
 @pytest.mark.parametrize("num_rows", [1, 5])

@@ -93,20 +93,43 @@ def test_head_dims_past_the_vector_width(kv_format, cache) -> None:
                                    rtol=1e-5)  # fmt: skip
 
 
-@pytest.mark.parametrize("threads", [1, 4])
-@pytest.mark.parametrize("heads", ["gqa3", "mqa"])
-def test_one_sequence_splits_its_heads_over_threads(threads, heads) -> None:
-    """A lone decode row has fewer (sequence, kv head) items than threads: its query heads are
-    split over several items (3 heads as 2 + 1), with the same answer."""
-    step = make_step(HEADS[heads], "int8", 16, None, 0, [70], [1])
-    expected = reference(step, 0.125, None)
+def run_with_threads(threads: int, step: PagedStep, scale: float) -> torch.Tensor:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = run_kernel(step, 0.125)
+        return run_kernel(step, scale)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("kv_format", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("heads", ["gqa3", "mqa"])
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_one_sequence_splits_its_keys_over_threads(threads, kv_format, heads, cache) -> None:
+    """A lone decode row of 700 keys has fewer (tile, kv head) items than threads: its keys are
+    split in parts (across the sinks and the window too), merged into the same answer."""
+    window, sinks = {"plain": (None, 0), "window": (300, 0), "window+sinks": (300, 4)}[cache]
+    step = make_step(HEADS[heads], kv_format, 16, window, sinks, [700], [1])
+    expected = reference(step, 0.125, None)
+    torch.testing.assert_close(run_with_threads(threads, step, 0.125), expected, atol=ATOL,
+                               rtol=1e-5)  # fmt: skip
+
+
+def test_split_keys_of_a_chunk_and_a_decode_row() -> None:
+    """Two sequences (a causal chunk, where late parts hold no key of the early queries, and a
+    decode row) on 4 threads: parts of both tiles, merged per row."""
+    step = make_step(HEADS["mqa"], "int8", 16, None, 0, [300, 500], [3, 1], seed=4)
+    expected = reference(step, 0.1, None)
+    torch.testing.assert_close(run_with_threads(4, step, 0.1), expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["decode", "chunk"])
+def test_more_query_heads_than_rows_of_a_tile(shape) -> None:
+    """32 query heads on one kv head: a tile takes 16 of them (kMaxRows), the rest another."""
+    step = make_step(Heads(32, 1, 64), "float16", 16, None, 0, *SHAPES[shape])
+    expected = reference(step, 0.125, None)
+    torch.testing.assert_close(run_kernel(step, 0.125), expected, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("path", [p for p in C_PATHS if p != "ref"])

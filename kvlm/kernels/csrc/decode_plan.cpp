@@ -242,8 +242,7 @@ class DecodePlan : public torch::CustomClassHolder {
     cache_rope_tables(max_place + 1);
     query_start_.resize(M + 1);
     for (int64_t m = 0; m <= M; ++m) query_start_[m] = m;
-    const std::vector<int64_t> tiles = paged::make_tiles(query_start_.data(), M, heads_ / kv_heads_,
-                                                         kv_heads_, at::get_num_threads());
+    const std::vector<int64_t> tiles = paged::make_tiles(query_start_.data(), M, heads_ / kv_heads_);
 
     at::Tensor out = x.contiguous().clone();  // the residual stream, [M, H]
     float* xs = out.data_ptr<float>();
@@ -518,7 +517,7 @@ class DecodePlan : public torch::CustomClassHolder {
       a.rope_sin = cache_sin_[l.rope].data_ptr<float>();
       a.rope_len = cache_places_;
     }
-    paged::run(a, (int64_t)c.tiles.size() / 5, isa_);
+    paged::run(a, (int64_t)c.tiles.size() / paged::kTileFields, isa_);
     lap(kAttention);
     float* o = proj_.data_ptr<float>();
     matmul(l.o, attn_.data_ptr<float>(), nh * hd, M, o, H);

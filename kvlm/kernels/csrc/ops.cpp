@@ -1,6 +1,7 @@
 // Torch operator registrations (namespace kvlm) and run-time ISA dispatch.
 //
 //   kvlm::cpu_isa() -> int                 best kernel this CPU runs: 1 ref, 2 avx2, 3 avx512
+//   kvlm::amx_status() -> str              why avx512 matmuls skip AMX tiles ("": they use them)
 //   kvlm::quantize_act(x) -> (qa, da, asum)
 //   kvlm::qgemm(qa, da, asum, w, bits, group, scale_bytes, n, isa) -> out [M, n] fp32
 //   kvlm::argmax_rows(logits [M, V]) -> [M] int64   (AVX2; torch.argmax(dim=-1)'s answer)
@@ -15,6 +16,11 @@
 #include <cpuid.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -47,8 +53,37 @@ int64_t cpu_isa() {
   return isa;
 }
 
+namespace {
+
+// Empty when AMX int8 runs here: the CPU has AMX-TILE and AMX-INT8 (CPUID 7.0 EDX bits 24, 25)
+// besides the avx512 kernels (AMX results are scaled with AVX-512), and Linux grants this
+// process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; 5.16+).
+std::string detect_amx() {
+  if (cpu_isa() != kIsaAvx512) return "the CPU lacks AVX-512 VNNI";
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) ||
+      !(edx & (1u << 25)))
+    return "the CPU lacks AMX int8";
+#ifdef __linux__
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) != 0)
+    return std::string("Linux refused the AMX tile state: ") + std::strerror(errno);
+  return "";
+#else
+  return "AMX tile state is requested on Linux only";
+#endif
+}
+
+}  // namespace
+
+const std::string& amx_status() {
+  static const std::string status = detect_amx();
+  return status;
+}
+
 QGemmKernel qgemm_kernel(int64_t isa) {
-  return isa == kIsaAvx512 ? qgemm_avx512 : isa == kIsaAvx2 ? qgemm_avx2 : qgemm_ref;
+  if (isa == kIsaAvx512) return amx_status().empty() ? qgemm_amx : qgemm_avx512;
+  return isa == kIsaAvx2 ? qgemm_avx2 : qgemm_ref;
 }
 
 namespace {
@@ -186,6 +221,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64
 
 TORCH_LIBRARY(kvlm, m) {
   m.def("cpu_isa() -> int", &cpu_isa);
+  m.def("amx_status() -> str", [] { return amx_status(); });
   m.def("quantize_act(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def(
       "qgemm(Tensor qa, Tensor da, Tensor asum, Tensor w, int bits, int group, int scale_bytes, "

@@ -94,7 +94,7 @@ void quantize_head(int format, const float* x, int64_t hd, int64_t num_scales, i
 
 int64_t num_scales_of(int format, int64_t hd) {
   if (format < kInt8) return 0;
-  return hd % 32 == 0 ? hd / 32 : 1;
+  return hd % kScaleGroup == 0 ? hd / kScaleGroup : 1;
 }
 
 int64_t rotation_of(int format, int64_t hd) {
@@ -103,23 +103,9 @@ int64_t rotation_of(int format, int64_t hd) {
   return hd % 32 == 0 ? 32 : 0;
 }
 
-std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group, int64_t nkv,
-                                int64_t threads) {
+std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group) {
   const int64_t per_tile = std::max<int64_t>(1, kMaxRows / group);
-  int64_t num_tiles = 0;
-  for (int64_t b = 0; b < B; ++b)
-    num_tiles += (query_start[b + 1] - query_start[b] + per_tile - 1) / per_tile;
-  int64_t split = 1;
-  double best = 0.0;
-  for (int64_t s = 1; s <= group; ++s) {
-    const int64_t heads = (group + s - 1) / s, items = num_tiles * nkv * s;
-    const double busiest = (double)((items + threads - 1) / threads) * (1.0 + (double)heads);
-    if (s == 1 || busiest < best) {
-      best = busiest;
-      split = s;
-    }
-  }
-  const int64_t heads = (group + split - 1) / split;
+  const int64_t heads = std::min(group, kMaxRows);
   std::vector<int64_t> tiles;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = query_start[b]; t < query_start[b + 1]; t += per_tile)
@@ -135,9 +121,99 @@ PagedKernel paged_kernel(int64_t isa) {
                            : paged_attention_ref;
 }
 
+namespace {
+
+constexpr int64_t kItemsPerThread = 4;  // fewer tiles x nkv items per thread: split the keys
+constexpr int64_t kMinPartKeys = 64;    // keys of a part at least
+constexpr double kPartCost = 16.0;      // one more part (its writes and merge), in keys read
+
+// Parts [num_parts, 3] of the tiles' keys (Args::parts), in tile order: one per tile unless
+// the items are fewer than threads x kItemsPerThread; then tile t gets min(S, keys / kMinPartKeys)
+// equal parts, S the count that minimizes the busiest thread's keys plus kPartCost per item
+// (at::parallel_for hands each thread one contiguous chunk of items).
+std::vector<int64_t> make_parts(const Args& a, int64_t num_tiles, int64_t threads) {
+  std::vector<int64_t> keys(num_tiles);
+  for (int64_t t = 0; t < num_tiles; ++t) keys[t] = key_ranges(a, a.tiles + kTileFields * t).count();
+  auto parts_of = [&](int64_t t, int64_t S) {
+    return std::clamp<int64_t>(keys[t] / kMinPartKeys, 1, S);
+  };
+  auto busiest = [&](int64_t S) {
+    int64_t items = 0;
+    for (int64_t t = 0; t < num_tiles; ++t) items += parts_of(t, S) * a.nkv;
+    const int64_t chunk = (items + threads - 1) / threads;
+    double worst = 0.0, load = 0.0;
+    int64_t i = 0;
+    for (int64_t t = 0; t < num_tiles; ++t)
+      for (int64_t n = parts_of(t, S), j = 0; j < n * a.nkv; ++j) {
+        load += (double)keys[t] / (double)n + kPartCost;
+        if (++i % chunk == 0) {
+          worst = std::max(worst, load);
+          load = 0.0;
+        }
+      }
+    return std::max(worst, load);
+  };
+  int64_t split = 1;
+  if (num_tiles * a.nkv < threads * kItemsPerThread) {
+    double best = busiest(1);
+    for (int64_t S = 2; S <= threads * kItemsPerThread; ++S)
+      if (const double c = busiest(S); c < best) {
+        best = c;
+        split = S;
+      }
+  }
+  std::vector<int64_t> parts;
+  for (int64_t t = 0; t < num_tiles; ++t)
+    for (int64_t n = parts_of(t, split), j = 0; j < n; ++j)
+      parts.insert(parts.end(), {t, keys[t] * j / n, keys[t] * (j + 1) / n});
+  return parts;
+}
+
+// The items of each tile's parts (consecutive in `parts`), merged per row and written out:
+// out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, M the largest m_p.
+void merge_parts(const Args& a, const std::vector<int64_t>& parts) {
+  const int64_t hd = a.hd, num_parts = (int64_t)parts.size() / 3;
+  std::vector<float> o(hd);
+  for (int64_t p0 = 0, p1; p0 < num_parts; p0 = p1) {
+    for (p1 = p0 + 1; p1 < num_parts && parts[3 * p1] == parts[3 * p0];) ++p1;
+    const int64_t* tile = a.tiles + kTileFields * parts[3 * p0];
+    const int64_t R = (tile[2] - tile[1]) * (tile[4] - tile[3]);
+    for (int64_t kvh = 0; kvh < a.nkv; ++kvh)
+      for (int64_t r = 0; r < R; ++r) {
+        auto partial = [&](int64_t p) { return a.partial + (p * a.nkv + kvh) * partial_floats(hd); };
+        float M = -INFINITY, L = 0.0f;
+        for (int64_t p = p0; p < p1; ++p) M = std::max(M, partial(p)[kMaxRows * hd + r]);
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* x = partial(p);
+          const float m = x[kMaxRows * hd + r];
+          if (m == -INFINITY) continue;  // no key of this part for this row
+          const float w = std::exp(m - M);
+          L += w * x[kMaxRows * (hd + 1) + r];
+          for (int64_t d = 0; d < hd; ++d) o[d] += w * x[r * hd + d];
+        }
+        for (int64_t d = 0; d < hd; ++d) o[d] /= L;
+        write_row(a, tile, kvh, r, o.data());
+      }
+  }
+}
+
+}  // namespace
+
 void run(const Args& a, int64_t num_tiles, int64_t isa) {
   const PagedKernel kernel = paged_kernel(isa);
-  at::parallel_for(0, num_tiles * a.nkv, 1, [&](int64_t i0, int64_t i1) { kernel(a, i0, i1); });
+  const std::vector<int64_t> parts = make_parts(a, num_tiles, at::get_num_threads());
+  const int64_t num_parts = (int64_t)parts.size() / 3;
+  thread_local std::vector<float> partial;  // grown once, reused by later calls
+  Args w = a;
+  w.parts = parts.data();
+  w.partial = nullptr;
+  if (num_parts > num_tiles) {
+    partial.resize(std::max<size_t>(partial.size(), num_parts * a.nkv * partial_floats(a.hd)));
+    w.partial = partial.data();
+  }
+  at::parallel_for(0, num_parts * a.nkv, 1, [&](int64_t i0, int64_t i1) { kernel(w, i0, i1); });
+  if (w.partial) merge_parts(w, parts);
 }
 
 namespace {
@@ -232,8 +308,7 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
 
   at::Tensor out = at::empty({T, nh, hd}, q.options());
   const std::vector<int64_t> tiles =  // prefill: GEMM-shaped tiles of paged_prefill.h
-      prefill ? prefill::make_tiles(qs, B, nh / nkv)
-              : make_tiles(qs, B, nh / nkv, nkv, at::get_num_threads());
+      prefill ? prefill::make_tiles(qs, B, nh / nkv) : make_tiles(qs, B, nh / nkv);
   const int64_t row_bytes = nkv * re * (int64_t)data.element_size();
   const uint8_t* base = static_cast<const uint8_t*>(data.data_ptr());
   const uint16_t* sc = num_scales ? reinterpret_cast<const uint16_t*>(scales->data_ptr()) : nullptr;
@@ -268,7 +343,7 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
   a.rotation = rotation_of((int)format, hd);
   a.rope_cos = cos;
   a.rope_sin = sin;
-  (prefill ? prefill::run : run)(a, (int64_t)tiles.size() / 5, isa);
+  (prefill ? prefill::run : run)(a, (int64_t)tiles.size() / kTileFields, isa);
   return out;
 }
 

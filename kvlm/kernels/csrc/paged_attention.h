@@ -2,12 +2,15 @@
 // (kvlm/kv/store.py), in every KV format (kvlm/kv/quant.py), dequantizing in registers as it
 // reads (keys through a float tile only with sinks, to rope them), prefetching the next tile.
 //
-// Work item = (query tile, kv head): up to kMaxRows query rows (queries x the kv head's query
-// heads, GQA/MQA) read each K/V tile once. Per sequence b with `cached` tokens before the step,
-// query t of the step sits at text position p = cached + (t - query_start[b]) and sees key kp iff
+// Work item = (part of a query tile's keys, kv head): up to kMaxRows query rows (queries x the
+// kv head's query heads, GQA/MQA) read each K/V tile once. Per sequence b with `cached` tokens
+// before the step, query t of the step sits at text position p = cached + (t - query_start[b])
+// and sees key kp iff
 //   kp <= p  and  (no window  or  kp > p - window  or  kp < num_sinks)
 // (causal chunks, sliding windows, StreamingLLM sinks), as the runner's mask. Only the key ranges
 // some query of the tile sees are read, so blocks a window released (the null block) never are.
+// Where items are fewer than threads, a tile's keys are split in parts (flash-decoding): each
+// part keeps its unnormalized output, max and sum per row, merged once after all parts ran.
 // Softmax is online over key tiles (flash-attention style). With sinks the store holds keys
 // unrotated and rope goes by place in the cache: with ws = max(cached - window + 1, 0) and
 // ns = min(num_sinks, ws), key kp < ns sits at place kp, a later key at ns + kp - ws, and the
@@ -35,6 +38,7 @@ enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kInt4 = 4, kFp8 = 
 
 constexpr int64_t kKeyTile = 32;  // keys per tile (fewer at block and range edges)
 constexpr int64_t kMaxRows = 16;  // query rows per work item
+constexpr int64_t kTileFields = 5;  // sequence, first and end row in T, first and end query head
 
 struct Args {
   const float* q;  // [T, nh, hd] (row stride q_stride floats per token)
@@ -54,8 +58,7 @@ struct Args {
   int64_t max_blocks;
   const int64_t* query_start;  // [B + 1] first row of each sequence in T
   const int64_t* num_cached;   // [B] tokens cached before the step
-  const int64_t* tiles;  // [num_tiles, 5]: sequence, first and end row in T, first and end head
-                         // of the kv head's query heads (all G but where threads outnumber work)
+  const int64_t* tiles;  // [num_tiles, kTileFields] from make_tiles
   int64_t nh, nkv, hd;
   int64_t window;  // 0: none
   int64_t num_sinks;
@@ -66,28 +69,34 @@ struct Args {
   const float* rope_cos;
   const float* rope_sin;
   int64_t rope_len;
+  // Set by run(): parts [num_parts, 3] (query tile, first and end of its keys in visit order,
+  // KeyRanges), item i = part i / nkv, kv head i % nkv; and where some tile has several parts,
+  // each item's partial result [items, partial_floats(hd)] (else null: items write out).
+  const int64_t* parts;
+  float* partial;
 };
 
-// Each computes work items [i0, i1): item i is tile i / nkv, kv head i % nkv.
+// Each computes work items [i0, i1): item i is part i / nkv, kv head i % nkv.
 void paged_attention_ref(const Args& a, int64_t i0, int64_t i1);
 void paged_attention_avx2(const Args& a, int64_t i0, int64_t i1);
 void paged_attention_avx512(const Args& a, int64_t i0, int64_t i1);
 using PagedKernel = void (*)(const Args&, int64_t, int64_t);
 PagedKernel paged_kernel(int64_t isa);  // kIsa* -> its kernel
 
-// Scales per head (0 for float formats) and the int4 rotation width (0: none) of a format.
+constexpr int64_t kScaleGroup = 32;  // elements per scale where a head has several
+
+// Scales per head (0 for float formats: one, of the whole head, where hd % kScaleGroup != 0)
+// and the int4 rotation width (0: none) of a format.
 int64_t num_scales_of(int format, int64_t hd);
 int64_t rotation_of(int format, int64_t hd);
 
-// [num_tiles * 5] tiles (sequence, first row, end row, first head, end head) of at most
-// kMaxRows / group queries. Where tiles x nkv items are too few for `threads`, a kv head's
-// query heads are split over several items, each reading the K/V again: the split that
-// minimizes the busiest thread's work (one K/V read plus one unit per query head and item).
-std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group, int64_t nkv,
-                                int64_t threads);
+// [num_tiles * kTileFields] tiles (sequence, first row, end row, first head, end head) of at
+// most kMaxRows rows: kMaxRows / group queries of all `group` query heads of a kv head, or one
+// query of up to kMaxRows of them where group is larger.
+std::vector<int64_t> make_tiles(const int64_t* query_start, int64_t B, int64_t group);
 
-// Every work item of `a` (num_tiles tiles x nkv heads) across threads, with the kernel of isa.
-// Tiles come from make_tiles.
+// Every work item of `a` (a.tiles: num_tiles tiles from make_tiles) across threads, with the
+// kernel of isa; a.parts and a.partial are set here.
 void run(const Args& a, int64_t num_tiles, int64_t isa);
 
 // Quantize one head row x[hd] exactly as KVFormat.quantize (int4: up to float rounding of the
@@ -132,6 +141,10 @@ inline float stored_value(int format, const uint8_t* src, int64_t i) {
     default: return fp8_to_float(src[i]);
   }
 }
+
+// The scale of element d of a head row with nsc scales (num_scales_of): d / group without a
+// division in the SIMD loops (the group is kScaleGroup, or the whole row).
+inline int64_t scale_index(int64_t nsc, int64_t d) { return nsc > 1 ? d / kScaleGroup : 0; }
 
 // Element d of one stored head row, dequantized with its row's float scales sc (if quantized).
 inline float element(int format, const uint8_t* row, const float* sc, int64_t group, int64_t d) {
@@ -185,6 +198,40 @@ inline void rope_row(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
+// A work item's partial result: its output rows before dividing by their sum [kMaxRows, hd],
+// then the running max m [kMaxRows] and sum l [kMaxRows] of the online softmax.
+inline int64_t partial_floats(int64_t hd) { return kMaxRows * (hd + 2); }
+
+// The keys some query of a tile sees, in visit order: the sinks [0, sinks) before the first
+// row's window, then [lo, end); a part's keys [first, end) count in this order.
+struct KeyRanges {
+  int64_t sinks, lo, end;
+  int64_t count() const { return sinks + end - lo; }
+};
+
+inline KeyRanges key_ranges(const Args& a, const int64_t* tile) {
+  const int64_t b = tile[0], p_first = a.num_cached[b] + tile[1] - a.query_start[b];
+  const int64_t p_last = p_first + tile[2] - tile[1] - 1;
+  const int64_t lo = a.window ? std::max<int64_t>(p_first - a.window + 1, 0) : 0;
+  return {a.window ? std::min(a.num_sinks, lo) : 0, lo, p_last + 1};
+}
+
+// Token and query head of row r of a tile for kv head kvh.
+inline void row_place(const Args& a, const int64_t* tile, int64_t kvh, int64_t r, int64_t* t,
+                      int64_t* head) {
+  const int64_t gw = tile[4] - tile[3];
+  *t = tile[1] + r / gw;
+  *head = kvh * (a.nh / a.nkv) + tile[3] + r % gw;
+}
+
+// Row r's finished output o[hd] (divided by its sum) to out, rotated back if int4.
+inline void write_row(const Args& a, const int64_t* tile, int64_t kvh, int64_t r, float* o) {
+  if (a.rotation) hadamard(o, a.hd, a.rotation);
+  int64_t t, head;
+  row_place(a, tile, kvh, r, &t, &head);
+  std::memcpy(a.out + t * a.out_stride + head * a.hd, o, a.hd * sizeof(float));
+}
+
 // fn(rows, r) over query rows [0, R) in blocks of 4 and one of the rest, `rows` a
 // std::integral_constant with the block's row count (for register-blocked micro-kernels).
 template <class Fn>
@@ -221,27 +268,40 @@ inline void row_blocks(int64_t R, Fn fn) {
 //   scale_rows(x, n, c): x[0 .. n) *= c
 template <class Ops>
 void run_items(const Args& a, int64_t i0, int64_t i1) {
-  const int64_t hd = a.hd, G = a.nh / a.nkv;
+  const int64_t hd = a.hd;
   const int64_t group = a.num_scales ? hd / a.num_scales : hd;
   const bool cache_rope = a.num_sinks > 0;  // rope by place in the cache, keys unrotated
   const bool quantized = a.num_scales > 0;
   const int64_t nsc = a.num_scales;
-  std::vector<float> qbuf(kMaxRows * hd), acc(kMaxRows * hd), kbuf(cache_rope ? kKeyTile * hd : 0),
-      s(kMaxRows * kKeyTile), m(kMaxRows), l(kMaxRows), ks(kKeyTile * nsc), vs(kKeyTile * nsc);
+  // This thread's buffers, grown once (no allocation or zeroing per call): q rows, output rows,
+  // keys roped by place (with sinks), scores, running max and sum, K and V tile scales.
+  thread_local std::vector<float> scratch;
+  const size_t need = 2 * kMaxRows * hd + (cache_rope ? kKeyTile * hd : 0) +
+                      kMaxRows * (kKeyTile + 2) + 2 * kKeyTile * nsc;
+  if (scratch.size() < need) scratch.resize(need);
+  float* qbuf = scratch.data();
+  float* acc = qbuf + kMaxRows * hd;
+  float* kbuf = acc + kMaxRows * hd;
+  float* s = kbuf + (cache_rope ? kKeyTile * hd : 0);
+  float* m = s + kMaxRows * kKeyTile;
+  float* l = m + kMaxRows;
+  float* ks = l + kMaxRows;
+  float* vs = ks + kKeyTile * nsc;
   int64_t pos[kMaxRows];
   for (int64_t item = i0; item < i1; ++item) {
-    const int64_t* tile = a.tiles + 5 * (item / a.nkv);
-    const int64_t kvh = item % a.nkv, b = tile[0], t0 = tile[1], t1 = tile[2];
-    const int64_t g0 = tile[3], gw = tile[4] - tile[3];  // query heads kvh * G + g0 ...
-    const int64_t cached = a.num_cached[b], first = a.query_start[b];
+    const int64_t* part = a.parts + 3 * (item / a.nkv);
+    const int64_t* tile = a.tiles + kTileFields * part[0];
+    const int64_t kvh = item % a.nkv, b = tile[0];
+    const int64_t cached = a.num_cached[b];
     const int64_t ws = a.window ? std::max<int64_t>(cached - a.window + 1, 0) : 0;
     const int64_t ns = std::min(a.num_sinks, ws);
-    const int64_t R = (t1 - t0) * gw;
+    const int64_t R = (tile[2] - tile[1]) * (tile[4] - tile[3]);
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t t = t0 + r / gw, head = kvh * G + g0 + r % gw;
-      float* q = qbuf.data() + r * hd;
+      int64_t t, head;
+      row_place(a, tile, kvh, r, &t, &head);
+      float* q = qbuf + r * hd;
       std::memcpy(q, a.q + t * a.q_stride + head * hd, hd * sizeof(float));
-      pos[r] = cached + t - first;
+      pos[r] = cached + t - a.query_start[b];
       if (cache_rope) {
         const int64_t place = ns + pos[r] - ws;
         rope_row(q, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
@@ -252,9 +312,7 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
       m[r] = -INFINITY;
       l[r] = 0.0f;
     }
-    std::fill(acc.begin(), acc.begin() + R * hd, 0.0f);
-    const int64_t p_first = pos[0], p_last = pos[R - 1];
-    const int64_t lo = a.window ? std::max<int64_t>(p_first - a.window + 1, 0) : 0;
+    std::fill(acc, acc + R * hd, 0.0f);
     const int64_t* table = a.block_table + b * a.max_blocks;
     auto head_offset = [&](int64_t kp) {  // bytes from a row 0 to key kp's head row
       const int64_t row = table[kp / a.block_size] * a.rows_per_block + kp % a.block_size;
@@ -278,26 +336,26 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           prefetch(kp + n, std::min({k1 - kp - n, a.block_size - (kp + n) % a.block_size,
                                      kKeyTile}));
         if (quantized) {
-          Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks.data());
-          Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs.data());
+          Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks);
+          Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs);
         }
         if (cache_rope) {
           Ops::dequant(a, a.k + head_off, a.k_scales ? a.k_scales + row * a.scale_row + kvh * nsc
-                                                     : nullptr, n, kbuf.data());
+                                                     : nullptr, n, kbuf);
           for (int64_t j = 0; j < n; ++j) {
-            float* key = kbuf.data() + j * hd;
+            float* key = kbuf + j * hd;
             const int64_t place = kp + j < ns ? kp + j : ns + kp + j - ws;
             if (a.rotation) hadamard(key, hd, a.rotation);
             rope_row(key, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
           }
-          Ops::scores(kF32, qbuf.data(), R, reinterpret_cast<const uint8_t*>(kbuf.data()),
-                      hd * 4, nullptr, 0, hd, n, hd, s.data());
+          Ops::scores(kF32, qbuf, R, reinterpret_cast<const uint8_t*>(kbuf),
+                      hd * 4, nullptr, 0, hd, n, hd, s);
         } else {
-          Ops::scores(a.format, qbuf.data(), R, a.k + head_off, a.row_bytes, ks.data(), nsc,
-                      group, n, hd, s.data());
+          Ops::scores(a.format, qbuf, R, a.k + head_off, a.row_bytes, ks, nsc,
+                      group, n, hd, s);
         }
         for (int64_t r = 0; r < R; ++r) {
-          float* sr = s.data() + r * kKeyTile;
+          float* sr = s + r * kKeyTile;
           if (a.softcap > 0.0f)
             for (int64_t j = 0; j < n; ++j) sr[j] = std::tanh(sr[j] / a.softcap) * a.softcap;
           const int64_t p = pos[r], last = kp + n - 1;
@@ -320,22 +378,28 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           if (!all_seen)  // exp(-inf) may be a tiny positive number in the SIMD exp
             for (int64_t j = 0; j < n; ++j)
               if (unseen(kp + j)) sr[j] = 0.0f;
-          if (corr != 1.0f) Ops::scale_rows(acc.data() + r * hd, hd, corr);
+          if (corr != 1.0f) Ops::scale_rows(acc + r * hd, hd, corr);
           m[r] = m_new;
         }
-        Ops::accumulate(a.format, s.data(), R, a.v + head_off, a.row_bytes, vs.data(), nsc, group,
-                        n, hd, acc.data());
+        Ops::accumulate(a.format, s, R, a.v + head_off, a.row_bytes, vs, nsc, group,
+                        n, hd, acc);
         kp += n;
       }
     };
-    if (a.window) visit(0, std::min(a.num_sinks, lo));  // sinks before the first window
-    visit(lo, p_last + 1);
+    const KeyRanges keys = key_ranges(a, tile);  // this part's: [part[1], part[2]) of them
+    visit(part[1], std::min(part[2], keys.sinks));
+    visit(keys.lo + std::max<int64_t>(part[1] - keys.sinks, 0), keys.lo + part[2] - keys.sinks);
+    if (a.partial) {  // unnormalized, merged by run()
+      float* dst = a.partial + item * partial_floats(hd);
+      std::memcpy(dst, acc, R * hd * sizeof(float));
+      std::memcpy(dst + kMaxRows * hd, m, R * sizeof(float));
+      std::memcpy(dst + kMaxRows * (hd + 1), l, R * sizeof(float));
+      continue;
+    }
     for (int64_t r = 0; r < R; ++r) {
-      float* o = acc.data() + r * hd;
+      float* o = acc + r * hd;
       Ops::scale_rows(o, hd, 1.0f / l[r]);
-      if (a.rotation) hadamard(o, hd, a.rotation);
-      const int64_t t = t0 + r / gw, head = kvh * G + g0 + r % gw;
-      std::memcpy(a.out + t * a.out_stride + head * hd, o, hd * sizeof(float));
+      write_row(a, tile, kvh, r, o);
     }
   }
 }

@@ -72,7 +72,7 @@ void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int
       }
     for (int64_t d = 0; d < vec_end; d += 8) {
       __m256 x = load8<F>(row, d);
-      if constexpr (F >= kInt8) x = _mm256_mul_ps(x, _mm256_set1_ps(scale[d / group]));
+      if constexpr (F >= kInt8) x = _mm256_mul_ps(x, _mm256_set1_ps(scale[scale_index(a.num_scales, d)]));
       _mm256_storeu_ps(o + d, x);
     }
     dequant_tail(F, row, sc, hd, group, vec_end, o);
@@ -82,12 +82,12 @@ void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int
 // The stored rows' vectors at element d of keys j .. j + KB - 1 (the last key standing in for
 // those past n), dequantized: times their scale if quantized.
 template <int F, int KB>
-inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t group,
-                      int64_t j, int64_t n, int64_t d, __m256* out) {
+inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t j,
+                      int64_t n, int64_t d, __m256* out) {
   for (int i = 0; i < KB; ++i) {
     const int64_t key = std::min(j + i, n - 1);
     out[i] = load8<F>(k + key * ldk, d);
-    if constexpr (F >= kInt8) out[i] = _mm256_mul_ps(out[i], _mm256_set1_ps(ks[key * nsc + d / group]));
+    if constexpr (F >= kInt8) out[i] = _mm256_mul_ps(out[i], _mm256_set1_ps(ks[key * nsc + scale_index(nsc, d)]));
   }
 }
 
@@ -96,7 +96,7 @@ inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t ns
 // left to scores_tail; rows of s are written up to a multiple of KB keys (kKeyTile is one).
 template <int F, int RB>
 void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc,
-                 int64_t group, int64_t n, int64_t hd, float* s) {
+                 int64_t n, int64_t hd, float* s) {
   constexpr int KB = 8 / RB;
   const int64_t hv = hd / 8 * 8;
   for (int64_t j = 0; j < n; j += KB) {
@@ -104,7 +104,7 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hv; d += 8) {
       __m256 kv[KB];
-      load_keys<F, KB>(k, ldk, ks, nsc, group, j, n, d, kv);
+      load_keys<F, KB>(k, ldk, ks, nsc, j, n, d, kv);
       for (int r = 0; r < RB; ++r) {
         const __m256 qv = _mm256_loadu_ps(q + r * hd + d);
         for (int i = 0; i < KB; ++i) acc[r * KB + i] = _mm256_fmadd_ps(qv, kv[i], acc[r * KB + i]);
@@ -121,7 +121,7 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
 // once for the RB rows.
 template <int F, int RB, int CB>
 void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
-                     int64_t group, int64_t n, int64_t hd, int64_t c, float* acc) {
+                     int64_t n, int64_t hd, int64_t c, float* acc) {
   __m256 o[RB * CB];
   for (int r = 0; r < RB; ++r)
     for (int i = 0; i < CB; ++i) o[r * CB + i] = _mm256_loadu_ps(acc + r * hd + c + 8 * i);
@@ -132,7 +132,7 @@ void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float*
     for (int i = 0; i < CB; ++i) {
       __m256 x = load8<F>(row, c + 8 * i);
       if constexpr (F >= kInt8)
-        x = _mm256_mul_ps(x, _mm256_set1_ps(vs[j * nsc + (c + 8 * i) / group]));
+        x = _mm256_mul_ps(x, _mm256_set1_ps(vs[j * nsc + scale_index(nsc, c + 8 * i)]));
       for (int r = 0; r < RB; ++r) o[r * CB + i] = _mm256_fmadd_ps(w[r], x, o[r * CB + i]);
     }
   }
@@ -148,8 +148,8 @@ void accumulate_rows(const float* p, const uint8_t* v, int64_t ldv, const float*
   const int64_t hv = hd / 8 * 8;
   int64_t c = 0;
   for (; c + 8 * CB <= hv; c += 8 * CB)
-    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
-  for (; c < hv; c += 8) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
+    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, n, hd, c, acc);
+  for (; c < hv; c += 8) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, n, hd, c, acc);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t d = hv; d < hd; ++d) {
       const float x = element(F, v + j * ldv, vs + j * nsc, group, d);
@@ -161,7 +161,7 @@ template <int F>
 void scores_f(const float* q, int64_t R, const uint8_t* k, int64_t ldk, const float* ks,
               int64_t nsc, int64_t group, int64_t n, int64_t hd, float* s) {
   row_blocks(R, [&](auto rows, int64_t r) {
-    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, group, n, hd, s + r * kKeyTile);
+    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, n, hd, s + r * kKeyTile);
   });
   if (hd % 8) scores_tail(F, q, R, k, ldk, ks, nsc, group, n, hd / 8 * 8, hd, s);
 }

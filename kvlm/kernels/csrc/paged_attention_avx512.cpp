@@ -86,7 +86,7 @@ void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int
                                    (__mmask16)((1u << a.num_scales) - 1), sc)));
     for (int64_t d = 0; d < vec_end; d += 16) {
       __m512 x = load16<F>(row, d);
-      if constexpr (F >= kInt8) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[d / group]));
+      if constexpr (F >= kInt8) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[scale_index(a.num_scales, d)]));
       _mm512_storeu_ps(o + d, x);
     }
     dequant_tail(F, row, sc, hd, group, vec_end, o);
@@ -99,12 +99,12 @@ inline __m256 fold(__m512 x) {
 
 // As the AVX2 file's, 16 lanes: keys j .. j + KB - 1 at element d, dequantized.
 template <int F, int KB>
-inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t group,
-                      int64_t j, int64_t n, int64_t d, __m512* out) {
+inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t j,
+                      int64_t n, int64_t d, __m512* out) {
   for (int i = 0; i < KB; ++i) {
     const int64_t key = std::min(j + i, n - 1);
     out[i] = load16<F>(k + key * ldk, d);
-    if constexpr (F >= kInt8) out[i] = _mm512_mul_ps(out[i], _mm512_set1_ps(ks[key * nsc + d / group]));
+    if constexpr (F >= kInt8) out[i] = _mm512_mul_ps(out[i], _mm512_set1_ps(ks[key * nsc + scale_index(nsc, d)]));
   }
 }
 
@@ -112,7 +112,7 @@ inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t ns
 // the last multiple of 16 are left to scores_tail (as the AVX2 file).
 template <int F, int RB>
 void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc,
-                 int64_t group, int64_t n, int64_t hd, float* s) {
+                 int64_t n, int64_t hd, float* s) {
   constexpr int KB = 8 / RB;
   const int64_t hv = hd / 16 * 16;
   for (int64_t j = 0; j < n; j += KB) {
@@ -120,7 +120,7 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < hv; d += 16) {
       __m512 kv[KB];
-      load_keys<F, KB>(k, ldk, ks, nsc, group, j, n, d, kv);
+      load_keys<F, KB>(k, ldk, ks, nsc, j, n, d, kv);
       for (int r = 0; r < RB; ++r) {
         const __m512 qv = _mm512_loadu_ps(q + r * hd + d);
         for (int i = 0; i < KB; ++i) acc[r * KB + i] = _mm512_fmadd_ps(qv, kv[i], acc[r * KB + i]);
@@ -138,7 +138,7 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
 // acc[r][c .. c + 16 CB) += sum_j p[r][j] v[j] for RB rows.
 template <int F, int RB, int CB>
 void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
-                     int64_t group, int64_t n, int64_t hd, int64_t c, float* acc) {
+                     int64_t n, int64_t hd, int64_t c, float* acc) {
   __m512 o[RB * CB];
   for (int r = 0; r < RB; ++r)
     for (int i = 0; i < CB; ++i) o[r * CB + i] = _mm512_loadu_ps(acc + r * hd + c + 16 * i);
@@ -149,7 +149,7 @@ void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float*
     for (int i = 0; i < CB; ++i) {
       __m512 x = load16<F>(row, c + 16 * i);
       if constexpr (F >= kInt8)
-        x = _mm512_mul_ps(x, _mm512_set1_ps(vs[j * nsc + (c + 16 * i) / group]));
+        x = _mm512_mul_ps(x, _mm512_set1_ps(vs[j * nsc + scale_index(nsc, c + 16 * i)]));
       for (int r = 0; r < RB; ++r) o[r * CB + i] = _mm512_fmadd_ps(w[r], x, o[r * CB + i]);
     }
   }
@@ -164,8 +164,8 @@ void accumulate_rows(const float* p, const uint8_t* v, int64_t ldv, const float*
   const int64_t hv = hd / 16 * 16;
   int64_t c = 0;
   for (; c + 16 * CB <= hv; c += 16 * CB)
-    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
-  for (; c < hv; c += 16) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, group, n, hd, c, acc);
+    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, n, hd, c, acc);
+  for (; c < hv; c += 16) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, n, hd, c, acc);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t d = hv; d < hd; ++d) {
       const float x = element(F, v + j * ldv, vs + j * nsc, group, d);
@@ -177,7 +177,7 @@ template <int F>
 void scores_f(const float* q, int64_t R, const uint8_t* k, int64_t ldk, const float* ks,
               int64_t nsc, int64_t group, int64_t n, int64_t hd, float* s) {
   row_blocks(R, [&](auto rows, int64_t r) {
-    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, group, n, hd, s + r * kKeyTile);
+    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, n, hd, s + r * kKeyTile);
   });
   if (hd % 16) scores_tail(F, q, R, k, ldk, ks, nsc, group, n, hd / 16 * 16, hd, s);
 }

@@ -17,6 +17,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 namespace kvlm {
 
@@ -90,13 +91,19 @@ inline int symmetric_blocks(int64_t bits, int64_t group, int64_t scale_bytes, in
 void qgemm_ref(const QGemmArgs& a, int64_t t0, int64_t t1);
 void qgemm_avx2(const QGemmArgs& a, int64_t t0, int64_t t1);
 void qgemm_avx512(const QGemmArgs& a, int64_t t0, int64_t t1);
+// AMX int8 tiles for each whole 16 rows of M, qgemm_avx512 for the rest: the same results.
+void qgemm_amx(const QGemmArgs& a, int64_t t0, int64_t t1);
 
 using QGemmKernel = void (*)(const QGemmArgs&, int64_t t0, int64_t t1);
 constexpr int64_t kIsaRef = 1, kIsaAvx2 = 2, kIsaAvx512 = 3;
 
-// The best kernel this CPU runs (kIsa*), detected once; and the kernel of an ISA code.
+// The best kernel this CPU runs (kIsa*), detected once; and the kernel of an ISA code (avx512:
+// qgemm_amx where amx_status() is empty).
 int64_t cpu_isa();
 QGemmKernel qgemm_kernel(int64_t isa);
+// Why the avx512 matmuls do not use AMX tiles (the CPU lacks them, or Linux refused the tile
+// state); empty when they do. Decided once per process.
+const std::string& amx_status();
 
 // Quantize rows [m0, m1) of x [M, K] (row stride ldx) into qa/da/asum (padded to a multiple of 32).
 // The AVX2 version gives the same bytes as the scalar one; `quantize_rows_for(isa)` picks.
