@@ -51,7 +51,9 @@ class GroupView:
     # [B, max_blocks] int64 block ids of each sequence, the null block past its end; cache only
     block_table: torch.Tensor | None = None
     query_start: torch.Tensor | None = None  # [B + 1] int64 first row in T of each sequence
-    num_cached: torch.Tensor | None = None  # [B] int64 tokens cached before the step
+    # [B] int64 tokens cached before the step: the new tokens' first cache index, fewer than
+    # their text position when a KV press dropped tokens (the same tensor in every group)
+    num_cached: torch.Tensor | None = None
     # Torch reference only. [B * S] rows to read keys from: base rows of the group's store, or
     # (no-cache) rows of this step's tokens; sequence b's keys are rows b * S .. b * S + S - 1
     gather_index: torch.Tensor | None = None
@@ -78,7 +80,7 @@ class QueryCapture:
 
 @dataclass
 class ForwardContext:
-    positions: torch.Tensor  # [T] place of each new token in its sequence
+    positions: torch.Tensor  # [T] place of each new token in its sequence's text (rope)
     num_seqs: int  # B
     max_query_len: int  # Q
     # [T] position of each token in the padded [B * Q] query layout; None when Q == 1

@@ -5,7 +5,9 @@ when each layer is ~30 torch ops: norms, rope, cache writes, a gather of the who
 SDPA. `FusedDecoder` hands the whole stack to the C++ plan built once from the model's weights;
 it writes the cache rows the runner computed and reads K/V through the block tables (the same
 `GroupView`s the torch path uses) with the paged attention kernel, in every KV format, with
-windows and sinks, so the two paths share every scheduling and caching decision.
+windows and sinks, so the two paths share every scheduling and caching decision. Rope goes by
+each token's place in the text (`ctx.positions`), key counts by its place in the cache (the
+views' `num_cached`): they differ for a request a KV press compacted (engine/press.py).
 
 It applies where the C++ kernels run with AVX2 or better and every projection is quantized;
 any other step (prefill, mixed chunks, no-cache) runs layer by layer, where attention reads
@@ -119,7 +121,8 @@ class FusedDecoder:
         self._set_layout(ctx, views)
         return self.plan.forward(
             x,
-            ctx.positions,
+            ctx.positions,  # [M] rope by place in the text
+            views[0].num_cached,  # [M] keys cached before each new token (the same per group)
             [s.data for s in stores],
             [_NO_SCALES if s.scales is None else s.scales for s in stores],
             [v.write_rows for v in views],

@@ -44,8 +44,6 @@ class StepInput:
     # rows they still need, and those rows' places in the hidden states (None: no such rows)
     prompt_spans: list[tuple[int, int, int]]
     prompt_indices: torch.Tensor | None
-    # Some sequence's cache holds fewer tokens than its text (a KV press dropped some)
-    compacted: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,6 @@ class ModelRunner:
             for layer in spec.layer_ids:
                 self.group_of_layer[layer] = g
         self.fused: FusedDecoder | None = None  # set by use_fused_decode
-        self._said_compacted = False  # logged once: compacted requests skip the fused plan
         self.input_batch = None if cache is None else InputBatch(specs, cache, device)
         self.paged_attention = None
         if stores is not None:
@@ -148,14 +145,6 @@ class ModelRunner:
         layer. Final hidden states [T, H]."""
         fused = self.fused if self.fused is not None and self.fused.accepts(step.ctx) else None
         if step.ctx.query_capture is not None:  # a press's window queries come from attention()
-            fused = None
-        if fused is not None and step.compacted:
-            if not self._said_compacted:
-                logger.info(
-                    "decode steps with a pressed (compacted) request run layer by layer: the "
-                    "fused plan counts each sequence's keys by its text position"
-                )
-                self._said_compacted = True
             fused = None
         return self.model(step.input_ids, step.ctx, decoder=fused)
 
@@ -220,7 +209,6 @@ class ModelRunner:
             sampled,
             prompt_spans,
             None if prompt_indices is None else self._to_device(prompt_indices),
-            compacted=bool(dropped.any()),
         )
 
     def _step_kernel(self) -> PagedKernel:

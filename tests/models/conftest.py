@@ -1,4 +1,5 @@
-"""Fixtures and helpers of the fused decode tests: each GGUF model is loaded once per session.
+"""Fixtures and helpers of the fused decode tests: each GGUF model is loaded once per session;
+`record_steps` says which path (fused plan or torch layers) ran each step.
 
 Every test here needs the AVX2 (or AVX-512) kernels; `needs_simd` skips a module without them.
 """
@@ -6,11 +7,15 @@ Every test here needs the AVX2 (or AVX-512) kernels; `needs_simd` skips a module
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from kvlm import LLM, SamplingParams
+from kvlm.attention.context import ForwardContext
 from kvlm.engine.fused_decode import FusedDecoder
 from kvlm.kernels import available_paths
 from kvlm.models.layers import RMSNorm
@@ -53,3 +58,38 @@ def one_layer_plan(model: CausalLM, layer: DecoderLayer, path: str | None) -> Fu
         norm=unit_norm(model),
     )
     return FusedDecoder(one_layer, path)  # type: ignore[arg-type]
+
+
+@dataclass
+class StepRecord:
+    query_lens: list[int]  # new tokens of each sequence
+    fused: int = 0  # FusedDecoder calls in the step
+    torch_layers: int = 0  # decoder layers run on the torch path
+
+
+@contextmanager
+def record_steps(model: CausalLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[StepRecord]]:
+    """One StepRecord per model forward: the step's shape and which path ran it."""
+    steps: list[StepRecord] = []
+    fused_call = FusedDecoder.__call__
+
+    def counted(self: FusedDecoder, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        steps[-1].fused += 1
+        return fused_call(self, x, ctx)
+
+    def on_forward(module: CausalLM, args: tuple) -> None:
+        _, ctx = args
+        query_start = ctx.layer_views[0].query_start  # [B + 1] (these engines have a cache)
+        steps.append(StepRecord(query_start.diff().tolist()))
+
+    def on_layer(module: DecoderLayer, args: tuple) -> None:
+        steps[-1].torch_layers += 1
+
+    monkeypatch.setattr(FusedDecoder, "__call__", counted)
+    handles = [model.register_forward_pre_hook(on_forward)]
+    handles += [layer.register_forward_pre_hook(on_layer) for layer in model.layers]
+    try:
+        yield steps
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -9,62 +9,30 @@ from __future__ import annotations
 import logging
 import math
 import types
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 
 from kvlm import LLM, SamplingParams
-from kvlm.attention.context import ForwardContext
 from kvlm.bench.haystack import reference_text
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.scoring import token_logprobs
 from kvlm.kernels import QuantizedWeight, repack_gguf
 from kvlm.kernels.build import ISA_CODES
-from kvlm.models.transformer import CausalLM, DecoderLayer
 from tests.kernels.conftest import K_QUANTS, QUANTIZABLE, gguf_tensor
-from tests.models.conftest import PROMPTS, SIMD_PATHS, greedy, needs_simd, one_layer_plan
+from tests.models.conftest import (
+    PROMPTS,
+    SIMD_PATHS,
+    greedy,
+    needs_simd,
+    one_layer_plan,
+    record_steps,
+)
 
 pytestmark = needs_simd
 
 # --- which steps take the fused path -------------------------------------------------------
-
-
-@dataclass
-class StepRecord:
-    query_lens: list[int]  # new tokens of each sequence
-    fused: int = 0  # FusedDecoder calls in the step
-    torch_layers: int = 0  # decoder layers run on the torch path
-
-
-@contextmanager
-def record_steps(model: CausalLM, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[StepRecord]]:
-    """One StepRecord per model forward: the step's shape and which path ran it."""
-    steps: list[StepRecord] = []
-    fused_call = FusedDecoder.__call__
-
-    def counted(self: FusedDecoder, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        steps[-1].fused += 1
-        return fused_call(self, x, ctx)
-
-    def on_forward(module: CausalLM, args: tuple) -> None:
-        _, ctx = args
-        query_start = ctx.layer_views[0].query_start  # [B + 1] (these engines have a cache)
-        steps.append(StepRecord(query_start.diff().tolist()))
-
-    def on_layer(module: DecoderLayer, args: tuple) -> None:
-        steps[-1].torch_layers += 1
-
-    monkeypatch.setattr(FusedDecoder, "__call__", counted)
-    handles = [model.register_forward_pre_hook(on_forward)]
-    handles += [layer.register_forward_pre_hook(on_layer) for layer in model.layers]
-    try:
-        yield steps
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def test_fused_path_runs_decode_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,6 +174,7 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
     good = {  # one sequence at position 0 in block 1, reading its own key
         "x": torch.randn(1, config.hidden_size),
         "positions": torch.tensor([0]),
+        "cache_positions": torch.tensor([0]),
         "stores": [store],
         "scales": [no_scales],
         "write_rows": [row],
@@ -230,19 +199,27 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         forward(write_rows=[torch.tensor([0, 1])])
     with pytest.raises(RuntimeError, match="one store, scales, write_rows and block_tables"):
         forward(write_rows=[row, row])
-    with pytest.raises(RuntimeError, match="positions must be contiguous int64"):
+    with pytest.raises(RuntimeError, match="positions and cache_positions must be contiguous"):
         forward(positions=row.int())
+    with pytest.raises(RuntimeError, match="positions and cache_positions must be contiguous"):
+        forward(cache_positions=torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="cache position 1 and text position 0"):
+        forward(cache_positions=torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="cache position -1 and text position 0"):
+        forward(cache_positions=torch.tensor([-1]))
     with pytest.raises(RuntimeError, match="one entry per layer"):
         plan.set_layout([0, 0], [0, 0], [16, 16])
     # Rows past the store (V sits 16 rows further: 48 is the last base row), block ids and
-    # positions past the table, quantized stores without scales and negative offsets are
-    # errors, never reads or writes out of bounds
+    # cache positions past the table (text positions may be: a press dropped tokens),
+    # quantized stores without scales and negative offsets are errors, never reads or writes
+    # out of bounds
     with pytest.raises(RuntimeError, match="write_rows row 48 is outside the store's"):
         forward(write_rows=[torch.tensor([48])])
     with pytest.raises(RuntimeError, match="block id 2 is outside the store's"):
         forward(block_tables=[torch.tensor([[2]])])
-    with pytest.raises(RuntimeError, match="at position 16 is past its 1 blocks"):
-        forward(positions=torch.tensor([16]))
+    with pytest.raises(RuntimeError, match="at cache position 16 is past its 1 blocks"):
+        forward(positions=torch.tensor([16]), cache_positions=torch.tensor([16]))
+    assert forward(positions=torch.tensor([100])).isfinite().all()  # 100 dropped: one key
     with pytest.raises(RuntimeError, match="sinks"):
         plan.set_groups([0], [16], [32], [0], [4])
     plan.set_groups([3], [16], [32], [0], [0])  # int8

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvlm import LLM
+from kvlm import LLM, KVPress, SamplingParams
 from kvlm.attention.context import ForwardContext
 from kvlm.bench.haystack import reference_text
 from kvlm.engine.runner import ModelRunner
@@ -51,7 +51,7 @@ class LayerComparison:
     outputs: dict[int, list[float]] = field(default_factory=dict)
     kv_rows: dict[int, list[float]] = field(default_factory=dict)
     num_steps: int = 0  # decode steps compared (every layer in each)
-    max_dropped_keys: int = 0  # most keys a window kept out of one sequence's attention
+    max_dropped_keys: int = 0  # most keys a window or press kept out of one sequence's attention
     shared_rows: bool = False  # two sequences of one step read the same cache row
 
 
@@ -69,7 +69,9 @@ def compare_layers(
     one-layer plan computes the same layer from the same input x and cache, and just after,
     its output is compared with rms_norm(layer output) and its K/V rows with the torch
     layer's. The plan's own writes are undone before the torch layer runs, so the cache stays
-    the torch path's. `position_shift` hands the plan wrong positions (to show a bug fails)."""
+    the torch path's. The plan gets the step's text positions (rope) and the views' num_cached
+    (cache positions, fewer after a KV press); `position_shift` hands it wrong text positions
+    (to show a bug fails)."""
     model = runner.model
     report = LayerComparison()
     plans = [one_layer_plan(model, layer, path) for layer in model.layers]
@@ -94,7 +96,13 @@ def compare_layers(
         positions = ctx.positions + position_shift
         scales = torch.empty(0, dtype=torch.float16) if store.scales is None else store.scales
         out = plan.forward(
-            x, positions, [store.data], [scales], [view.write_rows], [view.block_table]
+            x,
+            positions,
+            view.num_cached,
+            [store.data],
+            [scales],
+            [view.write_rows],
+            [view.block_table],
         )
         pending[idx] = (out, _kv_rows(store, rows), rows)
         for t, before_plan in zip(_store_tensors(store), saved, strict=True):
@@ -206,6 +214,25 @@ def test_engine_window_drops_keys(num_sinks: int) -> None:
     _assert_layers_match(report, model.config.num_layers, 24)
 
 
+def test_pressed_cache(smollm2_gguf: LLM) -> None:
+    """A request a KV press compacted, beside a plain one: its cache positions are its text
+    positions less the 150 dropped tokens. The plan ropes by text position and reads the 50
+    kept keys (cache rows 0 .. 49, roped by their text places) and the new ones, as the torch
+    layers do on the same compacted cache."""
+    prompt = smollm2_gguf.tokenizer.encode(reference_text())[:200]
+    press = KVPress("knorm", 0.75)
+    pressed = SamplingParams(max_tokens=25, temperature=0, ignore_eos=True, kv_press=press)
+    model = smollm2_gguf.engine.model
+    with compare_layers(smollm2_gguf.engine.runner) as report:
+        outputs = smollm2_gguf.generate(
+            [{"prompt_token_ids": prompt}, PROMPTS[0]], [pressed, greedy(25)]
+        )
+    assert outputs[0].metrics.kv_pressed_bytes is not None
+    assert outputs[1].metrics.kv_pressed_bytes is None
+    assert report.max_dropped_keys == 200 - press.num_kept(200) == 150
+    _assert_layers_match(report, model.config.num_layers, 24)
+
+
 def test_shared_prefix_blocks(smollm2_gguf: LLM) -> None:
     """Sequences whose first blocks come from the prefix cache read the same rows."""
     prefix = "The quick brown fox jumps over the lazy dog. " * 6  # 61 tokens: 3 full blocks
@@ -257,8 +284,9 @@ def test_batch_grows_and_shrinks(smollm2_gguf: LLM) -> None:
 
 
 def test_comparison_catches_a_wrong_rope(smollm2_gguf: LLM) -> None:
-    """The tolerance is not too loose: the plan fed positions one off fails it (one back: one
-    ahead would be a position past the block table, an error of its own)."""
-    with compare_layers(smollm2_gguf.engine.runner, position_shift=-1) as report:
+    """The tolerance is not too loose: the plan fed text positions one ahead fails it (its
+    cache positions stay right, so the rope alone is off; one back would put a cache
+    position past its text position, an error of its own)."""
+    with compare_layers(smollm2_gguf.engine.runner, position_shift=1) as report:
         smollm2_gguf.generate(PROMPTS, greedy(9))
     assert _mismatches(report.outputs) != []

@@ -2,16 +2,22 @@
 // one call, on quantized weights and a paged KV cache in any KV format (float32, float16,
 // bfloat16, int8, int4, fp8). Python builds the plan once per model (weights, norms, shapes),
 // tells it the cache layout (set_layout, set_groups) and calls `forward` each step with that
-// step's write rows and block tables:
+// step's positions, cache positions, write rows and block tables:
 //
 //   x [M, H] embedded tokens -> per layer:
 //     h = attn_norm(x); q, k, v = h @ Wqkv; [q_norm, k_norm per head]; rope(q, k) by place in
 //     the text (not in a group with sinks: the paged attention ropes by place in the cache)
 //     write k, v at the token's cache row, quantized as KVStore.write does;
-//     o = paged attention through the sequence's block table (paged_attention.h)
+//     o = paged attention through the sequence's block table (paged_attention.h) over its
+//       cache_positions[m] cached keys and the new one
 //     a = o @ Wo; [a = post_attn_norm(a)]; x += a
 //     h = ffn_norm(x); g, u = h @ Wgu; f = act(g) * u @ Wdown; [f = post_ffn_norm(f)]; x += f
 //   -> final_norm(x) [M, H]
+//
+// A token's place in the text (`positions`, the rope angle) and in the cache (`cache_positions`,
+// the keys cached before it) are the same unless a KV press dropped tokens from the sequence
+// (engine/press.py): then the kept keys sit compacted in rows 0 .. kept - 1, still roped by
+// their text places, and key counts, block-table bounds and window arithmetic go by the cache.
 //
 // Each matmul quantizes its input once and splits weight tiles across threads; attention splits
 // (sequence, kv head) pairs. Buffers are allocated once and grow with M.
@@ -203,14 +209,16 @@ class DecodePlan : public torch::CustomClassHolder {
     return out;
   }
 
-  // x [M, H] float32; positions [M] int64 (place in the text: M sequences of `positions[m]`
-  // cached tokens, one new token each); per cache group (set_groups order): store data
-  // [rows, nkv, row_elements] in its format, scales [rows, nkv, num_scales] float16 (numel 0
-  // for float formats), write_rows [M] base row of each new token, block_tables [M, max_blocks]
-  // int64 block ids (null-padded).
-  at::Tensor forward(at::Tensor x, at::Tensor positions, std::vector<at::Tensor> stores,
-                     std::vector<at::Tensor> scales, std::vector<at::Tensor> write_rows,
-                     std::vector<at::Tensor> block_tables) {
+  // x [M, H] float32 (M sequences, one new token each); positions [M] int64, each new
+  // token's place in the text (its rope angle); cache_positions [M] int64, its place in the
+  // cache: the keys sequence m has cached before it (<= positions[m]; equal unless a press
+  // dropped tokens). Per cache group (set_groups order): store data [rows, nkv, row_elements]
+  // in its format, scales [rows, nkv, num_scales] float16 (numel 0 for float formats),
+  // write_rows [M] base row of each new token, block_tables [M, max_blocks] int64 block ids
+  // (null-padded).
+  at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cache_positions,
+                     std::vector<at::Tensor> stores, std::vector<at::Tensor> scales,
+                     std::vector<at::Tensor> write_rows, std::vector<at::Tensor> block_tables) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.is_cpu(),
                 "DecodePlan.forward: x must be float32 [M, ", hidden_, "]");
     const int64_t M = x.size(0);
@@ -222,19 +230,24 @@ class DecodePlan : public torch::CustomClassHolder {
                     write_rows.size() == num_groups && block_tables.size() == num_groups,
                 "DecodePlan.forward: one store, scales, write_rows and block_tables per group "
                 "(set_groups named ", groups_.size(), ")");
-    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
-                    positions.numel() == M,
-                "DecodePlan.forward: positions must be contiguous int64 [M]");
+    for (const at::Tensor* t : {&positions, &cache_positions})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == M,
+                  "DecodePlan.forward: positions and cache_positions must be contiguous int64 "
+                  "[M], M=", M);
     const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* cached = cache_positions.data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m)
-      TORCH_CHECK(pos[m] >= 0, "DecodePlan.forward: position ", pos[m], " is negative");
+      TORCH_CHECK(cached[m] >= 0 && cached[m] <= pos[m], "DecodePlan.forward: sequence ", m,
+                  " has cache position ", cached[m], " and text position ", pos[m],
+                  "; a cache position is >= 0 and at most the text position (less the tokens "
+                  "a press dropped)");
     int64_t max_place = 0;  // rope tables by place in the cache (groups with sinks)
     for (size_t g = 0; g < num_groups; ++g) {
-      check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], pos, M);
+      check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], cached, M);
       const Group& G = groups_[g];
       for (int64_t m = 0; G.num_sinks && m < M; ++m) {
-        const int64_t ws = std::max<int64_t>(pos[m] - G.window + 1, 0);
-        max_place = std::max(max_place, std::min(G.num_sinks, ws) + pos[m] - ws);
+        const int64_t ws = std::max<int64_t>(cached[m] - G.window + 1, 0);
+        max_place = std::max(max_place, std::min(G.num_sinks, ws) + cached[m] - ws);
       }
     }
     ensure_buffers(M);
@@ -251,7 +264,8 @@ class DecodePlan : public torch::CustomClassHolder {
     for (const Layer& l : layers_) {
       const float* cos = rope_.data_ptr<float>() + (2 * l.rope) * M * head_dim_;
       const Cache cache{groups_[l.group], stores[l.group], scales[l.group],
-                        write_rows[l.group].data_ptr<int64_t>(), block_tables[l.group], pos, tiles};
+                        write_rows[l.group].data_ptr<int64_t>(), block_tables[l.group], cached,
+                        tiles};
       attention_block(l, xs, M, cos, cos + M * head_dim_, cache);
       mlp_block(l, xs, M);
     }
@@ -271,14 +285,14 @@ class DecodePlan : public torch::CustomClassHolder {
     const at::Tensor& scales;
     const int64_t* write_rows;
     const at::Tensor& block_table;
-    const int64_t* positions;
+    const int64_t* cache_positions;  // [M] keys each sequence has cached before its new one
     const std::vector<int64_t>& tiles;
   };
 
   // Group g's inputs: a bad shape, row or block id is an error, never a read or write out of
-  // bounds.
+  // bounds. `cached` [M]: the cache positions.
   void check_group(size_t g, const at::Tensor& store, const at::Tensor& scales,
-                   const at::Tensor& write_rows, const at::Tensor& table, const int64_t* pos,
+                   const at::Tensor& write_rows, const at::Tensor& table, const int64_t* cached,
                    int64_t M) const {
     const Group& G = groups_[g];
     const int64_t re = G.format == paged::kInt4 ? head_dim_ / 2 : head_dim_;
@@ -313,8 +327,8 @@ class DecodePlan : public torch::CustomClassHolder {
     for (int64_t m = 0; m < M; ++m) {
       TORCH_CHECK(rows[m] >= 0 && rows[m] < limit, "DecodePlan.forward: write_rows row ", rows[m],
                   " is outside the store's [0, ", limit, ")");
-      TORCH_CHECK(pos[m] < max_blocks * G.block_size, "DecodePlan.forward: sequence ", m,
-                  " at position ", pos[m], " is past its ", max_blocks, " blocks of ",
+      TORCH_CHECK(cached[m] < max_blocks * G.block_size, "DecodePlan.forward: sequence ", m,
+                  " at cache position ", cached[m], " is past its ", max_blocks, " blocks of ",
                   G.block_size);
     }
     for (int64_t i = 0; i < M * max_blocks; ++i)
@@ -501,7 +515,7 @@ class DecodePlan : public torch::CustomClassHolder {
     a.block_table = c.block_table.data_ptr<int64_t>();
     a.max_blocks = c.block_table.size(1);
     a.query_start = query_start_.data();
-    a.num_cached = c.positions;
+    a.num_cached = c.cache_positions;
     a.tiles = c.tiles.data();
     a.nh = nh;
     a.nkv = nkv;
