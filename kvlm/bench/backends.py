@@ -35,16 +35,15 @@ class KVCacheOptions:
     kv_press: KVPress | None = None  # every prompt's cache pressed once it is prefilled
 
     def label(self) -> str:
-        """E.g. "int8 KV, window 1024 + 4 sinks", "press snapkv:0.5,window=32,num_sinks=4" (the
-        --kv-press form); "" for the default cache."""
+        """E.g. "int8 KV, window 1024 + 4 sinks", "press snapkv:0.5,window=32" (the --kv-press
+        form, with the options the method reads); "" for the default cache."""
         parts = [] if self.kv_cache_dtype == "auto" else [f"{self.kv_cache_dtype} KV"]
         if self.sliding_window is not None:
             sinks = f" + {self.attention_sinks} sinks" if self.attention_sinks else ""
             parts.append(f"window {self.sliding_window}{sinks}")
         if self.kv_press is not None:
-            p = self.kv_press
-            spec = PressSpec(p.method, p.ratio, {"window": p.window, "num_sinks": p.num_sinks})
-            parts.append(f"press {spec.label}")
+            press = self.kv_press
+            parts.append(f"press {PressSpec(press.method, press.ratio, press.options()).label}")
         return ", ".join(parts)
 
 

@@ -31,7 +31,7 @@ from pydantic import (
     ValidationError,
 )
 
-from kvlm.sampling.press import PRESS_METHODS
+from kvlm.sampling.press import MAX_FUTURE_POSITIONS, PRESS_METHODS
 from kvlm.server.errors import APIError, validation_error
 
 Number = StrictFloat  # accepts JSON ints too, never booleans or strings
@@ -77,6 +77,11 @@ _KV_PRESS = {
         "ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
         "window": {"type": "integer", "minimum": 1},
         "num_sinks": {"type": "integer", "minimum": 0},
+        "num_future_positions": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_FUTURE_POSITIONS,
+        },
     },
 }
 # n and best_of at most: each sequence is a running request of its own, and a server runs

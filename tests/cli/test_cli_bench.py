@@ -84,13 +84,14 @@ def test_bench_decode_presses_kvlms_prompts(
     press = ["--kv-press", "snapkv:0.5,window=8", "--prompt-tokens", "32"]
     assert main([*argv, *press, "--json", str(path)]) == 0
     out, _ = capsys.readouterr()
-    assert "kvlm press snapkv:0.5,window=8,num_sinks=4), prompt 32 tokens" in out
+    assert "kvlm press snapkv:0.5,window=8), prompt 32 tokens" in out
     config = json.loads(path.read_text())["config"]
     assert config["cache"]["kv_press"] == {
         "method": "snapkv",
         "ratio": 0.5,
         "window": 8,
         "num_sinks": 4,
+        "num_future_positions": 512,
     }
 
 

@@ -55,6 +55,7 @@ def _blocks_bytes(server: LiveServer, num_tokens: int) -> int:
         {"method": "knorm"},  # ratio 0.5 by default
         {"method": "streaming_llm", "ratio": 0.5, "num_sinks": 4},
         {"method": "snapkv", "ratio": 0.5, "window": 32.0},  # 32.0 is an integer in JSON
+        {"method": "expected_attention", "ratio": 0.5, "num_future_positions": 256},
     ],
 )
 def test_a_pressed_completion_holds_fewer_kv_bytes(
@@ -100,11 +101,13 @@ BAD_PRESSES = [
     ({"method": "snapkv", "window": 0}, ["window must be >= 1", "0"]),
     ({"method": "snapkv", "window": 2.5}, ["window must be an int", "2.5"]),
     ({"method": "streaming_llm", "num_sinks": -1}, ["num_sinks must be >= 0", "-1"]),
-    ({"method": "knorm", "size": 3}, ["no field 'size'", "method, ratio, window, num_sinks"]),
+    ({"method": "expected_attention", "num_future_positions": 0}, ["in [1, 65536]", "0"]),
+    ({"method": "knorm", "size": 3}, ["no field 'size'", "ratio, window, num_sinks, num_fut"]),
     ("snapkv", ["must be an object", "str"]),
     ([{"method": "knorm"}], ["must be an object", "list"]),
     # the prompt is not longer than snapkv's window: the engine refuses it at add_request
     ({"method": "snapkv", "window": 4000}, ["snapkv scores the", "window of 4000"]),
+    ({"method": "expected_attention", "num_sinks": 4000}, ["keeps the first 4000 tokens"]),
 ]
 
 
