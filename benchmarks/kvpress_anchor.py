@@ -56,14 +56,20 @@ press_spec = load_by_path("press_spec")
 
 def kvpress_press(spec: press_spec.PressSpec) -> object:
     """kvpress's press of the same method: ratio = compression_ratio; window = SnapKV's
-    window_size; num_sinks = n_sink (StreamingLLM, expected attention). Unset options keep
-    kvpress's defaults, which kvlm's KVPress shares (window 64, 4 sinks)."""
+    window_size; num_sinks = n_sink (StreamingLLM, expected attention); num_future_positions =
+    n_future_positions (expected attention). Unset options keep kvpress's defaults, which
+    kvlm's KVPress shares (window 64, 4 sinks, 512 future positions). kvpress's expected
+    attention takes the statistics of every prompt query after the sinks: compare it with
+    kvlm's expected_attention given a window at least as long as the context."""
     options = dict(spec.options)
     renames = {
         "knorm": (KnormPress, {}),
         "streaming_llm": (StreamingLLMPress, {"num_sinks": "n_sink"}),
         "snapkv": (SnapKVPress, {"window": "window_size"}),
-        "expected_attention": (ExpectedAttentionPress, {"num_sinks": "n_sink"}),
+        "expected_attention": (
+            ExpectedAttentionPress,
+            {"num_sinks": "n_sink", "num_future_positions": "n_future_positions"},
+        ),
     }
     if spec.method not in renames:
         raise SystemExit(

@@ -32,11 +32,11 @@ def attention(
 ) -> torch.Tensor:  # [T, nh * hd]
     view = ctx.layer_views[layer_idx]
     num_tokens, num_heads, head_dim = q.shape
+    if ctx.query_capture is not None:  # never with sinks: a press refuses them
+        ctx.query_capture.add(layer_idx, q, rope, scale)  # it applies the rope it needs
     if not view.rope_in_cache:  # rope by place in the text, keys stored rotated
         cos, sin = ctx.rope_tables(rope, ctx.positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if ctx.query_capture is not None:  # never with sinks: a press refuses them
-        ctx.query_capture.add(layer_idx, q, scale)
     if ctx.paged_attention is not None and view.store is not None:
         view.store.write(layer_idx, view.write_rows, k, v)
         out = ctx.paged_attention(

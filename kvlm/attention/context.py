@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from kvlm.attention.rope import RotaryEmbedding, apply_rope
 from kvlm.kv.store import KVStore
 
 
@@ -69,13 +71,42 @@ class GroupView:
 @dataclass
 class QueryCapture:
     """Queries to keep from this step (a KV press's observation window): every attention
-    layer records its rows `rows` of q, after rope and times the softmax scale."""
+    layer records its rows `rows` of q times the softmax scale, row r rotated by the mean rope
+    of the `rope_counts[r]` positions from `rope_starts[r]` (rope is linear in its cos and
+    sin, so that is the mean rotation). A count of 1 at the row's own position is the rotation
+    attention applies (snapkv reads the queries as attention did); expected_attention rotates
+    by the mean rope of the positions after the press (kvpress's expected future query)."""
 
     rows: torch.Tensor  # [R] places in T
+    rope_starts: np.ndarray  # [R] int64
+    rope_counts: np.ndarray  # [R] int64, each >= 1
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [R, nh, hd]
+    _rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def add(self, layer_idx: int, q: torch.Tensor, scale: float) -> None:
-        self.queries[layer_idx] = q.index_select(0, self.rows) * scale
+    def add(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # [T, nh, hd] before rope
+        rope: RotaryEmbedding,
+        scale: float,
+    ) -> None:
+        cos, sin = self._tables(rope)
+        self.queries[layer_idx] = apply_rope(q.index_select(0, self.rows), cos, sin) * scale
+
+    def _tables(self, rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """[R, 1, hd] mean cos and signed sin per row, once per step for each rope."""
+        if id(rope) not in self._rope_tables:
+            device = self.rows.device
+            cos, sin = rope.cos_sin(torch.from_numpy(self.rope_starts).to(device))
+            starts, counts = self.rope_starts.tolist(), self.rope_counts.tolist()
+            spans = {(s, c) for s, c in zip(starts, counts, strict=True) if c > 1}
+            for start, count in spans:
+                span_cos, span_sin = rope.cos_sin(torch.arange(start, start + count, device=device))
+                rows = (self.rope_starts == start) & (self.rope_counts == count)
+                index = torch.from_numpy(np.flatnonzero(rows)).to(device)
+                cos[index], sin[index] = span_cos.mean(dim=0), span_sin.mean(dim=0)
+            self._rope_tables[id(rope)] = cos, sin
+        return self._rope_tables[id(rope)]
 
 
 @dataclass

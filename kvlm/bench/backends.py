@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from kvlm.bench.press_spec import PressSpec
 from kvlm.engine.config import EngineConfig
 from kvlm.engine.llm import LLM
-from kvlm.sampling import SamplingParams
+from kvlm.sampling import KVPress, SamplingParams
 
 # Called with the number of positions every row has reached, as they are reached (progress bars).
 OnToken = Callable[[int], None] | None
@@ -31,13 +32,18 @@ class KVCacheOptions:
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
     sliding_window: int | None = None
     attention_sinks: int = 0
+    kv_press: KVPress | None = None  # every prompt's cache pressed once it is prefilled
 
     def label(self) -> str:
-        """E.g. "int8 KV, window 1024 + 4 sinks"; "" for the default cache."""
+        """E.g. "int8 KV, window 1024 + 4 sinks", "press snapkv:0.5,window=32" (the --kv-press
+        form, with the options the method reads); "" for the default cache."""
         parts = [] if self.kv_cache_dtype == "auto" else [f"{self.kv_cache_dtype} KV"]
         if self.sliding_window is not None:
             sinks = f" + {self.attention_sinks} sinks" if self.attention_sinks else ""
             parts.append(f"window {self.sliding_window}{sinks}")
+        if self.kv_press is not None:
+            press = self.kv_press
+            parts.append(f"press {PressSpec(press.method, press.ratio, press.options()).label}")
         return ", ".join(parts)
 
 
@@ -116,6 +122,7 @@ class KvlmBackend:
             sliding_window=cache.sliding_window,
             attention_sinks=cache.attention_sinks,
         )
+        self.kv_press = cache.kv_press
         self._num_runs = 0
 
     @property
@@ -125,7 +132,9 @@ class KvlmBackend:
     def run(
         self, prompts: list[list[int]], num_new_tokens: int, on_token: OnToken = None
     ) -> RunTiming:
-        params = SamplingParams(max_tokens=num_new_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(
+            max_tokens=num_new_tokens, temperature=0.0, ignore_eos=True, kv_press=self.kv_press
+        )
         engine = self.llm.engine
         # A fresh salt per run: no run reuses the prefix cached by an earlier one.
         self._num_runs += 1

@@ -50,6 +50,13 @@ class DecodeBenchConfig:
                 f"weight_format must be one of {', '.join(WEIGHT_FORMAT_CHOICES)}, "
                 f"got {self.weight_format!r}"
             )
+        press = self.cache.kv_press
+        if press is not None and press.method == "snapkv" and press.window >= self.prompt_tokens:
+            raise BenchConfigError(
+                f"the snapkv press scores the prompt by its last {press.window} tokens, but "
+                f"prompt_tokens is {self.prompt_tokens}: raise --prompt-tokens above the window "
+                "or pass a smaller window (window=W)"
+            )
         weight_format = resolved_weight_format(self.weight_format, self.model, self.dtype)
         object.__setattr__(self, "weight_format", weight_format)  # "auto" resolved
 

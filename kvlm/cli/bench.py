@@ -23,6 +23,7 @@ from kvlm.bench.memory import MemoryBenchConfig
 from kvlm.bench.prefix import PrefixBenchConfig
 from kvlm.bench.serve import SERVE_BASELINES, ServeBenchConfig
 from kvlm.cli.common import CLIError
+from kvlm.cli.press import add_kv_press_option, kv_press
 from kvlm.engine.config import DTYPES, KV_CACHE_DTYPES
 from kvlm.engine.weight_format import AUTO, WEIGHT_FORMAT_CHOICES
 from kvlm.loading import DEFAULT_MODEL
@@ -114,6 +115,7 @@ def add_parser(subparsers: Any) -> None:
     )
     decode.add_argument("--sliding-window", type=int, default=None, help="kvlm's window, tokens")
     decode.add_argument("--attention-sinks", type=int, default=0, help="sinks beside the window")
+    add_kv_press_option(decode, "kvlm's prompts are pressed before they decode")
     decode.set_defaults(run=run_decode)
 
     srv = benches.add_parser(
@@ -228,7 +230,12 @@ def run_decode(args: argparse.Namespace) -> int:
             no_cache_max_tokens=args.no_cache_max_tokens,
             no_cache_stride=args.no_cache_stride,
             weight_format=args.weight_format,
-            cache=KVCacheOptions(args.kv_cache_dtype, args.sliding_window, args.attention_sinks),
+            cache=KVCacheOptions(
+                args.kv_cache_dtype,
+                args.sliding_window,
+                args.attention_sinks,
+                kv_press(args.kv_press),
+            ),
         )
 
     return _run(args, make, run_decode_bench, report)

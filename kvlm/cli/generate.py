@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from kvlm.cli.common import (
     stream_to_stdout,
     the_prefix_adapter,
 )
+from kvlm.cli.press import add_kv_press_option, kv_press
 from kvlm.cli.stats import format_generate_stats, turn_stats
 from kvlm.engine.llm import LLM
 
@@ -27,8 +29,8 @@ def add_parser(subparsers: Any) -> None:
         "generate",
         help="complete one prompt, streaming the text",
         description="Complete PROMPT, streaming text to stdout as it is produced; a stats line "
-        "(time to first token, decode speed, token counts, KV cache held, weight format) goes "
-        "to stderr.",
+        "(time to first token, decode speed, token counts, KV cache held and, with --kv-press, "
+        "held after the press, weight format) goes to stderr.",
     )
     parser.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
     parser.add_argument(
@@ -37,6 +39,7 @@ def add_parser(subparsers: Any) -> None:
     add_model_options(parser)
     add_prefix_adapter_option(parser, "the prompt runs with it")
     add_sampling_options(parser, max_tokens=DEFAULT_MAX_TOKENS)
+    add_kv_press_option(parser, "the prompt (with --chat: the templated prompt) is pressed")
     parser.set_defaults(run=run)
 
 
@@ -56,7 +59,7 @@ def encode(llm: LLM, prompt: str, chat: bool) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
-    params = sampling_params(args)
+    params = dataclasses.replace(sampling_params(args), kv_press=kv_press(args.kv_press))
     adapter = the_prefix_adapter(args)
     llm = load_llm(args)
     last = stream_to_stdout(llm, encode(llm, prompt, args.chat), params, adapter)

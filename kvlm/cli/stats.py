@@ -15,6 +15,7 @@ class KVUsage:
     peak_bytes: int
     kv_format: str
     pool_bytes: int
+    pressed_bytes: int | None = None  # with a KV press: what it held right after the press
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ def kv_usage(engine: LLMEngine, metrics: RequestMetrics) -> KVUsage | None:
     if engine.kv_cache is None:
         return None
     formats = ", ".join(sorted({spec.kv_format for spec in engine.kv_specs}))
-    return KVUsage(metrics.kv_peak_bytes, formats, engine.kv_cache_bytes_total())
+    return KVUsage(
+        metrics.kv_peak_bytes, formats, engine.kv_cache_bytes_total(), metrics.kv_pressed_bytes
+    )
 
 
 def turn_stats(engine: LLMEngine, metrics: RequestMetrics) -> TurnStats:
@@ -71,12 +74,15 @@ def _rate(value: float | None) -> str:
 
 def format_generate_stats(stats: TurnStats) -> str:
     """E.g. `[kvlm] ttft 210 ms | decode 41.3 tok/s | prompt 6 tok | generated 64 tok | ...`,
-    ending with the weight format when the stats name it (`| gguf weights`)."""
+    ending with the weight format when the stats name it (`| gguf weights`); a pressed
+    request's KV reads `kv cache peak 96.00 KiB, 48.00 KiB after the press (...)`."""
     if stats.kv is None:
         kv = "no cache (every step recomputes the whole sequence)"
     else:
+        pressed = stats.kv.pressed_bytes
+        after = "" if pressed is None else f", {format_bytes(pressed)} after the press"
         kv = (
-            f"kv cache peak {format_bytes(stats.kv.peak_bytes)} ({stats.kv.kv_format}, "
+            f"kv cache peak {format_bytes(stats.kv.peak_bytes)}{after} ({stats.kv.kv_format}, "
             f"pool {format_bytes(stats.kv.pool_bytes)})"
         )
     weights = "" if stats.weight_format is None else f" | {stats.weight_format} weights"

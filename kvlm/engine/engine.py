@@ -54,6 +54,10 @@ class InputError(ValueError):
     """A request the engine refuses, with the value and the limit in the message."""
 
 
+class PressRefusedError(InputError):
+    """The request's `kv_press` cannot run on this engine or on this prompt."""
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_hf_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
 
@@ -228,7 +232,7 @@ class LLMEngine:
         if params.kv_press is not None:
             reason = why_no_press(self, params.kv_press, continuation_start or len(token_ids))
             if reason is not None:
-                raise InputError(f"kv_press {params.kv_press.method!r}: {reason}")
+                raise PressRefusedError(f"kv_press {params.kv_press.method!r}: {reason}")
         grammar = None
         if params.structured_outputs is not None:
             try:

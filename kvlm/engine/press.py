@@ -7,8 +7,10 @@ ceil(kept / block_size) blocks; the door (`KVCacheManager.compact`) returns the 
 pool at once and the persistent batch state follows the reported table edit. Keys were stored
 with rope by text position, so each kept key keeps its true position; the request records how
 many tokens were dropped, and from then on its cache index is its text position less that
-(engine/runner.py). snapkv reads the observation window's queries, recorded by attention()
-while the window's rows are computed (`window_capture`, `keep_window_queries`).
+(engine/runner.py). snapkv and expected_attention read the observation window's queries,
+recorded by attention() while the window's rows are computed (`window_capture`,
+`keep_window_queries`): snapkv's rotated at their own positions, expected_attention's by the
+mean rope of the `num_future_positions` positions after the press.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def why_no_press(engine: PressedEngine, press: KVPress, press_at: int) -> str | 
             f"snapkv scores the {press_at} tokens before the press by a window of "
             f"{press.window}: give more tokens than the window or a smaller window"
         )
+    if press.method == "expected_attention" and press_at <= press.num_sinks:
+        return (
+            f"expected_attention keeps the first {press.num_sinks} tokens and scores the "
+            f"others, but the press comes after {press_at}: give more tokens or fewer num_sinks"
+        )
     return None
 
 
@@ -69,16 +76,30 @@ def window_capture(
     token_offsets: np.ndarray,  # [B] first row of each chunk in T
     device: torch.device,
 ) -> QueryCapture | None:
-    """The rows of this step whose queries a pending snapkv press reads; None: none."""
-    rows = []
+    """The rows of this step whose queries a pending snapkv or expected_attention press
+    reads, each with the rope it wants (`QueryCapture`); None: none."""
+    rows, rope_starts, rope_counts = [], [], []
     for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
         window = request.press_window
         first, end = _window_rows(request, int(starts[i]), count)
         if window is not None and first < end and first == window[0]:
             request.press_queries.clear()  # the window starts in this chunk: (re)computed
         rows.append(token_offsets[i] + np.arange(first, end) - starts[i])
+        press = request.params.kv_press
+        if press is not None and press.method == "expected_attention":
+            # the mean rope of the positions after the press (kvpress: its prompt's length on)
+            assert request.press_at is not None
+            rope_starts.append(np.full(end - first, request.press_at))
+            rope_counts.append(np.full(end - first, press.num_future_positions))
+        else:  # snapkv: each query as attention rotates it, at its own position
+            rope_starts.append(np.arange(first, end))
+            rope_counts.append(np.ones(end - first, np.int64))
     index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return QueryCapture(torch.from_numpy(index).to(device)) if len(index) else None
+    if not len(index):
+        return None
+    return QueryCapture(
+        torch.from_numpy(index).to(device), np.concatenate(rope_starts), np.concatenate(rope_counts)
+    )
 
 
 def keep_window_queries(batch: ScheduledBatch, capture: QueryCapture | None) -> None:
@@ -130,8 +151,8 @@ def apply_press(request: Request, cache: KVCacheManager, stores: Sequence[KVStor
         sources.append(source)  # [n] base rows
         per_layer = []
         for layer in store.spec.layer_ids:
-            keys, _ = store.gather(layer, source)  # [n, H, hd]
-            scores = token_scores(press, keys, queries.get(layer))  # [H, n]
+            keys, values = store.gather(layer, source)  # [n, H, hd]
+            scores = token_scores(press, keys, values, queries.get(layer))  # [H, n]
             per_layer.append(scores.topk(keep, dim=-1).indices.sort(dim=-1).values)
         kept.append(torch.stack(per_layer))  # [layers, H, keep]
     try:

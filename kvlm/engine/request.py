@@ -254,7 +254,8 @@ class Request:
     continuation_start: int | None = None
     pressed: bool = False
     num_dropped_tokens: int = 0
-    # snapkv: per layer, the observation window's queries (times the scale) computed so far
+    # snapkv, expected_attention: per layer, the observation window's queries (times the
+    # scale, rotated as `QueryCapture` says) computed so far
     press_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     prompt_token_ids: list[int] = field(init=False)
     metrics: RequestMetrics = field(init=False)
@@ -308,13 +309,17 @@ class Request:
 
     @property
     def press_window(self) -> tuple[int, int] | None:
-        """[first, end) text positions whose queries the pending press reads (snapkv's
-        observation window: the last `window` tokens before `press_at`); None: none."""
+        """[first, end) text positions whose queries the pending press reads (the observation
+        window: the last `window` tokens before `press_at`, for expected_attention none of the
+        first `num_sinks`); None: none."""
         press = self.params.kv_press
-        if press is None or self.pressed or press.method != "snapkv":
+        if press is None or self.pressed or press.method not in ("snapkv", "expected_attention"):
             return None
         assert self.press_at is not None
-        return max(self.press_at - press.window, 0), self.press_at
+        first = self.press_at - press.window
+        if press.method == "expected_attention":
+            return max(first, press.num_sinks), self.press_at
+        return max(first, 0), self.press_at
 
     def forget_press(self) -> None:
         """Preempted: the cache is gone, so the press runs again after the recompute."""

@@ -6,7 +6,8 @@ then the sampling parameters.
 Each refusal names the field, the value and the limit. Range checks `SamplingParams` already
 makes (top_p, top_k, seed, stop, penalties, ...) are passed on with its message; a prompt
 longer than the context is refused in `prompts.py` when its length in characters proves it,
-else by the engine (`InputError`) once tokenized, which names both numbers.
+else by the engine (`InputError`) once tokenized, which names both numbers. `kv_press` is
+read by `press.py`.
 
 Everything here runs on a worker thread (tokenizing a long prompt takes a while), never on
 the event loop.
@@ -21,6 +22,7 @@ from kvlm.sampling import SamplingParams, SamplingParamsError, StructuredOutputs
 from kvlm.sampling.params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from kvlm.server.errors import APIError
 from kvlm.server.limits import ModelLimits
+from kvlm.server.press import requested_press
 from kvlm.server.prompts import Prompt, chat_prompt, completion_prompts
 from kvlm.server.protocol import (
     MAX_SEQUENCES,
@@ -187,6 +189,7 @@ def sampling_params(
             include_stop_str_in_output=request.include_stop_str_in_output,
             logit_bias=logit_bias(request, limits.vocab_size),
             structured_outputs=structured,
+            kv_press=requested_press(request.kv_press),
             **{k: v for k, v in optional.items() if v is not None},
         )
     except SamplingParamsError as e:

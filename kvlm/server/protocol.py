@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
 )
 
+from kvlm.sampling.press import MAX_FUTURE_POSITIONS, PRESS_METHODS
 from kvlm.server.errors import APIError, validation_error
 
 Number = StrictFloat  # accepts JSON ints too, never booleans or strings
@@ -67,6 +68,22 @@ CHAT_ROLES = {
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _PROMPT_IDS = {**_TOKEN_IDS, "minItems": 1}
+_KV_PRESS = {
+    "type": "object",
+    "required": ["method"],
+    "additionalProperties": False,
+    "properties": {
+        "method": {"enum": list(PRESS_METHODS)},
+        "ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        "window": {"type": "integer", "minimum": 1},
+        "num_sinks": {"type": "integer", "minimum": 0},
+        "num_future_positions": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_FUTURE_POSITIONS,
+        },
+    },
+}
 # n and best_of at most: each sequence is a running request of its own, and a server runs
 # 32 at once by default (max_num_seqs), so more would only queue behind the first ones
 MAX_SEQUENCES = 16
@@ -146,6 +163,9 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: StrictBool = False
     cache_salt: StrictStr | None = None
     prefix_adapter: StrictStr | None = None  # a prefix-tuning adapter the server loaded
+    # {"method": ..., "ratio": ..., "window": ..., "num_sinks": ...}: compress the prompt's KV
+    # cache once it is prefilled (sampling/press.py); checked by server/press.py
+    kv_press: Any = _schema(anyOf=[_KV_PRESS, {"type": "null"}])
     # Structured outputs (llguidance): OpenAI's response_format (on completions too, as vLLM),
     # vLLM's structured_outputs object and its older guided_* fields; at most one of them.
     response_format: ResponseFormat | None = None

@@ -2,7 +2,9 @@
 
 kvlm's prefix-cache facts ride where OpenAI puts them: `usage.prompt_tokens_details.
 cached_tokens` (prompt tokens whose K/V came from the cache); `usage.kv_peak_bytes` (kvlm's
-own: the most KV bytes the request held at once, all layer groups, scales included).
+own: the most KV bytes the request held at once, all layer groups, scales included);
+`usage.kv_pressed_bytes` (with a `kv_press`: what its tables held right after the press; null
+without one).
 `stop_reason` (the stop string or token id that ended a choice) is vLLM's extra field.
 """
 
@@ -38,6 +40,7 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
     kv_peak_bytes: int = 0
+    kv_pressed_bytes: int | None = None
 
     @classmethod
     def of(cls, output: RequestOutput) -> Usage:
@@ -52,13 +55,16 @@ class Usage(BaseModel):
                 cached_tokens=output.metrics.num_cached_tokens
             ),
             kv_peak_bytes=output.metrics.kv_peak_bytes,
+            kv_pressed_bytes=output.metrics.kv_pressed_bytes,
         )
 
     @classmethod
     def total(cls, outputs: list[RequestOutput]) -> Usage:
         """Summed over the choices of one request, each counted once (`kv_peak_bytes` too:
-        the choices run side by side, so the sum bounds what they held at once)."""
+        the choices run side by side, so the sum bounds what they held at once;
+        `kv_pressed_bytes` over the choices that were pressed, null when none was)."""
         usages = [cls.of(output) for output in outputs]
+        pressed = [u.kv_pressed_bytes for u in usages if u.kv_pressed_bytes is not None]
         return cls(
             prompt_tokens=sum(u.prompt_tokens for u in usages),
             completion_tokens=sum(u.completion_tokens for u in usages),
@@ -67,6 +73,7 @@ class Usage(BaseModel):
                 cached_tokens=sum(u.prompt_tokens_details.cached_tokens for u in usages)
             ),
             kv_peak_bytes=sum(u.kv_peak_bytes for u in usages),
+            kv_pressed_bytes=sum(pressed) if pressed else None,
         )
 
     def without_completion(self) -> Usage:

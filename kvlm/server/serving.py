@@ -21,13 +21,14 @@ from kvlm.engine.async_engine import (
     EngineStepError,
     RequestStream,
 )
-from kvlm.engine.engine import InputError
+from kvlm.engine.engine import InputError, PressRefusedError
 from kvlm.engine.request import OutputAccumulator, RequestOutput
 from kvlm.sampling import SamplingParams
 from kvlm.server.errors import APIError, server_error
 from kvlm.server.limits import ModelLimits
 from kvlm.server.metrics import RequestTimer, ServerMetrics
 from kvlm.server.params import Prepared
+from kvlm.server.press import PARAM as PRESS_PARAM
 from kvlm.server.prompts import Prompt
 
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
@@ -54,8 +55,8 @@ async def submit(
 ) -> list[RequestStream]:
     """Hand every prompt of the request to the engine at once (one engine request each, ids
     `request_id` or `request_id-i`, queued in the same loop turn so they are scheduled
-    together); the engine's refusals become 400s, and when one prompt is refused the others
-    are aborted."""
+    together); the engine's refusals become 400s (naming `kv_press` when the press is
+    refused, else the prompt), and when one prompt is refused the others are aborted."""
     several = len(prepared.prompts) > 1
     cache_salt = prepared.body.cache_salt
 
@@ -69,6 +70,8 @@ async def submit(
                 cache_salt,
                 prepared.prefix_adapter,
             )
+        except PressRefusedError as e:
+            raise APIError(str(e), param=PRESS_PARAM) from e
         except InputError as e:
             raise APIError(str(e), param=f"{prompt_param}.{i}" if several else prompt_param) from e
         except EngineDeadError as e:

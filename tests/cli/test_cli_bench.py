@@ -68,7 +68,48 @@ def test_bench_decode_runs_the_cache_it_is_given(
     assert "kvlm int8 KV, window 8 + 4 sinks), prompt 24 tokens" in out
     assert "int8 KV, window 8 + 4 sinks)" in err  # the loading line
     config = json.loads(path.read_text())["config"]
-    assert config["cache"] == {"kv_cache_dtype": "int8", "sliding_window": 8, "attention_sinks": 4}
+    assert config["cache"] == {
+        "kv_cache_dtype": "int8",
+        "sliding_window": 8,
+        "attention_sinks": 4,
+        "kv_press": None,
+    }
+
+
+def test_bench_decode_presses_kvlms_prompts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bench.json"
+    argv = ["bench", "decode", "--new-tokens", "4", "--baselines", "", "--threads", "1"]
+    press = ["--kv-press", "snapkv:0.5,window=8", "--prompt-tokens", "32"]
+    assert main([*argv, *press, "--json", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert "kvlm press snapkv:0.5,window=8), prompt 32 tokens" in out
+    config = json.loads(path.read_text())["config"]
+    assert config["cache"]["kv_press"] == {
+        "method": "snapkv",
+        "ratio": 0.5,
+        "window": 8,
+        "num_sinks": 4,
+        "num_future_positions": 512,
+    }
+
+
+@pytest.mark.parametrize(
+    ("press", "message"),
+    [
+        ("h2o:0.5", "unknown kv press 'h2o'"),
+        ("knorm:-1", "ratio must be in [0, 1)"),
+        ("snapkv:0.5", "its last 64 tokens, but prompt_tokens is 16: raise --prompt-tokens"),
+    ],
+)
+def test_bench_decode_bad_kv_press_exits_2_before_loading(
+    press: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "decode", "--new-tokens", "4", "--baselines", "", "--kv-press", press]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_prompt_ids_are_distinct_rows_of_exact_length(smollm2_llm: LLM) -> None:

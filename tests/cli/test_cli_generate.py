@@ -60,3 +60,43 @@ def test_generate_stop_string(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*args, "--max-tokens", "16"]) == 0
     out, _ = capsys.readouterr()
     assert out == " Paris\n"
+
+
+PRESS_PROMPT = (
+    "A press scores each cached token per layer and per head, keeps the tokens attention "
+    "needs and gives the other blocks back to the pool for other requests. " * 3
+)
+
+
+def test_generate_with_a_kv_press(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", PRESS_PROMPT, *GREEDY, "--kv-press", "snapkv:0.5,window=16"]) == 0
+    stats = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.search(r"kv cache peak ([\d.]+) MiB, ([\d.]+) MiB after the press", stats)
+    assert found, stats
+    # 91 tokens (6 blocks) at the press, 45 kept (3 blocks): half the bytes
+    assert float(found.group(2)) == pytest.approx(float(found.group(1)) / 2, abs=0.01)
+    assert main(["generate", PRESS_PROMPT, *GREEDY]) == 0  # a plain run says nothing of it
+    assert "after the press" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--kv-press", "tova:0.5"], "unknown kv press 'tova'"),
+        (["--kv-press", "knorm:1"], "ratio must be in [0, 1)"),
+        (["--kv-press", "knorm"], "write METHOD:RATIO"),
+        (["--kv-press", "knorm:0.5,depth=2"], "no option 'depth'"),
+        # refused by the engine: a 5-token prompt and snapkv's window of 64
+        (["--kv-press", "snapkv:0.5"], "snapkv scores the 5 tokens before the press"),
+        (["--kv-press", "knorm:0.5", "--no-cache"], "runs without one (use_cache=False)"),
+    ],
+)
+def test_generate_bad_kv_press_exits_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "The capital of France is", *GREEDY, *argv]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == "" and err.strip().splitlines()[-1] == f"error: {err.split('error: ')[-1]}".strip()
+    )
+    assert message in err and "Traceback" not in err

@@ -60,9 +60,10 @@ def test_without_a_press_scoring_continuations_is_scoring_the_concatenation(llm:
     llm.engine.kv_cache.check_integrity()
 
 
-def plain_keys(llm: LLM, prompt: list[int]) -> list[torch.Tensor]:
-    """Per layer [n, H, hd]: the prompt's keys as its prefill stored them, read from the
-    blocks that still name it (a press swaps named blocks for fresh ones, so they keep them)."""
+def plain_kv(llm: LLM, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer [n, H, hd] keys and values: the prompt's as its prefill stored them, read from
+    the blocks that still name it (a press swaps named blocks for fresh ones, so they keep
+    them)."""
     engine = llm.engine
     hashes: list[bytes] = []
     extend_block_hashes(hashes, prompt, len(prompt), BLOCK_SIZE, None)
@@ -75,15 +76,20 @@ def plain_keys(llm: LLM, prompt: list[int]) -> list[torch.Tensor]:
             for i in range(len(prompt))
         ]
     )
-    return [store.gather(layer, rows)[0] for layer in store.spec.layer_ids]
+    return [store.gather(layer, rows) for layer in store.spec.layer_ids]
 
 
 def masked_reference(
-    llm: LLM, prompt: list[int], continuation: list[int], kept: list[torch.Tensor] | None
+    llm: LLM,
+    prompt: list[int],
+    continuation: list[int],
+    kept: list[torch.Tensor] | None,
+    recorder: QueryRecorder | None = None,
 ) -> torch.Tensor:
     """[len(continuation)] log-probabilities from one no-cache forward of prompt +
     continuation in which the continuation's rows see, of the prompt, only each layer and KV
-    head's `kept` tokens (None: every token); the prompt's own rows are plain causal."""
+    head's `kept` tokens (None: every token); the prompt's own rows are plain causal. A
+    `recorder` hears every layer's queries."""
     model, config = llm.engine.model, llm.engine.model_config
     tokens = prompt + continuation
     n, total = len(prompt), len(tokens)
@@ -105,11 +111,84 @@ def masked_reference(
         max_query_len=total,
         query_pad_index=torch.arange(total),
         layer_views=views,
+        query_capture=recorder,  # type: ignore[arg-type]
     )
     with torch.inference_mode():
         hidden = model(torch.tensor(tokens), ctx)
         logits = model.logits(hidden[n - 1 : total - 1]).log_softmax(dim=-1)
     return logits.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+
+
+class QueryRecorder:
+    """Stands where attention() hands a press its queries: keeps every row, before rope."""
+
+    def __init__(self) -> None:
+        self.queries: dict[int, torch.Tensor] = {}  # layer -> [T, nh, hd]
+        self.ropes: dict[int, torch.nn.Module] = {}
+        self.scales: set[float] = set()
+
+    def add(self, layer_idx: int, q: torch.Tensor, rope: torch.nn.Module, scale: float) -> None:
+        self.queries[layer_idx], self.ropes[layer_idx] = q.clone(), rope
+        self.scales.add(scale)
+
+
+def kvpress_expected_attention(
+    queries: torch.Tensor,  # [w, nh, hd] before rope
+    keys: torch.Tensor,  # [n, H, hd] after rope
+    values: torch.Tensor,  # [n, H, hd]
+    inv_freq: torch.Tensor,  # [hd / 2]
+    press: KVPress,
+) -> torch.Tensor:  # [H, n]
+    """ExpectedAttentionPress.score as kvpress writes it: statistics of the pre-rope queries,
+    mean and covariance rotated by the mean rope matrix R over the positions after the press,
+    logits mu.k / sqrt(d) + k^T Sigma k / (2 d) over the keys after the sinks, softmax, mean
+    over the group, times ||v||, sinks at the top score."""
+    n, num_heads, hd = keys.shape
+    groups, half, sinks = queries.shape[1] // num_heads, hd // 2, press.num_sinks
+    positions = torch.arange(n, n + press.num_future_positions).double()
+    angles = positions[:, None] * inv_freq.double()[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    p = torch.zeros(hd, hd, dtype=torch.float64)
+    p[half:, :half], p[:half, half:] = torch.eye(half), -torch.eye(half)
+    rotation = (cos[:, :, None] * torch.eye(hd) + sin[:, :, None] * p).mean(dim=0).float()
+    mu = queries.mean(dim=0)  # [nh, hd]
+    sigma = torch.einsum("wha,whb->hab", queries - mu, queries - mu) / len(queries)
+    mu, sigma = mu @ rotation.T, rotation @ sigma @ rotation.T
+    body = keys[sinks:].repeat_interleave(groups, dim=1).transpose(0, 1)  # [nh, n - s, hd]
+    logits = (body @ mu[:, :, None])[..., 0] / math.sqrt(hd)
+    logits += ((body @ sigma) * body).sum(-1) / hd / 2
+    weights = logits.softmax(dim=-1).view(num_heads, groups, n - sinks).mean(dim=1)
+    scores = weights * values[sinks:].norm(dim=-1).T
+    return torch.nn.functional.pad(scores, (sinks, 0), value=scores.max().item())
+
+
+@pytest.mark.parametrize("window", [32, 200])  # 200: every query after the sinks, as kvpress
+def test_expected_attention_keeps_the_tokens_kvpress_would(llm: LLM, window: int) -> None:
+    prompt = ids(llm, DOC * 3)[:160]
+    continuation = ids(llm, " So the press frees memory for the other requests.")
+    press = KVPress("expected_attention", ratio=0.5, window=window)
+    [score] = llm.score_continuations(
+        {"prompt_token_ids": prompt}, continuation, SamplingParams(kv_press=press)
+    )
+    keep = press.num_kept(len(prompt))
+    assert (
+        score.kv_pressed_bytes == math.ceil(keep / BLOCK_SIZE) * llm.engine.kv_specs[0].page_nbytes
+    )
+    recorder = QueryRecorder()
+    masked_reference(llm, prompt, continuation, None, recorder)
+    hd = llm.engine.model_config.head_dim
+    assert recorder.scales == {1 / math.sqrt(hd)}  # kvpress's scale
+    first = max(len(prompt) - window, press.num_sinks)
+    kept = []
+    for layer, (keys, values) in enumerate(plain_kv(llm, prompt)):
+        queries = recorder.queries[layer][first : len(prompt)]
+        inv_freq = recorder.ropes[layer].inv_freq
+        scores = kvpress_expected_attention(queries, keys, values, inv_freq, press)
+        kept.append(scores.topk(keep, dim=-1).indices.sort(dim=-1).values)
+    expected = masked_reference(llm, prompt, continuation, kept)
+    assert torch.allclose(torch.tensor(score.logprobs), expected, atol=1e-4)
+    assert llm.engine.kv_cache.num_used_blocks() == [0]
+    llm.engine.kv_cache.check_integrity()
 
 
 @pytest.mark.parametrize("method", ["knorm", "streaming_llm"])
@@ -124,8 +203,8 @@ def test_decode_after_a_press_reads_only_the_kept_tokens(llm: LLM, method: str) 
     page = llm.engine.kv_specs[0].page_nbytes
     assert score.kv_pressed_bytes == math.ceil(keep / BLOCK_SIZE) * page
     kept = [
-        token_scores(press, keys, None).topk(keep, dim=-1).indices.sort(dim=-1).values
-        for keys in plain_keys(llm, prompt)
+        token_scores(press, keys, values, None).topk(keep, dim=-1).indices.sort(dim=-1).values
+        for keys, values in plain_kv(llm, prompt)
     ]
     expected = masked_reference(llm, prompt, continuation, kept)
     assert torch.allclose(torch.tensor(score.logprobs), expected, atol=1e-4)
@@ -161,6 +240,31 @@ def test_pressed_and_plain_requests_share_a_batch(llm: LLM) -> None:
     engine.kv_cache.check_integrity()
 
 
+def test_snapkv_and_expected_attention_requests_share_a_batch(llm: LLM) -> None:
+    """In chunks of 64 tokens the second step computes the first prompt's tokens 64-99 (its
+    snapkv window: 84-99) and the second's 0-27 (its expected_attention window starts after
+    the 4 sinks and ends in the next step): one capture holds both presses' rows, each rotated
+    its own way. Each request ends as it does alone."""
+    engine = llm.engine
+    prompts = [
+        {"prompt_token_ids": ids(llm, DOC * 2)[:100]},
+        {"prompt_token_ids": ids(llm, DOC)[:30]},
+    ]
+    presses = [KVPress("snapkv", 0.75, window=16), KVPress("expected_attention", 0.5, window=32)]
+    params = [SamplingParams(max_tokens=6, temperature=0, kv_press=p) for p in presses]
+    alone = []
+    for prompt, p in zip(prompts, params, strict=True):
+        engine.kv_cache.reset_prefix_cache()
+        alone += llm.generate(prompt, p)
+    engine.kv_cache.reset_prefix_cache()
+    together = llm.generate(prompts, params)
+    for a, b in zip(alone, together, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.metrics.kv_pressed_bytes == b.metrics.kv_pressed_bytes is not None
+    assert engine.kv_cache.num_used_blocks() == [0]
+    engine.kv_cache.check_integrity()
+
+
 def test_bad_presses_are_refused_at_add_request(llm: LLM) -> None:
     short = {"prompt_token_ids": ids(llm, "A short prompt.")}
     params = SamplingParams(kv_press=KVPress("snapkv", window=64))
@@ -190,6 +294,9 @@ def test_engines_a_press_cannot_run_on_say_why() -> None:
         assert words in why_no_press(fake, press, 100)  # type: ignore[arg-type, operator]
     assert "window of 64" in why_no_press(engine(), KVPress("snapkv"), 64)  # type: ignore[arg-type, operator]
     assert why_no_press(engine(), KVPress("snapkv"), 65) is None  # type: ignore[arg-type]
+    sinks = KVPress("expected_attention", num_sinks=4)
+    assert "keeps the first 4 tokens" in why_no_press(engine(), sinks, 4)  # type: ignore[arg-type, operator]
+    assert why_no_press(engine(), sinks, 5) is None  # type: ignore[arg-type]
 
 
 @needs_simd

@@ -21,6 +21,8 @@ from kvlm.sampling import KVPressError, SamplingParamsError
         ({"method": "snapkv", "window": 0}, "window must be >= 1"),
         ({"method": "snapkv", "window": 2.5}, "window must be an int"),
         ({"method": "streaming_llm", "num_sinks": -1}, "num_sinks must be >= 0"),
+        ({"method": "expected_attention", "num_future_positions": 0}, "in [1, 65536], got 0"),
+        ({"method": "expected_attention", "num_future_positions": 1.5}, "must be an int"),
     ],
 )
 def test_bad_values_raise_one_error_naming_the_field(kwargs: dict, words: str) -> None:
@@ -45,3 +47,11 @@ def test_ratio_is_a_float_and_kept_count_is_kvpress_s() -> None:
     assert KVPress("knorm", ratio=0.75).num_kept(10) == 2  # int(2.5)
     assert KVPress("knorm", ratio=0.99).num_kept(10) == 1  # never none
     assert hash(KVPress("knorm")) == hash(KVPress("knorm"))
+
+
+def test_a_press_names_the_options_its_method_reads() -> None:
+    assert KVPress("knorm", window=8).options() == {}
+    assert KVPress("snapkv", window=8).options() == {"window": 8}
+    assert KVPress("streaming_llm", num_sinks=2).options() == {"num_sinks": 2}
+    defaults = KVPress("expected_attention").options()  # kvpress's n_sink, n_future_positions
+    assert defaults == {"window": 64, "num_sinks": 4, "num_future_positions": 512}
