@@ -1,6 +1,7 @@
 """Peak KV bytes of a beam search of width w (forked beams sharing blocks) against w
 independent sequences of the same prompt and length (each under its own cache salt, so they
-share nothing), on a ~1,000-token prompt. Bytes are read through the cache's door after every
+share nothing), on a ~1,000-token prompt; then of one sampled request with `n` = w (one
+prefill, forked sequences) against n = 1. Bytes are read through the cache's door after every
 forward pass (all layer groups, scales included); no timing.
 
     python benchmarks/beam_memory.py [--model smollm2] [--widths 2 4 8] [--new-tokens 32]
@@ -35,6 +36,20 @@ def peak_bytes(engine: LLMEngine, run: Callable[[], object]) -> int:
     finally:
         engine.remove_observer(observer)
     return observer.peak
+
+
+def sampled(llm: LLM, ids: list[int], n: int, new_tokens: int) -> tuple[int, int]:
+    """Peak KV bytes of one request sampling `n` sequences from `ids` (under its own cache
+    salt: no hit from earlier runs), and how many of its prompt tokens were computed."""
+    params = SamplingParams(n=n, max_tokens=new_tokens, ignore_eos=True, temperature=0.8, seed=1)
+    outputs = []
+
+    def run() -> None:
+        outputs.extend(llm.generate([{"prompt_token_ids": ids}], params, cache_salt=f"n-{n}"))
+
+    peak = peak_bytes(llm.engine, run)
+    metrics = outputs[0].metrics
+    return peak, metrics.num_prompt_tokens - metrics.num_cached_tokens
 
 
 def prompt_ids(llm: LLM, num_tokens: int) -> list[int]:
@@ -76,6 +91,12 @@ def main() -> None:
         engine.kv_cache.check_integrity()
         mib = f"{beams / 2**20:>11.2f} MiB  {alone / 2**20:>11.2f} MiB"
         print(f"{width:>5}  {mib}  {beams / alone:.2f}")
+
+    print(f"\n{'n':>5}  {'n sampled':>14}  {'n = 1':>14}  ratio  prompt tokens computed")
+    for n in args.widths:
+        (many, computed), (one, _) = (sampled(llm, ids, c, args.new_tokens) for c in (n, 1))
+        mib = f"{many / 2**20:>11.2f} MiB  {one / 2**20:>11.2f} MiB"
+        print(f"{n:>5}  {mib}  {many / one:.2f}  {computed}")
 
 
 if __name__ == "__main__":
