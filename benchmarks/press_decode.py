@@ -35,9 +35,8 @@ def decode(
     (output,) = llm.generate([{"prompt_token_ids": prompt}], params)
     metrics = output.metrics
     held = metrics.kv_pressed_bytes
-    if held is None:  # the plain cache: every prompt token's block
-        spec = llm.engine.kv_specs[0]
-        held = -(-len(prompt) // spec.block_size) * sum(s.page_nbytes for s in llm.engine.kv_specs)
+    if held is None:  # the plain cache: each group's blocks for the prompt
+        held = sum(s.max_blocks_held(len(prompt)) * s.page_nbytes for s in llm.engine.kv_specs)
     return metrics.decode_tok_s, held
 
 
