@@ -82,7 +82,9 @@ def window_capture(
     for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
         window = request.press_window
         first, end = _window_rows(request, int(starts[i]), count)
-        if window is not None and first < end and first == window[0]:
+        if first == end:
+            continue  # no pending window, or this chunk misses it
+        if first == window[0]:
             request.press_queries.clear()  # the window starts in this chunk: (re)computed
         rows.append(token_offsets[i] + np.arange(first, end) - starts[i])
         press = request.params.kv_press
