@@ -6,7 +6,10 @@ its first words, so the model copies) and no slower on a task with nothing to lo
 writing: speculation backs off). Two engines (with / without `speculative=`) are loaded once
 and timed in turns, round r timing every (task, engine) pair once; the median decode tok/s of
 the rounds (the request's decode_tok_s: prefill not counted), the speed-up, the acceptance rate
-and the mean tokens per step are printed, and the greedy outputs are checked to be identical.
+and the mean tokens per step are printed. On float weights (the exact path) the greedy outputs
+are checked to be identical; on quantized weights a verification chunk runs the int8-activation
+matmul at another row count than a decode step, so a near-tie may flip: the table then reports
+how many leading tokens agree (the lowest over the rounds) instead of stopping.
 
     python benchmarks/speculative.py --model smollm2 --threads 2 --rounds 3 --num-tokens 4
 """
@@ -40,6 +43,15 @@ def run(llm: LLM, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
     return output.metrics.decode_tok_s, output.outputs[0].token_ids
 
 
+def _common_prefix(outputs: dict[str, list[int]]) -> int:
+    """How many leading tokens the plain and the ngram engine's outputs share."""
+    plain, ngram = outputs["plain"], outputs["ngram"]
+    same = 0
+    while same < min(len(plain), len(ngram)) and plain[same] == ngram[same]:
+        same += 1
+    return same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -60,6 +72,7 @@ def main() -> None:
     prompts = tasks(args.passage_chars)
     speeds: dict[tuple[str, str], list[float]] = {}
     stats = {}
+    agreed: dict[str, int] = {}  # task -> fewest leading tokens plain and ngram share
     for _ in range(args.rounds):
         for task, prompt in prompts.items():
             outputs = {}
@@ -76,14 +89,16 @@ def main() -> None:
                         (after.num_tokens - before.num_tokens)
                         / (after.num_steps - before.num_steps),
                     )
-            assert outputs["plain"] == outputs["ngram"], f"{task}: greedy outputs differ"
+            if args.weight_format == "float":
+                assert outputs["plain"] == outputs["ngram"], f"{task}: greedy outputs differ"
+            agreed[task] = min(agreed.get(task, len(outputs["plain"])), _common_prefix(outputs))
     print(
         f"{args.model}, {args.weight_format} weights, {args.threads} threads, batch 1, "
         f"{args.new_tokens} new tokens, k={args.num_tokens}, median of {args.rounds} rounds"
     )
     print(
         f"{'task':28} {'plain tok/s':>12} {'ngram tok/s':>12} {'speed-up':>9} "
-        f"{'accepted':>9} {'tok/step':>9}"
+        f"{'accepted':>9} {'tok/step':>9} {'same tokens':>12}"
     )
     for task in prompts:
         plain = statistics.median(speeds[(task, "plain")])
@@ -91,7 +106,7 @@ def main() -> None:
         accepted, per_step = stats[task]
         print(
             f"{task:28} {plain:12.1f} {ngram:12.1f} {ngram / plain:8.2f}x "
-            f"{accepted:9.1%} {per_step:9.2f}"
+            f"{accepted:9.1%} {per_step:9.2f} {agreed[task]:>5}/{args.new_tokens + 1}"
         )
 
 
