@@ -136,6 +136,8 @@ class LLMEngine:
         self.structured = StructuredDecoder(
             lambda: llguidance_tokenizer(self.tokenizer, vocab_size, self.stop_token_ids),
             vocab_size,
+            max_rows=config.max_num_seqs,
+            device=self.device,
         )
 
     def _kv_format(self) -> str:
