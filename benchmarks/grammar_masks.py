@@ -14,11 +14,9 @@ import statistics
 import time
 from functools import partial
 
-import torch
-
 from kvlm.loading import resolve_model_path
 from kvlm.sampling.structured import StructuredDecoder
-from kvlm.sampling.structured_grammar import bitmask_words, fill_bitmask
+from kvlm.sampling.structured_grammar import compute_banned
 from kvlm.sampling.structured_params import StructuredOutputsParams
 from kvlm.tokenizer import Tokenizer
 from kvlm.tokenizer.llguidance_bridge import llguidance_tokenizer
@@ -50,10 +48,7 @@ def main() -> None:
         tokenizer = Tokenizer.from_gguf(path)
         vocab = tokenizer.vocab_size
         stop = sorted(tokenizer.stop_token_ids)
-        decoder = StructuredDecoder(
-            partial(llguidance_tokenizer, tokenizer, vocab, stop), vocab, max_rows=1
-        )
-        row = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+        decoder = StructuredDecoder(partial(llguidance_tokenizer, tokenizer, vocab, stop), vocab)
         start = time.perf_counter()
         decoder.compiler.tokenizer  # noqa: B018 (builds it)
         built = time.perf_counter() - start
@@ -64,7 +59,7 @@ def main() -> None:
         times = []
         for token_id in ids:
             start = time.perf_counter()
-            fill_bitmask(grammar.matcher, row)
+            compute_banned([grammar.matcher], vocab)
             times.append((time.perf_counter() - start) * 1e6)
             decoder.advance(grammar, token_id)
         print(

@@ -136,8 +136,6 @@ class LLMEngine:
         self.structured = StructuredDecoder(
             lambda: llguidance_tokenizer(self.tokenizer, vocab_size, self.stop_token_ids),
             vocab_size,
-            max_rows=config.max_num_seqs,
-            device=self.device,
         )
 
     def _kv_format(self) -> str:
@@ -444,22 +442,14 @@ class LLMEngine:
                 [r.num_output_tokens for r in requests],
                 self.structured.masks([r.grammar for r in requests]),
             )
-            # The grammars take their tokens first and their next masks start at once, computed
-            # while the tokens are detokenized, the outputs go out and (with a spare core) the
-            # next forward runs; a request that then stops on a stop string, EOS or its
-            # max_tokens wastes one mask.
-            complete = [
-                r.grammar is not None and self.structured.advance(r.grammar, t)
-                for r, t in zip(requests, out.token_ids, strict=True)
-            ]
-            going_on = zip(requests, complete, strict=True)
-            self.structured.prefetch([r.grammar for r, done in going_on if r.grammar and not done])
             now = time.perf_counter()
-            for request, token_id, logprobs, done in zip(
-                requests, out.token_ids, out.logprobs, complete, strict=True
+            for request, token_id, logprobs in zip(
+                requests, out.token_ids, out.logprobs, strict=True
             ):
-                self._append_token(request, token_id, logprobs, now, done)
+                self._append_token(request, token_id, logprobs, now)
                 changed.append(request)
+            # Next masks, computed while this step's outputs go out and the next one runs.
+            self.structured.prefetch([r.grammar for r in requests if r.grammar and not r.finished])
         outputs = [r.to_output() for r in changed]
         for request in changed:
             if request.finished:
@@ -549,12 +539,7 @@ class LLMEngine:
             start += num_rows
 
     def _append_token(
-        self,
-        request: Request,
-        token_id: int,
-        logprobs: dict[int, Logprob] | None,
-        now: float,
-        complete: bool | None = None,  # the caller advanced the grammar: whether it is complete
+        self, request: Request, token_id: int, logprobs: dict[int, Logprob] | None, now: float
     ) -> None:
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
@@ -567,9 +552,8 @@ class LLMEngine:
         params = request.params
         stop_match = request.append_text(request.detokenizer.push(token_id))
         is_eos = not params.ignore_eos and token_id in self.stop_token_ids
-        if complete is None:  # not advanced yet
-            grammar = request.grammar
-            complete = grammar is not None and self.structured.advance(grammar, token_id)
+        grammar = request.grammar
+        complete = grammar is not None and self.structured.advance(grammar, token_id)
         out_of_room = not self.unbounded_length and len(request.token_ids) >= self.max_model_len
         if params.max_tokens is not None:
             out_of_room |= request.num_output_tokens >= params.max_tokens

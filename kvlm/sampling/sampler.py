@@ -62,21 +62,21 @@ class RowMask:
     """Tokens a grammar does not allow, in some rows of a step's logits."""
 
     rows: list[int]  # logits rows, ascending
-    additive: torch.Tensor  # [len(rows), vocab_size] float32: 0 = allowed, -inf = not allowed
+    banned: torch.Tensor  # [len(rows), vocab_size] bool, True = not allowed
 
     @torch.inference_mode()  # the runner's logits are inference tensors: written in place
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` ([num_seqs, vocab_size] float32) with the banned entries at -inf, in place:
-        one add per run of consecutive constrained rows, on a view of those rows (no copy,
-        and nothing read or written in the other rows). The model's logits are finite: a
-        banned +inf or NaN would become NaN."""
-        if self.additive.shape != (len(self.rows), logits.shape[1]):
+        """`logits` ([num_seqs, vocab_size] float) with the banned entries at -inf, in place:
+        one masked_fill per run of consecutive constrained rows, on a view of those rows (no
+        copy, and nothing read or written in the other rows)."""
+        if self.banned.shape != (len(self.rows), logits.shape[1]):
             raise ValueError(
-                f"mask is {tuple(self.additive.shape)} for {len(self.rows)} rows of "
+                f"mask is {tuple(self.banned.shape)} for {len(self.rows)} rows of "
                 f"{logits.shape[1]} logits"
             )
+        banned = self.banned.to(logits.device, non_blocking=True)
         for start, stop, first in _runs(self.rows):
-            logits[start:stop].add_(self.additive[first : first + stop - start])
+            logits[start:stop].masked_fill_(banned[first : first + stop - start], float("-inf"))
         return logits
 
 

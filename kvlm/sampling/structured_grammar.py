@@ -6,9 +6,6 @@ trie. Compiling is the check: a schema with a keyword it does not implement, an 
 a grammar that does not parse, or one whose first step allows no token at all is refused with
 `StructuredOutputsError`, saying why. Each distinct constraint is compiled once (an LRU of
 `CompiledGrammar`s); a request gets a copy of the compiled matcher and its first mask.
-
-Masks are llguidance's bitmasks: int32 words, bit j of word i set when token 32 i + j is
-allowed (`bitmask_words(vocab_size)` words per row).
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import llguidance
+import numpy as np
 import torch
 
 from kvlm.sampling.structured_params import StructuredOutputsParams
@@ -38,10 +36,10 @@ class StructuredOutputsError(ValueError):
 @dataclass(frozen=True)
 class CompiledGrammar:
     """A matcher at the grammar's start, never advanced (requests take `deep_copy()`s), and
-    its bitmask at that first step."""
+    the tokens it bans at that first step."""
 
     matcher: llguidance.LLMatcher
-    first_mask: torch.Tensor  # [1, bitmask_words(vocab_size)] int32; read-only
+    first_banned: torch.Tensor  # [vocab_size] bool, True = not allowed; read-only
 
 
 def grammar_text(spec: StructuredOutputsParams) -> str:
@@ -121,26 +119,24 @@ class GrammarCompiler:
         if is_error:
             raise StructuredOutputsError(f"{what} cannot be used: {_summary(messages[0])}")
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        first_mask = torch.zeros(1, bitmask_words(self.vocab_size), dtype=torch.int32)
-        fill_bitmask(matcher, first_mask[0])
+        banned = compute_banned([matcher], self.vocab_size)
         if matcher.is_error() or matcher.is_stopped():
             raise StructuredOutputsError(
                 f"{what} allows no output at all: no token can start it"
                 + (f" ({_summary(matcher.get_error())})" if matcher.is_error() else "")
             )
-        return CompiledGrammar(matcher, first_mask)
+        return CompiledGrammar(matcher, banned[0])
 
 
-def bitmask_words(vocab_size: int) -> int:
-    """int32 words in one row of a bitmask over `vocab_size` tokens."""
-    return (vocab_size + 31) // 32
-
-
-def fill_bitmask(matcher: llguidance.LLMatcher, row: torch.Tensor) -> None:
-    """Write `matcher`'s next-token bitmask into `row` ([bitmask_words(vocab_size)] int32, host
-    memory, contiguous); llguidance drops the GIL while it walks the token trie."""
-    assert row.dtype == torch.int32 and row.is_cpu and row.dim() == 1 and row.is_contiguous()
-    matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+def compute_banned(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """Each matcher's next-token mask, inverted: [len(matchers), vocab_size] bool, True where
+    the token is not allowed. Drops the GIL while llguidance walks the token trie."""
+    words = (vocab_size + 31) // 32
+    bits = np.zeros((len(matchers), words), dtype=np.int32)  # [n, words], bit j = token allowed
+    for row, matcher in zip(bits, matchers, strict=True):
+        matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+    banned = np.unpackbits(~bits.view(np.uint8), axis=1, bitorder="little")  # [n, 32 * words]
+    return torch.from_numpy(banned[:, :vocab_size].view(np.bool_))
 
 
 def _summary(message: str, limit: int = 300) -> str:

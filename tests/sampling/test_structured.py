@@ -14,8 +14,8 @@ import torch
 
 from kvlm import LLM, SamplingParams, StructuredOutputsParams
 from kvlm.sampling import RowMask, SamplingParamsError
-from kvlm.sampling.structured import RequestGrammar, StructuredDecoder
-from kvlm.sampling.structured_grammar import StructuredOutputsError, bitmask_words, fill_bitmask
+from kvlm.sampling.structured import StructuredDecoder
+from kvlm.sampling.structured_grammar import StructuredOutputsError
 from kvlm.tokenizer import Tokenizer
 from kvlm.tokenizer.llguidance_bridge import llguidance_tokenizer
 
@@ -85,7 +85,7 @@ def decoder(tokenizer: Tokenizer, request: pytest.FixtureRequest) -> StructuredD
     """Masks prefetched on the worker thread, and computed inline (no core to spare)."""
     vocab = tokenizer.vocab_size
     decoder = StructuredDecoder(
-        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, 8, overlap=request.param
+        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, overlap=request.param
     )
     yield decoder
     decoder.close()
@@ -114,7 +114,7 @@ def test_masks_allow_exactly_what_the_matcher_accepts(
     decoder: StructuredDecoder, tokenizer: Tokenizer
 ) -> None:
     grammar = decoder.start(StructuredOutputsParams(choice=["yes", "no"]))
-    banned = torch.isneginf(decoder.masks([None, grammar]).additive[0])  # [vocab]
+    banned = decoder.masks([None, grammar]).banned[0]  # [vocab]
     allowed = torch.nonzero(~banned).flatten().tolist()
     assert 0 < len(allowed) < 20
     for token_id in allowed:  # each allowed token is a valid start, each banned one is not
@@ -136,111 +136,42 @@ def test_prefetched_masks_follow_the_matcher(decoder: StructuredDecoder, tokeniz
     mask = decoder.masks(grammars)
     (dash,) = tokenizer.encode("-", add_special_tokens=False)
     (letters,) = tokenizer.encode("abc", add_special_tokens=False)
-    assert mask.rows == [0, 1] and not mask.additive[:, dash].isneginf().any()
-    assert mask.additive[:, letters].isneginf().all()  # a letter before the dash breaks it
-
-
-def _reference_masks(decoder: StructuredDecoder, grammars: list[RequestGrammar]) -> torch.Tensor:
-    """Each matcher's mask on its own (llguidance's single-matcher call), as banned bools."""
-    bits = torch.zeros(len(grammars), bitmask_words(decoder.vocab_size), dtype=torch.int32)
-    for row, grammar in zip(bits, grammars, strict=True):
-        fill_bitmask(grammar.matcher, row)
-    return _banned(bits, decoder.vocab_size)
-
-
-def _banned(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[n, words] int32 bitmask -> [n, vocab_size] bool, True = bit clear (token banned)."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = (bits.unsqueeze(2) >> shifts) & 1  # [n, words, 32]
-    return (allowed == 0).reshape(bits.shape[0], -1)[:, :vocab_size]
-
-
-def test_one_prefetch_fills_each_row_as_its_own_matcher_would(
-    decoder: StructuredDecoder, tokenizer: Tokenizer
-) -> None:
-    """Rows in different grammar states and grammars, filled in one executor call, are the
-    masks each matcher computes alone; the masks are exact -inf / 0 additive rows."""
-    texts = ['{"name": "Al', '{"name": "Bo", "age": 4', '{"name": "C", "age": 1, "pets": [']
-    grammars = [decoder.start(StructuredOutputsParams(json=PERSON)) for _ in texts]
-    grammars.append(decoder.start(StructuredOutputsParams(regex="[0-9]+-[a-z]+")))
-    for g, text in zip(grammars, [*texts, "12-"], strict=True):
-        for token_id in tokenizer.encode(text, add_special_tokens=False):
-            assert not decoder.advance(g, token_id)
-    decoder.prefetch(grammars)
-    mask = decoder.masks([*grammars[:2], None, *grammars[2:]])
-    assert mask.rows == [0, 1, 3, 4]
-    expected = _reference_masks(decoder, grammars)
-    assert len({tuple(row.tolist()) for row in expected}) == len(grammars)  # all differ
-    assert torch.equal(torch.isneginf(mask.additive), expected)
-    assert torch.equal(mask.additive[~expected], torch.zeros(int((~expected).sum())))
-
-
-def test_a_preempted_rows_mask_survives_the_next_prefetch(
-    decoder: StructuredDecoder, tokenizer: Tokenizer
-) -> None:
-    """A request left out of a step keeps its pending mask although the next prefetch
-    rewrites the buffer row it was computed in."""
-    grammars = [decoder.start(StructuredOutputsParams(regex="[0-9]+-[a-z]+")) for _ in range(3)]
-    for g, text in zip(grammars, ["1", "12-", "3"], strict=True):
-        for token_id in tokenizer.encode(text, add_special_tokens=False):
-            assert not decoder.advance(g, token_id)
-    decoder.prefetch(grammars)  # rows 0, 1, 2
-    before = torch.isneginf(decoder.masks(grammars).additive[0])
-    (letter,) = tokenizer.encode("a", add_special_tokens=False)
-    (digit,) = tokenizer.encode("4", add_special_tokens=False)
-    for g, token_id in zip(grammars[1:], [letter, digit], strict=True):  # grammars[0] preempted
-        assert not decoder.advance(g, token_id)
-    decoder.prefetch(grammars[1:])  # rows 0 and 1 rewritten
-    again = decoder.masks(grammars)  # rows back in, out of prefetch order
-    assert torch.equal(torch.isneginf(again.additive), _reference_masks(decoder, grammars))
-    assert torch.equal(torch.isneginf(again.additive[0]), before)
-
-
-def test_additive_masks_cover_a_vocabulary_that_is_not_whole_words(tokenizer: Tokenizer) -> None:
-    """50 logits: two bitmask words, the last 14 bits past the vocabulary; rows gathered out
-    of order from any mask tensor."""
-    decoder = StructuredDecoder(lambda: llguidance_tokenizer(tokenizer, 50, [2]), 50, 4)
-    generator = torch.Generator().manual_seed(0)
-    bits = torch.randint(-(2**31), 2**31 - 1, (3, 2), dtype=torch.int32, generator=generator)
-    grammars = [RequestGrammar(None, bits, row) for row in (2, 0, 1)]  # type: ignore[arg-type]
-    mask = decoder.masks([grammars[0], None, grammars[1], grammars[2]])
-    assert mask.additive.shape == (3, 50)
-    assert torch.equal(torch.isneginf(mask.additive), _banned(bits[[2, 0, 1]], 50))
+    assert mask.rows == [0, 1] and not mask.banned[:, dash].any()
+    assert mask.banned[:, letters].all()  # a letter before the dash breaks the regex
 
 
 def test_without_a_spare_core_masks_are_done_before_the_forward(tokenizer: Tokenizer) -> None:
     vocab = tokenizer.vocab_size
     decoder = StructuredDecoder(
-        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, 8, overlap=False
+        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, overlap=False
     )
     grammars = [decoder.start(StructuredOutputsParams(regex="[0-9]+")) for _ in range(3)]
     for g in grammars:
         assert not decoder.advance(g, tokenizer.encode("7", add_special_tokens=False)[0])
     decoder.prefetch(grammars)
     decoder.before_forward()
-    assert not decoder.busy
+    assert all(g.pending is not None and g.pending.done() for g in grammars)
     decoder.close()
 
 
 def test_row_mask_touches_constrained_rows_only() -> None:
     logits = torch.randn(3, 8)
     before = logits.clone()
-    additive = torch.zeros(1, 8)
-    additive[0, 2:] = float("-inf")
-    RowMask([1], additive).apply(logits)
+    banned = torch.zeros(1, 8, dtype=torch.bool)
+    banned[0, 2:] = True
+    RowMask([1], banned).apply(logits)
     assert torch.equal(logits[[0, 2]], before[[0, 2]])
-    assert torch.equal(logits[1, :2], before[1, :2]) and torch.isneginf(logits[1, 2:]).all()
+    assert torch.equal(logits[1, :2], before[1, :2]) and torch.isinf(logits[1, 2:]).all()
     # Runs of consecutive rows ([0], [2, 3], [5]) each take their own rows of the mask.
     logits = torch.randn(6, 8)
     before = logits.clone()
     banned = torch.rand(4, 8) < 0.5
-    additive = torch.zeros(4, 8).masked_fill(banned, float("-inf"))
-    RowMask([0, 2, 3, 5], additive).apply(logits)
+    RowMask([0, 2, 3, 5], banned).apply(logits)
     expected = before.clone()
     expected[[0, 2, 3, 5]] = before[[0, 2, 3, 5]].masked_fill(banned, float("-inf"))
     assert torch.equal(logits, expected)
     with pytest.raises(ValueError, match="mask is"):
-        RowMask([0, 1], additive).apply(logits)
+        RowMask([0, 1], banned).apply(logits)
 
 
 # --- generation (SmolLM2) ---------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_streamed_parse_equals_whole_parse(text: str) -> None:
 def decoder(smollm2_path) -> tuple[StructuredDecoder, Tokenizer]:
     tokenizer = Tokenizer.from_gguf(smollm2_path)
     vocab = tokenizer.vocab_size
-    decoder = StructuredDecoder(lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, 1)
+    decoder = StructuredDecoder(lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab)
     yield decoder, tokenizer
     decoder.close()
 
