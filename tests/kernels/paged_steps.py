@@ -48,16 +48,13 @@ class PagedStep:
         return self.ctx.layer_views[LAYER].block_table
 
     def kernel_query(self) -> torch.Tensor:
-        """q as the kernel takes it: roped by place in the text unless the group has sinks."""
-        if self.store.spec.num_sinks:
-            return self.q
+        """q as the kernel takes it: roped by place in the text, in every group."""
         return apply_rope(self.q, *self.rope.cos_sin(self.ctx.positions))
 
-    def kernel_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v as the store holds them (k roped by place in the text unless there are sinks)."""
-        if self.store.spec.num_sinks:
-            return self.k, self.v
-        return apply_rope(self.k, *self.rope.cos_sin(self.ctx.positions)), self.v
+    def kernel_sink_query(self) -> torch.Tensor | None:
+        """sink_q as the kernel takes it: q roped by its place in the cache (sinks only)."""
+        places = self.ctx.layer_views[LAYER].query_places
+        return None if places is None else apply_rope(self.q, *self.rope.cos_sin(places))
 
 
 def make_step(

@@ -48,7 +48,7 @@ def run_kernel(step: PagedStep, scale: float, softcap: float | None = None, path
         **change,
     }
     return paged_attention(step.kernel_query(), step.store, LAYER, scale=scale, softcap=softcap,
-                           rope=step.rope, path=path, **args)  # fmt: skip
+                           sink_q=step.kernel_sink_query(), path=path, **args)  # fmt: skip
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
@@ -191,7 +191,7 @@ def test_refuses_bad_inputs() -> None:
         run_kernel(step, 0.1, num_cached=step.num_cached + 16 * max_blocks)
     with pytest.raises(ValueError, match="query_start"):
         run_kernel(step, 0.1, num_cached=step.num_cached[:2])
-    with pytest.raises(ValueError, match="needs `rope`"):
+    with pytest.raises(ValueError, match="needs `sink_q`"):
         paged_attention(step.q, step.store, LAYER, step.block_table, step.query_start,
                         step.num_cached, 0.1)  # fmt: skip
 

@@ -51,7 +51,8 @@ def run_prefill(step: PagedStep, scale: float, softcap: float | None = None, pat
         **change,
     }
     return paged_attention(step.kernel_query(), step.store, LAYER, scale=scale, softcap=softcap,
-                           rope=step.rope, path=path, prefill=prefill, **args)  # fmt: skip
+                           sink_q=step.kernel_sink_query(), path=path, prefill=prefill,
+                           **args)  # fmt: skip
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)

@@ -62,9 +62,11 @@ def run_kernel(step: PagedStep, scale: float, softcap: float | None = None, **ch
         "block_table": step.block_table,
         "query_start": step.query_start,
         "num_cached": step.num_cached,
-        "rope": step.rope,
         **change,
     }
+    sink_q = step.kernel_sink_query()
+    if "sink_q" not in change and sink_q is not None:  # in q's dtype
+        args["sink_q"] = sink_q.to(DEVICE, args["q"].dtype)
     out = triton_paged.paged_attention(store=store, layer_idx=LAYER, scale=scale,
                                        softcap=softcap, **args)  # fmt: skip
     return out.cpu()
@@ -238,7 +240,7 @@ def test_refuses_bad_inputs() -> None:
         run_kernel(step, 0.1, num_cached=step.num_cached[:2])
     with pytest.raises(ValueError, match="int32 or int64"):
         run_kernel(step, 0.1, num_cached=step.num_cached.float())
-    with pytest.raises(ValueError, match="needs `rope`"):
-        run_kernel(step, 0.1, rope=None)
+    with pytest.raises(ValueError, match="needs `sink_q`"):
+        run_kernel(step, 0.1, sink_q=None)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         run_kernel(step, 0.1, q=step.q.double().to(DEVICE))
