@@ -4,8 +4,10 @@ With a cache and a paged kernel (`ctx.paged_attention`: the C++ one on the CPU, 
 CUDA) every step shape (decode rows, prefill chunks, mixed batches) reads K/V through the
 block tables. The torch reference (gather every key's rows + SDPA under a mask) serves the
 no-cache baseline, KVLM_KERNELS=torch and devices without a paged kernel; tests hold the
-kernels to it. Rope is applied here because the cache decides positions (places in the cache
-under attention sinks, where the kernel ropes the keys itself). GQA/MQA heads are expanded
+kernels to it. Rope is applied here, by text position to q and to the keys the cache stores,
+in every group. Under attention sinks the cache decides places: rope is relative, so a window
+key is as far from a query in the cache as in the text, and only the sink keys need q roped by
+its place in the cache (`sink_q`, from `GroupView.query_places`). GQA/MQA heads are expanded
 inside the kernel or SDPA (`enable_gqa`), never in the cache.
 """
 
@@ -34,9 +36,11 @@ def attention(
     num_tokens, num_heads, head_dim = q.shape
     if ctx.query_capture is not None:  # never with sinks: a press refuses them
         ctx.query_capture.add(layer_idx, q, rope, scale)  # it applies the rope it needs
-    if not view.rope_in_cache:  # rope by place in the text, keys stored rotated
-        cos, sin = ctx.rope_tables(rope, ctx.positions)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    sink_q = None  # [T, nh, hd] with sinks: q at its place in the cache, for the sink keys
+    if view.query_places is not None:
+        sink_q = apply_rope(q, *ctx.rope_tables(rope, view.query_places))
+    cos, sin = ctx.rope_tables(rope, ctx.positions)  # by text position, as the keys are stored
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if ctx.paged_attention is not None and view.store is not None:
         view.store.write(layer_idx, view.write_rows, k, v)
         out = ctx.paged_attention(
@@ -48,7 +52,7 @@ def attention(
             view.num_cached,
             scale,
             softcap,
-            rope if view.rope_in_cache else None,
+            sink_q,
         )  # [T, nh, hd]
         return out.reshape(num_tokens, num_heads * head_dim)
     if view.store is not None:
@@ -56,19 +60,18 @@ def attention(
         keys, values = view.store.gather(layer_idx, view.gather_index)  # [B * S, nkv, hd]
     else:
         keys, values = k.index_select(0, view.gather_index), v.index_select(0, view.gather_index)
-    if view.rope_in_cache:  # rope by place in the cache, keys stored unrotated
-        keys = apply_rope(keys, *ctx.rope_tables(rope, view.key_positions))
-        q = apply_rope(q, *ctx.rope_tables(rope, view.query_positions))
     shape = (ctx.num_seqs, view.num_keys, *keys.shape[1:])
     keys = keys.view(shape).transpose(1, 2)  # [B, nkv, S, hd]
     values = values.view(shape).transpose(1, 2)  # [B, nkv, S, hd]
     queries = _pad_queries(q, ctx).transpose(1, 2)  # [B, nh, Q, hd]
-    if softcap is None:
+    if softcap is None and sink_q is None:
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=view.mask, scale=scale, enable_gqa=True
         )
     else:
-        out = _softcapped_attention(queries, keys, values, view.mask, scale, softcap)
+        sink_queries = None if sink_q is None else _pad_queries(sink_q, ctx).transpose(1, 2)
+        sinks = None if sink_q is None else (sink_queries, view.sink_keys)
+        out = _explicit_attention(queries, keys, values, view.mask, scale, softcap, sinks)
     out = out.transpose(1, 2)  # [B, Q, nh, hd]
     if ctx.query_pad_index is None:
         return out.reshape(num_tokens, num_heads * head_dim)
@@ -85,18 +88,28 @@ def _pad_queries(q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     return padded.view(ctx.num_seqs, ctx.max_query_len, *q.shape[1:])
 
 
-def _softcapped_attention(
+def _explicit_attention(
     q: torch.Tensor,  # [B, nh, Q, hd]
     k: torch.Tensor,  # [B, nkv, S, hd]
     v: torch.Tensor,  # [B, nkv, S, hd]
     mask: torch.Tensor | None,  # [B, 1, Q, S]
     scale: float,
-    softcap: float,
+    softcap: float | None,
+    # sinks: q roped by place [B, nh, Q, hd] and which keys are sinks by place [B, 1, 1, S]
+    sinks: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:  # [B, nh, Q, hd]
+    """Attention with its scores written out: softcapped, and under sinks
+    scores = where(key is a sink, sink_q . k, q . k)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
-    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap  # [B, nh, Q, S]
+    scores = q @ k.transpose(-1, -2)  # [B, nh, Q, S]
+    if sinks is not None:
+        sink_q, sink_keys = sinks
+        scores = torch.where(sink_keys, sink_q @ k.transpose(-1, -2), scores)
+    scores = scores * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v

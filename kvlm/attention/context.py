@@ -32,7 +32,7 @@ class PagedKernel(Protocol):
         num_cached: torch.Tensor,  # [B]
         scale: float,
         softcap: float | None = None,
-        rope: torch.nn.Module | None = None,
+        sink_q: torch.Tensor | None = None,  # [T, nh, hd] q roped by place (groups with sinks)
     ) -> torch.Tensor: ...  # [T, nh, hd]
 
 
@@ -48,8 +48,10 @@ class GroupView:
 
     store: KVStore | None  # None: no-cache mode, keys come from this step's tokens only
     write_rows: torch.Tensor | None  # [T] base row receiving each new token's K/V
-    # With sinks, rope by place in the cache (keys stored unrotated), not in the text
-    rope_in_cache: bool = False
+    # With sinks: [T] each query's place in the cache, ns + p - ws (runner._query_places):
+    # the sink keys (places 0 .. ns - 1) score against q roped there, every other key against
+    # q roped by its text position, as the keys are stored (rope is relative)
+    query_places: torch.Tensor | None = None
     # [B, max_blocks] int64 block ids of each sequence, the null block past its end; cache only
     block_table: torch.Tensor | None = None
     query_start: torch.Tensor | None = None  # [B + 1] int64 first row in T of each sequence
@@ -63,9 +65,8 @@ class GroupView:
     # [B, 1, Q, S] True where a query may attend; None when every query sees all S keys
     mask: torch.Tensor | None = None
     key_counts: torch.Tensor | None = None  # [B] int64 keys sequence b reads (<= S)
-    # Sinks: [B * S] places in the cache of the gathered keys and [T] of the queries
-    key_positions: torch.Tensor | None = None
-    query_positions: torch.Tensor | None = None
+    # Sinks: [B, 1, 1, S] True where a gathered key is a sink by place (index < ns)
+    sink_keys: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Rotary position embedding. It lives beside attention because the cache decides positions:
-text positions normally, places in the cache under attention sinks.
+text positions for every key and query, and under attention sinks also each query's place in
+the cache (for the sink keys). Positions have no limit: cos/sin come from them each step.
 
 Notation: T = rows (tokens or gathered keys), hd = head dim.
 """

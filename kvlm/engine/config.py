@@ -167,9 +167,9 @@ class EngineConfig:
             )
         if self.attention_sinks:
             raise EngineConfigError(
-                "prefix adapters cannot run with attention_sinks: sinks rotate cached keys by "
-                "their place in the cache, while PEFT attends to prefix keys unrotated; drop "
-                "--attention-sinks or the adapter"
+                "prefix adapters cannot run with attention_sinks: the sink keys score against "
+                "the query at its place in the cache, not in the text, and PEFT's prefix "
+                "attention has no such rule to match; drop --attention-sinks or the adapter"
             )
 
     @property

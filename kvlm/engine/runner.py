@@ -237,8 +237,9 @@ class ModelRunner:
         """The group's view: block tables (views of the persistent state) and write rows with
         a cache, plus the gather index and mask only where the torch reference reads them."""
         spec = self.specs[group]
+        places = self._query_places(spec, shape) if spec.num_sinks else None
         if self.input_batch is None:
-            return self._reference(group, shape, GroupView(None, None, spec.positions_in_cache))
+            return self._reference(group, shape, GroupView(None, None, query_places=places))
         store = self.stores[group]
         num_seqs = len(shape.starts)
         table = self.input_batch.host_table(group, num_seqs)  # [B, max_blocks]
@@ -247,12 +248,29 @@ class ModelRunner:
             write_rows=self._to_device(
                 self._rows(store, table, shape.seq_of_token, shape.positions)
             ),
-            rope_in_cache=spec.positions_in_cache,
+            query_places=places,
             block_table=self.input_batch.block_table(group, num_seqs),
             query_start=self.input_batch.query_start(num_seqs),
             num_cached=self.input_batch.num_cached(num_seqs),
         )
         return view if paged else self._reference(group, shape, view, table)
+
+    @staticmethod
+    def _window_starts(spec: KVCacheSpec, s: _StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """[B] per sequence the first key of its first query's window (ws) and how many sinks
+        it keeps before it (ns = min(num_sinks, ws)); 0 and 0 without a window."""
+        window_start = np.zeros_like(s.starts)
+        if spec.window is not None:
+            window_start = np.maximum(s.starts - spec.window + 1, 0)  # [B]
+        return window_start, np.minimum(spec.num_sinks, window_start)
+
+    def _query_places(self, spec: KVCacheSpec, s: _StepShape) -> torch.Tensor:
+        """[T] each query's place in the cache under sinks, ns + p - ws: where the sink keys
+        (at places 0 .. ns - 1) see it; every later key at ns + kp - ws is as far from it as
+        in the text, so its keys and queries stay roped by text position."""
+        window_start, num_sinks = self._window_starts(spec, s)
+        seq = s.seq_of_token
+        return self._to_device(num_sinks[seq] + s.positions - window_start[seq])
 
     def _reference(
         self, group: int, shape: _StepShape, view: GroupView, table: np.ndarray | None = None
@@ -261,10 +279,7 @@ class ModelRunner:
         sequence its sinks that lie before the window, then every key from the first query's
         window start to the sequence end, oldest first. `table` None: no cache."""
         spec, s = self.specs[group], shape
-        window_start = np.zeros_like(s.starts)
-        if spec.window is not None:
-            window_start = np.maximum(s.starts - spec.window + 1, 0)  # [B]
-        num_sinks = np.minimum(spec.num_sinks, window_start)  # [B]
+        window_start, num_sinks = self._window_starts(spec, s)  # [B], [B]
         num_keys = num_sinks + s.ends - window_start  # [B]
         max_keys = int(num_keys.max())
         index = np.arange(max_keys)  # [S]
@@ -289,10 +304,8 @@ class ModelRunner:
         view.gather_index = self._to_device(gather.reshape(-1))
         view.num_keys = max_keys
         view.key_counts = None if table is None else self._to_device(num_keys)
-        if spec.positions_in_cache:
-            seq = s.seq_of_token
-            view.key_positions = self._to_device(np.tile(index, len(s.starts)))
-            view.query_positions = self._to_device(num_sinks[seq] + s.positions - window_start[seq])
+        if spec.num_sinks:  # [B, 1, 1, S] the gathered sinks by place
+            view.sink_keys = self._to_device((index[None, :] < num_sinks[:, None])[:, None, None])
         return view
 
     @staticmethod

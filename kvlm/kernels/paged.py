@@ -11,9 +11,10 @@ Invariants the caller keeps (and `paged_attention` checks, refusing with a Value
   its block table row holds every block it reads: ceil(end_b / block_size) <= max_blocks;
 - block ids lie in [0, num_blocks); blocks a window released are the null block (id 0) and are
   never read: a query at p reads keys kp <= p with kp > p - window or kp < num_sinks only;
-- q is rotated by rope by place in the text, as the stored keys are, when the group has no
-  sinks; with sinks q and the stored keys are unrotated and the kernel ropes both by place in
-  the cache (`rope` gives the frequencies), matching kvlm/attention/backend.py.
+- the stored keys and q are roped by their places in the text, in every group; a group with
+  sinks also passes `sink_q`, q roped by its place in the cache, which the sink keys score
+  against (rope is relative, so every other key's score is q.k as stored; see
+  csrc/paged_attention.h), matching kvlm/attention/backend.py. No key is roped in the kernel.
 The answer equals the torch reference (gather + SDPA, kvlm/attention/backend.py) up to float32
 rounding in every format: both dequantize the same stored bytes.
 """
@@ -45,12 +46,6 @@ class PagedStore(Protocol):
     def layer_offsets(self, layer_idx: int) -> tuple[int, int]: ...
 
 
-class Rope(Protocol):
-    """What the kernel needs of a `kvlm.attention.rope.RotaryEmbedding`."""
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
 def _ops():
     failure = _build()
     if failure is not None:
@@ -77,12 +72,6 @@ def _int64(x: torch.Tensor, name: str, dims: int) -> torch.Tensor:
     return x.to(torch.int64).contiguous()
 
 
-def cache_rope_tables(rope: Rope, num_places: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin [num_places, hd] of places 0 .. num_places - 1 in the cache."""
-    cos, sin = rope.cos_sin(torch.arange(num_places))
-    return cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous()
-
-
 def check_heads(q: torch.Tensor, spec: Any) -> None:
     """q [T, nh, hd] fits the store's heads (a whole number of query heads per KV head)."""
     _, num_heads, head_dim = q.shape
@@ -90,6 +79,24 @@ def check_heads(q: torch.Tensor, spec: Any) -> None:
         raise ValueError(
             f"q has {num_heads} heads of {head_dim}; the store holds "
             f"{spec.num_kv_heads} heads of {spec.head_dim}"
+        )
+
+
+def check_sink_query(q: torch.Tensor, sink_q: torch.Tensor | None, spec: Any) -> None:
+    """A group with sinks takes sink_q shaped as q (one without sinks none)."""
+    if not spec.num_sinks:
+        if sink_q is not None:
+            raise ValueError("sink_q is for a group with attention sinks; this one has none")
+        return
+    if sink_q is None:
+        raise ValueError(
+            "a group with attention sinks needs `sink_q`: q roped by its place in the cache, "
+            "which the sink keys score against"
+        )
+    if sink_q.shape != q.shape or sink_q.dtype != q.dtype or sink_q.device != q.device:
+        raise ValueError(
+            f"sink_q must be shaped as q {tuple(q.shape)} {q.dtype} on {q.device}, got "
+            f"{tuple(sink_q.shape)} {sink_q.dtype} on {sink_q.device}"
         )
 
 
@@ -110,7 +117,7 @@ def check_values(
     num_tokens: int,
     block_size: int,
     num_blocks: int,
-) -> torch.Tensor:  # [B] where each sequence ends after the step
+) -> None:
     """The index values' invariants of the module docstring (host tensors: reading them is a
     sync on a device)."""
     counts = starts.diff()
@@ -130,7 +137,6 @@ def check_values(
             f"block ids {int(table.min())} .. {int(table.max())} are outside the "
             f"store's [0, {num_blocks})"
         )
-    return ends
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,6 @@ class _GroupIndex:
     table: torch.Tensor  # [B, max_blocks] int64
     starts: torch.Tensor  # [B + 1] int64
     cached: torch.Tensor  # [B] int64
-    ends: torch.Tensor  # [B] where each sequence ends after the step
     max_query_len: int  # the longest chunk's new tokens (0 without sequences)
     # The caller's tensors, kept alive so that their ids are not reused during the step
     sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -148,8 +153,8 @@ class _GroupIndex:
 
 class StepKernel:
     """The C++ paged kernel for the layers of one step (the `PagedKernel` call): each cache
-    group's index inputs are converted and checked once, on the first layer that reads them,
-    and a group with sinks gets its rope tables once per rope; later layers check only q.
+    group's index inputs are converted and checked once, on the first layer that reads them;
+    later layers check only q (and sink_q).
 
     Build one per step (`ModelRunner.prepare` does): it holds the step's index tensors, so
     none is freed and its id reused while it lives, and a new step never sees stale checks.
@@ -159,7 +164,6 @@ class StepKernel:
         self.isa = _isa(path)
         # id(block_table), id(query_start), id(num_cached) -> those inputs, checked
         self._groups: dict[tuple[int, int, int], _GroupIndex] = {}
-        self._ropes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(
         self,
@@ -171,7 +175,7 @@ class StepKernel:
         num_cached: torch.Tensor,  # [B] tokens cached before the step
         scale: float,
         softcap: float | None = None,
-        rope: Rope | None = None,  # needed when the group has sinks
+        sink_q: torch.Tensor | None = None,  # [T, nh, hd] q roped by place in the cache (sinks)
         prefill: bool | None = None,  # the prefill kernel; None: if a chunk has over
         # PREFILL_MIN_QUERY_LEN queries
     ) -> torch.Tensor:  # [T, nh, hd] float32
@@ -185,14 +189,7 @@ class StepKernel:
         index = self.check_indices(q.shape[0], store, block_table, query_start, num_cached)
         if prefill is None:
             prefill = index.max_query_len > PREFILL_MIN_QUERY_LEN
-        rope_cos = rope_sin = None
-        if spec.num_sinks:
-            if rope is None:
-                raise ValueError(
-                    "a group with attention sinks needs `rope`: keys are roped by place "
-                    "in the cache inside the kernel"
-                )
-            rope_cos, rope_sin = self._rope_tables(rope, spec, index.cached, index.ends)
+        check_sink_query(q, sink_q, spec)
         k_off, v_off = store.layer_offsets(layer_idx)
         return _ops().paged_attention(
             q.contiguous(),
@@ -210,8 +207,7 @@ class StepKernel:
             scale,
             softcap or 0.0,
             FORMAT_CODES[spec.kv_format],
-            rope_cos,
-            rope_sin,
+            sink_q.contiguous() if spec.num_sinks else None,
             self.isa,
             prefill,
         )
@@ -234,30 +230,16 @@ class StepKernel:
             cached = _int64(num_cached, "num_cached", 1)
             check_lengths(table, starts, cached)
             spec = store.spec
-            ends = check_values(
-                table, starts, cached, num_tokens, spec.block_size, store.num_blocks
-            )
+            check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
             max_query_len = int(starts.diff().max()) if len(cached) else 0
             sources = (block_table, query_start, num_cached)
-            index = _GroupIndex(table, starts, cached, ends, max_query_len, sources)
+            index = _GroupIndex(table, starts, cached, max_query_len, sources)
             self._groups[key] = index
         elif int(index.starts[-1]) != num_tokens:
             raise ValueError(
                 f"query_start must rise from 0 to T={num_tokens}: {index.starts.tolist()}"
             )
         return index
-
-    def _rope_tables(
-        self, rope: Rope, spec: Any, cached: torch.Tensor, ends: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [places, hd] by place in the cache of every key the step reads."""
-        window_start = (cached - spec.window + 1).clamp_min(0)
-        places = torch.minimum(window_start, torch.tensor(spec.num_sinks)) + ends - window_start
-        num_places = int(places.max()) if len(cached) else 1
-        key = (id(rope), num_places)
-        if key not in self._ropes:
-            self._ropes[key] = cache_rope_tables(rope, num_places)
-        return self._ropes[key]
 
 
 def paged_attention(
@@ -269,7 +251,7 @@ def paged_attention(
     num_cached: torch.Tensor,  # [B] tokens cached before the step
     scale: float,
     softcap: float | None = None,
-    rope: Rope | None = None,  # needed when the group has sinks
+    sink_q: torch.Tensor | None = None,  # [T, nh, hd] q roped by place in the cache (sinks)
     path: str | None = None,  # kernel path; None: the process default
     prefill: bool | None = None,  # the prefill kernel; None: if a chunk has over
     # PREFILL_MIN_QUERY_LEN queries
@@ -277,7 +259,7 @@ def paged_attention(
     """One layer's call, every input checked (a step's layers share a `StepKernel` instead)."""
     step = StepKernel(path)
     return step(
-        q, store, layer_idx, block_table, query_start, num_cached, scale, softcap, rope, prefill
+        q, store, layer_idx, block_table, query_start, num_cached, scale, softcap, sink_q, prefill
     )
 
 

@@ -13,8 +13,10 @@ owns tiles query_start[b] // QUERIES + b .. query_start[b + 1] // QUERIES + b (a
 the kernel finds b), so the grid depends only on T and B and a launch needs no host sync.
 Keys are visited in tiles of BLOCK_N places, each key's row looked up in the block table, with
 online softmax; int8/fp8/int4 are dequantized in registers (fp8 and bfloat16 decoded from their
-bits, int4 from its nibbles). int4's Hadamard rotation is applied to q and the output, except
-with sinks, where keys are roped by place in the cache and so must be rotated back first.
+bits, int4 from its nibbles). int4's Hadamard rotation is applied to q and the output. Keys are
+stored roped by their text positions and q comes roped by its own; with sinks the sink keys
+score against `sink_q` instead, q roped by its place in the cache (csrc/paged_attention.h), so
+no key is roped here.
 
 Index tensors (block_table, query_start, num_cached) on the CPU are checked as the C++ entry
 checks them and copied over; on the device they are taken as they are (the runner's persistent
@@ -29,9 +31,9 @@ from kvlm.kernels.build import KernelUnavailableError
 from kvlm.kernels.paged import (
     FORMAT_CODES,
     PagedStore,
-    Rope,
     check_heads,
     check_lengths,
+    check_sink_query,
     check_values,
 )
 
@@ -80,19 +82,6 @@ def _hadamard(x, d, n_log2: tl.constexpr, norm: tl.constexpr):
         partner = tl.gather(x, tl.broadcast_to(d ^ bit, x.shape), 1)
         x = tl.where((d & bit) != 0, partner - x, x + partner)
     return x * norm
-
-
-@_jit
-def _rope(x, d, cos_ptr, sin_ptr, places, HEAD_DIM: tl.constexpr):
-    """Rotate-half rope of rows x at `places` in the cache: x * cos + roll(x, hd / 2) * sin."""
-    ok = d < HEAD_DIM
-    rolled = tl.gather(
-        x, tl.broadcast_to(tl.where(ok, (d + HEAD_DIM // 2) % HEAD_DIM, d), x.shape), 1
-    )
-    at = places[:, None].to(tl.int64) * HEAD_DIM + d
-    cos = tl.load(cos_ptr + at, mask=ok, other=0.0)
-    sin = tl.load(sin_ptr + at, mask=ok, other=0.0)
-    return x * cos + rolled * sin
 
 
 @_jit
@@ -147,13 +136,14 @@ def _dot(a, b, dot_dtype: tl.constexpr):
 
 @_jit
 def _paged_attention_kernel(
-    out_ptr, q_ptr, data_ptr, scales_ptr, table_ptr, starts_ptr, cached_ptr, cos_ptr, sin_ptr,
-    num_seqs, q_token, q_head, out_token, out_head, data_row, data_head, scale_row, scale_head,
+    out_ptr, q_ptr, sink_q_ptr, data_ptr, scales_ptr, table_ptr, starts_ptr, cached_ptr,
+    num_seqs, q_token, q_head, sink_q_token, sink_q_head, out_token, out_head, data_row,
+    data_head, scale_row, scale_head,
     table_stride, k_off, v_off, rows_per_block, window, num_sinks, scale, softcap,
     GROUP: tl.constexpr, QUERIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     FORMAT: tl.constexpr, SCALE_GROUP: tl.constexpr, ROTATION_LOG2: tl.constexpr,
-    ROTATION_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr, CACHE_ROPE: tl.constexpr,
+    ROTATION_NORM: tl.constexpr, HAS_WINDOW: tl.constexpr, SINKS: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -171,24 +161,28 @@ def _paged_attention_kernel(
     row_ok = (r < QUERIES * GROUP) & (t < end)
     pos = cached + tl.where(row_ok, t, t0) - first  # text positions (spare rows: the first's)
     d = tl.arange(0, BLOCK_D)[None, :]
+    q_ok = row_ok[:, None] & (d < HEAD_DIM)
     q_at = t.to(tl.int64)[:, None] * q_token + head[:, None] * q_head + d
-    q = tl.load(q_ptr + q_at, mask=row_ok[:, None] & (d < HEAD_DIM), other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + q_at, mask=q_ok, other=0.0).to(tl.float32)
+    if ROTATION_LOG2:  # int4 keys are stored times H: q.(k H) = (q H).k
+        q = _hadamard(q, d, ROTATION_LOG2, ROTATION_NORM)
+    q = (q * scale).to(DOT_DTYPE)
     p_first = cached + t0 - first
     p_last = cached + tl.minimum(t0 + QUERIES, end) - 1 - first
     lo = 0  # keys lo .. p_last, after num_before sinks 0 .. num_before - 1
     num_before = 0
-    ws = 0
     ns = 0
+    sq = q  # unread without sinks
     if HAS_WINDOW:
         lo = tl.maximum(p_first - window + 1, 0)
-    if CACHE_ROPE:  # sinks; places in the cache: the sinks keep theirs, the window follows
+    if SINKS:  # keys 0 .. ns - 1 are sinks by place: they score against sink_q (ns <= num_before)
         num_before = tl.minimum(num_sinks, lo)
-        ws = tl.maximum(cached - window + 1, 0)
-        ns = tl.minimum(num_sinks, ws)
-        q = _rope(q, d, cos_ptr, sin_ptr, ns + pos - ws, HEAD_DIM)
-    elif ROTATION_LOG2:  # int4 keys are stored times H: q.(k H) = (q H).k
-        q = _hadamard(q, d, ROTATION_LOG2, ROTATION_NORM)
-    q = (q * scale).to(DOT_DTYPE)
+        ns = tl.minimum(num_sinks, tl.maximum(cached - window + 1, 0))
+        sq_at = t.to(tl.int64)[:, None] * sink_q_token + head[:, None] * sink_q_head + d
+        sq = tl.load(sink_q_ptr + sq_at, mask=q_ok, other=0.0).to(tl.float32)
+        if ROTATION_LOG2:
+            sq = _hadamard(sq, d, ROTATION_LOG2, ROTATION_NORM)
+        sq = (sq * scale).to(DOT_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -205,11 +199,10 @@ def _paged_attention_kernel(
         ok = live[:, None] & (d < HEAD_DIM)
         k = _load_heads(data_ptr, scales_ptr, rows + k_off, kvh, d, ok, data_row, data_head,
                         scale_row, scale_head, FORMAT, SCALE_GROUP)  # fmt: skip
-        if CACHE_ROPE:  # keys stored unrotated: rope by place in the cache (int4: unrotate first)
-            if ROTATION_LOG2:
-                k = _hadamard(k, d, ROTATION_LOG2, ROTATION_NORM)
-            k = _rope(k, d, cos_ptr, sin_ptr, tl.where(kp < ns, kp, ns + kp - ws), HEAD_DIM)
         s = _dot(q, tl.trans(k), DOT_DTYPE)  # [M, N] scores
+        if SINKS:  # noqa: SIM102 (a constexpr test apart, so groups without sinks compile none)
+            if start < ns:  # the tile holds sink keys: their scores are against sink_q
+                s = tl.where(kp[None, :] < ns, _dot(sq, tl.trans(k), DOT_DTYPE), s)
         if SOFTCAP:  # tanh(s / c) c, tanh from exp (no tanh in every backend)
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         seen = live[None, :] & (kp[None, :] <= pos[:, None])
@@ -266,7 +259,7 @@ def launch_options(spec, num_heads: int, q_dtype: torch.dtype, decode: bool) -> 
         "ROTATION_LOG2": rotation.bit_length() - 1 if rotation else 0,
         "ROTATION_NORM": rotation**-0.5 if rotation else 1.0,
         "HAS_WINDOW": spec.window is not None,
-        "CACHE_ROPE": spec.num_sinks > 0,
+        "SINKS": spec.num_sinks > 0,
         "DOT_DTYPE": tl.float32 if q_dtype == torch.float32 else getattr(tl, str(q_dtype)[6:]),
         "num_warps": 4 if block_m * block_d <= 16 * 64 else 8,
     }
@@ -281,7 +274,7 @@ def paged_attention(
     num_cached: torch.Tensor,  # [B] tokens cached before the step
     scale: float,
     softcap: float | None = None,
-    rope: Rope | None = None,  # needed when the group has sinks
+    sink_q: torch.Tensor | None = None,  # [T, nh, hd] q roped by place in the cache (sinks)
 ) -> torch.Tensor:  # [T, nh, hd] in q's dtype
     if triton is None:
         raise KernelUnavailableError(
@@ -306,7 +299,7 @@ def paged_attention(
     table = _index(block_table, "block_table", 2, device)
     starts = _index(query_start, "query_start", 1, device)
     cached = _index(num_cached, "num_cached", 1, device)
-    num_seqs, max_blocks = table.shape
+    num_seqs = table.shape[0]
     check_lengths(table, starts, cached)
     on_host = [x.device.type == "cpu" for x in (table, starts, cached)]
     if any(on_host):
@@ -314,19 +307,12 @@ def paged_attention(
             raise ValueError("block_table, query_start and num_cached must be on one device")
         check_values(table, starts, cached, num_tokens, spec.block_size, store.num_blocks)
         table, starts, cached = (x.to(device) for x in (table, starts, cached))
-    if spec.num_sinks and rope is None:
-        raise ValueError(
-            "a group with attention sinks needs `rope`: keys are roped by place "
-            "in the cache inside the kernel"
-        )
+    check_sink_query(q, sink_q, spec)
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
     options = launch_options(spec, num_heads, q.dtype, decode=num_tokens == num_seqs)
-    cos = sin = q  # unread placeholders without sinks
-    if spec.num_sinks:  # every place the table can hold, so no host read of the lengths
-        cos, sin = rope.cos_sin(torch.arange(max_blocks * spec.block_size, device=device))
-        cos, sin = cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous()
+    sink_q = q if sink_q is None else sink_q  # unread without sinks
     data = store.data.view(torch.int16) if spec.kv_format == "bfloat16" else store.data
     scales = store.scales if store.scales is not None else data
     k_off, v_off = store.layer_offsets(layer_idx)
@@ -334,16 +320,17 @@ def paged_attention(
     _paged_attention_kernel[grid](
         out,
         q,
+        sink_q,
         data,
         scales,
         table,
         starts,
         cached,
-        cos,
-        sin,
         num_seqs,
         q.stride(0),
         q.stride(1),
+        sink_q.stride(0),
+        sink_q.stride(1),
         out.stride(0),
         out.stride(1),
         data.stride(0),

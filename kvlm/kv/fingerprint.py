@@ -3,13 +3,14 @@ another.
 
 A block's own hash (`block_pool.hash_block`) names its tokens, its whole prefix and its cache
 salt. What else decides its bytes is the model (weights, how they are held, the compute
-dtype) and the cache's layout (layer groups, KV format, block size, sinks, which store keys
-before rope). `CacheIdentity` names both, so that offload keys and session files carry them.
+dtype) and the cache's layout (layer groups, KV format, block size, sinks, how keys are
+roped). `CacheIdentity` names both, so that offload keys and session files carry them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +20,9 @@ from kvlm.kv.block_hash import BLOCK_NAMING_VERSION
 from kvlm.kv.spec import KVCacheSpec
 
 _CHUNK = 1 << 20
+# How a group with sinks stores its keys: roped by text position, as every group. Before, such
+# groups stored keys unrotated; their layouts lack this, so their blocks are never read here.
+SINK_KEYS = "keys=text-roped"
 
 
 def model_file_digest(path: Path) -> str:
@@ -38,12 +42,20 @@ def model_file_digest(path: Path) -> str:
 
 
 def group_layout(spec: KVCacheSpec) -> str:
-    """E.g. "layers=0..29 heads=3x64 kv=int8 block=16 window=None sinks=0"."""
+    """E.g. "layers=0..29 heads=3x64 kv=int8 block=16 window=None sinks=0", and with sinks
+    "... window=1024 sinks=4 keys=text-roped" (`SINK_KEYS`)."""
     layers = ",".join(map(str, spec.layer_ids))
-    return (
+    layout = (
         f"layers={layers} heads={spec.num_kv_heads}x{spec.head_dim} kv={spec.kv_format} "
         f"block={spec.block_size} window={spec.window} sinks={spec.num_sinks}"
     )
+    return f"{layout} {SINK_KEYS}" if spec.num_sinks else layout
+
+
+def unrotated_sink_keys(layout: str) -> bool:
+    """Whether a saved group layout is of a sink group whose keys were stored unrotated (an
+    older kvlm's)."""
+    return re.search(r" sinks=[1-9]\d*$", layout) is not None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlm.kv.block_hash import BLOCK_NAMING_VERSION
-from kvlm.kv.fingerprint import CacheIdentity
+from kvlm.kv.fingerprint import CacheIdentity, unrotated_sink_keys
 
 MAGIC = b"KVLMSESS"
 FORMAT_VERSION = 2  # 2: blocks named by kv/block_hash.py's injective key
@@ -70,6 +70,12 @@ class SessionHeader:
 
     def check_compatible(self, identity: CacheIdentity) -> None:
         """SessionRefused, naming both values, unless this cache can read the payload."""
+        if any(unrotated_sink_keys(layout) for layout in self.layouts):
+            raise SessionRefused(
+                "the session was saved by an older kvlm that stored the keys of attention-sink "
+                "groups unrotated; this one stores them roped by text position, so its K/V "
+                "cannot be used here (save the conversation again)"
+            )
         checks = [
             ("block naming version", self.block_naming, BLOCK_NAMING_VERSION, _OLD_NAMES),
             ("model", self.model_fingerprint, identity.model_fingerprint, "load the same model"),

@@ -62,7 +62,8 @@ class KVCacheSpec:
 
     @property
     def positions_in_cache(self) -> bool:
-        """With sinks, rope uses each key's place in the cache, not its place in the text."""
+        """With sinks, attention goes by each key's place in the cache, not its place in the
+        text (keys are stored roped by text position all the same: rope is relative)."""
         return self.num_sinks > 0
 
 

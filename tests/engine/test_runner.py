@@ -100,7 +100,7 @@ def test_a_decode_beside_a_prefill_in_a_full_and_a_window_group() -> None:
     assert window.mask.shape == (2, 1, 3, 4)
     assert window.mask[0, 0].tolist() == [[T, T, T, T]] * 3
     assert window.mask[1, 0].tolist() == [[T, F, F, F], [T, T, F, F], [T, T, T, F]]
-    assert window.key_positions is None and window.query_positions is None  # text positions
+    assert window.query_places is None and window.sink_keys is None  # no sinks
 
 
 def test_a_window_mask_hides_keys_that_left_a_chunks_earlier_queries() -> None:
@@ -126,7 +126,7 @@ def test_a_window_mask_hides_keys_that_left_a_chunks_earlier_queries() -> None:
     ]
 
 
-def test_sinks_are_read_before_the_window_and_roped_by_place_in_the_cache() -> None:
+def test_sinks_are_read_before_the_window_and_see_the_query_at_its_place_in_the_cache() -> None:
     runner = _runner((_spec(0, window=4, sinks=2),))
     assert runner.cache is not None
     decode = _request("d", 10, 9)
@@ -144,8 +144,8 @@ def test_sinks_are_read_before_the_window_and_roped_by_place_in_the_cache() -> N
     assert view.gather_index.tolist() == [8, 9, 18, 19, 24, 25]
     assert view.write_rows.tolist() == [25]
     assert view.mask is None  # one query that sees every key it gathers
-    assert view.key_positions.tolist() == [0, 1, 2, 3, 4, 5]
-    assert view.query_positions.tolist() == [5]  # after the 2 sinks and 3 window keys
+    assert view.sink_keys.flatten().tolist() == [T, T, F, F, F, F]  # the 2 sinks
+    assert view.query_places.tolist() == [5]  # after the 2 sinks and 3 window keys
 
 
 def test_decodes_of_unequal_lengths_mask_the_shorter_ones_padding() -> None:

@@ -48,16 +48,13 @@ class PagedStep:
         return self.ctx.layer_views[LAYER].block_table
 
     def kernel_query(self) -> torch.Tensor:
-        """q as the kernel takes it: roped by place in the text unless the group has sinks."""
-        if self.store.spec.num_sinks:
-            return self.q
+        """q as the kernel takes it: roped by place in the text, in every group."""
         return apply_rope(self.q, *self.rope.cos_sin(self.ctx.positions))
 
-    def kernel_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v as the store holds them (k roped by place in the text unless there are sinks)."""
-        if self.store.spec.num_sinks:
-            return self.k, self.v
-        return apply_rope(self.k, *self.rope.cos_sin(self.ctx.positions)), self.v
+    def kernel_sink_query(self) -> torch.Tensor | None:
+        """sink_q as the kernel takes it: q roped by its place in the cache (sinks only)."""
+        places = self.ctx.layer_views[LAYER].query_places
+        return None if places is None else apply_rope(self.q, *self.rope.cos_sin(places))
 
 
 def make_step(
@@ -136,3 +133,36 @@ def reference(step: PagedStep, scale: float, softcap: float | None) -> torch.Ten
     """The torch path: writes this step's K/V to the store, gathers, SDPA. [T, nh, hd]"""
     out = attention(step.q, step.k, step.v, LAYER, step.rope, scale, softcap, step.ctx)
     return out.view(step.q.shape)
+
+
+def streaming_llm(step: PagedStep, scale: float) -> torch.Tensor:
+    """StreamingLLM from its definition, not from kvlm's layout (call after `reference`, which
+    writes this step's K/V): per sequence with `cached` tokens, the cache holds sinks 0 .. ns - 1
+    and the window from ws = max(cached - window + 1, 0) (ns = min(num_sinks, ws)); each key is
+    rotated by its place in the cache, each query by the place its own key takes, and a query
+    at p sees key kp <= p when kp > p - window or kp < num_sinks. The unrotated keys are the
+    stored ones rotated back by their text positions. [T, nh, hd]"""
+    spec, rope = step.store.spec, step.rope
+    starts, out = step.query_start.tolist(), torch.empty_like(step.q)
+    for b, cached in enumerate(step.num_cached.tolist()):
+        ws = max(cached - spec.window + 1, 0)
+        ns = min(spec.num_sinks, ws)
+        queries = step.q[starts[b] : starts[b + 1]]  # [Q, nh, hd] before rope
+        p = torch.arange(cached, cached + len(queries))  # [Q] text positions
+        kp = torch.cat([torch.arange(ns), torch.arange(ws, int(p[-1]) + 1)])  # [S] in the cache
+        blocks = step.block_table[b, kp // spec.block_size]
+        keys, values = step.store.gather(
+            LAYER, blocks * step.store.rows_per_block + kp % spec.block_size
+        )  # [S, nkv, hd]
+        keys = apply_rope(keys, *rope.cos_sin(-kp))  # unrotated
+        keys = apply_rope(keys, *rope.cos_sin(torch.arange(len(kp))))  # by place in the cache
+        queries = apply_rope(queries, *rope.cos_sin(ns + p - ws))
+        groups = queries.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        seen = (kp[None, :] <= p[:, None]) & (
+            (kp[None, :] > p[:, None] - spec.window) | (kp[None, :] < spec.num_sinks)
+        )  # [Q, S]
+        scores = torch.einsum("qhd,shd->hqs", queries, keys) * scale
+        weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        out[starts[b] : starts[b + 1]] = torch.einsum("hqs,shd->qhd", weights, values)
+    return out

@@ -13,7 +13,14 @@ import torch
 from kvlm.kernels import available_paths
 from kvlm.kernels.paged import paged_attention, quantize_kv
 from kvlm.kv.quant import KVFormat, fp8_supported
-from tests.kernels.paged_steps import LAYER, Heads, PagedStep, make_step, reference
+from tests.kernels.paged_steps import (
+    LAYER,
+    Heads,
+    PagedStep,
+    make_step,
+    reference,
+    streaming_llm,
+)
 
 C_PATHS = [p for p in ("ref", "avx2", "avx512") if p in available_paths()]
 pytestmark = pytest.mark.skipif(not C_PATHS, reason="the C++ kernels did not build")
@@ -45,10 +52,11 @@ def run_kernel(step: PagedStep, scale: float, softcap: float | None = None, path
         "block_table": step.block_table,
         "query_start": step.query_start,
         "num_cached": step.num_cached,
+        "sink_q": step.kernel_sink_query(),
         **change,
     }
     return paged_attention(step.kernel_query(), step.store, LAYER, scale=scale, softcap=softcap,
-                           rope=step.rope, path=path, **args)  # fmt: skip
+                           path=path, **args)  # fmt: skip
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
@@ -91,6 +99,24 @@ def test_head_dims_past_the_vector_width(kv_format, cache) -> None:
     for path in C_PATHS:
         torch.testing.assert_close(run_kernel(step, 0.2, path=path), expected, atol=ATOL,
                                    rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_format", ["float32", "int4"])
+@pytest.mark.parametrize("shape", ["decode", "chunk"])
+def test_sinks_are_streaming_llm_far_past_a_models_context(kv_format, shape) -> None:
+    """Keys stored roped by text position (3,000 and more, past SmolLM2's 2,048), no key roped
+    in the kernel: each path and the torch reference answer as StreamingLLM's definition, keys
+    and queries rotated by their places in the cache. Scoring the sinks against q at its text
+    position instead is ~ws - ns = 2,977 places off, far outside the bound."""
+    cached, counts = {"decode": ([3000, 40, 2], [1, 1, 1]), "chunk": ([2990], [30])}[shape]
+    step = make_step(HEADS["gqa3"], kv_format, 16, 24, 4, cached, counts)
+    got = reference(step, 0.125, None)  # writes this step's K/V
+    expected = streaming_llm(step, 0.125)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for path in C_PATHS:
+        got = run_kernel(step, 0.125, path=path)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert _far(run_kernel(step, 0.125, path=path, sink_q=step.kernel_query()), expected)
 
 
 def run_with_threads(threads: int, step: PagedStep, scale: float) -> torch.Tensor:
@@ -191,7 +217,7 @@ def test_refuses_bad_inputs() -> None:
         run_kernel(step, 0.1, num_cached=step.num_cached + 16 * max_blocks)
     with pytest.raises(ValueError, match="query_start"):
         run_kernel(step, 0.1, num_cached=step.num_cached[:2])
-    with pytest.raises(ValueError, match="needs `rope`"):
+    with pytest.raises(ValueError, match="needs `sink_q`"):
         paged_attention(step.q, step.store, LAYER, step.block_table, step.query_start,
                         step.num_cached, 0.1)  # fmt: skip
 

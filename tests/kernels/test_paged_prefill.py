@@ -15,7 +15,14 @@ import torch
 from kvlm.kernels import available_paths
 from kvlm.kernels.paged import PREFILL_MIN_QUERY_LEN, paged_attention
 from kvlm.kv.quant import fp8_supported
-from tests.kernels.paged_steps import LAYER, Heads, PagedStep, make_step, reference
+from tests.kernels.paged_steps import (
+    LAYER,
+    Heads,
+    PagedStep,
+    make_step,
+    reference,
+    streaming_llm,
+)
 
 C_PATHS = [p for p in ("ref", "avx2", "avx512") if p in available_paths()]
 pytestmark = pytest.mark.skipif(not C_PATHS, reason="the C++ kernels did not build")
@@ -48,10 +55,11 @@ def run_prefill(step: PagedStep, scale: float, softcap: float | None = None, pat
         "block_table": step.block_table,
         "query_start": step.query_start,
         "num_cached": step.num_cached,
+        "sink_q": step.kernel_sink_query(),
         **change,
     }
     return paged_attention(step.kernel_query(), step.store, LAYER, scale=scale, softcap=softcap,
-                           rope=step.rope, path=path, prefill=prefill, **args)  # fmt: skip
+                           path=path, prefill=prefill, **args)  # fmt: skip
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
@@ -131,6 +139,20 @@ def test_swapped_blocks_fail() -> None:
     table = step.block_table.clone()
     table[0, [0, 4]] = table[0, [4, 0]]
     assert _far(run_prefill(step, 0.125, block_table=table), expected)
+
+
+@pytest.mark.parametrize("kv_format", ["float32", "int4"])
+def test_sinks_are_streaming_llm_far_past_a_models_context(kv_format) -> None:
+    """A 200-token chunk after 2,990 tokens (window 100 + 4 sinks), keys stored roped by text
+    position, no key roped in the kernel: every path answers as StreamingLLM's definition (keys
+    and queries by place in the cache); the sinks scored against q at its text position fail."""
+    step = make_step(HEADS["gqa3"], kv_format, 16, 100, 4, [2990, 5], [200, 1])
+    reference(step, 0.125, None)  # writes this step's K/V
+    expected = streaming_llm(step, 0.125)
+    for path in C_PATHS:
+        torch.testing.assert_close(run_prefill(step, 0.125, path=path), expected, atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
+        assert _far(run_prefill(step, 0.125, path=path, sink_q=step.kernel_query()), expected)
 
 
 def test_ignoring_the_sinks_fails() -> None:

@@ -1,5 +1,5 @@
-"""`StepKernel`: the C++ paged kernel bound to one step checks each group's index inputs (and
-builds a sink group's rope tables) once per step, and answers as the per-call entry does."""
+"""`StepKernel`: the C++ paged kernel bound to one step checks each group's index inputs once
+per step, and answers as the per-call entry does."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def _call(kernel, step, layer: int, **change) -> torch.Tensor:
         "num_cached": step.num_cached,
         **change,
     }
-    return kernel(step.kernel_query(), step.store, layer, scale=SCALE, rope=step.rope, **args)
+    return kernel(
+        step.kernel_query(), step.store, layer, scale=SCALE, sink_q=step.kernel_sink_query(), **args
+    )
 
 
 def test_layers_of_a_step_equal_the_per_call_entry() -> None:
@@ -37,9 +39,9 @@ def test_layers_of_a_step_equal_the_per_call_entry() -> None:
         assert torch.equal(_call(kernel, step, layer), _call(paged.paged_attention, step, layer))
 
 
-def test_checks_and_rope_tables_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checks_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     step = _step()
-    calls = {"check_values": 0, "cache_rope_tables": 0}
+    calls = {"check_values": 0}
     for name in calls:
         original = getattr(paged, name)
 
@@ -52,9 +54,9 @@ def test_checks_and_rope_tables_once_per_step(monkeypatch: pytest.MonkeyPatch) -
     for _ in range(3):
         for layer in (0, LAYER):
             _call(kernel, step, layer)
-    assert calls == {"check_values": 1, "cache_rope_tables": 1}
+    assert calls == {"check_values": 1}
     _call(paged.StepKernel(), step, 0)  # a new step checks again
-    assert calls == {"check_values": 2, "cache_rope_tables": 2}
+    assert calls == {"check_values": 2}
 
 
 def test_each_steps_inputs_are_refused_when_bad() -> None:
@@ -67,4 +69,4 @@ def test_each_steps_inputs_are_refused_when_bad() -> None:
         _call(kernel, step, LAYER, block_table=table)  # other tensors: checked anew
     with pytest.raises(ValueError, match="rise from 0 to T"):
         kernel(step.kernel_query()[:-1], step.store, LAYER, step.block_table, step.query_start,
-               step.num_cached, SCALE, rope=step.rope)  # fmt: skip
+               step.num_cached, SCALE, sink_q=step.kernel_sink_query())  # fmt: skip

@@ -26,7 +26,14 @@ if DEVICE.type == "cpu":
 pytest.importorskip("triton", reason="triton is not installed (it is in the `test` extra)")
 
 from kvlm.kernels import triton_paged  # noqa: E402
-from tests.kernels.paged_steps import LAYER, Heads, PagedStep, make_step, reference  # noqa: E402
+from tests.kernels.paged_steps import (  # noqa: E402
+    LAYER,
+    Heads,
+    PagedStep,
+    make_step,
+    reference,
+    streaming_llm,
+)
 
 if DEVICE.type == "cpu" and not triton_paged.interpreted():
     raise RuntimeError(
@@ -62,9 +69,11 @@ def run_kernel(step: PagedStep, scale: float, softcap: float | None = None, **ch
         "block_table": step.block_table,
         "query_start": step.query_start,
         "num_cached": step.num_cached,
-        "rope": step.rope,
         **change,
     }
+    sink_q = step.kernel_sink_query()
+    if "sink_q" not in change and sink_q is not None:  # in q's dtype
+        args["sink_q"] = sink_q.to(DEVICE, args["q"].dtype)
     out = triton_paged.paged_attention(store=store, layer_idx=LAYER, scale=scale,
                                        softcap=softcap, **args)  # fmt: skip
     return out.cpu()
@@ -155,10 +164,10 @@ spec = KVCacheSpec((0,), int(kv_heads), int(head_dim), 16, kv_format,
 options = launch_options(spec, int(heads), getattr(torch, q_dtype), decode == "decode")
 num_warps = options.pop("num_warps")
 q = "*fp32" if q_dtype == "float32" else "*bf16"
-types = [q, q, STORED[kv_format], "*fp16" if spec.format.is_quantized else STORED[kv_format],
-         "*i64", "*i64", "*i64", "*fp32", "*fp32", *["i32"] * 15, "fp32", "fp32"]
+types = [q, q, q, STORED[kv_format], "*fp16" if spec.format.is_quantized else STORED[kv_format],
+         "*i64", "*i64", "*i64", *["i32"] * 17, "fp32", "fp32"]
 names = kernel.arg_names
-signature = {**dict(zip(names, types, strict=False)), **{n: "constexpr" for n in names[26:]}}
+signature = {**dict(zip(names, types, strict=False)), **{n: "constexpr" for n in names[27:]}}
 constants = {**options, "SOFTCAP": True}
 built = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": num_warps})
@@ -175,8 +184,9 @@ print(re.search(r"REG:\\d+ STACK:\\d+", usage).group())
     ("case", "spill_free"),
     [
         (("int8", 9, 3, 64, 0, 0, "bfloat16", "decode"), True),  # SmolLM2 decoding on a GPU
-        # Gemma 3's local layers with sinks: int4 keys rotated back in registers, then roped;
-        # it spills to local memory today (STACK 584 bytes at 8 warps), a tuning item for a GPU.
+        # Gemma 3's local layers with sinks: int4, a second q (sink_q) for the sink keys; it
+        # spills to local memory today (STACK 408 bytes at 8 warps, 584 when keys were roped in
+        # registers), a tuning item for a GPU.
         (("int4", 4, 1, 256, 512, 4, "float32", "chunk"), False),
     ],
     ids=["smollm2-int8-decode", "gemma3-int4-sinks-chunk"],
@@ -211,6 +221,19 @@ def test_swapped_blocks_fail() -> None:
     assert _far(run_kernel(step, 0.125, block_table=table), expected)
 
 
+@pytest.mark.parametrize("kv_format", ["float32", "int4"])
+def test_sinks_are_streaming_llm_far_past_a_models_context(kv_format) -> None:
+    """As the C++ kernel's test: keys stored roped by text position (3,000 and more), no key
+    roped in the kernel, the answer is StreamingLLM's (keys and queries by place in the cache);
+    the sinks scored against q at its text position instead are far off."""
+    step = make_step(HEADS["gqa3"], kv_format, 16, 24, 4, [3000, 40, 2990], [1, 1, 20])
+    reference(step, 0.125, None)  # writes this step's K/V
+    expected = streaming_llm(step, 0.125)
+    torch.testing.assert_close(run_kernel(step, 0.125), expected, atol=1e-4, rtol=1e-4)
+    text_q = step.kernel_query().to(DEVICE)
+    assert _far(run_kernel(step, 0.125, sink_q=text_q), expected)
+
+
 def test_ignoring_the_sinks_fails() -> None:
     step = make_step(HEADS["mqa"], "float32", 16, 24, 4, [60], [1])
     expected = reference(step, 0.2, None)
@@ -238,7 +261,7 @@ def test_refuses_bad_inputs() -> None:
         run_kernel(step, 0.1, num_cached=step.num_cached[:2])
     with pytest.raises(ValueError, match="int32 or int64"):
         run_kernel(step, 0.1, num_cached=step.num_cached.float())
-    with pytest.raises(ValueError, match="needs `rope`"):
-        run_kernel(step, 0.1, rope=None)
+    with pytest.raises(ValueError, match="needs `sink_q`"):
+        run_kernel(step, 0.1, sink_q=None)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         run_kernel(step, 0.1, q=step.q.double().to(DEVICE))

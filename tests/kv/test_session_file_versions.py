@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -78,3 +78,23 @@ def test_an_unknown_format_is_not_a_session(tmp_path: Path) -> None:
     _write_format(path, 9, asdict(_header()))
     with pytest.raises(SessionFileError, match="session format 9; this kvlm reads formats 1, 2"):
         read_header(path)
+
+
+def test_a_sink_cache_saved_with_unrotated_keys_is_refused(tmp_path: Path) -> None:
+    """Before, groups with sinks stored keys unrotated: such a file keeps its tokens, never
+    its K/V, even where window and sinks match."""
+    sinks = KVCacheSpec((0, 1), 2, 32, 4, "float32", window=8, num_sinks=4)
+    identity = CacheIdentity("model", "tokenizer", (sinks,))
+    (layout,) = identity.layouts
+    assert layout.endswith("window=8 sinks=4 keys=text-roped")
+    old_layout = layout.removesuffix(" keys=text-roped")  # as an older kvlm wrote it
+    path = tmp_path / "old-sinks.kvsession"
+    write_session(path, replace(_header(), layouts=[old_layout]), [])
+    header, _ = read_header(path)
+    with pytest.raises(SessionRefused, match="stored the keys of attention-sink groups unrotated"):
+        header.check_compatible(identity)
+    loaded = read(identity, path)
+    assert loaded.prefix is None and "roped by text position" in loaded.refused
+    write_session(path, replace(_header(), layouts=[layout]), [])
+    header, _ = read_header(path)
+    header.check_compatible(identity)  # the new layout reads back

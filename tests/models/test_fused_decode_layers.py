@@ -205,7 +205,8 @@ def test_gemma3_window_of_512_drops_keys(gemma3_gguf: LLM) -> None:
 
 @pytest.mark.parametrize("num_sinks", [0, 4])
 def test_engine_window_drops_keys(num_sinks: int) -> None:
-    """With sinks, keys are stored unrotated and roped by place in the cache."""
+    """With sinks, keys are stored roped by text position and the sink keys see q at its place
+    in the cache."""
     llm = LLM("smollm2", weight_format="gguf", sliding_window=16, attention_sinks=num_sinks)
     model = llm.engine.model
     with compare_layers(llm.engine.runner) as report:

@@ -6,7 +6,8 @@
 //
 //   x [M, H] embedded tokens -> per layer:
 //     h = attn_norm(x); q, k, v = h @ Wqkv; [q_norm, k_norm per head]; rope(q, k) by place in
-//     the text (not in a group with sinks: the paged attention ropes by place in the cache)
+//     the text, in every group (a group with sinks also ropes q by its place in the cache:
+//     sink_q, the query its sink keys score against, paged_attention.h)
 //     write k, v at the token's cache row, quantized as KVStore.write does;
 //     o = paged attention through the sequence's block table (paged_attention.h) over its
 //       cache_positions[m] cached keys and the new one
@@ -241,7 +242,7 @@ class DecodePlan : public torch::CustomClassHolder {
                   " has cache position ", cached[m], " and text position ", pos[m],
                   "; a cache position is >= 0 and at most the text position (less the tokens "
                   "a press dropped)");
-    int64_t max_place = 0;  // rope tables by place in the cache (groups with sinks)
+    int64_t max_place = 0;  // rope tables by the queries' places in the cache (groups with sinks)
     for (size_t g = 0; g < num_groups; ++g) {
       check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], cached, M);
       const Group& G = groups_[g];
@@ -368,10 +369,12 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // cache_cos_[r] / cache_sin_[r]: [places, hd] of rope r by place in the cache (groups with
-  // sinks), grown to `places` rows; places never move, so rows are computed once.
-  void cache_rope_tables(int64_t places) {
-    if (places <= cache_places_) return;
+  // cache_cos_[r] / cache_sin_[r]: [places, hd] of rope r by place in the cache (a sink
+  // group's queries: places < num_sinks + window), grown to at least `places` rows, doubling;
+  // places never move, so rows are computed once.
+  void cache_rope_tables(int64_t needed) {
+    if (needed <= cache_places_) return;
+    const int64_t places = std::max(needed, 2 * cache_places_);
     const auto f = at::TensorOptions().dtype(at::kFloat);
     cache_cos_.resize(inv_freqs_.size());
     cache_sin_.resize(inv_freqs_.size());
@@ -408,6 +411,7 @@ class DecodePlan : public torch::CustomClassHolder {
       h_ = at::empty({M, std::max(hidden_, attn)}, f);
       qkv_ = at::empty({M, qkv}, f);
       attn_ = at::empty({M, attn}, f);
+      sink_q_ = at::empty({M, attn}, f);
       proj_ = at::empty({M, std::max(hidden_, 2 * inter_)}, f);
       act_buf_ = at::empty({M, inter_}, f);
       qa_ = at::empty({M, kmax}, f.dtype(at::kChar));
@@ -463,6 +467,7 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t row_bytes = nkv * re * elem, head_bytes = re * elem;
     float* h = h_.data_ptr<float>();
     float* qkv = qkv_.data_ptr<float>();
+    float* sink_q = sink_q_.data_ptr<float>();  // [M, nh * hd], groups with sinks
     uint8_t* data = static_cast<uint8_t*>(c.store.data_ptr());
     uint16_t* scales = num_scales ? reinterpret_cast<uint16_t*>(c.scales.data_ptr()) : nullptr;
     const float* an = l.attn_norm.data_ptr<float>();
@@ -480,10 +485,16 @@ class DecodePlan : public torch::CustomClassHolder {
         for (int64_t i = 0; i < nh; ++i) decode::rms_norm(q + i * hd, qn, q + i * hd, hd, eps_);
         for (int64_t i = 0; i < nkv; ++i) decode::rms_norm(k + i * hd, kn, k + i * hd, hd, eps_);
       }
-      if (G.num_sinks == 0) {  // with sinks, K is stored unrotated
-        decode::rope(q, cos + m * hd, sin + m * hd, nh, hd);
-        decode::rope(k, cos + m * hd, sin + m * hd, nkv, hd);
+      if (G.num_sinks) {  // q by its place in the cache, for the sink keys (before rope)
+        const int64_t ws = std::max<int64_t>(c.cache_positions[m] - G.window + 1, 0);
+        const int64_t place = std::min(G.num_sinks, ws) + c.cache_positions[m] - ws;
+        float* sq = sink_q + m * nh * hd;
+        std::memcpy(sq, q, nh * hd * sizeof(float));
+        decode::rope(sq, cache_cos_[l.rope].data_ptr<float>() + place * hd,
+                     cache_sin_[l.rope].data_ptr<float>() + place * hd, nh, hd);
       }
+      decode::rope(q, cos + m * hd, sin + m * hd, nh, hd);  // keys stored roped by text position
+      decode::rope(k, cos + m * hd, sin + m * hd, nkv, hd);
       for (const auto& [off, src] : {std::pair<int64_t, const float*>{l.k_off, k}, {l.v_off, v}}) {
         const int64_t row = c.write_rows[m] + off;
         if (num_scales == 0) {
@@ -527,9 +538,8 @@ class DecodePlan : public torch::CustomClassHolder {
     a.format = G.format;
     a.rotation = rotation;
     if (G.num_sinks) {
-      a.rope_cos = cache_cos_[l.rope].data_ptr<float>();
-      a.rope_sin = cache_sin_[l.rope].data_ptr<float>();
-      a.rope_len = cache_places_;
+      a.sink_q = sink_q;
+      a.sink_q_stride = nh * hd;
     }
     paged::run(a, (int64_t)c.tiles.size() / paged::kTileFields, isa_);
     lap(kAttention);
@@ -576,7 +586,7 @@ class DecodePlan : public torch::CustomClassHolder {
   std::vector<Group> groups_;
   std::vector<at::Tensor> inv_freqs_;
   int64_t rows_ = 0, cache_places_ = 0;
-  at::Tensor h_, qkv_, attn_, proj_, act_buf_, qa_, da_, asum_, rope_;
+  at::Tensor h_, qkv_, attn_, sink_q_, proj_, act_buf_, qa_, da_, asum_, rope_;
   std::vector<at::Tensor> cache_cos_, cache_sin_;  // per rope, [cache_places_, hd]
   std::vector<int64_t> query_start_;  // [M + 1]: 0, 1, .., M (one new token per sequence)
   bool profiling_ = false;

@@ -2,7 +2,8 @@
 //
 //   kvlm::paged_attention(q, data, scales, k_off, v_off, block_size, rows_per_block,
 //       block_table, query_start, num_cached, window, num_sinks, scale, softcap, format,
-//       rope_cos, rope_sin, isa, prefill=False) -> out [T, nh, hd] float32
+//       sink_q, isa, prefill=False) -> out [T, nh, hd] float32 (sink_q: q roped by place in
+//       the cache [T, nh, hd], with sinks; see paged_attention.h)
 //   kvlm::quantize_kv(x [N, hd] float32, format) -> (data [N, row_elements], scales [N, G] f16)
 //
 // Inputs are checked here so that a bad index is an error, never a read outside the store;
@@ -240,8 +241,7 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
                               const at::Tensor& block_table, const at::Tensor& query_start,
                               const at::Tensor& num_cached, int64_t window, int64_t num_sinks,
                               double scale, double softcap, int64_t format,
-                              const std::optional<at::Tensor>& rope_cos,
-                              const std::optional<at::Tensor>& rope_sin, int64_t isa,
+                              const std::optional<at::Tensor>& sink_q, int64_t isa,
                               bool prefill) {
   const char* op = "kvlm::paged_attention";
   TORCH_CHECK(format >= kF32 && format <= kFp8, op, ": unknown format code ", format);
@@ -281,26 +281,17 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
   TORCH_CHECK(query_start.numel() == B + 1 && num_cached.numel() == B && qs[0] == 0 &&
                   qs[B] == T,
               op, ": query_start must be [B + 1] from 0 to T=", T, " and num_cached [B]");
-  int64_t max_place = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t end = cached[b] + qs[b + 1] - qs[b];
     TORCH_CHECK(qs[b + 1] >= qs[b] && cached[b] >= 0 && end <= max_blocks * block_size, op,
                 ": sequence ", b, " ends at ", end, " tokens, past its ", max_blocks,
                 " blocks of ", block_size, " (or its lengths are negative)");
-    const int64_t ws = window ? std::max<int64_t>(cached[b] - window + 1, 0) : 0;
-    max_place = std::max(max_place, std::min(num_sinks, ws) + end - 1 - ws);
   }
-  const float* cos = nullptr;
-  const float* sin = nullptr;
-  if (num_sinks > 0) {
-    for (const auto* t : {&rope_cos, &rope_sin})
-      TORCH_CHECK(*t && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
-                      (*t)->dim() == 2 && (*t)->size(1) == hd && (*t)->size(0) > max_place,
-                  op, ": with sinks, rope_cos and rope_sin must be float32 [>", max_place,
-                  ", ", hd, "] by place in the cache");
-    cos = rope_cos->data_ptr<float>();
-    sin = rope_sin->data_ptr<float>();
-  }
+  TORCH_CHECK(num_sinks == 0 || (sink_q && sink_q->sizes() == q.sizes() &&
+                                 sink_q->scalar_type() == at::kFloat &&
+                                 sink_q->is_contiguous() && sink_q->is_cpu()),
+              op, ": with sinks, sink_q must be contiguous float32 [", T, ", ", nh, ", ", hd,
+              "] (q roped by place in the cache)");
   const int64_t best = cpu_isa();
   if (isa == 0) isa = best;
   TORCH_CHECK(isa >= kIsaRef && isa <= best, op, ": isa ", isa, " is not available (best ",
@@ -341,8 +332,10 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& data,
   a.softcap = (float)softcap;
   a.format = (int)format;
   a.rotation = rotation_of((int)format, hd);
-  a.rope_cos = cos;
-  a.rope_sin = sin;
+  if (num_sinks > 0) {
+    a.sink_q = sink_q->data_ptr<float>();
+    a.sink_q_stride = nh * hd;
+  }
   (prefill ? prefill::run : run)(a, (int64_t)tiles.size() / kTileFields, isa);
   return out;
 }
@@ -374,7 +367,7 @@ TORCH_LIBRARY_FRAGMENT(kvlm, m) {
       "paged_attention(Tensor q, Tensor data, Tensor? scales, int k_off, int v_off, "
       "int block_size, int rows_per_block, Tensor block_table, Tensor query_start, "
       "Tensor num_cached, int window, int num_sinks, float scale, float softcap, int format, "
-      "Tensor? rope_cos, Tensor? rope_sin, int isa, bool prefill=False) -> Tensor");
+      "Tensor? sink_q, int isa, bool prefill=False) -> Tensor");
   m.def("quantize_kv(Tensor x, int format) -> (Tensor, Tensor)");
 }
 

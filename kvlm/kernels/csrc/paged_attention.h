@@ -1,6 +1,6 @@
 // Paged attention that reads K/V through the block table, from the block-major store in place
 // (kvlm/kv/store.py), in every KV format (kvlm/kv/quant.py), dequantizing in registers as it
-// reads (keys through a float tile only with sinks, to rope them), prefetching the next tile.
+// reads, prefetching the next tile.
 //
 // Work item = (part of a query tile's keys, kv head): up to kMaxRows query rows (queries x the
 // kv head's query heads, GQA/MQA) read each K/V tile once. Per sequence b with `cached` tokens
@@ -11,12 +11,15 @@
 // some query of the tile sees are read, so blocks a window released (the null block) never are.
 // Where items are fewer than threads, a tile's keys are split in parts (flash-decoding): each
 // part keeps its unnormalized output, max and sum per row, merged once after all parts ran.
-// Softmax is online over key tiles (flash-attention style). With sinks the store holds keys
-// unrotated and rope goes by place in the cache: with ws = max(cached - window + 1, 0) and
-// ns = min(num_sinks, ws), key kp < ns sits at place kp, a later key at ns + kp - ws, and the
-// query at ns + p - ws (runner._view's key_positions / query_positions). int4 keys and values are
-// stored times a Hadamard matrix H (symmetric, orthonormal): without sinks q.(k H) = (q H).k, so
-// q is rotated once instead of every key; values are summed rotated and the output rotated once.
+// Softmax is online over key tiles (flash-attention style). Keys are stored roped by their text
+// position in every group, and q comes roped by its own. With sinks, attention goes by place in
+// the cache: with ws = max(cached - window + 1, 0) and ns = min(num_sinks, ws), key kp < ns sits
+// at place kp, a later key at ns + kp - ws, and the query at ns + p - ws (runner._view). Rope is
+// relative, so a later key's score is q.k as stored (distance p - kp either way); only the sink
+// keys kp < ns score against sink_q, the query roped by its place ns + p - ws (the caller's). No
+// key is roped here. int4 keys and values are stored times a Hadamard matrix H (symmetric,
+// orthonormal): q.(k H) = (q H).k, so q (and sink_q) is rotated once instead of every key;
+// values are summed rotated and the output rotated once.
 //
 // No torch headers: the ISA files include this and <immintrin.h> only. Everything defined here
 // has internal linkage, so each ISA file gets its own copy compiled for its instructions.
@@ -65,10 +68,10 @@ struct Args {
   float scale, softcap;  // softcap 0: none
   int format;
   int64_t rotation;  // int4 Hadamard width (0: none)
-  // With sinks: cos and sign-folded sin [rope_len, hd] by place in the cache (RotaryEmbedding).
-  const float* rope_cos;
-  const float* rope_sin;
-  int64_t rope_len;
+  // With sinks: q roped by its place in the cache, the query of the sink keys kp < ns
+  // [T, nh, hd] (row stride sink_q_stride); null without sinks.
+  const float* sink_q;
+  int64_t sink_q_stride;
   // Set by run(): parts [num_parts, 3] (query tile, first and end of its keys in visit order,
   // KeyRanges), item i = part i / nkv, kv head i % nkv; and where some tile has several parts,
   // each item's partial result [items, partial_floats(hd)] (else null: items write out).
@@ -163,15 +166,6 @@ inline void scores_tail(int format, const float* q, int64_t R, const uint8_t* k,
         s[r * kKeyTile + j] += q[r * hd + d] * element(format, k + j * ldk, ks + j * nsc, group, d);
 }
 
-// out[hd] = stored head row, dequantized (values times their group's scale), elements [d0, hd).
-inline void dequant_tail(int format, const uint8_t* src, const uint16_t* scales, int64_t hd,
-                         int64_t group, int64_t d0, float* out) {
-  for (int64_t d = d0; d < hd; ++d) {
-    const float s = format >= kInt8 ? half_to_float(scales[d / group]) : 1.0f;
-    out[d] = format >= kInt8 ? stored_value(format, src, d) * s : stored_value(format, src, d);
-  }
-}
-
 // x @ H in place, H the orthonormal Sylvester Hadamard matrix of width n, block by block.
 inline void hadamard(float* x, int64_t hd, int64_t n) {
   const float norm = 1.0f / std::sqrt((float)n);
@@ -185,16 +179,6 @@ inline void hadamard(float* x, int64_t hd, int64_t n) {
           y[j + len] = u - w;
         }
     for (int64_t j = 0; j < n; ++j) y[j] *= norm;
-  }
-}
-
-// Rotate-half rope of one head row in place, as apply_rope: x * cos + roll(x, hd/2) * sin.
-inline void rope_row(float* x, const float* cos, const float* sin, int64_t hd) {
-  const int64_t half = hd / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    const float u = x[i], w = x[i + half];
-    x[i] = u * cos[i] + w * sin[i];
-    x[i + half] = w * cos[i + half] + u * sin[i + half];
   }
 }
 
@@ -255,11 +239,9 @@ inline void row_blocks(int64_t R, Fn fn) {
   }
 
 // The driver. Ops supplies the inner loops of one ISA; K/V rows are read in their stored format
-// (`format`; kF32 with ld = 4 hd for the float rows of kbuf) and dequantized in registers, each
+// (`format`) and dequantized in registers, each
 // stored vector once per block of up to 4 query rows (row_blocks), its scale multiplied in:
 //   scales(sc, ld, n, nsc, out): out[j * nsc + g] = float of sc[j * ld + g] (n rows)
-//   dequant(a, src, scales, n, out): n head rows (src/scales strides of the store) -> out [n, hd]
-//       (keys to rope by place in the cache, with sinks)
 //   scores(f, q, R, k, ldk, ks, nsc, group, n, hd, s): s[r * kKeyTile + j] = q[r] . k[j]
 //       (q [R, hd]; key j at k + j * ldk bytes, times ks[j * nsc + d / group] if quantized)
 //   exp_sum(s, n, m): s[j] = exp(s[j] - m), returns the sum
@@ -270,45 +252,44 @@ template <class Ops>
 void run_items(const Args& a, int64_t i0, int64_t i1) {
   const int64_t hd = a.hd;
   const int64_t group = a.num_scales ? hd / a.num_scales : hd;
-  const bool cache_rope = a.num_sinks > 0;  // rope by place in the cache, keys unrotated
+  const bool sinks = a.num_sinks > 0;  // the sink keys score against sink_q
   const bool quantized = a.num_scales > 0;
   const int64_t nsc = a.num_scales;
-  // This thread's buffers, grown once (no allocation or zeroing per call): q rows, output rows,
-  // keys roped by place (with sinks), scores, running max and sum, K and V tile scales.
+  // This thread's buffers, grown once (no allocation or zeroing per call): q rows, sink_q rows
+  // (with sinks), output rows, scores, running max and sum, K and V tile scales.
   thread_local std::vector<float> scratch;
-  const size_t need = 2 * kMaxRows * hd + (cache_rope ? kKeyTile * hd : 0) +
-                      kMaxRows * (kKeyTile + 2) + 2 * kKeyTile * nsc;
+  const size_t need = (sinks ? 3 : 2) * kMaxRows * hd + kMaxRows * (kKeyTile + 2) +
+                      2 * kKeyTile * nsc;
   if (scratch.size() < need) scratch.resize(need);
   float* qbuf = scratch.data();
-  float* acc = qbuf + kMaxRows * hd;
-  float* kbuf = acc + kMaxRows * hd;
-  float* s = kbuf + (cache_rope ? kKeyTile * hd : 0);
+  float* sqbuf = qbuf + kMaxRows * hd;  // == acc without sinks, never read then
+  float* acc = sqbuf + (sinks ? kMaxRows * hd : 0);
+  float* s = acc + kMaxRows * hd;
   float* m = s + kMaxRows * kKeyTile;
   float* l = m + kMaxRows;
   float* ks = l + kMaxRows;
   float* vs = ks + kKeyTile * nsc;
   int64_t pos[kMaxRows];
+  // A query row as the scores take it: rotated by H for int4, times the softmax scale.
+  auto load_query = [&](const float* src, float* q) {
+    std::memcpy(q, src, hd * sizeof(float));
+    if (a.rotation) hadamard(q, hd, a.rotation);
+    for (int64_t d = 0; d < hd; ++d) q[d] *= a.scale;
+  };
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t* part = a.parts + 3 * (item / a.nkv);
     const int64_t* tile = a.tiles + kTileFields * part[0];
     const int64_t kvh = item % a.nkv, b = tile[0];
     const int64_t cached = a.num_cached[b];
     const int64_t ws = a.window ? std::max<int64_t>(cached - a.window + 1, 0) : 0;
-    const int64_t ns = std::min(a.num_sinks, ws);
+    const int64_t ns = std::min(a.num_sinks, ws);  // keys [0, ns) are sinks by place
     const int64_t R = (tile[2] - tile[1]) * (tile[4] - tile[3]);
     for (int64_t r = 0; r < R; ++r) {
       int64_t t, head;
       row_place(a, tile, kvh, r, &t, &head);
-      float* q = qbuf + r * hd;
-      std::memcpy(q, a.q + t * a.q_stride + head * hd, hd * sizeof(float));
+      load_query(a.q + t * a.q_stride + head * hd, qbuf + r * hd);
+      if (sinks) load_query(a.sink_q + t * a.sink_q_stride + head * hd, sqbuf + r * hd);
       pos[r] = cached + t - a.query_start[b];
-      if (cache_rope) {
-        const int64_t place = ns + pos[r] - ws;
-        rope_row(q, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
-      } else if (a.rotation) {
-        hadamard(q, hd, a.rotation);
-      }
-      for (int64_t d = 0; d < hd; ++d) q[d] *= a.scale;
       m[r] = -INFINITY;
       l[r] = 0.0f;
     }
@@ -326,7 +307,8 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           __builtin_prefetch(a.v + off + j * a.row_bytes + c);
         }
     };
-    auto visit = [&](int64_t k0, int64_t k1) {
+    auto visit = [&](int64_t k0, int64_t k1, const float* qrows) {  // keys [k0, k1) against
+      // qrows [R, hd] (qbuf, or sqbuf for the sink keys)
       for (int64_t kp = k0; kp < k1;) {
         const int64_t off = kp % a.block_size;
         const int64_t n = std::min({k1 - kp, a.block_size - off, kKeyTile});
@@ -339,21 +321,7 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks);
           Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs);
         }
-        if (cache_rope) {
-          Ops::dequant(a, a.k + head_off, a.k_scales ? a.k_scales + row * a.scale_row + kvh * nsc
-                                                     : nullptr, n, kbuf);
-          for (int64_t j = 0; j < n; ++j) {
-            float* key = kbuf + j * hd;
-            const int64_t place = kp + j < ns ? kp + j : ns + kp + j - ws;
-            if (a.rotation) hadamard(key, hd, a.rotation);
-            rope_row(key, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
-          }
-          Ops::scores(kF32, qbuf, R, reinterpret_cast<const uint8_t*>(kbuf),
-                      hd * 4, nullptr, 0, hd, n, hd, s);
-        } else {
-          Ops::scores(a.format, qbuf, R, a.k + head_off, a.row_bytes, ks, nsc,
-                      group, n, hd, s);
-        }
+        Ops::scores(a.format, qrows, R, a.k + head_off, a.row_bytes, ks, nsc, group, n, hd, s);
         for (int64_t r = 0; r < R; ++r) {
           float* sr = s + r * kKeyTile;
           if (a.softcap > 0.0f)
@@ -387,8 +355,11 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
       }
     };
     const KeyRanges keys = key_ranges(a, tile);  // this part's: [part[1], part[2]) of them
-    visit(part[1], std::min(part[2], keys.sinks));
-    visit(keys.lo + std::max<int64_t>(part[1] - keys.sinks, 0), keys.lo + part[2] - keys.sinks);
+    const int64_t sinks_end = std::min(part[2], keys.sinks);
+    visit(part[1], std::min(sinks_end, ns), sqbuf);  // sinks by place
+    visit(std::max(part[1], ns), sinks_end, qbuf);  // before the window, not yet sinks by place
+    visit(keys.lo + std::max<int64_t>(part[1] - keys.sinks, 0), keys.lo + part[2] - keys.sinks,
+          qbuf);
     if (a.partial) {  // unnormalized, merged by run()
       float* dst = a.partial + item * partial_floats(hd);
       std::memcpy(dst, acc, R * hd * sizeof(float));

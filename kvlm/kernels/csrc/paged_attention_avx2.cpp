@@ -54,31 +54,6 @@ inline __m256 load8(const uint8_t* src, int64_t d) {
   }
 }
 
-template <int F>
-void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                  float* out) {
-  const int64_t hd = a.hd, group = a.num_scales ? hd / a.num_scales : hd;
-  const int64_t vec_end = group % 8 == 0 && a.num_scales <= 8 ? hd : 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* row = src + j * a.row_bytes;
-    const uint16_t* sc = scales ? scales + j * a.scale_row : nullptr;
-    float* o = out + j * hd;
-    alignas(32) float scale[8];  // the row's scales, converted once (num_scales <= 8 here)
-    if constexpr (F >= kInt8)
-      if (vec_end) {
-        alignas(16) uint16_t halves[8] = {0};
-        std::memcpy(halves, sc, a.num_scales * sizeof(uint16_t));
-        _mm256_store_ps(scale, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<__m128i*>(halves))));
-      }
-    for (int64_t d = 0; d < vec_end; d += 8) {
-      __m256 x = load8<F>(row, d);
-      if constexpr (F >= kInt8) x = _mm256_mul_ps(x, _mm256_set1_ps(scale[scale_index(a.num_scales, d)]));
-      _mm256_storeu_ps(o + d, x);
-    }
-    dequant_tail(F, row, sc, hd, group, vec_end, o);
-  }
-}
-
 // The stored rows' vectors at element d of keys j .. j + KB - 1 (the last key standing in for
 // those past n), dequantized: times their scale if quantized.
 template <int F, int KB>
@@ -185,11 +160,6 @@ struct Avx2Ops {
         _mm256_store_ps(f, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<__m128i*>(halves))));
         std::memcpy(out + j * nsc + g, f, w * sizeof(float));
       }
-  }
-
-  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                      float* out) {
-    KVLM_BY_FORMAT(a.format, dequant_rows, a, src, scales, n, out)
   }
 
   static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,

@@ -70,29 +70,6 @@ inline __m512 load16(const uint8_t* src, int64_t d) {
   }
 }
 
-template <int F>
-void dequant_rows(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                  float* out) {
-  const int64_t hd = a.hd, group = a.num_scales ? hd / a.num_scales : hd;
-  const int64_t vec_end = group % 16 == 0 && a.num_scales <= 16 ? hd : 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* row = src + j * a.row_bytes;
-    const uint16_t* sc = scales ? scales + j * a.scale_row : nullptr;
-    float* o = out + j * hd;
-    alignas(64) float scale[16];  // the row's scales, converted once (num_scales <= 16 here)
-    if constexpr (F >= kInt8)
-      if (vec_end)
-        _mm512_store_ps(scale, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                                   (__mmask16)((1u << a.num_scales) - 1), sc)));
-    for (int64_t d = 0; d < vec_end; d += 16) {
-      __m512 x = load16<F>(row, d);
-      if constexpr (F >= kInt8) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[scale_index(a.num_scales, d)]));
-      _mm512_storeu_ps(o + d, x);
-    }
-    dequant_tail(F, row, sc, hd, group, vec_end, o);
-  }
-}
-
 inline __m256 fold(__m512 x) {
   return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
 }
@@ -198,11 +175,6 @@ struct Avx512Ops {
         _mm512_mask_storeu_ps(out + j * nsc + g, live,
                               _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, sc + j * ld + g)));
       }
-  }
-
-  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                      float* out) {
-    KVLM_BY_FORMAT(a.format, dequant_rows, a, src, scales, n, out)
   }
 
   static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,

@@ -7,14 +7,6 @@ namespace paged {
 namespace {
 
 struct RefOps {
-  static void dequant(const Args& a, const uint8_t* src, const uint16_t* scales, int64_t n,
-                      float* out) {
-    const int64_t group = a.num_scales ? a.hd / a.num_scales : a.hd;
-    for (int64_t j = 0; j < n; ++j)
-      dequant_tail(a.format, src + j * a.row_bytes, scales ? scales + j * a.scale_row : nullptr,
-                   a.hd, group, 0, out + j * a.hd);
-  }
-
   static void scales(const uint16_t* sc, int64_t ld, int64_t n, int64_t nsc, float* out) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t g = 0; g < nsc; ++g) out[j * nsc + g] = half_to_float(sc[j * ld + g]);

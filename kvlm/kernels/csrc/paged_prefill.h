@@ -20,7 +20,7 @@
 #pragma once
 #include <atomic>
 
-#include "paged_attention.h"  // Args, Format, stored_value, fp8_to_float, hadamard, rope_row
+#include "paged_attention.h"  // Args, Format, stored_value, fp8_to_float, hadamard
 
 namespace kvlm {
 namespace prefill {
@@ -149,10 +149,10 @@ inline void dequant_row(const uint8_t* src, const uint16_t* sc, int64_t hd, int6
 
 // Buffers of one thread, allocated once for all its items.
 struct Workspace {
-  std::vector<float> q, o, s, kt, vf, key, m, l;
+  std::vector<float> q, sq, o, s, kt, vf, key, m, l;
   std::vector<int64_t> pos;  // per row
   Workspace(int64_t rows, int64_t hd, int64_t hdp)
-      : q(rows * hd, 0.0f), o(rows * hdp, 0.0f), s(rows * kKeyTile, 0.0f),
+      : q(rows * hd, 0.0f), sq(rows * hd, 0.0f), o(rows * hdp, 0.0f), s(rows * kKeyTile, 0.0f),
         kt(hd * kKeyTile, 0.0f), vf(kKeyTile * hdp, 0.0f), key(hdp, 0.0f), m(rows), l(rows),
         pos(rows) {}
 };
@@ -162,28 +162,28 @@ template <class S, int F>
 void run_item(const Args& a, int64_t item, Workspace& w) {
   const int64_t hd = a.hd, hdp = round_up(hd, S::W), G = a.nh / a.nkv;
   const int64_t group = a.num_scales ? hd / a.num_scales : hd;
-  const bool cache_rope = a.num_sinks > 0;  // rope by place in the cache, keys unrotated
   const int64_t* tile = a.tiles + 5 * (item / a.nkv);
   const int64_t kvh = item % a.nkv, b = tile[0], t0 = tile[1], t1 = tile[2];
   const int64_t cached = a.num_cached[b], first = a.query_start[b];
   const int64_t ws = a.window ? std::max<int64_t>(cached - a.window + 1, 0) : 0;
-  const int64_t ns = std::min(a.num_sinks, ws);
+  const int64_t ns = std::min(a.num_sinks, ws);  // keys [0, ns) are sinks by place
   const int64_t R = (t1 - t0) * G, Rp = round_up(R, S::kRows);
-  for (int64_t r = 0; r < R; ++r) {  // row r: token t0 + r / G, query head kvh * G + r % G
-    float* q = w.q.data() + r * hd;
-    std::memcpy(q, a.q + (t0 + r / G) * a.q_stride + (kvh * G + r % G) * hd, hd * sizeof(float));
-    w.pos[r] = cached + t0 + r / G - first;
-    if (cache_rope) {
-      const int64_t place = ns + w.pos[r] - ws;
-      paged::rope_row(q, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
-    } else if (a.rotation) {
-      paged::hadamard(q, hd, a.rotation);
-    }
+  // A query row as the GEMM takes it: rotated by H for int4, times the softmax scale.
+  auto load_query = [&](const float* src, float* q) {
+    std::memcpy(q, src, hd * sizeof(float));
+    if (a.rotation) paged::hadamard(q, hd, a.rotation);
     for (int64_t d = 0; d < hd; ++d) q[d] *= a.scale;
+  };
+  for (int64_t r = 0; r < R; ++r) {  // row r: token t0 + r / G, query head kvh * G + r % G
+    const int64_t t = t0 + r / G, head = kvh * G + r % G;
+    load_query(a.q + t * a.q_stride + head * hd, w.q.data() + r * hd);
+    if (a.num_sinks) load_query(a.sink_q + t * a.sink_q_stride + head * hd, w.sq.data() + r * hd);
+    w.pos[r] = cached + t - first;
     w.m[r] = -INFINITY;
     w.l[r] = 0.0f;
   }
   std::fill(w.q.begin() + R * hd, w.q.begin() + Rp * hd, 0.0f);
+  std::fill(w.sq.begin() + R * hd, w.sq.begin() + Rp * hd, 0.0f);
   std::fill(w.o.begin(), w.o.begin() + Rp * hdp, 0.0f);
   const int64_t p_first = w.pos[0], p_last = w.pos[R - 1];
   const int64_t lo = a.window ? std::max<int64_t>(p_first - a.window + 1, 0) : 0;
@@ -194,7 +194,8 @@ void run_item(const Args& a, int64_t item, Workspace& w) {
   auto unseen = [&](int64_t key, int64_t p) {
     return key > p || (a.window && key <= p - a.window && key >= a.num_sinks);
   };
-  auto visit = [&](int64_t k0, int64_t k1) {
+  auto visit = [&](int64_t k0, int64_t k1, const float* q) {  // keys [k0, k1) against q
+    // [Rp, hd] (w.q, or w.sq for the sink keys)
     for (int64_t kp = k0; kp < k1; kp += kKeyTile) {
       const int64_t n = std::min(k1 - kp, kKeyTile);
       for (int64_t j = 0; j < n; ++j) {  // dequantize the tile's keys and values once
@@ -203,17 +204,12 @@ void run_item(const Args& a, int64_t item, Workspace& w) {
         const int64_t sc = row * a.scale_row + kvh * a.num_scales;
         float* key = w.key.data();
         dequant_row<S, F>(a.k + off, a.k_scales ? a.k_scales + sc : nullptr, hd, group, key);
-        if (cache_rope) {
-          const int64_t place = kp + j < ns ? kp + j : ns + kp + j - ws;
-          if (a.rotation) paged::hadamard(key, hd, a.rotation);
-          paged::rope_row(key, a.rope_cos + place * hd, a.rope_sin + place * hd, hd);
-        }
         for (int64_t d = 0; d < hd; ++d) w.kt[d * kKeyTile + j] = key[d];
         dequant_row<S, F>(a.v + off, a.v_scales ? a.v_scales + sc : nullptr, hd, group,
                           w.vf.data() + j * hdp);
       }
       // S [Rp, kKeyTile] = Q [Rp, hd] kt [hd, kKeyTile] (columns past n unused)
-      gemm<S>(w.q.data(), hd, w.kt.data(), kKeyTile, w.s.data(), kKeyTile, Rp, kKeyTile, hd,
+      gemm<S>(q, hd, w.kt.data(), kKeyTile, w.s.data(), kKeyTile, Rp, kKeyTile, hd,
               false);
       const int64_t last = kp + n - 1;
       for (int64_t r = 0; r < R; ++r) {
@@ -247,8 +243,10 @@ void run_item(const Args& a, int64_t item, Workspace& w) {
       gemm<S>(w.s.data(), kKeyTile, w.vf.data(), hdp, w.o.data(), hdp, Rp, hdp, n, true);
     }
   };
-  if (a.window) visit(0, std::min(a.num_sinks, lo));  // sinks before the first window
-  visit(lo, p_last + 1);
+  const int64_t sinks_end = a.window ? std::min(a.num_sinks, lo) : 0;  // before the window
+  visit(0, std::min(ns, sinks_end), w.sq.data());  // sinks by place
+  visit(ns, sinks_end, w.q.data());  // not yet sinks by place
+  visit(lo, p_last + 1, w.q.data());
   for (int64_t r = 0; r < R; ++r) {
     float* o = w.o.data() + r * hdp;
     const float inv = 1.0f / w.l[r];
