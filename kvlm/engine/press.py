@@ -73,8 +73,8 @@ def why_no_press(engine: PressedEngine, press: KVPress, press_at: int) -> str | 
     block_size = engine.kv_specs[0].block_size
     if press.budget is not None and press.budget < block_size:
         return (
-            f"a budget of {press.budget} tokens is less than a block of {block_size}, which "
-            f"each press frees: give budget >= {block_size}"
+            f"a budget of {press.budget} tokens is under one block of {block_size} (each "
+            f"press frees a block): give budget >= {block_size}"
         )
     return None
 
