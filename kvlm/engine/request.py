@@ -35,7 +35,7 @@ class RequestMetrics:
     num_preemptions: int = 0
     # The most KV bytes (all layer groups, scales included) the request's tables held at once.
     kv_peak_bytes: int = 0
-    # With a KV press: the KV bytes its tables held right after the press compacted them.
+    # With a KV press: the KV bytes its tables held right after the (tova: latest) press.
     kv_pressed_bytes: int | None = None
 
     @property
