@@ -79,6 +79,8 @@ def kvpress_press(spec: press_spec.PressSpec) -> object:
     unknown = set(options) - set(names)
     if unknown:
         raise SystemExit(f"error: {spec.method} takes no option {', '.join(sorted(unknown))}")
+    if spec.ratio is None:
+        raise SystemExit(f"error: --kv-press {spec.label}: write {spec.method}:RATIO")
     return cls(compression_ratio=spec.ratio, **{names[k]: v for k, v in options.items()})
 
 

@@ -1,11 +1,12 @@
-"""`--kv-press METHOD:RATIO[,NAME=INT...]`: the option, and the `KVPress` it names."""
+"""`--kv-press METHOD:RATIO[,NAME=INT...]` (`tova,budget=N`): the option, and the `KVPress`
+it names."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 
-from kvlm.bench.press_spec import EXAMPLE, PressSpecError, parse_press
+from kvlm.bench.press_spec import EXAMPLE, FORM, PressSpecError, parse_press
 from kvlm.cli.common import CLIError
 from kvlm.sampling import KVPress
 
@@ -19,7 +20,8 @@ def add_kv_press_option(parser: argparse.ArgumentParser, applies: str) -> None:
         default=None,
         metavar="METHOD:RATIO[,NAME=INT]",
         help=f"compress the prompt's KV cache once it is prefilled, e.g. {EXAMPLE} (ratio = the "
-        f"fraction of cached tokens dropped; options: {options}); {applies}",
+        f"fraction of cached tokens dropped; options: {options}), or keep N cached tokens while "
+        f"generating: tova,budget=N; {applies}",
     )
 
 
@@ -37,4 +39,7 @@ def kv_press(text: str | None) -> KVPress | None:
             raise CLIError(
                 f"--kv-press {text!r}: no option {name!r}; a press takes {', '.join(sorted(names))}"
             )
-    return KVPress(spec.method, spec.ratio, **spec.options)  # KVPressError: a user error
+    press = KVPress(spec.method, spec.ratio, **spec.options)  # KVPressError: a user error
+    if spec.ratio is None and not press.keeps_budget:  # no default ratio on the command line
+        raise CLIError(f"--kv-press {text!r}: {press.method} drops a ratio; write {FORM}")
+    return press

@@ -419,7 +419,7 @@ class LLMEngine:
                 self.num_steps, batch.requests, batch.num_new_tokens, self.kv_cache
             )
         self.scheduler.update_after_step(batch)
-        for request in batch.requests:  # prefills that reached their press compress now
+        for request in batch.requests:  # requests that reached their press compress now
             if request.press_pending and request.num_computed_tokens == request.press_at:
                 assert self.kv_cache is not None and self.kv_stores is not None
                 apply_press(request, self.kv_cache, self.kv_stores)

@@ -1,5 +1,7 @@
-"""The KV press step: once a request's prefill reaches `press_at`, score its cached tokens per
-layer and KV head, keep the same number in each, and compact them into fewer blocks.
+"""The KV press step: once a request's computed tokens reach `press_at`, score its cached
+tokens per layer and KV head, keep the same number in each, and compact them into fewer
+blocks. Most presses run once, after the prompt; tova's runs there and again each time the
+cache holds its budget plus a block (`_next_press_at`).
 
 For every group (all full attention: a press refuses windows and sinks), layer and KV head,
 its j-th kept token (in cache order) moves to cache row j, so the request keeps only
@@ -7,10 +9,11 @@ ceil(kept / block_size) blocks; the door (`KVCacheManager.compact`) returns the 
 pool at once and the persistent batch state follows the reported table edit. Keys were stored
 with rope by text position, so each kept key keeps its true position; the request records how
 many tokens were dropped, and from then on its cache index is its text position less that
-(engine/runner.py). snapkv and expected_attention read the observation window's queries,
-recorded by attention() while the window's rows are computed (`window_capture`,
-`keep_window_queries`): snapkv's rotated at their own positions, expected_attention's by the
-mean rope of the `num_future_positions` positions after the press.
+(engine/runner.py). snapkv, expected_attention and tova read queries (`KVPress.query_window`),
+recorded by attention() while their rows are computed (`window_capture`,
+`keep_window_queries`): snapkv's and tova's (the newest token's) rotated at their own
+positions, expected_attention's by the mean rope of the `num_future_positions` positions
+after the press.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager
 from kvlm.kv.press_scores import token_scores
 from kvlm.kv.store import KVStore
-from kvlm.sampling.press import KVPress
+from kvlm.sampling.press import METHOD_OPTIONS, KVPress
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,12 @@ def why_no_press(engine: PressedEngine, press: KVPress, press_at: int) -> str | 
             f"expected_attention keeps the first {press.num_sinks} tokens and scores the "
             f"others, but the press comes after {press_at}: give more tokens or fewer num_sinks"
         )
+    block_size = engine.kv_specs[0].block_size
+    if press.budget is not None and press.budget < block_size:
+        return (
+            f"a budget of {press.budget} tokens is under one block of {block_size} (each "
+            f"press frees a block): give budget >= {block_size}"
+        )
     return None
 
 
@@ -76,8 +85,8 @@ def window_capture(
     token_offsets: np.ndarray,  # [B] first row of each chunk in T
     device: torch.device,
 ) -> QueryCapture | None:
-    """The rows of this step whose queries a pending snapkv or expected_attention press
-    reads, each with the rope it wants (`QueryCapture`); None: none."""
+    """The rows of this step whose queries a pending press reads (`Request.press_window`),
+    each with the rope it wants (`QueryCapture`); None: none."""
     rows, rope_starts, rope_counts = [], [], []
     for i, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
         window = request.press_window
@@ -88,12 +97,12 @@ def window_capture(
             request.press_queries.clear()  # the window starts in this chunk: (re)computed
         rows.append(token_offsets[i] + np.arange(first, end) - starts[i])
         press = request.params.kv_press
-        if press is not None and press.method == "expected_attention":
+        assert press is not None and request.press_at is not None
+        if METHOD_OPTIONS[press.method].future_rope:
             # the mean rope of the positions after the press (kvpress: its prompt's length on)
-            assert request.press_at is not None
             rope_starts.append(np.full(end - first, request.press_at))
             rope_counts.append(np.full(end - first, press.num_future_positions))
-        else:  # snapkv: each query as attention rotates it, at its own position
+        else:  # snapkv, tova: each query as attention rotates it, at its own position
             rope_starts.append(np.arange(first, end))
             rope_counts.append(np.ones(end - first, np.int64))
     index = np.concatenate(rows) if rows else np.zeros(0, np.int64)
@@ -130,21 +139,46 @@ def _window_rows(request: Request, start: int, count: int) -> tuple[int, int]:
 
 
 def apply_press(request: Request, cache: KVCacheManager, stores: Sequence[KVStore]) -> None:
-    """Run the request's press on its `press_at` cached tokens (see the module docstring).
-    When the kept blocks cannot be unshared (the pool is full) the request stays whole, with
-    a warning naming it."""
+    """Run the request's press on its cached tokens (see the module docstring), then set
+    where its next press runs. When the kept blocks cannot be unshared (the pool is full)
+    the request stays whole, with a warning naming it."""
     press = request.params.kv_press
-    assert press is not None and request.press_pending and request.num_dropped_tokens == 0
-    num_tokens = request.num_computed_tokens
-    assert num_tokens == request.press_at, "the press runs when the prefill reaches press_at"
-    request.pressed = True
+    assert press is not None and request.press_pending
+    assert request.num_computed_tokens == request.press_at, "a press runs at press_at"
     queries = {layer: torch.cat(parts) for layer, parts in request.press_queries.items()}
     request.press_queries.clear()
+    num_tokens = request.num_cache_tokens
     keep = press.num_kept(num_tokens)
-    if keep == num_tokens:
-        return
+    if keep < num_tokens:
+        _compact(request, cache, stores, press, queries, keep)
+    request.press_at = _next_press_at(request, cache.block_size)
+
+
+def _next_press_at(request: Request, block_size: int) -> int | None:
+    """Where the request's next press runs: None (a press runs once), or for a budget (tova)
+    when its cache holds the budget plus a block, and at least a block on (a press the full
+    pool refused is tried again a block later)."""
+    press = request.params.kv_press
+    assert press is not None
+    if press.budget is None:
+        return None
+    room = max(press.budget + block_size - request.num_cache_tokens, block_size)
+    return request.num_computed_tokens + room
+
+
+def _compact(
+    request: Request,
+    cache: KVCacheManager,
+    stores: Sequence[KVStore],
+    press: KVPress,
+    queries: dict[int, torch.Tensor],  # layer -> [w, nh, hd] the queries the press reads
+    keep: int,
+) -> None:
+    """Score the request's cached tokens, keep `keep` per layer and KV head and move them to
+    its first cache rows; its tables shrink to those rows' blocks."""
+    num_tokens = request.num_cache_tokens
     block_size = cache.block_size
-    positions = np.arange(num_tokens)
+    positions = np.arange(num_tokens)  # cache rows
     tables = cache.block_tables(request.request_id)
     sources, kept = [], []
     for store, table in zip(stores, tables, strict=True):
@@ -169,4 +203,4 @@ def apply_press(request: Request, cache: KVCacheManager, stores: Sequence[KVStor
         rows = np.asarray(table)[cache_rows // block_size] * store.rows_per_block
         destination = torch.from_numpy(rows + cache_rows % block_size).to(source.device)
         store.compact(source, index, destination)
-    request.num_dropped_tokens = num_tokens - keep
+    request.num_dropped_tokens += num_tokens - keep

@@ -35,7 +35,7 @@ class RequestMetrics:
     num_preemptions: int = 0
     # The most KV bytes (all layer groups, scales included) the request's tables held at once.
     kv_peak_bytes: int = 0
-    # With a KV press: the KV bytes its tables held right after the press compacted them.
+    # With a KV press: the KV bytes its tables held right after the (tova: latest) press.
     kv_pressed_bytes: int | None = None
 
     @property
@@ -243,19 +243,19 @@ class Request:
     # `token_ids + spec_token_ids` and returns 1 + len(spec_token_ids) logits rows for a
     # request with drafts: the target's distribution after each of them, in order.
     spec_token_ids: list[int] = field(default_factory=list)
-    # KV press (`params.kv_press`): it runs once, when `num_computed_tokens` reaches
-    # `press_at` (the prompt's end unless set), and prefill chunks stop there until it has.
-    # The cache then holds `num_dropped_tokens` fewer tokens than the text: rope positions stay
-    # text positions, store rows and key counts are cache indices (`num_cache_tokens`). A
-    # preempted request is recomputed and pressed again.
+    # KV press (`params.kv_press`): it runs when `num_computed_tokens` reaches `press_at`
+    # (first the prompt's end unless set), and chunks stop there until it has; then press_at
+    # is None, or for tova the text position where the cache next holds its budget plus a
+    # block. The cache then holds `num_dropped_tokens` fewer tokens than the text: rope
+    # positions stay text positions, store rows and key counts are cache indices
+    # (`num_cache_tokens`). A preempted request is recomputed and pressed again.
     press_at: int | None = None
     # `LLM.score_continuations`: the prompt's tokens from here on are a continuation scored
     # after the press (press_at is this, and prompt_logprobs hold its tokens' entries only)
     continuation_start: int | None = None
-    pressed: bool = False
     num_dropped_tokens: int = 0
-    # snapkv, expected_attention: per layer, the observation window's queries (times the
-    # scale, rotated as `QueryCapture` says) computed so far
+    # snapkv, expected_attention, tova: per layer, the queries the pending press reads (times
+    # the scale, rotated as `QueryCapture` says) computed so far
     press_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     prompt_token_ids: list[int] = field(init=False)
     metrics: RequestMetrics = field(init=False)
@@ -277,12 +277,10 @@ class Request:
             self.num_prompt_logprobs = 1
         if self.continuation_start is not None:
             assert self.virtual_prefix is None and 0 < self.continuation_start < len(self.token_ids)
-            self.press_at = self.continuation_start
             if self.params.prompt_logprobs is not None:
                 self.prompt_logprobs = []  # entries start at the continuation's first token
                 self.num_prompt_logprobs = self.continuation_start
-        if self.params.kv_press is not None and self.press_at is None:
-            self.press_at = self.num_prompt_tokens
+        self.press_at = self._first_press_at()
 
     @property
     def extra_keys(self) -> tuple[str, ...]:
@@ -303,27 +301,29 @@ class Request:
         """Tokens whose K/V the cache holds: computed ones less those a press dropped."""
         return self.num_computed_tokens - self.num_dropped_tokens
 
+    def _first_press_at(self) -> int | None:
+        if self.params.kv_press is None:
+            return None
+        if self.continuation_start is None:
+            return self.num_prompt_tokens
+        return self.continuation_start
+
     @property
     def press_pending(self) -> bool:
-        return self.params.kv_press is not None and not self.pressed
+        return self.press_at is not None
 
     @property
     def press_window(self) -> tuple[int, int] | None:
-        """[first, end) text positions whose queries the pending press reads (the observation
-        window: the last `window` tokens before `press_at`, for expected_attention none of the
-        first `num_sinks`); None: none."""
+        """[first, end) text positions whose queries the pending press reads
+        (`KVPress.query_window`); None: none."""
         press = self.params.kv_press
-        if press is None or self.pressed or press.method not in ("snapkv", "expected_attention"):
+        if press is None or self.press_at is None:
             return None
-        assert self.press_at is not None
-        first = self.press_at - press.window
-        if press.method == "expected_attention":
-            return max(first, press.num_sinks), self.press_at
-        return max(first, 0), self.press_at
+        return press.query_window(self.press_at)
 
     def forget_press(self) -> None:
         """Preempted: the cache is gone, so the press runs again after the recompute."""
-        self.pressed = False
+        self.press_at = self._first_press_at()
         self.num_dropped_tokens = 0
         self.press_queries.clear()
 

@@ -165,7 +165,7 @@ class Scheduler:
             self.block_hashes[child.request_id] = list(self.block_hashes[parent.request_id])
             child.metrics.kv_peak_bytes = self.cache.bytes_held(child.request_id)
         child.num_computed_tokens = parent.num_computed_tokens
-        child.press_at, child.pressed = parent.press_at, parent.pressed
+        child.press_at = parent.press_at
         child.num_dropped_tokens = parent.num_dropped_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)

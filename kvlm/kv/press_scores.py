@@ -22,8 +22,9 @@ def token_scores(
     press: KVPress,
     keys: torch.Tensor,  # [n, H, hd] as attention reads them (rope applied)
     values: torch.Tensor,  # [n, H, hd]
-    # [w, nh, hd] the window's queries times the scale: snapkv's after rope, expected
-    # attention's rotated by the mean rope of the positions after the press
+    # [w, nh, hd] the queries times the scale: snapkv's window after rope, expected
+    # attention's rotated by the mean rope of the positions after the press, tova's newest
+    # token (w = 1, its key the last) after rope
     queries: torch.Tensor | None,
 ) -> torch.Tensor:  # [H, n] float32
     if press.method == "knorm":
@@ -33,6 +34,8 @@ def token_scores(
     assert queries is not None, f"{press.method} scores with the observation window's queries"
     if press.method == "expected_attention":
         return _expected_attention(keys.float(), values.float(), queries.float(), press.num_sinks)
+    if press.method == "tova":
+        return _tova(keys.float(), queries.float())
     assert press.method == "snapkv", press.method
     return _snapkv(keys.float(), queries.float())
 
@@ -84,3 +87,17 @@ def _expected_attention(
     value_norms = values[num_sinks:].norm(dim=-1).T  # [H, n - s]
     scores = (weights + EXPECTED_ATTENTION_EPSILON) * value_norms
     return F.pad(scores, (num_sinks, 0), value=scores.max().item())  # [H, n]
+
+
+def _tova(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """The newest token's softmax over every cached key (its own the last), averaged over all
+    query heads: one score per token, the same for every KV head; the newest token gets the
+    top score (kvpress's TOVAPress)."""
+    n, num_heads, _ = keys.shape
+    (query,) = queries  # [nh, hd]
+    groups = query.shape[0] // num_heads
+    expanded = keys.repeat_interleave(groups, dim=1)  # [n, nh, hd]
+    weights = torch.einsum("hd,khd->hk", query, expanded).softmax(dim=-1)  # [nh, n]
+    scores = weights.mean(dim=0)[: n - 1]  # [n - 1]
+    scores = torch.cat((scores, scores.max().reshape(1)))  # [n]
+    return scores.expand(num_heads, n)  # [H, n]

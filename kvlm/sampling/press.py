@@ -1,9 +1,9 @@
 """`KVPress`: how a request's KV cache is compressed once its prompt is prefilled.
 
 A press scores every cached token per layer and KV head and keeps the same number of tokens
-in each, `max(1, int(n * (1 - ratio)))` of the n cached (kvpress's count); the engine then
-compacts the kept K/V into fewer blocks and returns the rest to the pool (engine/press.py).
-Methods, as kvpress defines them:
+in each, `max(1, int(n * (1 - ratio)))` of the n cached (kvpress's count), or for "tova" at
+most `budget`; the engine then compacts the kept K/V into fewer blocks and returns the rest
+to the pool (engine/press.py). Methods, as kvpress defines them:
 - "knorm": keep the keys of smallest L2 norm (score = -||k||).
 - "streaming_llm": keep the first `num_sinks` tokens and the most recent ones.
 - "snapkv": the softmax attention of the observation window's queries (the prompt's last
@@ -19,6 +19,11 @@ Methods, as kvpress defines them:
   n_future_positions 512, n_sink 4, use_covariance and use_vnorm on, epsilon 0. kvpress's
   prefill press takes the statistics of every query after the sinks: a window at least as
   long as the prompt does the same here.
+- "tova": the softmax attention of the newest token's query (at its own position) over every
+  cached key, averaged over all the layer's query heads, so each KV head keeps the same
+  tokens; the newest token is always kept. It keeps `budget` tokens while the request
+  generates: the prompt is pressed to `budget`, and each time the cache grows to `budget`
+  plus a block it is pressed back to `budget` (one block freed per press).
 A value object only: validated on construction, hashable, shared between requests.
 """
 
@@ -30,12 +35,29 @@ from typing import Any
 
 from kvlm.sampling.errors import SamplingParamsError
 
-# Each method and the options it reads (it ignores the others): what a label of it shows.
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "knorm": (),
-    "streaming_llm": ("num_sinks",),
-    "snapkv": ("window",),
-    "expected_attention": ("window", "num_sinks", "num_future_positions"),
+
+@dataclass(frozen=True)
+class PressMethod:
+    """What a method reads besides the tokens' K/V."""
+
+    # Its options, ratio aside (a label shows these); "budget": it keeps a fixed number of
+    # tokens while generating and takes no ratio.
+    options: tuple[str, ...]
+    # Whose queries it scores with: "window" (the prompt's last `window` tokens, after the
+    # first `num_sinks` if it keeps sinks), "newest" (the last cached token) or None.
+    queries: str | None = None
+    # The queries rotated by the mean rope of the positions after the press, not their own.
+    future_rope: bool = False
+
+
+METHOD_OPTIONS: dict[str, PressMethod] = {
+    "knorm": PressMethod(()),
+    "streaming_llm": PressMethod(("num_sinks",)),
+    "snapkv": PressMethod(("window",), queries="window"),
+    "expected_attention": PressMethod(
+        ("window", "num_sinks", "num_future_positions"), queries="window", future_rope=True
+    ),
+    "tova": PressMethod(("budget",), queries="newest"),
 }
 PRESS_METHODS = tuple(METHOD_OPTIONS)
 # expected_attention averages the rope of this many positions at most (kvpress's default: 512)
@@ -49,8 +71,9 @@ class KVPressError(SamplingParamsError):
 @dataclass(frozen=True)
 class KVPress:
     method: str
-    # Fraction of the prompt's cached tokens dropped, in [0, 1); 0 keeps every token.
-    ratio: float = 0.5
+    # Fraction of the prompt's cached tokens dropped, in [0, 1); 0 keeps every token. None: 0.5
+    # (kvpress's examples); tova takes none (it keeps `budget` tokens).
+    ratio: float | None = None
     # Observation window: the prompt's last `window` tokens (snapkv and expected_attention
     # score with their queries).
     window: int = 64
@@ -58,23 +81,16 @@ class KVPress:
     num_sinks: int = 4
     # expected_attention: the positions after the press whose mean rope rotates the queries.
     num_future_positions: int = 512
+    # tova (required there, refused elsewhere): the cached tokens kept while generating.
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in PRESS_METHODS:
             raise KVPressError(
                 f"unknown kv press {self.method!r}; choose one of {', '.join(PRESS_METHODS)}"
             )
-        ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise KVPressError(f"kv press ratio must be a number, got {_describe(ratio)}")
-        if not (math.isfinite(ratio) and 0 <= ratio < 1):
-            raise KVPressError(
-                f"kv press ratio must be in [0, 1) (the fraction of tokens dropped), got {ratio!r}"
-            )
         for name in ("window", "num_sinks", "num_future_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise KVPressError(f"kv press {name} must be an int, got {_describe(value)}")
+            _check_int(name, getattr(self, name))
         if self.window < 1:
             raise KVPressError(f"kv press window must be >= 1 token, got {self.window}")
         if self.num_sinks < 0:
@@ -84,15 +100,72 @@ class KVPress:
                 f"kv press num_future_positions must be in [1, {MAX_FUTURE_POSITIONS}], got "
                 f"{self.num_future_positions}"
             )
+        if self.keeps_budget:
+            self._check_budget()
+        else:
+            self._check_ratio()
+
+    @property
+    def keeps_budget(self) -> bool:
+        """It keeps `budget` tokens while generating (tova), rather than a share of the prompt."""
+        return "budget" in METHOD_OPTIONS[self.method].options
+
+    def _check_budget(self) -> None:
+        if self.ratio is not None:
+            raise KVPressError(
+                f"kv press {self.method} keeps a budget of tokens and takes no ratio (got "
+                f"{self.ratio!r}): drop the ratio"
+            )
+        if self.budget is None:
+            raise KVPressError(
+                f"kv press {self.method} needs a budget: the cached tokens it keeps, e.g. "
+                f"KVPress({self.method!r}, budget=256)"
+            )
+        _check_int("budget", self.budget)
+        if self.budget < 1:
+            raise KVPressError(f"kv press budget must be >= 1 token, got {self.budget}")
+
+    def _check_ratio(self) -> None:
+        if self.budget is not None:
+            raise KVPressError(
+                f"kv press {self.method} takes no budget (got {self.budget!r}): it drops a "
+                "ratio of the prompt's tokens; only tova keeps a budget"
+            )
+        ratio = 0.5 if self.ratio is None else self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise KVPressError(f"kv press ratio must be a number, got {_describe(ratio)}")
+        if not (math.isfinite(ratio) and 0 <= ratio < 1):
+            raise KVPressError(
+                f"kv press ratio must be in [0, 1) (the fraction of tokens dropped), got {ratio!r}"
+            )
         object.__setattr__(self, "ratio", float(ratio))
 
     def options(self) -> dict[str, int]:
         """The options this press's method reads, by name (`METHOD_OPTIONS`)."""
-        return {name: getattr(self, name) for name in METHOD_OPTIONS[self.method]}
+        return {name: getattr(self, name) for name in METHOD_OPTIONS[self.method].options}
 
     def num_kept(self, num_tokens: int) -> int:
         """Tokens kept per layer and KV head of `num_tokens` cached ones (at least one)."""
+        if self.budget is not None:
+            return min(num_tokens, self.budget)
+        assert self.ratio is not None
         return max(1, int(num_tokens * (1 - self.ratio)))
+
+    def query_window(self, press_at: int) -> tuple[int, int] | None:
+        """[first, end) text positions whose queries a press after `press_at` tokens reads
+        (`PressMethod.queries`); None: it reads none."""
+        method = METHOD_OPTIONS[self.method]
+        if method.queries is None:
+            return None
+        if method.queries == "newest":
+            return press_at - 1, press_at
+        sinks = self.num_sinks if "num_sinks" in method.options else 0
+        return max(press_at - self.window, sinks), press_at
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KVPressError(f"kv press {name} must be an int, got {_describe(value)}")
 
 
 def _describe(value: Any) -> str:

@@ -1,11 +1,12 @@
 """The `kv_press` extension field -> `KVPress`, or a 400 with `param: "kv_press"`.
 
 The field is an object, `{"method": "snapkv", "ratio": 0.5, "window": 32, "num_sinks": 4,
-"num_future_positions": 512}`, of which only `method` is required; its values are checked by
-`KVPress` (the same messages as `--kv-press`). What depends on the engine and the prompt (a
-cache to press, a prompt longer than snapkv's window or expected_attention's sinks) is
-checked by the engine at `add_request`, whose `PressRefusedError` `serving.py` turns into a
-400 naming this field too.
+"num_future_positions": 512}` or `{"method": "tova", "budget": 256}`, of which only `method`
+is required (and tova's budget); its values are checked by `KVPress` (the same messages as
+`--kv-press`). What depends on the engine and the prompt (a cache to press, a prompt longer
+than snapkv's window or expected_attention's sinks, a budget of at least a block) is checked
+by the engine at `add_request`, whose `PressRefusedError` `serving.py` turns into a 400
+naming this field too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kvlm.server.protocol import json_integer
 PARAM = "kv_press"
 _FIELDS = tuple(f.name for f in fields(KVPress))
 # JSON's 32.0 is 32, as in the other integer fields
-_INTEGERS = tuple(f.name for f in fields(KVPress) if f.type in (int, "int"))
+_INTEGERS = tuple(f.name for f in fields(KVPress) if f.type in ("int", "int | None"))
 EXAMPLE = '{"method": "snapkv", "ratio": 0.5}'
 
 

@@ -82,6 +82,7 @@ _KV_PRESS = {
             "minimum": 1,
             "maximum": MAX_FUTURE_POSITIONS,
         },
+        "budget": {"type": "integer", "minimum": 1},  # tova's, and only tova's
     },
 }
 # n and best_of at most: each sequence is a running request of its own, and a server runs
@@ -164,7 +165,8 @@ class SamplingRequest(BaseModel):
     cache_salt: StrictStr | None = None
     prefix_adapter: StrictStr | None = None  # a prefix-tuning adapter the server loaded
     # {"method": ..., "ratio": ..., "window": ..., "num_sinks": ...}: compress the prompt's KV
-    # cache once it is prefilled (sampling/press.py); checked by server/press.py
+    # cache once it is prefilled, or {"method": "tova", "budget": N}: keep N tokens while
+    # generating (sampling/press.py); checked by server/press.py
     kv_press: Any = _schema(anyOf=[_KV_PRESS, {"type": "null"}])
     # Structured outputs (llguidance): OpenAI's response_format (on completions too, as vLLM),
     # vLLM's structured_outputs object and its older guided_* fields; at most one of them.

@@ -130,8 +130,12 @@ def test_press_spec_round_trip_and_errors() -> None:
     spec = parse_press("snapkv:0.75,window=32")
     assert spec == PressSpec("snapkv", 0.75, {"window": 32})
     assert spec.label == "snapkv:0.75,window=32"
+    tova = parse_press("tova,budget=256")  # no ratio written: a budget instead
+    assert tova == PressSpec("tova", None, {"budget": 256})
+    assert tova.label == "tova,budget=256"
     for bad, message in [
-        ("snapkv", "write METHOD:RATIO"),
+        ("snapkv:", "write METHOD:RATIO"),
+        (":0.5", "write METHOD:RATIO"),
         ("snapkv:half", "'half' is not a number"),
         ("snapkv:0.5,window", "is not NAME=INT"),
         ("snapkv:0.5,window=x", "window='x' is not an integer"),

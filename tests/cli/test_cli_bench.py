@@ -100,6 +100,7 @@ def test_bench_decode_presses_kvlms_prompts(
     [
         ("h2o:0.5", "unknown kv press 'h2o'"),
         ("knorm:-1", "ratio must be in [0, 1)"),
+        ("tova:0.5,budget=64", "takes no ratio"),
         ("snapkv:0.5", "its last 64 tokens, but prompt_tokens is 16: raise --prompt-tokens"),
     ],
 )

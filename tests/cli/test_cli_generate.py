@@ -75,6 +75,11 @@ def test_generate_with_a_kv_press(capsys: pytest.CaptureFixture[str]) -> None:
     assert found, stats
     # 91 tokens (6 blocks) at the press, 45 kept (3 blocks): half the bytes
     assert float(found.group(2)) == pytest.approx(float(found.group(1)) / 2, abs=0.01)
+    assert main(["generate", PRESS_PROMPT, *GREEDY, "--kv-press", "tova,budget=32"]) == 0
+    stats = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.search(r"kv cache peak ([\d.]+) MiB, ([\d.]+) MiB after the press", stats)
+    assert found, stats  # 32 of the 91 tokens kept: 2 blocks of the 6
+    assert float(found.group(2)) == pytest.approx(float(found.group(1)) / 3, abs=0.01)
     assert main(["generate", PRESS_PROMPT, *GREEDY]) == 0  # a plain run says nothing of it
     assert "after the press" not in capsys.readouterr().err
 
@@ -82,7 +87,14 @@ def test_generate_with_a_kv_press(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--kv-press", "tova:0.5"], "unknown kv press 'tova'"),
+        (["--kv-press", "h2o:0.5"], "unknown kv press 'h2o'"),
+        (["--kv-press", "tova:0.5,budget=64"], "takes no ratio (got 0.5)"),
+        (["--kv-press", "tova"], "tova needs a budget"),
+        (["--kv-press", "knorm:0.5,budget=64"], "knorm takes no budget"),
+        (
+            ["--kv-press", "tova,budget=8"],
+            "one block of 16 (each press frees a block): give budget >= 16",
+        ),
         (["--kv-press", "knorm:1"], "ratio must be in [0, 1)"),
         (["--kv-press", "knorm"], "write METHOD:RATIO"),
         (["--kv-press", "knorm:0.5,depth=2"], "no option 'depth'"),

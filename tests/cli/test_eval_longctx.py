@@ -74,6 +74,7 @@ def test_ppl_after_a_pressed_context(capsys: pytest.CaptureFixture[str]) -> None
         (["longctx", "--kv-press", "tova9:0.5"], "unknown kv press 'tova9'"),
         (["longctx", "--kv-press", "snapkv:1.5"], "ratio must be in [0, 1)"),
         (["longctx", "--kv-press", "snapkv"], "write METHOD:RATIO"),
+        (["longctx", "--kv-press", "tova,budget=0"], "budget must be >= 1 token"),
         (["longctx", "--kv-press", "snapkv:0.5,depth=3"], "no option 'depth'"),
         (["longctx", "--kv-press", "snapkv:0.5,window=0"], "window must be >= 1"),
         (["longctx", "--num-facts", "0"], "num_facts must be in [1, 12]"),

@@ -191,6 +191,41 @@ def test_expected_attention_keeps_the_tokens_kvpress_would(llm: LLM, window: int
     llm.engine.kv_cache.check_integrity()
 
 
+def test_tova_keeps_the_tokens_the_newest_query_attends_to(llm: LLM) -> None:
+    """The prompt's last token's query, rotated at its own position (159) and scaled, over the
+    160 stored keys: softmax, the mean over all query heads, the newest token on top; its 64
+    best for every KV head. The continuation (under a block) reads only those."""
+    prompt = ids(llm, DOC * 3)[:160]
+    continuation = ids(llm, " So the press frees memory for the other requests.")
+    assert len(continuation) < BLOCK_SIZE  # no second press before it ends
+    press = KVPress("tova", budget=64)
+    [score] = llm.score_continuations(
+        {"prompt_token_ids": prompt}, continuation, SamplingParams(kv_press=press)
+    )
+    page = llm.engine.kv_specs[0].page_nbytes
+    assert score.kv_pressed_bytes == 4 * page  # 64 of the 160 tokens
+    recorder = QueryRecorder()
+    masked_reference(llm, prompt, continuation, None, recorder)
+    (scale,) = recorder.scales
+    n, position = len(prompt), len(prompt) - 1
+    kept = []
+    for layer, (keys, _) in enumerate(plain_kv(llm, prompt)):
+        q = recorder.queries[layer][position]  # [nh, hd] before rope
+        angles = position * recorder.ropes[layer].inv_freq.double()
+        cos, sin = torch.cat([angles.cos()] * 2).float(), torch.cat([angles.sin()] * 2).float()
+        half = q.shape[-1] // 2
+        q = (q * cos + torch.cat([-q[:, half:], q[:, :half]], -1) * sin) * scale
+        groups = q.shape[0] // keys.shape[1]
+        weights = torch.einsum("hd,khd->hk", q, keys.repeat_interleave(groups, dim=1))
+        scores = weights.softmax(dim=-1).mean(dim=0)  # [n]
+        scores[n - 1] = scores[: n - 1].max()
+        best = scores.topk(press.num_kept(n)).indices.sort().values
+        kept.append(best.expand(keys.shape[1], -1))  # [H, 64]
+    expected = masked_reference(llm, prompt, continuation, kept)
+    assert torch.allclose(torch.tensor(score.logprobs), expected, atol=1e-4)
+    llm.engine.kv_cache.check_integrity()
+
+
 @pytest.mark.parametrize("method", ["knorm", "streaming_llm"])
 def test_decode_after_a_press_reads_only_the_kept_tokens(llm: LLM, method: str) -> None:
     prompt = ids(llm, DOC * 3)[:160]  # ten full blocks
@@ -294,6 +329,9 @@ def test_engines_a_press_cannot_run_on_say_why() -> None:
         assert words in why_no_press(fake, press, 100)  # type: ignore[arg-type, operator]
     assert "window of 64" in why_no_press(engine(), KVPress("snapkv"), 64)  # type: ignore[arg-type, operator]
     assert why_no_press(engine(), KVPress("snapkv"), 65) is None  # type: ignore[arg-type]
+    budget = why_no_press(engine(), KVPress("tova", budget=BLOCK_SIZE - 1), 100)  # type: ignore[arg-type]
+    assert budget is not None and "give budget >= 16" in budget
+    assert why_no_press(engine(), KVPress("tova", budget=BLOCK_SIZE), 100) is None  # type: ignore[arg-type]
     sinks = KVPress("expected_attention", num_sinks=4)
     assert "keeps the first 4 tokens" in why_no_press(engine(), sinks, 4)  # type: ignore[arg-type, operator]
     assert why_no_press(engine(), sinks, 5) is None  # type: ignore[arg-type]

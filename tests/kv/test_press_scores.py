@@ -96,3 +96,27 @@ def test_expected_attention_matches_kvpress_statistics_on_random_tensors() -> No
     assert torch.allclose(scores[:, sinks:], expected, rtol=1e-4, atol=1e-7)
     sink_scores = scores[:, :sinks]
     assert torch.allclose(sink_scores, expected.max().expand_as(sink_scores))  # sinks kept
+
+
+def test_tova_is_the_newest_query_s_softmax_averaged_over_every_query_head() -> None:
+    """kvpress's TOVAPress: the last token's attention weights over all n keys (its own
+    included in the softmax), the mean over all nh query heads, the same for every KV head;
+    the last token itself at the top score."""
+    torch.manual_seed(2)
+    n, num_heads, groups, hd = 10, 2, 3, 8
+    keys = torch.randn(n, num_heads, hd)
+    query = torch.randn(1, num_heads * groups, hd) / math.sqrt(hd)
+    press = KVPress("tova", budget=4)
+    scores = token_scores(press, keys, torch.randn(n, num_heads, hd), query)
+    expected = torch.zeros(n)
+    for qh in range(num_heads * groups):
+        expected += torch.softmax(keys[:, qh // groups] @ query[0, qh], dim=0) / (
+            num_heads * groups
+        )
+    assert scores.shape == (num_heads, n)
+    for head in range(num_heads):
+        assert torch.allclose(scores[head, : n - 1], expected[: n - 1], atol=1e-6)
+        assert torch.isclose(scores[head, n - 1], expected[: n - 1].max())  # the newest kept
+    kept = scores.topk(press.num_kept(n), dim=-1).indices.sort(dim=-1).values
+    assert kept[0].tolist() == kept[1].tolist()  # one kept set for the layer
+    assert n - 1 in kept[0].tolist()

@@ -23,6 +23,13 @@ from kvlm.sampling import KVPressError, SamplingParamsError
         ({"method": "streaming_llm", "num_sinks": -1}, "num_sinks must be >= 0"),
         ({"method": "expected_attention", "num_future_positions": 0}, "in [1, 65536], got 0"),
         ({"method": "expected_attention", "num_future_positions": 1.5}, "must be an int"),
+        ({"method": "tova"}, "tova needs a budget"),
+        ({"method": "tova", "budget": 64, "ratio": 0.5}, "takes no ratio (got 0.5)"),
+        ({"method": "tova", "budget": 0}, "budget must be >= 1 token, got 0"),
+        ({"method": "tova", "budget": 64.0}, "budget must be an int"),
+        ({"method": "tova", "budget": True}, "budget must be an int"),
+        ({"method": "knorm", "budget": 64}, "knorm takes no budget (got 64)"),
+        ({"method": "snapkv", "ratio": 0.5, "budget": 64}, "only tova keeps a budget"),
     ],
 )
 def test_bad_values_raise_one_error_naming_the_field(kwargs: dict, words: str) -> None:
@@ -47,6 +54,17 @@ def test_ratio_is_a_float_and_kept_count_is_kvpress_s() -> None:
     assert KVPress("knorm", ratio=0.75).num_kept(10) == 2  # int(2.5)
     assert KVPress("knorm", ratio=0.99).num_kept(10) == 1  # never none
     assert hash(KVPress("knorm")) == hash(KVPress("knorm"))
+    assert KVPress("knorm") == KVPress("knorm", ratio=0.5)  # no ratio: 0.5
+
+
+def test_tova_keeps_at_most_its_budget_and_reads_the_newest_query() -> None:
+    press = KVPress("tova", budget=64)
+    assert press.ratio is None and press.keeps_budget and not KVPress("knorm").keeps_budget
+    assert (press.num_kept(100), press.num_kept(64), press.num_kept(10)) == (64, 64, 10)
+    assert press.query_window(100) == (99, 100)  # the last cached token's query
+    assert KVPress("snapkv", window=8).query_window(100) == (92, 100)
+    assert KVPress("expected_attention", window=8, num_sinks=4).query_window(10) == (4, 10)
+    assert KVPress("knorm").query_window(100) is None
 
 
 def test_a_press_names_the_options_its_method_reads() -> None:
@@ -55,3 +73,4 @@ def test_a_press_names_the_options_its_method_reads() -> None:
     assert KVPress("streaming_llm", num_sinks=2).options() == {"num_sinks": 2}
     defaults = KVPress("expected_attention").options()  # kvpress's n_sink, n_future_positions
     assert defaults == {"window": 64, "num_sinks": 4, "num_future_positions": 512}
+    assert KVPress("tova", budget=256, window=8).options() == {"budget": 256}

@@ -56,6 +56,7 @@ def _blocks_bytes(server: LiveServer, num_tokens: int) -> int:
         {"method": "streaming_llm", "ratio": 0.5, "num_sinks": 4},
         {"method": "snapkv", "ratio": 0.5, "window": 32.0},  # 32.0 is an integer in JSON
         {"method": "expected_attention", "ratio": 0.5, "num_future_positions": 256},
+        {"method": "tova", "budget": 64.0},  # keeps 64 of the 128 while generating
     ],
 )
 def test_a_pressed_completion_holds_fewer_kv_bytes(
@@ -103,6 +104,13 @@ BAD_PRESSES = [
     ({"method": "streaming_llm", "num_sinks": -1}, ["num_sinks must be >= 0", "-1"]),
     ({"method": "expected_attention", "num_future_positions": 0}, ["in [1, 65536]", "0"]),
     ({"method": "knorm", "size": 3}, ["no field 'size'", "ratio, window, num_sinks, num_fut"]),
+    ({"method": "tova"}, ["tova needs a budget"]),
+    ({"method": "tova", "budget": 64, "ratio": 0.5}, ["takes no ratio (got 0.5)"]),
+    ({"method": "tova", "budget": 0}, ["budget must be >= 1 token, got 0"]),
+    ({"method": "tova", "budget": 2.5}, ["budget must be an int", "2.5"]),
+    ({"method": "snapkv", "budget": 64}, ["snapkv takes no budget (got 64)"]),
+    # a budget under a block (16 tokens): the engine refuses it at add_request
+    ({"method": "tova", "budget": 8}, ["under one block of 16", "give budget >= 16"]),
     ("snapkv", ["must be an object", "str"]),
     ([{"method": "knorm"}], ["must be an object", "list"]),
     # the prompt is not longer than snapkv's window: the engine refuses it at add_request
