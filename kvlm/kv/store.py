@@ -28,7 +28,8 @@ from kvlm.kv.spec import KVCacheSpec
 class WriteHook(Protocol):
     def after_write(self, store: KVStore, layer_idx: int, rows: torch.Tensor) -> None:
         """Called by `store.write` once the new tokens' K/V sit at base rows [T] of layer
-        `layer_idx`, before attention reads them; it may rewrite any of the layer's rows."""
+        `layer_idx`, before attention reads them; it may rewrite any of the layer's rows.
+        Only `write` calls it: the fused decode step writes its rows in C++ (no hook)."""
 
 
 class KVStore:
