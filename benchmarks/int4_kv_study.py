@@ -14,7 +14,8 @@ A scheme codes keys and values apart:
 - per-channel (KIVI): each channel's scale (and min) is shared by a group of `G` consecutive
   tokens, so a key group is coded once its G tokens are written.
 Tokens not coded yet stay in full precision: the most recent `residual` tokens, plus those of a
-key group not yet full. Scales and mins are float16.
+key group not yet full. Scales and mins are float16 (`asym8`: an e4m3 scale and an int8 zero
+point). `pre-rope` keys are coded before rope: the hook undoes each layer's rope, codes, redoes it.
 
 Bytes per token per head count K and V (float16: 4 * head_dim), the full-precision tail at its
 largest (residual + G - 1 tokens) spread over `--tokens` tokens.
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlm import LLM
+from kvlm.attention.rope import RotaryEmbedding, apply_rope
 from kvlm.cli.evaluate import DEFAULT_CHUNK_SIZE, read_text
 from kvlm.engine.scoring import token_logprobs
 from kvlm.kv.quant import MIN_SCALE, KVFormat, _hadamard
@@ -79,18 +81,27 @@ class PerChannel:
     tokens: int = 32
     symmetric: bool = False
     hadamard: bool = False
+    pre_rope: bool = False  # coded before rope (the store would hold unroped keys)
+    byte_scales: bool = False  # asymmetric only: an e4m3 scale and an int8 zero point
 
     def tag(self) -> str:
-        kind = "sym" if self.symmetric else "asym"
-        return f"ch{self.tokens}-{kind}{'+H' if self.hadamard else ''}"
+        kind = "sym" if self.symmetric else ("asym8" if self.byte_scales else "asym")
+        return f"ch{self.tokens}-{kind}{'+H' if self.hadamard else ''}" + (
+            " pre-rope" if self.pre_rope else ""
+        )
 
     def nbytes(self, head_dim: int) -> float:
+        if self.byte_scales:  # + one float16 scale of the scales per head and group
+            return head_dim / 2 + (head_dim * 2 + 2) / self.tokens
         return head_dim / 2 + head_dim / self.tokens * 2 * (1 if self.symmetric else 2)
 
     def code(self, x: torch.Tensor) -> torch.Tensor:  # [T, H, hd], T a multiple of tokens
         y = rotate(x) if self.hadamard else x
         groups = y.unflatten(0, (-1, self.tokens))  # [T / G, G, H, hd]
-        out = fake_quant(groups, dim=1, symmetric=self.symmetric).flatten(0, 1)
+        if self.byte_scales:
+            out = byte_scale_quant(groups).flatten(0, 1)
+        else:
+            out = fake_quant(groups, dim=1, symmetric=self.symmetric).flatten(0, 1)
         return rotate(out) if self.hadamard else out
 
 
@@ -154,12 +165,33 @@ def fake_quant(x: torch.Tensor, dim: int, symmetric: bool) -> torch.Tensor:
     return ((x - low) / scale).round().clamp(0, 15) * scale + low
 
 
+def byte_scale_quant(x: torch.Tensor) -> torch.Tensor:
+    """x [n, G, H, hd]: per channel over the G tokens, x = s * q + s * z with q in [0, 15],
+    z an int8 zero point and s an e4m3 byte times a float16 scale per (group, head) chosen so
+    the largest s is 448. s is rounded up, so the 15 steps still cover [min, max]."""
+    low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # [n, 1, H, hd]
+    # 14 steps cover max - min from floor(min / s) * s; |min| / s <= 127 keeps z in int8
+    step = torch.maximum((high - low) / 14, low.abs() / 127).clamp_min(MIN_SCALE)
+    # (1 + 2^-10) outgrows float16's rounding: no target above e4m3's largest, 448
+    outer = step.amax(-1, keepdim=True) / 448 * (1 + 2**-10)
+    outer = outer.half().clamp_min(MIN_SCALE).float()
+    target = step / outer
+    byte = target.to(torch.float8_e4m3fn).view(torch.uint8)
+    short = byte.view(torch.float8_e4m3fn).float() < target
+    byte = torch.where(short, byte + 1, byte)  # the next e4m3 value up (all positive)
+    scale = byte.view(torch.float8_e4m3fn).float() * outer
+    zero = (low / scale).floor().clamp(-128, 127)
+    return ((x / scale - zero).round().clamp(0, 15) + zero) * scale
+
+
 class FakeQuant:
     """A store's write hook: codes each layer's tokens in place once they leave the
     full-precision tail. Assumes one sequence written in order (what scoring does)."""
 
-    def __init__(self, scheme: Scheme) -> None:
+    def __init__(self, scheme: Scheme, ropes: dict[int, RotaryEmbedding]) -> None:
+        """`ropes`: each layer's rope, to undo on keys a pre-rope codec codes."""
         self.scheme = scheme
+        self.ropes = ropes
         self.rows: dict[int, list[torch.Tensor]] = {}  # layer -> base rows by position
         self.coded: dict[int, int] = {}  # layer -> tokens coded so far
         self.generator = None
@@ -182,7 +214,12 @@ class FakeQuant:
             x = store.data.index_select(0, index + offset)  # [n, H, hd] float32
             if self.generator is not None:
                 x = x * (1 + 1e-6 * torch.randn(x.shape, generator=self.generator))
-            store.data.index_copy_(0, index + offset, codec.code(x))
+            if getattr(codec, "pre_rope", False):  # stored keys are roped by text position
+                cos, sin = self.ropes[layer_idx].cos_sin(torch.arange(done, upto))
+                coded = apply_rope(codec.code(apply_rope(x, cos, -sin)), cos, sin)
+            else:
+                coded = codec.code(x)
+            store.data.index_copy_(0, index + offset, coded)
         self.coded[layer_idx] = upto
 
     def check_complete(self, num_tokens: int) -> None:
@@ -197,8 +234,9 @@ class FakeQuant:
 TODAY = PerToken(today=True)
 
 
-def schemes(head_dim: int) -> list[Scheme]:
-    """Candidates (b)-(e); (a) is float16 and today's int4 by the engine's own formats."""
+def schemes() -> list[Scheme]:
+    """Candidates (a)-(c) and the noise of (a); main() also runs the engine's own float16 and
+    int4."""
     out = [
         Scheme(TODAY, TODAY),  # (a) fake, must match the engine's int4
         # the noise floor: float-rounding-sized changes flip int4 codes and the ppl with them
@@ -239,6 +277,11 @@ def perplexity(llm: LLM, token_ids: list[int], hook: FakeQuant | None) -> float:
     if hook is not None:
         hook.check_complete(len(token_ids))
     return math.exp(nll)
+
+
+def layer_ropes(llm: LLM) -> dict[int, RotaryEmbedding]:
+    model = llm.engine.model
+    return {i: model.ropes[layer.rope_key] for i, layer in enumerate(model.layers)}
 
 
 def load(model: str, kv: str, threads: int) -> LLM:
@@ -309,8 +352,8 @@ def main() -> int:
             nbytes = 2 * engine.engine.kv_specs[0].format.nbytes
             report(f"engine {kv}", nbytes, ppl, time.perf_counter() - start)
             del engine
-    chosen = {"main": schemes(head_dim), "extra": extra_schemes(), "none": []}[args.set]
-    by_name = {s.name: s for s in schemes(head_dim) + extra_schemes()}
+    chosen = {"main": schemes(), "extra": extra_schemes(), "none": []}[args.set]
+    by_name = {s.name: s for s in schemes() + extra_schemes()}
     unknown = [name for name in args.residual_of if name not in by_name]
     if unknown:
         parser.error(f"unknown schemes {unknown}; names: {sorted(by_name)}")
@@ -319,7 +362,7 @@ def main() -> int:
         chosen = [s for s in chosen if any(part in s.name for part in args.only)]
     for scheme in chosen:
         start = time.perf_counter()
-        ppl = perplexity(llm, token_ids, FakeQuant(scheme))
+        ppl = perplexity(llm, token_ids, FakeQuant(scheme, layer_ropes(llm)))
         nbytes = scheme.nbytes(head_dim, len(token_ids))
         report(scheme.name, nbytes, ppl, time.perf_counter() - start)
     print(f"head_dim {head_dim}, float16 {4 * head_dim} bytes/token/head", file=sys.stderr)
@@ -327,22 +370,33 @@ def main() -> int:
 
 
 def markdown_table(path: str) -> str:
-    """Rows of `--out` files: ×less and Δ% against the same model's engine float16 row."""
+    """Rows of `--out` files, one line per scheme and a column pair per model: bytes and ×
+    less, ppl and Δ% against the same model's engine float16 row."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    models = list(dict.fromkeys(r["model"] for r in rows))
     base = {r["model"]: r for r in rows if r["scheme"] == "engine float16"}
-    lines = [
-        "| model | scheme | bytes/token/head (K+V) | × less than f16 | ppl | Δ% vs f16 KV |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    by_scheme: dict[str, dict[str, dict]] = {}
     for r in rows:
-        f16 = base[r["model"]]
-        ratio = f16["bytes_per_token_head"] / r["bytes_per_token_head"]
-        delta = 100 * (r["ppl"] / f16["ppl"] - 1)
-        lines.append(
-            f"| {r['model']} | {r['scheme']} | {r['bytes_per_token_head']:.1f} | {ratio:.2f} "
-            f"| {r['ppl']:.3f} | {delta:+.1f} |"
-        )
+        by_scheme.setdefault(r["scheme"], {})[r["model"]] = r
+    head = "| scheme |" + "".join(
+        f" {m} bytes/token/head (× less) | {m} ppl (Δ% vs f16 KV) |" for m in models
+    )
+    lines = [head, "|---|" + "---:|---:|" * len(models)]
+    for scheme, cells in by_scheme.items():
+        line = f"| {scheme} |"
+        for m in models:
+            r = cells.get(m)
+            if r is None:
+                line += " – | – |"
+                continue
+            f16 = base[m]
+            ratio = f16["bytes_per_token_head"] / r["bytes_per_token_head"]
+            delta = 100 * (r["ppl"] / f16["ppl"] - 1)
+            line += (
+                f" {r['bytes_per_token_head']:.1f} ({ratio:.2f}×) | {r['ppl']:.3f} ({delta:+.1f}) |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -361,6 +415,14 @@ def extra_schemes() -> list[Scheme]:
         Scheme(PerChannel(32, False, False), v64),
         Scheme(PerChannel(64, False, False), v64),
         Scheme(PerChannel(128, False, False), v64),
+        # keys before rope: a channel's offset then stays put along the tokens
+        Scheme(PerChannel(32, False, False, True), v64),
+        Scheme(PerChannel(64, False, False, True), v64),
+        Scheme(PerChannel(128, False, False, True), v64),
+        Scheme(PerChannel(64, True, False, True), v64),
+        # byte scales and zero points: the 32-token groups at the 64-token groups' bytes
+        Scheme(PerChannel(32, False, False, True, True), v64),
+        Scheme(PerChannel(64, False, False, True, True), v64),
     ]
 
 
