@@ -6,7 +6,8 @@ Layout, block-major so one block of every layer of the group is one contiguous p
 Token `t` of block `b` is addressed by its base row `b * rows_per_block + t`; layer `l`'s K and
 V sit `(2 l) * block_size` and `(2 l + 1) * block_size` rows further. The runner computes base
 rows once per step; `write` quantizes and `gather` dequantizes, so attention never sees the
-storage format.
+storage format. A `WriteHook` (none in the engine) sees each write before attention reads it:
+`benchmarks/int4_kv_study.py` fake-quantizes candidate formats into a float store there.
 
 Whole blocks move as *pages*: a block's data bytes then its scale bytes (`block_codec`'s
 layout), `[num_blocks, page_nbytes]` uint8, read and written for many blocks in one copy.
@@ -16,11 +17,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from kvlm.kv.spec import KVCacheSpec
+
+
+class WriteHook(Protocol):
+    def after_write(self, store: KVStore, layer_idx: int, rows: torch.Tensor) -> None:
+        """Called by `store.write` once the new tokens' K/V sit at base rows [T] of layer
+        `layer_idx`, before attention reads them; it may rewrite any of the layer's rows.
+        Only `write` calls it: the fused decode step writes its rows in C++ (no hook)."""
 
 
 class KVStore:
@@ -48,6 +57,7 @@ class KVStore:
         if self.scales is not None:
             self._scale_pages = self.scales.view(torch.uint8).view(num_blocks, -1)
         assert self._data_pages.shape[1] + self._scale_bytes == spec.page_nbytes
+        self.write_hook: WriteHook | None = None
 
     def layer_offsets(self, layer_idx: int) -> tuple[int, int]:
         """Row offsets of K and V of model layer `layer_idx` from a token's base row."""
@@ -63,6 +73,8 @@ class KVStore:
             self.data.index_copy_(0, index, data)
             if scales is not None:
                 self.scales.index_copy_(0, index, scales)
+        if self.write_hook is not None:
+            self.write_hook.after_write(self, layer_idx, rows)
 
     def gather(self, layer_idx: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at base rows [N] -> two [N, num_kv_heads, head_dim] tensors in `dtype`."""
