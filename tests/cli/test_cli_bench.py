@@ -92,6 +92,7 @@ def test_bench_decode_presses_kvlms_prompts(
         "window": 8,
         "num_sinks": 4,
         "num_future_positions": 512,
+        "budget": None,  # tova's option: a ratio method has none
     }
 
 
