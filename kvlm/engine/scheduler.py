@@ -143,7 +143,10 @@ class Scheduler:
                 # Draft tokens are not verified yet: only known tokens' blocks are named, and
                 # windows pass only them, so a rollback finds every block it keeps.
                 verified = min(request.num_computed_tokens, len(request.token_ids))
-                hashes = self._hashes(request, verified)
+                # The list may name more blocks (admission hashes the whole prompt): a chunk
+                # ending inside a block leaves its other rows unwritten, so only the blocks
+                # full of computed tokens are named, never one a prefix hit would read early.
+                hashes = self._hashes(request, verified)[: verified // self.cache.block_size]
                 self.cache.cache_full_blocks(request.request_id, hashes)
                 self.cache.remove_skipped(request.request_id, verified)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvlm import LLM, SamplingParams
 
@@ -140,3 +141,75 @@ def test_stream_deltas_add_up_to_the_text(smollm2_llm) -> None:
 def test_no_cache_finishes_sequences_longer_than_the_token_budget(alone) -> None:
     llm = LLM("smollm2", use_cache=False, max_num_batched_tokens=8, weight_format="float")
     assert _ids(llm.generate(PROMPTS, GREEDY)) == alone
+
+
+def _cached_kv(engine, request_id: str, num_tokens: int) -> torch.Tensor:
+    """[layers, 2, num_tokens, H, hd] the K and V the request's tables hold for its first
+    `num_tokens` tokens (one full-attention group)."""
+    store = engine.kv_stores[0]
+    table = engine.kv_cache.block_tables(request_id)[0]
+    block = store.spec.block_size
+    positions = torch.arange(num_tokens)
+    rows = torch.tensor(table)[positions // block] * store.rows_per_block + positions % block
+    return torch.stack([torch.stack(store.gather(layer, rows)) for layer in store.spec.layer_ids])
+
+
+def _run_recording_kv(engine, prompts, params) -> tuple[list[list[int]], list[list[float]], list]:
+    """Step the requests to the end; per request its tokens, their log-probabilities, and
+    after every step it was held its computed rows' K/V (`_cached_kv`)."""
+    ids = [engine.add_request(None, p, sp) for p, sp in zip(prompts, params, strict=True)]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    logprobs: dict[str, list[float]] = {i: [] for i in ids}
+    kv: dict[str, list[torch.Tensor]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            completion = out.outputs[0]
+            tokens[out.request_id] += completion.token_ids
+            logprobs[out.request_id] += [
+                e[t].logprob for e, t in zip(completion.logprobs, completion.token_ids, strict=True)
+            ]
+        for i in ids:
+            request = engine.requests.get(i)
+            if request is not None and engine.kv_cache.holds(i):
+                kv[i].append(_cached_kv(engine, i, request.num_computed_tokens))
+        engine.kv_cache.check_integrity()
+    return [tokens[i] for i in ids], [logprobs[i] for i in ids], [kv[i] for i in ids]
+
+
+def test_a_request_preempted_after_part_of_a_block_recomputes_what_it_has_alone() -> None:
+    """19 blocks of 16, chunks of 64: a 40-token prompt added after a 250-token one gets 6
+    tokens beside the long one's last chunk (rows 0-5 of its block 0), is preempted when the
+    long request needs a 17th block, and is recomputed. After every step its cached K/V, and
+    in the end its greedy tokens and their log-probabilities, are those it has alone. Its
+    half-written block 0 was once named for prefix hits (admission hashes the whole prompt):
+    it preempted itself over a copy-on-write of that block and came back with a hit on the
+    block's unwritten rows 6-15."""
+    llm = LLM(
+        "smollm2",
+        weight_format="float",
+        max_model_len=300,
+        kv_cache_memory=str(19 * 737_280),  # SmolLM2's float32 block of 16: 737,280 bytes
+        max_num_batched_tokens=64,
+    )
+    engine = llm.engine
+    assert engine.kv_cache.pools[0].num_usable_blocks == 19
+    short = llm.tokenizer.encode(PROMPTS[1] * 4)[:40]
+    long = llm.tokenizer.encode(" ".join(PROMPTS) * 12)[:250]
+    assert (len(short), len(long)) == (40, 250)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    [alone], [alone_logprobs], [alone_kv] = _run_recording_kv(engine, [short], [params])
+    engine.kv_cache.reset_prefix_cache()
+    plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=1)
+    tokens, logprobs, kv = _run_recording_kv(engine, [long, short], [plain, params])
+    reference = alone_kv[-1]  # every row it computed alone, the last token's aside
+    for step_kv in kv[1]:
+        num_rows = step_kv.shape[2]
+        expected = reference[:, :, :num_rows]
+        # Prompt rows are prefilled both ways; generated tokens' rows are decoded one at a
+        # time alone but prefilled by the recompute (float rounding: up to 2e-5 seen).
+        assert torch.allclose(step_kv[:, :, :40], expected[:, :, :40], atol=1e-5), num_rows
+        assert torch.allclose(step_kv, expected, atol=1e-4), num_rows
+    assert tokens[1] == alone
+    assert torch.allclose(torch.tensor(logprobs[1]), torch.tensor(alone_logprobs), atol=1e-5)
+    assert engine.scheduler.stats.num_preemptions == 1
+    assert engine.kv_cache.num_used_blocks() == [0]

@@ -112,6 +112,34 @@ def test_a_prefix_hit_leaves_the_last_token_to_compute() -> None:
     assert scheduler.stats.num_prefix_hits == 0 + 4 + 8
 
 
+def test_a_block_a_chunk_ends_inside_is_named_only_once_full() -> None:
+    """Admission hashes the whole prompt, but a chunk of 6 tokens writes only rows 4-5 of
+    block 2: a request with the same prompt, admitted while rows 6-7 are unwritten, hits
+    block 1 only and computes tokens 4-7 itself."""
+    scheduler = _scheduler(num_blocks=10, budget=6)
+    first = _request("first", list(range(10)))
+    scheduler.add(first)
+    assert _step(scheduler) == [("first", 0, 6)]
+    assert _table(scheduler, first) == [1, 2]
+    scheduler.add(_request("same", list(range(10))))
+    assert _step(scheduler) == [("first", 6, 4), ("same", 4, 2)]
+    assert _table(scheduler, first) == [1, 2, 3]  # its own block 2: no copy-on-write
+
+
+def test_a_request_is_not_preempted_over_its_own_partial_block() -> None:
+    """3 blocks to hand out: after a chunk of 6 tokens the prompt's last 4 take the third.
+    Block 2 is half written; named, it would need a copy before the next write, the pool
+    has no block for it, so the request would preempt itself and come back with a hit on
+    block 2's unwritten rows 6-7."""
+    scheduler = _scheduler(num_blocks=4, budget=6)
+    request = _request("r", list(range(10)))
+    scheduler.add(request)
+    assert _step(scheduler) == [("r", 0, 6)]
+    assert _step(scheduler) == [("r", 6, 4)]
+    assert request.metrics.num_preemptions == 0
+    assert _table(scheduler, request) == [1, 2, 3]
+
+
 def test_the_newest_request_is_preempted_for_an_older_ones_next_block() -> None:
     scheduler = _scheduler(num_blocks=6, prefix_caching=False)  # 5 blocks to hand out
     old = _request("old", list(range(7)))  # 2 blocks, 8 tokens after its first sample
