@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kvlm.sampling.errors import SamplingParamsError
-from kvlm.sampling.params import _check_bool, _check_float, _check_int
+from kvlm.sampling.errors import SamplingParamsError, check_int
+from kvlm.sampling.params import _check_bool, _check_float
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,10 @@ class BeamSearchParams:
     early_stopping: bool | Literal["never"] = False
 
     def __post_init__(self) -> None:
-        _check_int("beam_width", self.beam_width)
+        check_int("beam_width", self.beam_width)
         if self.beam_width < 1:
             raise SamplingParamsError(f"beam_width must be >= 1, got {self.beam_width}")
-        _check_int("max_tokens", self.max_tokens)
+        check_int("max_tokens", self.max_tokens)
         if self.max_tokens < 1:
             raise SamplingParamsError(f"max_tokens must be >= 1, got {self.max_tokens}")
         _check_bool("ignore_eos", self.ignore_eos)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvlm.sampling.errors import SamplingParamsError
+from kvlm.sampling.errors import SamplingParamsError, check_int, describe
 from kvlm.sampling.press import KVPress
 from kvlm.sampling.structured_params import StructuredOutputsParams
 
@@ -25,22 +25,9 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value is [-100, 100]
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts 64-bit seeds
 
 
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _check_int(name: str, value: Any, *, optional: bool = False) -> None:
-    # bool is a subclass of int; `max_tokens=True` is a bug, never a count.
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        wanted = "an int or None" if optional else "an int"
-        raise SamplingParamsError(f"{name} must be {wanted}, got {_describe(value)}")
-
-
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SamplingParamsError(f"{name} must be a number, got {_describe(value)}")
+        raise SamplingParamsError(f"{name} must be a number, got {describe(value)}")
     if not math.isfinite(value):
         raise SamplingParamsError(f"{name} must be a finite number, got {value!r}")
     return float(value)
@@ -48,7 +35,7 @@ def _check_float(name: str, value: Any) -> float:
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise SamplingParamsError(f"{name} must be True or False, got {_describe(value)}")
+        raise SamplingParamsError(f"{name} must be True or False, got {describe(value)}")
 
 
 def _normalize_stop(value: Any) -> tuple[str, ...]:
@@ -57,12 +44,12 @@ def _normalize_stop(value: Any) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
         raise SamplingParamsError(
-            f"stop must be a string, a list of strings or None, got {_describe(value)}"
+            f"stop must be a string, a list of strings or None, got {describe(value)}"
         )
     for item in items:
         if not isinstance(item, str) or not item:
             raise SamplingParamsError(
-                f"stop must contain only non-empty strings, got {_describe(item)} in {value!r}"
+                f"stop must contain only non-empty strings, got {describe(item)} in {value!r}"
             )
     return tuple(items)
 
@@ -72,12 +59,12 @@ def _normalize_stop_token_ids(value: Any) -> tuple[int, ...]:
         return ()
     if not isinstance(value, (list, tuple)):
         raise SamplingParamsError(
-            f"stop_token_ids must be a list of ints or None, got {_describe(value)}"
+            f"stop_token_ids must be a list of ints or None, got {describe(value)}"
         )
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise SamplingParamsError(
-                f"stop_token_ids must contain only ints >= 0, got {_describe(item)} in {value!r}"
+                f"stop_token_ids must contain only ints >= 0, got {describe(item)} in {value!r}"
             )
     return tuple(value)
 
@@ -91,18 +78,18 @@ def _normalize_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
         items = value
     else:
         raise SamplingParamsError(
-            f"logit_bias must map token ids to numbers (or be None), got {_describe(value)}"
+            f"logit_bias must map token ids to numbers (or be None), got {describe(value)}"
         )
     pairs: dict[int, float] = {}
     for item in items:
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise SamplingParamsError(
-                f"logit_bias must map token ids to numbers, got the entry {_describe(item)}"
+                f"logit_bias must map token ids to numbers, got the entry {describe(item)}"
             )
         token_id, bias = item
         if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
             raise SamplingParamsError(
-                f"logit_bias keys must be token ids (ints >= 0), got {_describe(token_id)}"
+                f"logit_bias keys must be token ids (ints >= 0), got {describe(token_id)}"
             )
         bias = _check_float(f"logit_bias[{token_id}]", bias)
         if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
@@ -117,7 +104,7 @@ def _normalize_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 def _check_structured(value: Any) -> None:
     if value is not None and not isinstance(value, StructuredOutputsParams):
         raise SamplingParamsError(
-            f"structured_outputs must be a StructuredOutputsParams or None, got {_describe(value)}"
+            f"structured_outputs must be a StructuredOutputsParams or None, got {describe(value)}"
         )
 
 
@@ -184,10 +171,10 @@ class SamplingParams:
     kv_press: KVPress | None = None
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n)
+        check_int("n", self.n)
         if self.n < 1:
             raise SamplingParamsError(f"n must be >= 1, got {self.n}")
-        _check_int("best_of", self.best_of, optional=True)
+        check_int("best_of", self.best_of, optional=True)
         if self.best_of is not None and self.best_of < self.n:
             raise SamplingParamsError(
                 f"best_of must be >= n ({self.n}), got {self.best_of}: it is how many "
@@ -208,7 +195,7 @@ class SamplingParams:
         top_p = _check_float("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check_int("top_k", self.top_k)
+        check_int("top_k", self.top_k)
         if self.top_k < -1:
             raise SamplingParamsError(
                 f"top_k must be >= 1, or 0 / -1 to disable it, got {self.top_k}"
@@ -232,28 +219,28 @@ class SamplingParams:
                 )
         logit_bias = _normalize_logit_bias(self.logit_bias)
 
-        _check_int("seed", self.seed, optional=True)
+        check_int("seed", self.seed, optional=True)
         if self.seed is not None and not 0 <= self.seed <= _MAX_SEED:
             raise SamplingParamsError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
-        _check_int("max_tokens", self.max_tokens, optional=True)
+        check_int("max_tokens", self.max_tokens, optional=True)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingParamsError(
                 f"max_tokens must be >= 1 (or None for 'until the context is full'), "
                 f"got {self.max_tokens}"
             )
-        _check_int("min_tokens", self.min_tokens)
+        check_int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
             raise SamplingParamsError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
-        _check_int("logprobs", self.logprobs, optional=True)
+        check_int("logprobs", self.logprobs, optional=True)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError(
                 f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}"
             )
-        _check_int("prompt_logprobs", self.prompt_logprobs, optional=True)
+        check_int("prompt_logprobs", self.prompt_logprobs, optional=True)
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError(
                 f"prompt_logprobs must be in [0, {MAX_LOGPROBS}] or None, got "
@@ -265,7 +252,7 @@ class SamplingParams:
         _check_structured(self.structured_outputs)
         if self.kv_press is not None and not isinstance(self.kv_press, KVPress):
             raise SamplingParamsError(
-                f"kv_press must be a KVPress or None, got {_describe(self.kv_press)}"
+                f"kv_press must be a KVPress or None, got {describe(self.kv_press)}"
             )
 
         # Normalise (frozen dataclass: assign through object.__setattr__).

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from kvlm.sampling.errors import SamplingParamsError
+from kvlm.sampling.errors import SamplingParamsError, check_int, describe
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class KVPress:
                 f"unknown kv press {self.method!r}; choose one of {', '.join(PRESS_METHODS)}"
             )
         for name in ("window", "num_sinks", "num_future_positions"):
-            _check_int(name, getattr(self, name))
+            check_int(f"kv press {name}", getattr(self, name), error=KVPressError)
         if self.window < 1:
             raise KVPressError(f"kv press window must be >= 1 token, got {self.window}")
         if self.num_sinks < 0:
@@ -121,7 +120,7 @@ class KVPress:
                 f"kv press {self.method} needs a budget: the cached tokens it keeps, e.g. "
                 f"KVPress({self.method!r}, budget=256)"
             )
-        _check_int("budget", self.budget)
+        check_int("kv press budget", self.budget, error=KVPressError)
         if self.budget < 1:
             raise KVPressError(f"kv press budget must be >= 1 token, got {self.budget}")
 
@@ -133,7 +132,7 @@ class KVPress:
             )
         ratio = 0.5 if self.ratio is None else self.ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise KVPressError(f"kv press ratio must be a number, got {_describe(ratio)}")
+            raise KVPressError(f"kv press ratio must be a number, got {describe(ratio)}")
         if not (math.isfinite(ratio) and 0 <= ratio < 1):
             raise KVPressError(
                 f"kv press ratio must be in [0, 1) (the fraction of tokens dropped), got {ratio!r}"
@@ -161,12 +160,3 @@ class KVPress:
             return press_at - 1, press_at
         sinks = self.num_sinks if "num_sinks" in method.options else 0
         return max(press_at - self.window, sinks), press_at
-
-
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KVPressError(f"kv press {name} must be an int, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
