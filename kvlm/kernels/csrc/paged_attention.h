@@ -182,6 +182,14 @@ inline void hadamard(float* x, int64_t hd, int64_t n) {
   }
 }
 
+// q[hd] = one query head row src as the kernels score it: rotated by H for int4 (the keys are
+// stored times H), times the softmax scale. Both drivers load q and sink_q rows this way.
+inline void load_query(const Args& a, const float* src, float* q) {
+  std::memcpy(q, src, a.hd * sizeof(float));
+  if (a.rotation) hadamard(q, a.hd, a.rotation);
+  for (int64_t d = 0; d < a.hd; ++d) q[d] *= a.scale;
+}
+
 // A work item's partial result: its output rows before dividing by their sum [kMaxRows, hd],
 // then the running max m [kMaxRows] and sum l [kMaxRows] of the online softmax.
 inline int64_t partial_floats(int64_t hd) { return kMaxRows * (hd + 2); }
@@ -270,12 +278,6 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
   float* ks = l + kMaxRows;
   float* vs = ks + kKeyTile * nsc;
   int64_t pos[kMaxRows];
-  // A query row as the scores take it: rotated by H for int4, times the softmax scale.
-  auto load_query = [&](const float* src, float* q) {
-    std::memcpy(q, src, hd * sizeof(float));
-    if (a.rotation) hadamard(q, hd, a.rotation);
-    for (int64_t d = 0; d < hd; ++d) q[d] *= a.scale;
-  };
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t* part = a.parts + 3 * (item / a.nkv);
     const int64_t* tile = a.tiles + kTileFields * part[0];
@@ -287,8 +289,8 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
     for (int64_t r = 0; r < R; ++r) {
       int64_t t, head;
       row_place(a, tile, kvh, r, &t, &head);
-      load_query(a.q + t * a.q_stride + head * hd, qbuf + r * hd);
-      if (sinks) load_query(a.sink_q + t * a.sink_q_stride + head * hd, sqbuf + r * hd);
+      load_query(a, a.q + t * a.q_stride + head * hd, qbuf + r * hd);
+      if (sinks) load_query(a, a.sink_q + t * a.sink_q_stride + head * hd, sqbuf + r * hd);
       pos[r] = cached + t - a.query_start[b];
       m[r] = -INFINITY;
       l[r] = 0.0f;

@@ -20,7 +20,7 @@
 #pragma once
 #include <atomic>
 
-#include "paged_attention.h"  // Args, Format, stored_value, fp8_to_float, hadamard
+#include "paged_attention.h"  // Args, Format, stored_value, fp8_to_float, hadamard, load_query
 
 namespace kvlm {
 namespace prefill {
@@ -168,16 +168,11 @@ void run_item(const Args& a, int64_t item, Workspace& w) {
   const int64_t ws = a.window ? std::max<int64_t>(cached - a.window + 1, 0) : 0;
   const int64_t ns = std::min(a.num_sinks, ws);  // keys [0, ns) are sinks by place
   const int64_t R = (t1 - t0) * G, Rp = round_up(R, S::kRows);
-  // A query row as the GEMM takes it: rotated by H for int4, times the softmax scale.
-  auto load_query = [&](const float* src, float* q) {
-    std::memcpy(q, src, hd * sizeof(float));
-    if (a.rotation) paged::hadamard(q, hd, a.rotation);
-    for (int64_t d = 0; d < hd; ++d) q[d] *= a.scale;
-  };
   for (int64_t r = 0; r < R; ++r) {  // row r: token t0 + r / G, query head kvh * G + r % G
     const int64_t t = t0 + r / G, head = kvh * G + r % G;
-    load_query(a.q + t * a.q_stride + head * hd, w.q.data() + r * hd);
-    if (a.num_sinks) load_query(a.sink_q + t * a.sink_q_stride + head * hd, w.sq.data() + r * hd);
+    paged::load_query(a, a.q + t * a.q_stride + head * hd, w.q.data() + r * hd);
+    if (a.num_sinks)
+      paged::load_query(a, a.sink_q + t * a.sink_q_stride + head * hd, w.sq.data() + r * hd);
     w.pos[r] = cached + t - first;
     w.m[r] = -INFINITY;
     w.l[r] = 0.0f;
