@@ -1,17 +1,21 @@
-"""The decoder stack of a decode step as one C++ call (kvlm.DecodePlan), for quantized weights.
+"""The decoder stack of a step as one C++ call (kvlm.DecodePlan), for quantized weights.
 
-A pure decode step (one new token per sequence) spends most of its time outside the matmuls
-when each layer is ~30 torch ops: norms, rope, cache writes, a gather of the whole history and
-SDPA. `FusedDecoder` hands the whole stack to the C++ plan built once from the model's weights;
-it writes the cache rows the runner computed and reads K/V through the block tables (the same
-`GroupView`s the torch path uses) with the paged attention kernel, in every KV format, with
-windows and sinks, so the two paths share every scheduling and caching decision. Rope goes by
-each token's place in the text (`ctx.positions`), key counts by its place in the cache (the
-views' `num_cached`): they differ for a request a KV press compacted (engine/press.py).
+A decode step (one new token per sequence) or a verification of a few draft tokens spends most
+of its time outside the matmuls when each layer is ~30 torch ops: norms, rope, cache writes and
+attention. `FusedDecoder` hands the whole stack to the C++ plan built once from the model's
+weights; it writes the cache rows the runner computed and reads K/V through the block tables
+(the same `GroupView`s the torch path uses) with the paged attention kernels, in every KV
+format, with windows and sinks, so the two paths share every scheduling and caching decision.
+Steps with several tokens per sequence (speculative verification, a prompt chunk beside decode
+rows, a prompt) go through it too: the plan writes every new token's K/V before attention and
+each token reads its sequence's keys up to its own, choosing the decode or the GEMM-shaped
+prefill kernel by the longest chunk as `kvlm.kernels.paged.StepKernel` does. Rope goes by each
+token's place in the text (`ctx.positions`), key counts by its place in the cache (the views'
+`num_cached`): they differ for a request a KV press compacted (engine/press.py).
 
 It applies where the C++ kernels run with AVX2 or better and every projection is quantized;
-any other step (prefill, mixed chunks, no-cache) runs layer by layer, where attention reads
-the same block tables (the runner's persistent batch state) with the same paged kernel.
+any other step (no-cache, a press's observation window) runs layer by layer, where attention
+reads the same block tables (the runner's persistent batch state) with the same paged kernel.
 The choice is the runner's (`ModelRunner.use_fused_decode`, then `accepts` step by step): the
 model only runs the stack it is handed, and `kvlm.models` never imports this module.
 """
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvlm.kernels.build import ISA_CODES, SIMD_PATHS, KernelUnavailableError, resolve_path
-from kvlm.kernels.paged import FORMAT_CODES
+from kvlm.kernels.paged import FORMAT_CODES, PREFILL_MIN_QUERY_LEN
 from kvlm.kernels.tensor import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -109,24 +113,24 @@ class FusedDecoder:
         self._layout: tuple[int, ...] | None = None  # ids of the stores the layout was set for
 
     def accepts(self, ctx: ForwardContext) -> bool:
-        """A decode step (one new token per sequence) whose every layer reads a paged cache."""
-        if ctx.max_query_len != 1:
-            return False
+        """A step whose every layer reads a paged cache."""
         return all(v.store is not None and v.block_table is not None for v in ctx.layer_views)
 
     def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x [M, H] embedded tokens -> final-normed hidden states [M, H]."""
+        """x [T, H] embedded tokens -> final-normed hidden states [T, H]."""
         views = list({id(v): v for v in ctx.layer_views}.values())  # one per cache group
         stores = [v.store for v in views]
         self._set_layout(ctx, views)
         return self.plan.forward(
             x,
-            ctx.positions,  # [M] rope by place in the text
-            views[0].num_cached,  # [M] keys cached before each new token (the same per group)
+            ctx.positions,  # [T] rope by place in the text
+            views[0].query_start,  # [B + 1] first row of each sequence (the same per group)
+            views[0].num_cached,  # [B] keys cached before each sequence's first new token
             [s.data for s in stores],
             [_NO_SCALES if s.scales is None else s.scales for s in stores],
-            [v.write_rows for v in views],
-            [v.block_table for v in views],
+            [v.write_rows for v in views],  # [T]
+            [v.block_table for v in views],  # [B, max_blocks]
+            ctx.max_query_len > PREFILL_MIN_QUERY_LEN,
         )
 
     def _set_layout(self, ctx: ForwardContext, views: list) -> None:

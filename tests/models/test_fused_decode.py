@@ -14,13 +14,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvlm import LLM, SamplingParams
+from kvlm import LLM, KVPress, SamplingParams
 from kvlm.bench.haystack import reference_text
 from kvlm.engine.fused_decode import FusedDecoder, why_not_fused
 from kvlm.engine.scoring import token_logprobs
 from kvlm.kernels import QuantizedWeight, repack_gguf
 from kvlm.kernels.build import ISA_CODES
+from kvlm.kernels.paged import FORMAT_CODES
 from tests.kernels.conftest import K_QUANTS, QUANTIZABLE, gguf_tensor
+from tests.kernels.paged_steps import LAYER, Heads, make_step
 from tests.models.conftest import (
     PROMPTS,
     SIMD_PATHS,
@@ -35,20 +37,21 @@ pytestmark = needs_simd
 # --- which steps take the fused path -------------------------------------------------------
 
 
-def test_fused_path_runs_decode_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 4-token budget: prefill chunks, chunks beside a decoding sequence, then pure decode."""
+def test_fused_path_runs_every_cached_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-token budget: prefill chunks, chunks beside a decoding sequence, then pure decode,
+    all through the plan; a step with a press's observation window runs layer by layer."""
     llm = LLM("smollm2", weight_format="gguf", max_num_batched_tokens=4)
     model = llm.engine.model
     with record_steps(model, monkeypatch) as steps:
         llm.generate(PROMPTS[:2], greedy(6))
-    num_layers = model.config.num_layers
-    for step in steps:
-        if max(step.query_lens) == 1:
-            assert (step.fused, step.torch_layers) == (1, 0), step
-        else:
-            assert (step.fused, step.torch_layers) == (0, num_layers), step
+    assert all((step.fused, step.torch_layers) == (1, 0) for step in steps), steps
     assert [1, 3] in [s.query_lens for s in steps], steps  # a decode beside a prefill chunk
     assert [1, 1] in [s.query_lens for s in steps], steps  # a decode step of both
+    with record_steps(model, monkeypatch) as steps:
+        press = KVPress("snapkv", ratio=0.5, window=16)
+        llm.generate(" ".join(PROMPTS * 4), SamplingParams(max_tokens=2, kv_press=press))
+    layered = [s for s in steps if s.torch_layers]
+    assert layered and all(s.fused == 0 for s in layered), steps
 
 
 def test_fused_decode_switches_off(smollm2_llm: LLM, caplog: pytest.LogCaptureFixture) -> None:
@@ -118,16 +121,17 @@ def _fused_outputs(llm: LLM, path: str, monkeypatch: pytest.MonkeyPatch) -> list
             llm.generate(PROMPTS, greedy(9))
     finally:
         handle.remove()
-    assert sum(s.fused for s in steps) == 8
+    assert [s.fused for s in steps] == [1] * 9  # the prompts' step and 8 decode steps
     return outputs
 
 
 def test_simd_paths_decode_alike(smollm2_gguf: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every SIMD path's plan is used when asked for, and the first fused step (same inputs)
-    agrees across paths. Not bit for bit: the matmul kernels equal the scalar reference
-    exactly, but the paged attention's AVX-512 and AVX2 loops sum in different orders (each is
-    held to the scalar kernel in tests/kernels/test_paged_attention.py), and a 1e-7 change
-    there flips int8 roundings of the next matmul inputs: measured up to 1.2e-2 relative."""
+    """Every SIMD path's plan is used when asked for, and the first two steps (the prompts,
+    then a decode step from the same tokens) agree across paths. Not bit for bit: the matmul
+    kernels equal the scalar reference exactly, but the paged attention's AVX-512 and AVX2
+    loops sum in different orders (each is held to the scalar kernel in
+    tests/kernels/test_paged_attention.py), and a 1e-7 change there flips int8 roundings of
+    the next matmul inputs: measured up to 1.2e-2 relative."""
     runner = smollm2_gguf.engine.runner
     default = runner.fused
     try:
@@ -135,11 +139,11 @@ def test_simd_paths_decode_alike(smollm2_gguf: LLM, monkeypatch: pytest.MonkeyPa
     finally:
         runner.fused = default
     first = SIMD_PATHS[0]
-    assert torch.equal(outputs[first][0], outputs[SIMD_PATHS[-1]][0])  # the torch prefill
     for path in SIMD_PATHS[1:]:
-        a, b = outputs[path][1], outputs[first][1]  # [3, H], the first decode step
-        relative = (a - b).abs().amax(1) / b.abs().amax(1)
-        assert (relative < 5e-2).all(), (path, relative)
+        for step in (0, 1):  # [T, H] the prompts' chunks, [3, H] the first decode step
+            a, b = outputs[path][step], outputs[first][step]
+            relative = (a - b).abs().amax(1) / b.abs().amax(1)
+            assert (relative < 5e-2).all(), (path, step, relative)
 
 
 @pytest.mark.parametrize("path", ["ref", "torch"])
@@ -174,11 +178,13 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
     good = {  # one sequence at position 0 in block 1, reading its own key
         "x": torch.randn(1, config.hidden_size),
         "positions": torch.tensor([0]),
-        "cache_positions": torch.tensor([0]),
+        "query_start": torch.tensor([0, 1]),
+        "num_cached": torch.tensor([0]),
         "stores": [store],
         "scales": [no_scales],
         "write_rows": [row],
         "block_tables": [torch.tensor([[1]])],
+        "prefill": False,
     }
 
     def forward(**changes: object) -> torch.Tensor:
@@ -193,20 +199,29 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
     out = forward()
     assert out.shape == (1, config.hidden_size) and out.isfinite().all()
     assert store[[32, 48]].abs().sum() > 0 and store[33:48].abs().sum() == 0  # K and V
-    with pytest.raises(RuntimeError, match=rf"x must be float32 \[M, {config.hidden_size}\]"):
+    assert forward(prefill=True).allclose(out)  # the prefill kernel, the same answer
+    with pytest.raises(RuntimeError, match=rf"x must be float32 \[T, {config.hidden_size}\]"):
         forward(x=torch.randn(1, config.hidden_size + 1))
-    with pytest.raises(RuntimeError, match="write_rows \\[M\\] and block_tables"):
+    with pytest.raises(RuntimeError, match="write_rows \\[T\\] and block_tables \\[B"):
         forward(write_rows=[torch.tensor([0, 1])])
+    with pytest.raises(RuntimeError, match="write_rows \\[T\\] and block_tables \\[B"):
+        forward(block_tables=[torch.tensor([[1], [1]])])
     with pytest.raises(RuntimeError, match="one store, scales, write_rows and block_tables"):
         forward(write_rows=[row, row])
-    with pytest.raises(RuntimeError, match="positions and cache_positions must be contiguous"):
+    with pytest.raises(RuntimeError, match="positions, query_start and num_cached must be"):
         forward(positions=row.int())
-    with pytest.raises(RuntimeError, match="positions and cache_positions must be contiguous"):
-        forward(cache_positions=torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match=r"positions \[T\] and query_start \[B \+ 1\]"):
+        forward(num_cached=torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="query_start runs from 0 to T=1"):
+        forward(query_start=torch.tensor([0, 2]))
+    with pytest.raises(RuntimeError, match="sequence 0 has no new token"):
+        none = torch.zeros(0, dtype=torch.long)
+        forward(x=torch.randn(0, config.hidden_size), positions=none,
+                query_start=torch.tensor([0, 0]), write_rows=[none])  # fmt: skip
     with pytest.raises(RuntimeError, match="cache position 1 and text position 0"):
-        forward(cache_positions=torch.tensor([1]))
-    with pytest.raises(RuntimeError, match="cache position -1 and text position 0"):
-        forward(cache_positions=torch.tensor([-1]))
+        forward(num_cached=torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="no new token or a negative cache position"):
+        forward(num_cached=torch.tensor([-1]))
     with pytest.raises(RuntimeError, match="one entry per layer"):
         plan.set_layout([0, 0], [0, 0], [16, 16])
     # Rows past the store (V sits 16 rows further: 48 is the last base row), block ids and
@@ -217,8 +232,8 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         forward(write_rows=[torch.tensor([48])])
     with pytest.raises(RuntimeError, match="block id 2 is outside the store's"):
         forward(block_tables=[torch.tensor([[2]])])
-    with pytest.raises(RuntimeError, match="at cache position 16 is past its 1 blocks"):
-        forward(positions=torch.tensor([16]), cache_positions=torch.tensor([16]))
+    with pytest.raises(RuntimeError, match="ends at cache position 17, past its 1 blocks"):
+        forward(positions=torch.tensor([16]), num_cached=torch.tensor([16]))
     assert forward(positions=torch.tensor([100])).isfinite().all()  # 100 dropped: one key
     with pytest.raises(RuntimeError, match="sinks"):
         plan.set_groups([0], [16], [32], [0], [4])
@@ -229,6 +244,63 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         forward(stores=[store.to(torch.int8)])
     with pytest.raises(RuntimeError, match="offsets are >= 0"):
         plan.set_layout([0], [-1], [16])
+
+
+# --- chunks: several new tokens of a sequence in one call ------------------------------------
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode-kernel", "prefill-kernel"])
+@pytest.mark.parametrize(
+    ("kv_format", "window", "num_sinks"),
+    [("float32", None, 0), ("int8", None, 0), ("int4", 8, 0), ("float16", 8, 0), ("fp8", 12, 0)],
+)
+def test_chunks_equal_tokens_one_by_one(
+    smollm2_gguf: LLM, prefill: bool, kv_format: str, window: int | None, num_sinks: int
+) -> None:
+    """Two sequences with 5 and 40 cached tokens take 3 and 7 new tokens in one call: each
+    token's output and K/V rows are those of the same plan decoding the tokens one at a time
+    (each row's matmuls do not depend on the rows beside it, so no int8 rounding differs), with
+    either attention kernel and windows that release blocks (NaN, never read). Not with sinks:
+    in a step, the sinks sit at their places behind the step's first token (runner's
+    _query_places), so a chunk's later tokens see them from further away than when decoded
+    one at a time (test_fused_decode_layers checks sinks in chunks against the torch path)."""
+    model = smollm2_gguf.engine.model
+    config = model.config
+    heads = Heads(config.num_heads, config.num_kv_heads, config.head_dim)
+    step = make_step(heads, kv_format, 4, window, num_sinks, cached=[5, 40], counts=[3, 7])
+    store, view = step.store, step.ctx.layer_views[LAYER]
+    plan = one_layer_plan(model, model.layers[0], None).plan
+    plan.set_layout([0], *([off] for off in store.layer_offsets(LAYER)))
+    spec = store.spec
+    plan.set_groups([FORMAT_CODES[kv_format]], [spec.block_size], [store.rows_per_block],
+                    [spec.window or 0], [spec.num_sinks])  # fmt: skip
+    scales = torch.empty(0, dtype=torch.float16) if store.scales is None else store.scales
+    tensors = [store.data] if store.scales is None else [store.data, store.scales]
+    before = [t.clone() for t in tensors]
+    x = torch.randn(10, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    positions = step.ctx.positions
+
+    def forward(rows: slice, b: int, cached: int) -> torch.Tensor:
+        return plan.forward(
+            x[rows], positions[rows], torch.tensor([0, rows.stop - rows.start]),
+            torch.tensor([cached]), [store.data], [scales], [view.write_rows[rows]],
+            [view.block_table[b : b + 1]], prefill,
+        )  # fmt: skip
+
+    chunk = plan.forward(x, positions, step.query_start, step.num_cached, [store.data], [scales],
+                         [view.write_rows], [view.block_table], prefill)  # fmt: skip
+    written = [t.clone() for t in tensors]
+    for t, saved in zip(tensors, before, strict=True):
+        t.copy_(saved)
+    one_by_one = []
+    for b, (first, end) in enumerate(zip(step.query_start[:-1], step.query_start[1:], strict=True)):
+        for t in range(int(first), int(end)):
+            one_by_one.append(forward(slice(t, t + 1), b, int(step.num_cached[b]) + t - first))
+    alone = torch.cat(one_by_one)
+    assert chunk.isfinite().all()
+    assert ((chunk - alone).abs().amax(1) <= 1e-5 * alone.abs().amax(1)).all()
+    for t, w in zip(tensors, written, strict=True):
+        assert torch.equal(t.view(torch.uint8), w.view(torch.uint8)), "K/V rows differ"
 
 
 # --- dequant_rows ---------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""Each decoder layer of the fused decode path against the torch layer it replaces.
+"""Each decoder layer of the fused path against the torch layer it replaces, in every step:
+decode rows, prompt chunks (the decode kernel for short ones, the prefill kernel past
+PREFILL_MIN_QUERY_LEN), mixed steps and speculative verification chunks.
 
 The quantized path quantizes every matmul input to int8 blocks, so a float difference of 1e-7
 (the C++ rms_norm sums in another order than torch's) can flip an int8 rounding: a layer's fused
 output then moves by up to ~3e-2 relative from the torch layer's, and whole-model outputs drift
 apart after some tokens. So the comparison is one layer at a time, on identical inputs (the
-torch layer's own input and cache) at every decode step, through a one-layer plan, with a
-criterion rounding flips pass and bugs fail (see CLOSE).
+torch layer's own input and cache) at every step, through a one-layer plan, with a
+criterion rounding flips pass and bugs fail (see CLOSE). In a step with several tokens per
+sequence a flip in one token's K/V moves every later token of its chunk (they read it in the
+same step), so chunk steps' outputs are held to MAX_DIFFERENCE only; their K/V rows (each a
+function of its own token) to the full criterion, and `test_chunks_equal_tokens_one_by_one`
+holds a chunk to its tokens decoded one at a time by the same plan, where no flip can differ.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from kvlm import LLM, KVPress, SamplingParams
 from kvlm.attention.context import ForwardContext
 from kvlm.bench.haystack import reference_text
 from kvlm.engine.runner import ModelRunner
-from kvlm.kernels.paged import FORMAT_CODES
+from kvlm.kernels.paged import FORMAT_CODES, PREFILL_MIN_QUERY_LEN
 from kvlm.kv.store import KVStore
 from kvlm.models.transformer import DecoderLayer
 from tests.models.conftest import PROMPTS, SIMD_PATHS, greedy, needs_simd, one_layer_plan, unit_norm
@@ -44,13 +50,15 @@ MAX_DIFFERENCE = 0.1  # any single pair (a NaN fails too)
 
 @dataclass
 class LayerComparison:
-    """What `compare_layers` saw over the decode steps of one run."""
+    """What `compare_layers` saw over the steps of one run."""
 
-    # layer -> relative differences, one per (decode step, sequence): of the output, and of
-    # the K/V rows the plan wrote
+    # layer -> relative differences, one per (step, new token): of the output in decode steps
+    # and in the other steps, and of the K/V rows the plan wrote
     outputs: dict[int, list[float]] = field(default_factory=dict)
+    chunk_outputs: dict[int, list[float]] = field(default_factory=dict)
     kv_rows: dict[int, list[float]] = field(default_factory=dict)
     num_steps: int = 0  # decode steps compared (every layer in each)
+    chunk_lens: list[int] = field(default_factory=list)  # longest chunk of each other step
     max_dropped_keys: int = 0  # most keys a window or press kept out of one sequence's attention
     shared_rows: bool = False  # two sequences of one step read the same cache row
 
@@ -80,13 +88,11 @@ def compare_layers(
 
     def before(layer: DecoderLayer, args: tuple) -> None:
         x, _, ctx = args
-        if ctx.max_query_len != 1:
-            return
         idx = layer.attn.layer_idx
         view = ctx.layer_views[idx]
         store = view.store
         k_off, v_off = store.layer_offsets(idx)
-        rows = torch.stack([view.write_rows + k_off, view.write_rows + v_off], 1)  # [B, 2]
+        rows = torch.stack([view.write_rows + k_off, view.write_rows + v_off], 1)  # [T, 2]
         saved = [t[rows].clone() for t in _store_tensors(store)]
         plan = plans[idx].plan
         plan.set_layout([0], [k_off], [v_off])
@@ -98,24 +104,29 @@ def compare_layers(
         out = plan.forward(
             x,
             positions,
+            view.query_start,
             view.num_cached,
             [store.data],
             [scales],
             [view.write_rows],
             [view.block_table],
+            ctx.max_query_len > PREFILL_MIN_QUERY_LEN,
         )
         pending[idx] = (out, _kv_rows(store, rows), rows)
         for t, before_plan in zip(_store_tensors(store), saved, strict=True):
             t[rows] = before_plan
-        if idx == 0:
+        if idx == 0 and ctx.max_query_len == 1:
             _note_keys(report, ctx)
+        elif idx == 0:
+            report.chunk_lens.append(ctx.max_query_len)
 
     def after(layer: DecoderLayer, args: tuple, output: torch.Tensor) -> None:
         idx = layer.attn.layer_idx
         if idx not in pending:
             return
         out, plan_kv, rows = pending.pop(idx)
-        report.outputs.setdefault(idx, []).extend(_relative(out, unit(output)))
+        outputs = report.outputs if args[2].max_query_len == 1 else report.chunk_outputs
+        outputs.setdefault(idx, []).extend(_relative(out, unit(output)))
         torch_kv = _kv_rows(args[2].layer_views[idx].store, rows)
         report.kv_rows.setdefault(idx, []).extend(_relative(plan_kv, torch_kv))
 
@@ -141,7 +152,7 @@ def _store_tensors(store: KVStore) -> list[torch.Tensor]:
 
 
 def _kv_rows(store: KVStore, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of the store, dequantized: [B, 2, nkv, hd] float32."""
+    """Rows of the store, dequantized: [T, 2, nkv, hd] float32."""
     scales = None if store.scales is None else store.scales[rows]
     return store.format.dequantize(store.data[rows], scales, torch.float32)
 
@@ -173,6 +184,8 @@ def _assert_layers_match(report: LayerComparison, num_layers: int, num_steps: in
     assert sorted(report.outputs) == list(range(num_layers))
     assert _mismatches(report.outputs) == [], "fused layer outputs differ from the torch layers"
     assert _mismatches(report.kv_rows) == [], "fused K/V rows differ from the torch layers'"
+    for layer, values in report.chunk_outputs.items():
+        assert (np.array(values) <= MAX_DIFFERENCE).all(), f"layer {layer} in a chunk step"
 
 
 @pytest.mark.parametrize("path", SIMD_PATHS)
@@ -282,6 +295,40 @@ def test_batch_grows_and_shrinks(smollm2_gguf: LLM) -> None:
         while engine.has_unfinished():  # a mixed step, then decode steps of 3, 2, 1 sequences
             engine.step()
     _assert_layers_match(report, model.config.num_layers, 6 + 23)
+
+
+def test_prompt_chunks_beside_decode_rows(smollm2_gguf: LLM) -> None:
+    """Prompts of 1-13 tokens in one chunk step (the decode kernel), a 300-token prompt in one
+    (the prefill kernel, past PREFILL_MIN_QUERY_LEN), then a prompt joining two decoding
+    sequences: every layer of every step as the torch layers compute it."""
+    engine, tokenizer = smollm2_gguf.engine, smollm2_gguf.tokenizer
+    long_ids = tokenizer.encode(reference_text())[2000:2300]  # no other test's prefix
+    model = engine.model
+    with compare_layers(engine.runner) as report:
+        for prompt in PROMPTS[:2]:
+            engine.add_request(None, tokenizer.encode(prompt), greedy(12))
+        engine.step()  # both prompts, one chunk each
+        engine.step()  # a decode step of both
+        engine.add_request(None, long_ids, greedy(4))
+        while engine.has_unfinished():
+            engine.step()
+    assert report.chunk_lens[0] == max(len(tokenizer.encode(p)) for p in PROMPTS[:2])
+    assert report.chunk_lens[1] == 300 > PREFILL_MIN_QUERY_LEN  # beside two decode rows
+    _assert_layers_match(report, model.config.num_layers, 10)
+
+
+@pytest.mark.parametrize("num_sinks", [0, 4])
+def test_speculative_verification_chunks(num_sinks: int) -> None:
+    """n-gram drafts verified in one step: each draft token reads its sequence's cache and the
+    drafts before it (with a window and sinks too)."""
+    window = {"sliding_window": 32, "attention_sinks": num_sinks} if num_sinks else {}
+    speculative = {"method": "ngram", "num_tokens": 4}
+    llm = LLM("smollm2", weight_format="gguf", speculative=speculative, **window)
+    with compare_layers(llm.engine.runner) as report:
+        llm.generate(["a b c d e f g h i j " * 4, PROMPTS[0]], greedy(20))
+    assert max(report.chunk_lens[1:]) >= 2  # steps that verified drafts
+    assert report.num_steps > 0 and report.outputs
+    assert _mismatches(report.outputs) == [] and _mismatches(report.kv_rows) == []
 
 
 def test_comparison_catches_a_wrong_rope(smollm2_gguf: LLM) -> None:

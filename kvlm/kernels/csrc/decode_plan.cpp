@@ -1,27 +1,35 @@
-// kvlm.DecodePlan: every decoder layer of a pure decode step (one new token per sequence) in
-// one call, on quantized weights and a paged KV cache in any KV format (float32, float16,
-// bfloat16, int8, int4, fp8). Python builds the plan once per model (weights, norms, shapes),
-// tells it the cache layout (set_layout, set_groups) and calls `forward` each step with that
-// step's positions, cache positions, write rows and block tables:
+// kvlm.DecodePlan: every decoder layer of a step in one call, on quantized weights and a paged
+// KV cache in any KV format (float32, float16, bfloat16, int8, int4, fp8). Named for the pure
+// decode step (one new token per sequence) it was built for; it serves any step whose
+// sequences all read a paged cache: several new tokens per sequence (a speculative
+// verification, a prompt chunk beside decode rows) go through the same layers, each token
+// attending causally to its sequence's cache and the new tokens before it. Python builds the
+// plan once per model (weights, norms, shapes), tells it the cache layout (set_layout,
+// set_groups) and calls `forward` each step with that step's positions, query starts, cache
+// counts, write rows and block tables:
 //
-//   x [M, H] embedded tokens -> per layer:
+//   x [T, H] embedded tokens -> per layer:
 //     h = attn_norm(x); q, k, v = h @ Wqkv; [q_norm, k_norm per head]; rope(q, k) by place in
 //     the text, in every group (a group with sinks also ropes q by its place in the cache:
 //     sink_q, the query its sink keys score against, paged_attention.h)
-//     write k, v at the token's cache row, quantized as KVStore.write does;
-//     o = paged attention through the sequence's block table (paged_attention.h) over its
-//       cache_positions[m] cached keys and the new one
+//     write k, v at the token's cache row, quantized as KVStore.write does (every token of the
+//       step before any attention reads);
+//     o = paged attention through the sequence's block table over the keys before the token
+//       and its own: the decode kernel (paged_attention.h), or for long chunks the GEMM-shaped
+//       prefill kernel (paged_prefill.h)
 //     a = o @ Wo; [a = post_attn_norm(a)]; x += a
 //     h = ffn_norm(x); g, u = h @ Wgu; f = act(g) * u @ Wdown; [f = post_ffn_norm(f)]; x += f
-//   -> final_norm(x) [M, H]
+//   -> final_norm(x) [T, H]
 //
-// A token's place in the text (`positions`, the rope angle) and in the cache (`cache_positions`,
-// the keys cached before it) are the same unless a KV press dropped tokens from the sequence
-// (engine/press.py): then the kept keys sit compacted in rows 0 .. kept - 1, still roped by
-// their text places, and key counts, block-table bounds and window arithmetic go by the cache.
+// A token's place in the text (`positions`, the rope angle) and in the cache (num_cached of its
+// sequence plus its index in the step) are the same unless a KV press dropped tokens from the
+// sequence (engine/press.py): then the kept keys sit compacted in rows 0 .. kept - 1, still
+// roped by their text places, and key counts, block-table bounds and window arithmetic go by
+// the cache.
 //
 // Each matmul quantizes its input once and splits weight tiles across threads; attention splits
-// (sequence, kv head) pairs. Buffers are allocated once and grow with M.
+// work items (query tile, kv head) and, where they are few, keys. Buffers are allocated once and
+// grow with T.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -36,6 +44,7 @@
 
 #include "decode_math.h"
 #include "paged_attention.h"
+#include "paged_prefill.h"
 #include "qgemm.h"
 
 namespace kvlm {
@@ -210,19 +219,24 @@ class DecodePlan : public torch::CustomClassHolder {
     return out;
   }
 
-  // x [M, H] float32 (M sequences, one new token each); positions [M] int64, each new
-  // token's place in the text (its rope angle); cache_positions [M] int64, its place in the
-  // cache: the keys sequence m has cached before it (<= positions[m]; equal unless a press
-  // dropped tokens). Per cache group (set_groups order): store data [rows, nkv, row_elements]
-  // in its format, scales [rows, nkv, num_scales] float16 (numel 0 for float formats),
-  // write_rows [M] base row of each new token, block_tables [M, max_blocks] int64 block ids
-  // (null-padded).
-  at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cache_positions,
-                     std::vector<at::Tensor> stores, std::vector<at::Tensor> scales,
-                     std::vector<at::Tensor> write_rows, std::vector<at::Tensor> block_tables) {
+  // x [T, H] float32: the new tokens of B sequences, sequence b's in rows query_start[b] ..
+  // query_start[b + 1] - 1 (one token each in a decode step; a few in a speculative
+  // verification or a mixed step; a prompt chunk); positions [T] int64, each token's place in
+  // the text (its rope angle); query_start [B + 1] int64; num_cached [B] int64, the keys
+  // sequence b has cached before its first new token, so token t sits at cache index
+  // num_cached[b] + t - query_start[b] (<= its text position; equal unless a press dropped
+  // tokens). Per cache group (set_groups order): store data [rows, nkv, row_elements] in its
+  // format, scales [rows, nkv, num_scales] float16 (numel 0 for float formats), write_rows [T]
+  // base row of each new token, block_tables [B, max_blocks] int64 block ids (null-padded).
+  // `prefill`: attention takes the GEMM-shaped prefill kernel (paged_prefill.h, for long
+  // chunks) instead of the decode kernel; both read the same Args and give the same answer.
+  at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor query_start,
+                     at::Tensor num_cached, std::vector<at::Tensor> stores,
+                     std::vector<at::Tensor> scales, std::vector<at::Tensor> write_rows,
+                     std::vector<at::Tensor> block_tables, bool prefill) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.is_cpu(),
-                "DecodePlan.forward: x must be float32 [M, ", hidden_, "]");
-    const int64_t M = x.size(0);
+                "DecodePlan.forward: x must be float32 [T, ", hidden_, "]");
+    const int64_t T = x.size(0);
     const size_t num_groups = stores.size();
     for (const Layer& l : layers_)
       TORCH_CHECK(l.group >= 0 && (size_t)l.group < num_groups && (size_t)l.rope < inv_freqs_.size(),
@@ -231,47 +245,59 @@ class DecodePlan : public torch::CustomClassHolder {
                     write_rows.size() == num_groups && block_tables.size() == num_groups,
                 "DecodePlan.forward: one store, scales, write_rows and block_tables per group "
                 "(set_groups named ", groups_.size(), ")");
-    for (const at::Tensor* t : {&positions, &cache_positions})
-      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == M,
-                  "DecodePlan.forward: positions and cache_positions must be contiguous int64 "
-                  "[M], M=", M);
+    const int64_t B = num_cached.numel();
+    for (const at::Tensor* t : {&positions, &query_start, &num_cached})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
+                  "DecodePlan.forward: positions, query_start and num_cached must be contiguous "
+                  "int64 vectors");
+    TORCH_CHECK(positions.numel() == T && query_start.numel() == B + 1,
+                "DecodePlan.forward: positions [T] and query_start [B + 1], T=", T, ", B=", B);
     const int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* cached = cache_positions.data_ptr<int64_t>();
-    for (int64_t m = 0; m < M; ++m)
-      TORCH_CHECK(cached[m] >= 0 && cached[m] <= pos[m], "DecodePlan.forward: sequence ", m,
-                  " has cache position ", cached[m], " and text position ", pos[m],
-                  "; a cache position is >= 0 and at most the text position (less the tokens "
-                  "a press dropped)");
-    int64_t max_place = 0;  // rope tables by the queries' places in the cache (groups with sinks)
-    for (size_t g = 0; g < num_groups; ++g) {
-      check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], cached, M);
-      const Group& G = groups_[g];
-      for (int64_t m = 0; G.num_sinks && m < M; ++m) {
-        const int64_t ws = std::max<int64_t>(cached[m] - G.window + 1, 0);
-        max_place = std::max(max_place, std::min(G.num_sinks, ws) + cached[m] - ws);
+    const int64_t* qs = query_start.data_ptr<int64_t>();
+    const int64_t* cached = num_cached.data_ptr<int64_t>();
+    TORCH_CHECK(qs[0] == 0 && qs[B] == T, "DecodePlan.forward: query_start runs from 0 to T=", T);
+    token_cached_.resize(T);
+    token_seq_.resize(T);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(qs[b + 1] > qs[b] && cached[b] >= 0, "DecodePlan.forward: sequence ", b,
+                  " has no new token or a negative cache position");
+      for (int64_t t = qs[b]; t < qs[b + 1]; ++t) {
+        token_cached_[t] = cached[b] + t - qs[b];
+        token_seq_[t] = b;
+        TORCH_CHECK(token_cached_[t] <= pos[t], "DecodePlan.forward: token ", t,
+                    " has cache position ", token_cached_[t], " and text position ", pos[t],
+                    "; a cache position is at most the text position (less the tokens a press "
+                    "dropped)");
       }
     }
-    ensure_buffers(M);
-    rope_tables(pos, M);
+    int64_t max_place = 0;  // rope tables by the queries' places in the cache (groups with sinks)
+    for (size_t g = 0; g < num_groups; ++g) {
+      check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], qs, cached, B, T);
+      const Group& G = groups_[g];
+      for (int64_t t = 0; G.num_sinks && t < T; ++t)
+        max_place = std::max(max_place, sink_place(G, cached, t));
+    }
+    ensure_buffers(T);
+    rope_tables(pos, T);
     cache_rope_tables(max_place + 1);
-    query_start_.resize(M + 1);
-    for (int64_t m = 0; m <= M; ++m) query_start_[m] = m;
-    const std::vector<int64_t> tiles = paged::make_tiles(query_start_.data(), M, heads_ / kv_heads_);
+    const int64_t group = heads_ / kv_heads_;
+    const std::vector<int64_t> tiles =
+        prefill ? prefill::make_tiles(qs, B, group) : paged::make_tiles(qs, B, group);
 
-    at::Tensor out = x.contiguous().clone();  // the residual stream, [M, H]
+    at::Tensor out = x.contiguous().clone();  // the residual stream, [T, H]
     float* xs = out.data_ptr<float>();
     if (profiling_) ++profiled_calls_;
     tick_ = Clock::now();
     for (const Layer& l : layers_) {
-      const float* cos = rope_.data_ptr<float>() + (2 * l.rope) * M * head_dim_;
+      const float* cos = rope_.data_ptr<float>() + (2 * l.rope) * T * head_dim_;
       const Cache cache{groups_[l.group], stores[l.group], scales[l.group],
-                        write_rows[l.group].data_ptr<int64_t>(), block_tables[l.group], cached,
-                        tiles};
-      attention_block(l, xs, M, cos, cos + M * head_dim_, cache);
-      mlp_block(l, xs, M);
+                        write_rows[l.group].data_ptr<int64_t>(), block_tables[l.group], qs,
+                        cached, tiles, prefill};
+      attention_block(l, xs, T, cos, cos + T * head_dim_, cache);
+      mlp_block(l, xs, T);
     }
     const float* fw = final_norm_.data_ptr<float>();
-    for_rows(M, [&](int64_t m) { decode::rms_norm(xs + m * hidden_, fw, xs + m * hidden_, hidden_, eps_); });
+    for_rows(T, [&](int64_t m) { decode::rms_norm(xs + m * hidden_, fw, xs + m * hidden_, hidden_, eps_); });
     lap(kNorms);
     return out;
   }
@@ -284,17 +310,26 @@ class DecodePlan : public torch::CustomClassHolder {
     const Group& group;
     const at::Tensor& store;
     const at::Tensor& scales;
-    const int64_t* write_rows;
-    const at::Tensor& block_table;
-    const int64_t* cache_positions;  // [M] keys each sequence has cached before its new one
+    const int64_t* write_rows;  // [T]
+    const at::Tensor& block_table;  // [B, max_blocks]
+    const int64_t* query_start;  // [B + 1]
+    const int64_t* num_cached;  // [B] keys each sequence has cached before its first new one
     const std::vector<int64_t>& tiles;
+    bool prefill;  // the prefill kernel's tiles
   };
 
+  // Token t's place in the cache as the sink keys see it, ns + c - ws (c its cache index; ws
+  // and ns from its sequence's first new token: paged_attention.h, runner._query_places).
+  int64_t sink_place(const Group& G, const int64_t* cached, int64_t t) const {
+    const int64_t ws = std::max<int64_t>(cached[token_seq_[t]] - G.window + 1, 0);
+    return std::min(G.num_sinks, ws) + token_cached_[t] - ws;
+  }
+
   // Group g's inputs: a bad shape, row or block id is an error, never a read or write out of
-  // bounds. `cached` [M]: the cache positions.
+  // bounds. qs [B + 1] and cached [B] as forward takes them.
   void check_group(size_t g, const at::Tensor& store, const at::Tensor& scales,
-                   const at::Tensor& write_rows, const at::Tensor& table, const int64_t* cached,
-                   int64_t M) const {
+                   const at::Tensor& write_rows, const at::Tensor& table, const int64_t* qs,
+                   const int64_t* cached, int64_t B, int64_t T) const {
     const Group& G = groups_[g];
     const int64_t re = G.format == paged::kInt4 ? head_dim_ / 2 : head_dim_;
     TORCH_CHECK(store.scalar_type() == storage_type(G.format) && store.is_contiguous() &&
@@ -313,8 +348,9 @@ class DecodePlan : public torch::CustomClassHolder {
     for (const at::Tensor* t : {&write_rows, &table})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
                   "DecodePlan.forward: write rows and block tables must be contiguous int64");
-    TORCH_CHECK(write_rows.numel() == M && table.dim() == 2 && table.size(0) == M,
-                "DecodePlan.forward: write_rows [M] and block_tables [M, max_blocks], M=", M);
+    TORCH_CHECK(write_rows.numel() == T && table.dim() == 2 && table.size(0) == B,
+                "DecodePlan.forward: write_rows [T] and block_tables [B, max_blocks], T=", T,
+                ", B=", B);
     int64_t max_off = 0;  // every row a layer of this group touches is in the store
     for (const Layer& l : layers_)
       if (l.group == (int64_t)g) max_off = std::max({max_off, l.k_off, l.v_off});
@@ -325,14 +361,16 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t* rows = write_rows.data_ptr<int64_t>();
     const int64_t* ids = table.data_ptr<int64_t>();
     const int64_t max_blocks = table.size(1);
-    for (int64_t m = 0; m < M; ++m) {
-      TORCH_CHECK(rows[m] >= 0 && rows[m] < limit, "DecodePlan.forward: write_rows row ", rows[m],
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(rows[t] >= 0 && rows[t] < limit, "DecodePlan.forward: write_rows row ", rows[t],
                   " is outside the store's [0, ", limit, ")");
-      TORCH_CHECK(cached[m] < max_blocks * G.block_size, "DecodePlan.forward: sequence ", m,
-                  " at cache position ", cached[m], " is past its ", max_blocks, " blocks of ",
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t end = cached[b] + qs[b + 1] - qs[b];
+      TORCH_CHECK(end <= max_blocks * G.block_size, "DecodePlan.forward: sequence ", b,
+                  " ends at cache position ", end, ", past its ", max_blocks, " blocks of ",
                   G.block_size);
     }
-    for (int64_t i = 0; i < M * max_blocks; ++i)
+    for (int64_t i = 0; i < B * max_blocks; ++i)
       TORCH_CHECK(ids[i] >= 0 && ids[i] < num_blocks, "DecodePlan.forward: block id ", ids[i],
                   " is outside the store's [0, ", num_blocks, ")");
   }
@@ -486,8 +524,7 @@ class DecodePlan : public torch::CustomClassHolder {
         for (int64_t i = 0; i < nkv; ++i) decode::rms_norm(k + i * hd, kn, k + i * hd, hd, eps_);
       }
       if (G.num_sinks) {  // q by its place in the cache, for the sink keys (before rope)
-        const int64_t ws = std::max<int64_t>(c.cache_positions[m] - G.window + 1, 0);
-        const int64_t place = std::min(G.num_sinks, ws) + c.cache_positions[m] - ws;
+        const int64_t place = sink_place(G, c.num_cached, m);
         float* sq = sink_q + m * nh * hd;
         std::memcpy(sq, q, nh * hd * sizeof(float));
         decode::rope(sq, cache_cos_[l.rope].data_ptr<float>() + place * hd,
@@ -525,8 +562,8 @@ class DecodePlan : public torch::CustomClassHolder {
     a.block_size = G.block_size;
     a.block_table = c.block_table.data_ptr<int64_t>();
     a.max_blocks = c.block_table.size(1);
-    a.query_start = query_start_.data();
-    a.num_cached = c.cache_positions;
+    a.query_start = c.query_start;
+    a.num_cached = c.num_cached;
     a.tiles = c.tiles.data();
     a.nh = nh;
     a.nkv = nkv;
@@ -541,7 +578,7 @@ class DecodePlan : public torch::CustomClassHolder {
       a.sink_q = sink_q;
       a.sink_q_stride = nh * hd;
     }
-    paged::run(a, (int64_t)c.tiles.size() / paged::kTileFields, isa_);
+    (c.prefill ? prefill::run : paged::run)(a, (int64_t)c.tiles.size() / paged::kTileFields, isa_);
     lap(kAttention);
     float* o = proj_.data_ptr<float>();
     matmul(l.o, attn_.data_ptr<float>(), nh * hd, M, o, H);
@@ -588,7 +625,7 @@ class DecodePlan : public torch::CustomClassHolder {
   int64_t rows_ = 0, cache_places_ = 0;
   at::Tensor h_, qkv_, attn_, sink_q_, proj_, act_buf_, qa_, da_, asum_, rope_;
   std::vector<at::Tensor> cache_cos_, cache_sin_;  // per rope, [cache_places_, hd]
-  std::vector<int64_t> query_start_;  // [M + 1]: 0, 1, .., M (one new token per sequence)
+  std::vector<int64_t> token_cached_, token_seq_;  // [T] each token's cache index and sequence
   bool profiling_ = false;
   int64_t profiled_calls_ = 0;
   double seconds_[kNumPhases] = {};
