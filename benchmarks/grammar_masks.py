@@ -16,7 +16,7 @@ from functools import partial
 
 from kvlm.loading import resolve_model_path
 from kvlm.sampling.structured import StructuredDecoder
-from kvlm.sampling.structured_grammar import compute_banned
+from kvlm.sampling.structured_grammar import empty_mask, fill_mask
 from kvlm.sampling.structured_params import StructuredOutputsParams
 from kvlm.tokenizer import Tokenizer
 from kvlm.tokenizer.llguidance_bridge import llguidance_tokenizer
@@ -56,10 +56,11 @@ def main() -> None:
         grammar = decoder.start(StructuredOutputsParams(json=SCHEMA))
         compiled = time.perf_counter() - start
         ids = tokenizer.encode(json.dumps(DOCUMENT), add_special_tokens=False)
+        allowed = empty_mask(vocab)
         times = []
         for token_id in ids:
             start = time.perf_counter()
-            compute_banned([grammar.matcher], vocab)
+            fill_mask(grammar.matcher, allowed)
             times.append((time.perf_counter() - start) * 1e6)
             decoder.advance(grammar, token_id)
         print(

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from kvlm import LLM, SamplingParams, StructuredOutputsParams
+from kvlm import LLM, SamplingParams, StructuredOutputsParams, openmp
 from kvlm.bench.machine import machine_info, machine_line
 
 PROMPT = "<|im_start|>user\nList many first names as JSON.<|im_end|>\n<|im_start|>assistant\n"
@@ -83,7 +81,11 @@ def main() -> None:
             for kind, rate in run(llm, kinds, args.tokens).items():
                 best[kind] = max(best.get(kind, 0.0), rate)
         results[name] = best
-    print(machine_line(machine_info()), f"torch threads {torch.get_num_threads()}")
+    print(
+        machine_line(machine_info()),
+        f"torch threads {args.threads or 'default'}, idle OpenMP threads sleep: "
+        f"{openmp.IDLE_THREADS_SLEEP}",
+    )
     print(f"{args.model}, {args.tokens} tokens per request, best of {args.repeats}\n")
     print("| configuration | decode tok/s per stream | total | vs unconstrained |")
     print("|---|---:|---:|---:|")

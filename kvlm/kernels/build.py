@@ -41,6 +41,7 @@ _SOURCES = (
     "paged_prefill_ref.cpp",
     "paged_prefill_avx2.cpp",
     "paged_prefill_avx512.cpp",
+    "token_bitmask.cpp",
 )
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlm.kernels.bitmask import apply_token_bitmask_
 from kvlm.kernels.reduce import argmax_rows
 from kvlm.sampling.filters import (
     apply_logit_bias,
@@ -59,38 +60,24 @@ class SamplerOutput:
 
 @dataclass(frozen=True)
 class RowMask:
-    """Tokens a grammar does not allow, in some rows of a step's logits."""
+    """Tokens a grammar allows, in some rows of a step's logits."""
 
-    rows: list[int]  # logits rows, ascending
-    banned: torch.Tensor  # [len(rows), vocab_size] bool, True = not allowed
+    rows: list[int]  # logits rows
+    # [len(rows), ceil(vocab_size / 32)] int32: bit j of word w set = token 32 * w + j allowed
+    allowed: torch.Tensor
 
     @torch.inference_mode()  # the runner's logits are inference tensors: written in place
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` ([num_seqs, vocab_size] float) with the banned entries at -inf, in place:
-        one masked_fill per run of consecutive constrained rows, on a view of those rows (no
-        copy, and nothing read or written in the other rows)."""
-        if self.banned.shape != (len(self.rows), logits.shape[1]):
+        """`logits` ([num_seqs, vocab_size] float) with the tokens not allowed at -inf, in
+        place, in the constrained rows only (nothing read or written in the other rows)."""
+        words = (logits.shape[1] + 31) // 32
+        if self.allowed.shape != (len(self.rows), words):
             raise ValueError(
-                f"mask is {tuple(self.banned.shape)} for {len(self.rows)} rows of "
-                f"{logits.shape[1]} logits"
+                f"mask is {tuple(self.allowed.shape)} for {len(self.rows)} rows of "
+                f"{logits.shape[1]} logits (want [{len(self.rows)}, {words}] int32 words)"
             )
-        banned = self.banned.to(logits.device, non_blocking=True)
-        for start, stop, first in _runs(self.rows):
-            logits[start:stop].masked_fill_(banned[first : first + stop - start], float("-inf"))
+        apply_token_bitmask_(logits, self.allowed.to(logits.device), self.rows)
         return logits
-
-
-def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive values in ascending `rows`: (start, stop, index in rows of
-    start), e.g. [0, 1, 2, 5] -> [(0, 3, 0), (5, 6, 3)]."""
-    runs: list[tuple[int, int, int]] = []
-    for index, row in enumerate(rows):
-        if runs and runs[-1][1] == row:
-            start, _, first = runs[-1]
-            runs[-1] = (start, row + 1, first)
-        else:
-            runs.append((row, row + 1, index))
-    return runs
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

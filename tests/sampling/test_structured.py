@@ -1,7 +1,8 @@
 """Structured outputs below the server: StructuredOutputsParams' checks, the grammar compiler's
-refusals, masks against what llguidance's matcher accepts, RowMask touching constrained rows
-only, and generation on SmolLM2 (each kind of constraint, a batch mixing constrained and
-unconstrained requests, preemption, the prefix cache, max_tokens inside a value)."""
+refusals, masks against what llguidance's matcher accepts, mask lanes, RowMask touching
+constrained rows only, the sampler never picking a token the mask bans, and generation on
+SmolLM2 (each kind of constraint, a batch mixing constrained and unconstrained requests,
+preemption, the prefix cache, max_tokens inside a value)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ PERSON = {
     "additionalProperties": False,
 }
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _banned(allowed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A packed bitmask row ([words] int32) as [vocab] bool, True = not allowed."""
+    bits = (allowed.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1  # [words, 32]
+    return bits.flatten()[:vocab] == 0
 
 
 def _greedy(max_tokens: int = 80, **constraint: object) -> SamplingParams:
@@ -114,7 +121,7 @@ def test_masks_allow_exactly_what_the_matcher_accepts(
     decoder: StructuredDecoder, tokenizer: Tokenizer
 ) -> None:
     grammar = decoder.start(StructuredOutputsParams(choice=["yes", "no"]))
-    banned = decoder.masks([None, grammar]).banned[0]  # [vocab]
+    banned = _banned(decoder.masks([None, grammar]).allowed[0], tokenizer.vocab_size)
     allowed = torch.nonzero(~banned).flatten().tolist()
     assert 0 < len(allowed) < 20
     for token_id in allowed:  # each allowed token is a valid start, each banned one is not
@@ -136,8 +143,9 @@ def test_prefetched_masks_follow_the_matcher(decoder: StructuredDecoder, tokeniz
     mask = decoder.masks(grammars)
     (dash,) = tokenizer.encode("-", add_special_tokens=False)
     (letters,) = tokenizer.encode("abc", add_special_tokens=False)
-    assert mask.rows == [0, 1] and not mask.banned[:, dash].any()
-    assert mask.banned[:, letters].all()  # a letter before the dash breaks the regex
+    banned = [_banned(row, tokenizer.vocab_size) for row in mask.allowed]
+    assert mask.rows == [0, 1] and not any(b[dash] for b in banned)
+    assert all(b[letters] for b in banned)  # a letter before the dash breaks the regex
 
 
 def test_without_a_spare_core_masks_are_done_before_the_forward(tokenizer: Tokenizer) -> None:
@@ -154,24 +162,71 @@ def test_without_a_spare_core_masks_are_done_before_the_forward(tokenizer: Token
     decoder.close()
 
 
+def test_lanes_compile_apart_and_give_the_same_masks(tokenizer: Tokenizer) -> None:
+    """Requests take lanes in turn; each lane has its own compiled matcher (copies of one
+    matcher share a lock, so one lane's thread would wait for another's), and the masks do
+    not depend on the lane."""
+    vocab = tokenizer.vocab_size
+    decoder = StructuredDecoder(
+        lambda: llguidance_tokenizer(tokenizer, vocab, [2]), vocab, overlap=False, num_lanes=2
+    )
+    spec = StructuredOutputsParams(json=PERSON)
+    grammars = [decoder.start(spec) for _ in range(4)]
+    assert [g.lane for g in grammars] == [0, 1, 0, 1]
+    lane0, lane1 = (decoder.compiler.compile(spec, lane).matcher for lane in (0, 1))
+    assert lane0 is not lane1 and decoder.compiler.compile(spec, 0).matcher is lane0
+    for token_id in tokenizer.encode('{"name": "Al', add_special_tokens=False):
+        for g in grammars:
+            assert not decoder.advance(g, token_id)
+        decoder.prefetch(grammars)
+        decoder.before_forward()
+        mask = decoder.masks(grammars)
+        assert all(torch.equal(row, mask.allowed[0]) for row in mask.allowed)
+        assert mask.allowed.dtype == torch.int32 and mask.allowed.shape == (4, (vocab + 31) // 32)
+    decoder.close()
+
+
 def test_row_mask_touches_constrained_rows_only() -> None:
-    logits = torch.randn(3, 8)
+    logits = torch.randn(3, 40)
     before = logits.clone()
-    banned = torch.zeros(1, 8, dtype=torch.bool)
-    banned[0, 2:] = True
-    RowMask([1], banned).apply(logits)
+    allowed = torch.tensor([[0b11, 0]], dtype=torch.int32)  # tokens 0 and 1 allowed
+    RowMask([1], allowed).apply(logits)
     assert torch.equal(logits[[0, 2]], before[[0, 2]])
     assert torch.equal(logits[1, :2], before[1, :2]) and torch.isinf(logits[1, 2:]).all()
-    # Runs of consecutive rows ([0], [2, 3], [5]) each take their own rows of the mask.
-    logits = torch.randn(6, 8)
-    before = logits.clone()
-    banned = torch.rand(4, 8) < 0.5
-    RowMask([0, 2, 3, 5], banned).apply(logits)
-    expected = before.clone()
-    expected[[0, 2, 3, 5]] = before[[0, 2, 3, 5]].masked_fill(banned, float("-inf"))
-    assert torch.equal(logits, expected)
     with pytest.raises(ValueError, match="mask is"):
-        RowMask([0, 1], banned).apply(logits)
+        RowMask([0, 1], allowed).apply(logits)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_never_picks_a_banned_token_and_leaves_free_rows_alone(temperature: float):
+    """Masked rows whose likeliest tokens are all banned sample an allowed token, greedy or
+    random; the unmasked rows sample exactly what they sample with no mask in the batch."""
+    from kvlm.sampling import Sampler, make_generator
+
+    vocab, num_seqs = 1000, 6
+    logits = torch.randn(num_seqs, vocab, generator=torch.Generator().manual_seed(7))
+    allowed_ids = [[3, 500], [999], [0, 1, 2, 640]]  # rows 1, 2 and 4
+    rows = [1, 2, 4]
+    for row, ids in zip(rows, allowed_ids, strict=True):
+        logits[row, ids] -= 20.0  # the argmax and the likely tokens are all banned
+    bitmask = torch.zeros(len(rows), (vocab + 31) // 32, dtype=torch.int32)
+    for i, ids in enumerate(allowed_ids):
+        for t in ids:
+            bitmask[i, t // 32] |= 1 << (t % 32)
+    params = [SamplingParams(temperature=temperature, seed=s) for s in range(num_seqs)]
+    sampler = Sampler()
+
+    def sample(mask: RowMask | None) -> list[int]:
+        generators = [make_generator(p.seed, "cpu") for p in params]
+        out = sampler(logits.clone(), params, generators, [[1]] * num_seqs, [0] * num_seqs, mask)
+        return out.token_ids
+
+    free = sample(None)
+    for _ in range(20 if temperature else 1):
+        masked = sample(RowMask(rows, bitmask))
+        for row, ids in zip(rows, allowed_ids, strict=True):
+            assert masked[row] in ids
+        assert [masked[r] for r in (0, 3, 5)] == [free[r] for r in (0, 3, 5)]
 
 
 # --- generation (SmolLM2) ---------------------------------------------------------------
