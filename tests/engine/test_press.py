@@ -19,6 +19,7 @@ from kvlm.engine.scoring import token_logprobs
 from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.press_scores import token_scores
 from kvlm.kv.spec import KVCacheSpec
+from kvlm.sampling.press import METHOD_OPTIONS
 from tests.models.conftest import needs_simd, record_steps
 
 BLOCK_SIZE = 16
@@ -369,7 +370,9 @@ def test_pressed_decode_takes_the_fused_plan(method: str, ratio: float) -> None:
     layer_by_layer = LLM("smollm2", fused_decode=False, **engines)
     [score] = layer_by_layer.score_continuations(prompt, generated, SamplingParams(kv_press=press))
     difference = (got - torch.tensor(score.logprobs)).abs()
-    assert difference[0] == 0  # from the prefill, before the press: the same path
+    if METHOD_OPTIONS[method].queries == "window":  # its prefill captures them: layered
+        assert difference[0] == 0  # from the prefill, before the press: the same path
+    # knorm's prefill captures no queries, so the fused plan runs it, to the same noise
     assert difference.max() < 0.3 and difference.mean() < 0.1, difference
 
 
