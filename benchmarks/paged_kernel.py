@@ -74,7 +74,7 @@ def main() -> None:
             for _ in range(args.calls):
                 op(q, store.data, store.scales, *store.layer_offsets(0), args.block_size,
                    store.rows_per_block, tables, starts, cached, args.window or 0, 0, hd**-0.5, 0.0,
-                   FORMAT_CODES[name], None, None, isa)  # fmt: skip
+                   FORMAT_CODES[name], None, isa)  # fmt: skip
             times[name].append((time.perf_counter() - start) / args.calls * 1e6)
     base = min(times[args.formats[0]])
     print(f"heads {args.heads}, {args.cached} cached, batch {args.batch}, "
