@@ -205,9 +205,10 @@ def test_a_request_preempted_after_part_of_a_block_recomputes_what_it_has_alone(
     for step_kv in kv[1]:
         num_rows = step_kv.shape[2]
         expected = reference[:, :, :num_rows]
-        # Prompt rows are prefilled both ways; generated tokens' rows are decoded one at a
-        # time alone but prefilled by the recompute (float rounding: up to 2e-5 seen).
-        assert torch.allclose(step_kv[:, :, :40], expected[:, :, :40], atol=1e-5), num_rows
+        # Prompt rows are prefilled both ways, in chunks of other shapes (float rounding: up
+        # to 1.7e-5 seen on an AVX2 Zen 3); generated tokens' rows are decoded one at a time
+        # alone but prefilled by the recompute (up to 2e-5 seen). The bug: K off by up to 6.6.
+        assert torch.allclose(step_kv[:, :, :40], expected[:, :, :40], atol=5e-5), num_rows
         assert torch.allclose(step_kv, expected, atol=1e-4), num_rows
     assert tokens[1] == alone
     assert torch.allclose(torch.tensor(logprobs[1]), torch.tensor(alone_logprobs), atol=1e-5)
