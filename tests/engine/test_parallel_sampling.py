@@ -102,7 +102,8 @@ def test_best_of_returns_the_highest_cumulative_logprobs(llm: LLM) -> None:
         ((cumulative_logprob(c), c.text) for c in llm.generate([PROMPT], every)[0].outputs),
         reverse=True,
     )
-    best = llm.generate([PROMPT], SamplingParams(n=2, best_of=5, max_tokens=12, seed=5))[0]
+    ranked = SamplingParams(n=2, best_of=5, max_tokens=12, seed=5, ignore_eos=True)
+    best = llm.generate([PROMPT], ranked)[0]  # the same 5 samples as `every`, ranked
     assert [c.index for c in best.outputs] == [0, 1]
     assert texts(best) == [text for _, text in scores[:2]]
     for completion, (score, _) in zip(best.outputs, scores, strict=False):
