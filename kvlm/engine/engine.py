@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -133,8 +134,12 @@ class LLMEngine:
         if config.speculative is not None:
             self.speculative = SpeculativeDecoder(config.speculative, self.sampler)
         vocab_size = self.model_config.vocab_size  # structured outputs: built on first use
+        # (a partial, not a closure over self: that cycle kept a deleted engine's memory
+        # until the garbage collector happened to run)
         self.structured = StructuredDecoder(
-            lambda: llguidance_tokenizer(self.tokenizer, vocab_size, self.stop_token_ids),
+            functools.partial(
+                llguidance_tokenizer, self.tokenizer, vocab_size, self.stop_token_ids
+            ),
             vocab_size,
         )
 
