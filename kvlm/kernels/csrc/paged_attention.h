@@ -312,17 +312,19 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
     }
     std::fill(acc, acc + R * hd, 0.0f);
     const int64_t* table = a.block_table + b * a.max_blocks;
-    // The places of keys kp .. kp + n - 1, a run of one block's consecutive rows at a time.
+    // The places of keys kp .. kp + n - 1: one division, then the next row, or the first row
+    // of the next block (looked up only when a key of the tile is in it).
     auto locate = [&](int64_t kp, int64_t n, KeyTile* t) {
       t->n = n;
-      for (int64_t j = 0; j < n;) {
-        const int64_t in_block = (kp + j) % a.block_size;
-        const int64_t run = std::min(n - j, a.block_size - in_block);
-        const int64_t row0 = table[(kp + j) / a.block_size] * a.rows_per_block + in_block;
-        for (int64_t row = row0; row < row0 + run; ++row, ++j) {
-          t->off[j] = row * a.row_bytes + kvh * a.head_bytes;
-          t->soff[j] = row * a.scale_row + kvh * nsc;
+      int64_t block = kp / a.block_size, in_block = kp % a.block_size;
+      int64_t row = table[block] * a.rows_per_block + in_block;
+      for (int64_t j = 0; j < n; ++j, ++row, ++in_block) {
+        if (in_block == a.block_size) {
+          in_block = 0;
+          row = table[++block] * a.rows_per_block;
         }
+        t->off[j] = row * a.row_bytes + kvh * a.head_bytes;
+        t->soff[j] = row * a.scale_row + kvh * nsc;
       }
     };
     auto prefetch = [&](const KeyTile& t) {  // its K/V head rows
