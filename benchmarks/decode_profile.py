@@ -6,6 +6,8 @@ indices, embedding, sampler, detokenizer), and the same step on the torch path f
     python benchmarks/decode_profile.py --model smollm2 --new-tokens 128 --batch-size 16
     python benchmarks/decode_profile.py --model smollm2 --new-tokens 128 --prompt-tokens 512 \
         --sliding-window 1024 --attention-sinks 4
+    python benchmarks/decode_profile.py --model smollm2 --new-tokens 128 --prompt-tokens 1900 \
+        --block-size 4
 
 Each length is one greedy generation of `--batch-size` sequences decoded together from a short
 prompt (`--prompt-tokens N`: distinct prompts of N tokens; prefix caching off); the figures are
@@ -99,6 +101,7 @@ def main() -> None:
     )
     parser.add_argument("--sliding-window", type=int, default=None)
     parser.add_argument("--attention-sinks", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,6 +116,7 @@ def main() -> None:
             kv_cache_dtype=args.kv_cache_dtype,
             sliding_window=args.sliding_window,
             attention_sinks=args.attention_sinks,
+            block_size=args.block_size,
             enable_prefix_caching=False,
         )
         prompts = [llm.get_tokenizer().encode(PROMPT)] * args.batch_size
@@ -123,7 +127,8 @@ def main() -> None:
         del llm
     print(
         f"{args.model}, gguf weights, KV cache {args.kv_cache_dtype}, window "
-        f"{args.sliding_window} + {args.attention_sinks} sinks, batch {args.batch_size}, "
+        f"{args.sliding_window} + {args.attention_sinks} sinks, {args.block_size}-token blocks, "
+        f"batch {args.batch_size}, "
         f"prompt {args.prompt_tokens or 'short'}, ms per decode step. "
         f"{machine_line(machine_info())}\n"
     )

@@ -2,12 +2,12 @@
 
 One decode row per sequence (batch `--batch`) after `--cached` tokens, read through a shuffled
 block table from a store of one layer, as the fused decode calls the kernel. Each round times
-every format once (`--calls` calls each), so on a shared machine the ratios between formats
-are the figure to read; the fastest round (the least disturbed) is reported in microseconds
-per call.
+every (block size, format) once (`--calls` calls each), so on a shared machine the ratios
+between them are the figure to read; the fastest round (the least disturbed) is reported in
+microseconds per call.
 
     python benchmarks/paged_kernel.py --heads 4 1 256 --cached 512 --threads 2
-    python benchmarks/paged_kernel.py --heads 9 3 64 --cached 4096 --formats float16
+    python benchmarks/paged_kernel.py --heads 9 3 64 --cached 4096 --block-size 4 16
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
                         metavar=("NUM_HEADS", "NUM_KV_HEADS", "HEAD_DIM"))  # fmt: skip
     parser.add_argument("--cached", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, nargs="+", default=[16])
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=50)
@@ -63,25 +63,27 @@ def main() -> None:
     cached = torch.full((args.batch,), args.cached)
     op, isa = _ops().paged_attention, _isa(args.path)  # the operator alone, inputs checked once
     setups = {}
-    for name in args.formats:
-        store, tables = make_store(tuple(args.heads), name, args.cached, args.batch,
-                                   args.block_size, args.window)  # fmt: skip
-        setups[name] = (store, tables)
-    times: dict[str, list[float]] = {name: [] for name in args.formats}
+    for block_size in args.block_size:
+        for name in args.formats:
+            store, tables = make_store(tuple(args.heads), name, args.cached, args.batch,
+                                       block_size, args.window)  # fmt: skip
+            setups[block_size, name] = (store, tables)
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in setups}
     for _ in range(args.rounds):
-        for name, (store, tables) in setups.items():
+        for (block_size, name), (store, tables) in setups.items():
             start = time.perf_counter()
             for _ in range(args.calls):
-                op(q, store.data, store.scales, *store.layer_offsets(0), args.block_size,
+                op(q, store.data, store.scales, *store.layer_offsets(0), block_size,
                    store.rows_per_block, tables, starts, cached, args.window or 0, 0, hd**-0.5, 0.0,
                    FORMAT_CODES[name], None, isa)  # fmt: skip
-            times[name].append((time.perf_counter() - start) / args.calls * 1e6)
-    base = min(times[args.formats[0]])
-    print(f"heads {args.heads}, {args.cached} cached, batch {args.batch}, "
-          f"{args.threads} threads; ratio = time / {args.formats[0]}'s")  # fmt: skip
-    for name, ts in times.items():
-        med = min(ts)
-        print(f"{name:>9}: {med:8.1f} us/call  x{med / base:.2f}")
+            times[block_size, name].append((time.perf_counter() - start) / args.calls * 1e6)
+    first = next(iter(setups))
+    base = min(times[first])
+    print(f"heads {args.heads}, {args.cached} cached, batch {args.batch}, {args.threads} threads; "
+          f"ratio = time / block {first[0]} {first[1]}'s")  # fmt: skip
+    for (block_size, name), ts in times.items():
+        best = min(ts)
+        print(f"block {block_size:>3} {name:>9}: {best:8.1f} us/call  x{best / base:.2f}")
 
 
 if __name__ == "__main__":

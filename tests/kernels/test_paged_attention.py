@@ -119,13 +119,33 @@ def test_sinks_are_streaming_llm_far_past_a_models_context(kv_format, shape) -> 
         assert _far(run_kernel(step, 0.125, path=path, sink_q=step.kernel_query()), expected)
 
 
-def run_with_threads(threads: int, step: PagedStep, scale: float) -> torch.Tensor:
+def run_with_threads(threads: int, step: PagedStep, scale: float, path=None) -> torch.Tensor:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return run_kernel(step, scale)
+        return run_kernel(step, scale, path=path)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", C_PATHS)
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4, 5, 8, 16, 32, 64])
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_key_tiles_span_blocks(path, kv_format, block_size, cache) -> None:
+    """Key tiles are 32 keys (kKeyTile) at every block size, so they start and end inside
+    blocks and span several: lengths end mid-tile and mid-block, a 45-key window (wider than a
+    tile) starts mid-block behind released (NaN) blocks, 5 sinks end mid-block; decode rows and
+    a short chunk, then one long decode row whose keys are split over threads (parts start
+    mid-tile)."""
+    window, sinks = {"plain": (None, 0), "window": (45, 0), "window+sinks": (45, 5)}[cache]
+    for cached, counts in (([0, 37, 70, 131], [1, 1, 7, 1]), ([301], [1])):
+        step = make_step(HEADS["gqa3"], kv_format, block_size, window, sinks, cached, counts,
+                         seed=block_size)  # fmt: skip
+        expected = reference(step, 0.125, None)
+        got = run_with_threads(2, step, 0.125, path=path)
+        assert got.isfinite().all(), "a released (NaN) block was read"
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])

@@ -87,6 +87,21 @@ def test_every_path_equals_the_reference(path, kv_format, heads) -> None:
     torch.testing.assert_close(run_prefill(step, 0.1, path=path), expected, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", C_PATHS)
+@pytest.mark.parametrize("kv_format", ["float16", "int8", "int4"])
+@pytest.mark.parametrize("block_size", [1, 3, 4, 5, 8, 64])
+def test_key_tiles_span_blocks(path, kv_format, block_size) -> None:
+    """A key tile (64 keys) looks every key's row up in the block table, so it spans blocks of
+    any size: lengths end mid-block, the 40-key window starts mid-block behind released (NaN)
+    blocks, the 5 sinks end mid-block."""
+    step = make_step(HEADS["gqa3"], kv_format, block_size, 40, 5, [77, 0], [130, 67],
+                     seed=block_size)  # fmt: skip
+    expected = reference(step, 0.125, None)
+    got = run_prefill(step, 0.125, path=path)
+    assert got.isfinite().all(), "a released (NaN) block was read"
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kv_format", ["float32", "int8"])
 def test_softcap_equals_the_reference(kv_format) -> None:
     step = make_step(HEADS["mqa"], kv_format, 16, 40, 4, *SHAPES["mixed"])

@@ -2,6 +2,10 @@
 // (kvlm/kv/store.py), in every KV format (kvlm/kv/quant.py), dequantizing in registers as it
 // reads, prefetching the next tile.
 //
+// Keys are visited in tiles of up to kKeyTile consecutive keys whatever the block size: a tile
+// may span several blocks, its rows found once per tile (KeyTile: each key's byte offset), so
+// small blocks cost no more tiles than large ones.
+//
 // Work item = (part of a query tile's keys, kv head): up to kMaxRows query rows (queries x the
 // kv head's query heads, GQA/MQA) read each K/V tile once. Per sequence b with `cached` tokens
 // before the step, query t of the step sits at text position p = cached + (t - query_start[b])
@@ -29,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "qgemm.h"  // half_to_float, kIsa*
@@ -39,7 +44,7 @@ namespace paged {
 // Storage formats, the codes kvlm/kernels/paged.py passes (KVFormat names).
 enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kInt4 = 4, kFp8 = 5 };
 
-constexpr int64_t kKeyTile = 32;  // keys per tile (fewer at block and range edges)
+constexpr int64_t kKeyTile = 32;  // keys per tile (fewer at range edges), across blocks
 constexpr int64_t kMaxRows = 16;  // query rows per work item
 constexpr int64_t kTileFields = 5;  // sequence, first and end row in T, first and end query head
 
@@ -156,14 +161,14 @@ inline float element(int format, const uint8_t* row, const float* sc, int64_t gr
 }
 
 // s[r * kKeyTile + j] += columns [hv, hd) of q[r] . key j: the head dims past the last whole
-// vector of an ISA's micro-kernel (k, ks as Ops::scores takes them).
-inline void scores_tail(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
-                        const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hv,
-                        int64_t hd, float* s) {
+// vector of an ISA's micro-kernel (k, off, ks as Ops::scores takes them).
+inline void scores_tail(int format, const float* q, int64_t R, const uint8_t* k,
+                        const int64_t* off, const float* ks, int64_t nsc, int64_t group,
+                        int64_t n, int64_t hv, int64_t hd, float* s) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < n; ++j)
       for (int64_t d = hv; d < hd; ++d)
-        s[r * kKeyTile + j] += q[r * hd + d] * element(format, k + j * ldk, ks + j * nsc, group, d);
+        s[r * kKeyTile + j] += q[r * hd + d] * element(format, k + off[j], ks + j * nsc, group, d);
 }
 
 // x @ H in place, H the orthonormal Sylvester Hadamard matrix of width n, block by block.
@@ -246,15 +251,25 @@ inline void row_blocks(int64_t R, Fn fn) {
     default: fn<kFp8>(__VA_ARGS__); break;     \
   }
 
+// Where the n keys of one tile are stored: key j's head row at byte off[j] from the layer's
+// first K row (a.k) and from its first V row (a.v) alike, its scales at soff[j] from a.k_scales
+// and a.v_scales (quantized formats). Consecutive keys of a block are consecutive rows; a tile
+// may span blocks, so the ISA loops read every key's place from here.
+struct KeyTile {
+  int64_t n;
+  int64_t off[kKeyTile];
+  int64_t soff[kKeyTile];
+};
+
 // The driver. Ops supplies the inner loops of one ISA; K/V rows are read in their stored format
 // (`format`) and dequantized in registers, each
 // stored vector once per block of up to 4 query rows (row_blocks), its scale multiplied in:
-//   scales(sc, ld, n, nsc, out): out[j * nsc + g] = float of sc[j * ld + g] (n rows)
-//   scores(f, q, R, k, ldk, ks, nsc, group, n, hd, s): s[r * kKeyTile + j] = q[r] . k[j]
-//       (q [R, hd]; key j at k + j * ldk bytes, times ks[j * nsc + d / group] if quantized)
+//   scales(sc, soff, n, nsc, out): out[j * nsc + g] = float of sc[soff[j] + g] (n keys)
+//   scores(f, q, R, k, off, ks, nsc, group, n, hd, s): s[r * kKeyTile + j] = q[r] . key j
+//       (q [R, hd]; key j at k + off[j] bytes, times ks[j * nsc + d / group] if quantized)
 //   exp_sum(s, n, m): s[j] = exp(s[j] - m), returns the sum
-//   accumulate(f, p, R, v, ldv, vs, nsc, group, n, hd, acc): acc[r] += sum_j p[r * kKeyTile + j]
-//       v[j] (v and vs as k and ks)
+//   accumulate(f, p, R, v, off, vs, nsc, group, n, hd, acc): acc[r] += sum_j p[r * kKeyTile + j]
+//       value j (v, off and vs as k, off and ks)
 //   scale_rows(x, n, c): x[0 .. n) *= c
 template <class Ops>
 void run_items(const Args& a, int64_t i0, int64_t i1) {
@@ -297,33 +312,45 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
     }
     std::fill(acc, acc + R * hd, 0.0f);
     const int64_t* table = a.block_table + b * a.max_blocks;
-    auto head_offset = [&](int64_t kp) {  // bytes from a row 0 to key kp's head row
-      const int64_t row = table[kp / a.block_size] * a.rows_per_block + kp % a.block_size;
-      return row * a.row_bytes + kvh * a.head_bytes;
+    // The places of keys kp .. kp + n - 1: one division, then the next row, or the first row
+    // of the next block (looked up only when a key of the tile is in it).
+    auto locate = [&](int64_t kp, int64_t n, KeyTile* t) {
+      t->n = n;
+      int64_t block = kp / a.block_size, in_block = kp % a.block_size;
+      int64_t row = table[block] * a.rows_per_block + in_block;
+      for (int64_t j = 0; j < n; ++j, ++row, ++in_block) {
+        if (in_block == a.block_size) {
+          in_block = 0;
+          row = table[++block] * a.rows_per_block;
+        }
+        t->off[j] = row * a.row_bytes + kvh * a.head_bytes;
+        t->soff[j] = row * a.scale_row + kvh * nsc;
+      }
     };
-    auto prefetch = [&](int64_t kp, int64_t n) {  // K/V head rows of keys kp .. kp + n - 1,
-      const int64_t off = head_offset(kp);          // consecutive rows of one block
-      for (int64_t j = 0; j < n; ++j)
+    auto prefetch = [&](const KeyTile& t) {  // its K/V head rows
+      for (int64_t j = 0; j < t.n; ++j)
         for (int64_t c = 0; c < a.head_bytes; c += 64) {
-          __builtin_prefetch(a.k + off + j * a.row_bytes + c);
-          __builtin_prefetch(a.v + off + j * a.row_bytes + c);
+          __builtin_prefetch(a.k + t.off[j] + c);
+          __builtin_prefetch(a.v + t.off[j] + c);
         }
     };
+    KeyTile places[2];  // this tile's and the next one's (prefetched while this one computes)
     auto visit = [&](int64_t k0, int64_t k1, const float* qrows) {  // keys [k0, k1) against
       // qrows [R, hd] (qbuf, or sqbuf for the sink keys)
+      if (k0 >= k1) return;
+      KeyTile *cur = &places[0], *next = &places[1];
+      locate(k0, std::min(k1 - k0, kKeyTile), cur);
       for (int64_t kp = k0; kp < k1;) {
-        const int64_t off = kp % a.block_size;
-        const int64_t n = std::min({k1 - kp, a.block_size - off, kKeyTile});
-        const int64_t head_off = head_offset(kp);
-        const int64_t row = head_off / a.row_bytes;
-        if (kp + n < k1)  // the next tile, while this one computes
-          prefetch(kp + n, std::min({k1 - kp - n, a.block_size - (kp + n) % a.block_size,
-                                     kKeyTile}));
-        if (quantized) {
-          Ops::scales(a.k_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, ks);
-          Ops::scales(a.v_scales + row * a.scale_row + kvh * nsc, a.scale_row, n, nsc, vs);
+        const int64_t n = cur->n;
+        if (kp + n < k1) {  // the next tile, while this one computes
+          locate(kp + n, std::min(k1 - kp - n, kKeyTile), next);
+          prefetch(*next);
         }
-        Ops::scores(a.format, qrows, R, a.k + head_off, a.row_bytes, ks, nsc, group, n, hd, s);
+        if (quantized) {
+          Ops::scales(a.k_scales, cur->soff, n, nsc, ks);
+          Ops::scales(a.v_scales, cur->soff, n, nsc, vs);
+        }
+        Ops::scores(a.format, qrows, R, a.k, cur->off, ks, nsc, group, n, hd, s);
         for (int64_t r = 0; r < R; ++r) {
           float* sr = s + r * kKeyTile;
           if (a.softcap > 0.0f)
@@ -351,9 +378,9 @@ void run_items(const Args& a, int64_t i0, int64_t i1) {
           if (corr != 1.0f) Ops::scale_rows(acc + r * hd, hd, corr);
           m[r] = m_new;
         }
-        Ops::accumulate(a.format, s, R, a.v + head_off, a.row_bytes, vs, nsc, group,
-                        n, hd, acc);
+        Ops::accumulate(a.format, s, R, a.v, cur->off, vs, nsc, group, n, hd, acc);
         kp += n;
+        std::swap(cur, next);
       }
     };
     const KeyRanges keys = key_ranges(a, tile);  // this part's: [part[1], part[2]) of them

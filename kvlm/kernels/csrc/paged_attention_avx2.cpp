@@ -57,11 +57,11 @@ inline __m256 load8(const uint8_t* src, int64_t d) {
 // The stored rows' vectors at element d of keys j .. j + KB - 1 (the last key standing in for
 // those past n), dequantized: times their scale if quantized.
 template <int F, int KB>
-inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t j,
-                      int64_t n, int64_t d, __m256* out) {
+inline void load_keys(const uint8_t* k, const int64_t* off, const float* ks, int64_t nsc,
+                      int64_t j, int64_t n, int64_t d, __m256* out) {
   for (int i = 0; i < KB; ++i) {
     const int64_t key = std::min(j + i, n - 1);
-    out[i] = load8<F>(k + key * ldk, d);
+    out[i] = load8<F>(k + off[key], d);
     if constexpr (F >= kInt8) out[i] = _mm256_mul_ps(out[i], _mm256_set1_ps(ks[key * nsc + scale_index(nsc, d)]));
   }
 }
@@ -70,8 +70,8 @@ inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t ns
 // key vector is dequantized once for the RB rows. Columns past the last multiple of 8 are
 // left to scores_tail; rows of s are written up to a multiple of KB keys (kKeyTile is one).
 template <int F, int RB>
-void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc,
-                 int64_t n, int64_t hd, float* s) {
+void scores_rows(const float* q, const uint8_t* k, const int64_t* off, const float* ks,
+                 int64_t nsc, int64_t n, int64_t hd, float* s) {
   constexpr int KB = 8 / RB;
   const int64_t hv = hd / 8 * 8;
   for (int64_t j = 0; j < n; j += KB) {
@@ -79,7 +79,7 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t d = 0; d < hv; d += 8) {
       __m256 kv[KB];
-      load_keys<F, KB>(k, ldk, ks, nsc, j, n, d, kv);
+      load_keys<F, KB>(k, off, ks, nsc, j, n, d, kv);
       for (int r = 0; r < RB; ++r) {
         const __m256 qv = _mm256_loadu_ps(q + r * hd + d);
         for (int i = 0; i < KB; ++i) acc[r * KB + i] = _mm256_fmadd_ps(qv, kv[i], acc[r * KB + i]);
@@ -95,15 +95,15 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
 // acc[r][c .. c + 8 CB) += sum_j p[r][j] v[j] for RB rows: each value vector is dequantized
 // once for the RB rows.
 template <int F, int RB, int CB>
-void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
-                     int64_t n, int64_t hd, int64_t c, float* acc) {
+void accumulate_cols(const float* p, const uint8_t* v, const int64_t* off, const float* vs,
+                     int64_t nsc, int64_t n, int64_t hd, int64_t c, float* acc) {
   __m256 o[RB * CB];
   for (int r = 0; r < RB; ++r)
     for (int i = 0; i < CB; ++i) o[r * CB + i] = _mm256_loadu_ps(acc + r * hd + c + 8 * i);
   for (int64_t j = 0; j < n; ++j) {
     __m256 w[RB];
     for (int r = 0; r < RB; ++r) w[r] = _mm256_set1_ps(p[r * kKeyTile + j]);
-    const uint8_t* row = v + j * ldv;
+    const uint8_t* row = v + off[j];
     for (int i = 0; i < CB; ++i) {
       __m256 x = load8<F>(row, c + 8 * i);
       if constexpr (F >= kInt8)
@@ -117,55 +117,57 @@ void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float*
 
 // All columns of RB rows: 8 / RB registers per row a pass, then single registers, then scalars.
 template <int F, int RB>
-void accumulate_rows(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
-                     int64_t group, int64_t n, int64_t hd, float* acc) {
+void accumulate_rows(const float* p, const uint8_t* v, const int64_t* off, const float* vs,
+                     int64_t nsc, int64_t group, int64_t n, int64_t hd, float* acc) {
   constexpr int CB = 8 / RB;
   const int64_t hv = hd / 8 * 8;
   int64_t c = 0;
   for (; c + 8 * CB <= hv; c += 8 * CB)
-    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, n, hd, c, acc);
-  for (; c < hv; c += 8) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, n, hd, c, acc);
+    accumulate_cols<F, RB, CB>(p, v, off, vs, nsc, n, hd, c, acc);
+  for (; c < hv; c += 8) accumulate_cols<F, RB, 1>(p, v, off, vs, nsc, n, hd, c, acc);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t d = hv; d < hd; ++d) {
-      const float x = element(F, v + j * ldv, vs + j * nsc, group, d);
+      const float x = element(F, v + off[j], vs + j * nsc, group, d);
       for (int r = 0; r < RB; ++r) acc[r * hd + d] += p[r * kKeyTile + j] * x;
     }
 }
 
 template <int F>
-void scores_f(const float* q, int64_t R, const uint8_t* k, int64_t ldk, const float* ks,
+void scores_f(const float* q, int64_t R, const uint8_t* k, const int64_t* off, const float* ks,
               int64_t nsc, int64_t group, int64_t n, int64_t hd, float* s) {
   row_blocks(R, [&](auto rows, int64_t r) {
-    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, n, hd, s + r * kKeyTile);
+    scores_rows<F, rows.value>(q + r * hd, k, off, ks, nsc, n, hd, s + r * kKeyTile);
   });
-  if (hd % 8) scores_tail(F, q, R, k, ldk, ks, nsc, group, n, hd / 8 * 8, hd, s);
+  if (hd % 8) scores_tail(F, q, R, k, off, ks, nsc, group, n, hd / 8 * 8, hd, s);
 }
 
 template <int F>
-void accumulate_f(const float* p, int64_t R, const uint8_t* v, int64_t ldv, const float* vs,
-                  int64_t nsc, int64_t group, int64_t n, int64_t hd, float* acc) {
+void accumulate_f(const float* p, int64_t R, const uint8_t* v, const int64_t* off,
+                  const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                  float* acc) {
   row_blocks(R, [&](auto rows, int64_t r) {
-    accumulate_rows<F, rows.value>(p + r * kKeyTile, v, ldv, vs, nsc, group, n, hd, acc + r * hd);
+    accumulate_rows<F, rows.value>(p + r * kKeyTile, v, off, vs, nsc, group, n, hd, acc + r * hd);
   });
 }
 
 struct Avx2Ops {
-  static void scales(const uint16_t* sc, int64_t ld, int64_t n, int64_t nsc, float* out) {
+  static void scales(const uint16_t* sc, const int64_t* soff, int64_t n, int64_t nsc,
+                     float* out) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t g = 0; g < nsc; g += 8) {
         alignas(16) uint16_t halves[8] = {0};
         const int64_t w = std::min<int64_t>(nsc - g, 8);
-        std::memcpy(halves, sc + j * ld + g, w * sizeof(uint16_t));
+        std::memcpy(halves, sc + soff[j] + g, w * sizeof(uint16_t));
         alignas(32) float f[8];
         _mm256_store_ps(f, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<__m128i*>(halves))));
         std::memcpy(out + j * nsc + g, f, w * sizeof(float));
       }
   }
 
-  static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
-                     const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hd,
-                     float* s) {
-    KVLM_BY_FORMAT(format, scores_f, q, R, k, ldk, ks, nsc, group, n, hd, s)
+  static void scores(int format, const float* q, int64_t R, const uint8_t* k,
+                     const int64_t* off, const float* ks, int64_t nsc, int64_t group, int64_t n,
+                     int64_t hd, float* s) {
+    KVLM_BY_FORMAT(format, scores_f, q, R, k, off, ks, nsc, group, n, hd, s)
   }
 
   static float exp_sum(float* s, int64_t n, float m) {
@@ -187,10 +189,10 @@ struct Avx2Ops {
     return total;
   }
 
-  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v, int64_t ldv,
-                         const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
-                         float* acc) {
-    KVLM_BY_FORMAT(format, accumulate_f, p, R, v, ldv, vs, nsc, group, n, hd, acc)
+  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v,
+                         const int64_t* off, const float* vs, int64_t nsc, int64_t group,
+                         int64_t n, int64_t hd, float* acc) {
+    KVLM_BY_FORMAT(format, accumulate_f, p, R, v, off, vs, nsc, group, n, hd, acc)
   }
 
   static void scale_rows(float* x, int64_t n, float c) {

@@ -76,11 +76,11 @@ inline __m256 fold(__m512 x) {
 
 // As the AVX2 file's, 16 lanes: keys j .. j + KB - 1 at element d, dequantized.
 template <int F, int KB>
-inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc, int64_t j,
-                      int64_t n, int64_t d, __m512* out) {
+inline void load_keys(const uint8_t* k, const int64_t* off, const float* ks, int64_t nsc,
+                      int64_t j, int64_t n, int64_t d, __m512* out) {
   for (int i = 0; i < KB; ++i) {
     const int64_t key = std::min(j + i, n - 1);
-    out[i] = load16<F>(k + key * ldk, d);
+    out[i] = load16<F>(k + off[key], d);
     if constexpr (F >= kInt8) out[i] = _mm512_mul_ps(out[i], _mm512_set1_ps(ks[key * nsc + scale_index(nsc, d)]));
   }
 }
@@ -88,8 +88,8 @@ inline void load_keys(const uint8_t* k, int64_t ldk, const float* ks, int64_t ns
 // RB query rows x KB = 8 / RB keys a round, folded to 8 lanes and transposed; the columns past
 // the last multiple of 16 are left to scores_tail (as the AVX2 file).
 template <int F, int RB>
-void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks, int64_t nsc,
-                 int64_t n, int64_t hd, float* s) {
+void scores_rows(const float* q, const uint8_t* k, const int64_t* off, const float* ks,
+                 int64_t nsc, int64_t n, int64_t hd, float* s) {
   constexpr int KB = 8 / RB;
   const int64_t hv = hd / 16 * 16;
   for (int64_t j = 0; j < n; j += KB) {
@@ -97,7 +97,7 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
     for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < hv; d += 16) {
       __m512 kv[KB];
-      load_keys<F, KB>(k, ldk, ks, nsc, j, n, d, kv);
+      load_keys<F, KB>(k, off, ks, nsc, j, n, d, kv);
       for (int r = 0; r < RB; ++r) {
         const __m512 qv = _mm512_loadu_ps(q + r * hd + d);
         for (int i = 0; i < KB; ++i) acc[r * KB + i] = _mm512_fmadd_ps(qv, kv[i], acc[r * KB + i]);
@@ -114,15 +114,15 @@ void scores_rows(const float* q, const uint8_t* k, int64_t ldk, const float* ks,
 
 // acc[r][c .. c + 16 CB) += sum_j p[r][j] v[j] for RB rows.
 template <int F, int RB, int CB>
-void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
-                     int64_t n, int64_t hd, int64_t c, float* acc) {
+void accumulate_cols(const float* p, const uint8_t* v, const int64_t* off, const float* vs,
+                     int64_t nsc, int64_t n, int64_t hd, int64_t c, float* acc) {
   __m512 o[RB * CB];
   for (int r = 0; r < RB; ++r)
     for (int i = 0; i < CB; ++i) o[r * CB + i] = _mm512_loadu_ps(acc + r * hd + c + 16 * i);
   for (int64_t j = 0; j < n; ++j) {
     __m512 w[RB];
     for (int r = 0; r < RB; ++r) w[r] = _mm512_set1_ps(p[r * kKeyTile + j]);
-    const uint8_t* row = v + j * ldv;
+    const uint8_t* row = v + off[j];
     for (int i = 0; i < CB; ++i) {
       __m512 x = load16<F>(row, c + 16 * i);
       if constexpr (F >= kInt8)
@@ -135,52 +135,54 @@ void accumulate_cols(const float* p, const uint8_t* v, int64_t ldv, const float*
 }
 
 template <int F, int RB>
-void accumulate_rows(const float* p, const uint8_t* v, int64_t ldv, const float* vs, int64_t nsc,
-                     int64_t group, int64_t n, int64_t hd, float* acc) {
+void accumulate_rows(const float* p, const uint8_t* v, const int64_t* off, const float* vs,
+                     int64_t nsc, int64_t group, int64_t n, int64_t hd, float* acc) {
   constexpr int CB = 8 / RB;
   const int64_t hv = hd / 16 * 16;
   int64_t c = 0;
   for (; c + 16 * CB <= hv; c += 16 * CB)
-    accumulate_cols<F, RB, CB>(p, v, ldv, vs, nsc, n, hd, c, acc);
-  for (; c < hv; c += 16) accumulate_cols<F, RB, 1>(p, v, ldv, vs, nsc, n, hd, c, acc);
+    accumulate_cols<F, RB, CB>(p, v, off, vs, nsc, n, hd, c, acc);
+  for (; c < hv; c += 16) accumulate_cols<F, RB, 1>(p, v, off, vs, nsc, n, hd, c, acc);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t d = hv; d < hd; ++d) {
-      const float x = element(F, v + j * ldv, vs + j * nsc, group, d);
+      const float x = element(F, v + off[j], vs + j * nsc, group, d);
       for (int r = 0; r < RB; ++r) acc[r * hd + d] += p[r * kKeyTile + j] * x;
     }
 }
 
 template <int F>
-void scores_f(const float* q, int64_t R, const uint8_t* k, int64_t ldk, const float* ks,
+void scores_f(const float* q, int64_t R, const uint8_t* k, const int64_t* off, const float* ks,
               int64_t nsc, int64_t group, int64_t n, int64_t hd, float* s) {
   row_blocks(R, [&](auto rows, int64_t r) {
-    scores_rows<F, rows.value>(q + r * hd, k, ldk, ks, nsc, n, hd, s + r * kKeyTile);
+    scores_rows<F, rows.value>(q + r * hd, k, off, ks, nsc, n, hd, s + r * kKeyTile);
   });
-  if (hd % 16) scores_tail(F, q, R, k, ldk, ks, nsc, group, n, hd / 16 * 16, hd, s);
+  if (hd % 16) scores_tail(F, q, R, k, off, ks, nsc, group, n, hd / 16 * 16, hd, s);
 }
 
 template <int F>
-void accumulate_f(const float* p, int64_t R, const uint8_t* v, int64_t ldv, const float* vs,
-                  int64_t nsc, int64_t group, int64_t n, int64_t hd, float* acc) {
+void accumulate_f(const float* p, int64_t R, const uint8_t* v, const int64_t* off,
+                  const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
+                  float* acc) {
   row_blocks(R, [&](auto rows, int64_t r) {
-    accumulate_rows<F, rows.value>(p + r * kKeyTile, v, ldv, vs, nsc, group, n, hd, acc + r * hd);
+    accumulate_rows<F, rows.value>(p + r * kKeyTile, v, off, vs, nsc, group, n, hd, acc + r * hd);
   });
 }
 
 struct Avx512Ops {
-  static void scales(const uint16_t* sc, int64_t ld, int64_t n, int64_t nsc, float* out) {
+  static void scales(const uint16_t* sc, const int64_t* soff, int64_t n, int64_t nsc,
+                     float* out) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t g = 0; g < nsc; g += 16) {
         const __mmask16 live = (__mmask16)((1u << std::min<int64_t>(nsc - g, 16)) - 1);
         _mm512_mask_storeu_ps(out + j * nsc + g, live,
-                              _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, sc + j * ld + g)));
+                              _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, sc + soff[j] + g)));
       }
   }
 
-  static void scores(int format, const float* q, int64_t R, const uint8_t* k, int64_t ldk,
-                     const float* ks, int64_t nsc, int64_t group, int64_t n, int64_t hd,
-                     float* s) {
-    KVLM_BY_FORMAT(format, scores_f, q, R, k, ldk, ks, nsc, group, n, hd, s)
+  static void scores(int format, const float* q, int64_t R, const uint8_t* k,
+                     const int64_t* off, const float* ks, int64_t nsc, int64_t group, int64_t n,
+                     int64_t hd, float* s) {
+    KVLM_BY_FORMAT(format, scores_f, q, R, k, off, ks, nsc, group, n, hd, s)
   }
 
   static float exp_sum(float* s, int64_t n, float m) {
@@ -195,10 +197,10 @@ struct Avx512Ops {
     return _mm512_reduce_add_ps(sum);
   }
 
-  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v, int64_t ldv,
-                         const float* vs, int64_t nsc, int64_t group, int64_t n, int64_t hd,
-                         float* acc) {
-    KVLM_BY_FORMAT(format, accumulate_f, p, R, v, ldv, vs, nsc, group, n, hd, acc)
+  static void accumulate(int format, const float* p, int64_t R, const uint8_t* v,
+                         const int64_t* off, const float* vs, int64_t nsc, int64_t group,
+                         int64_t n, int64_t hd, float* acc) {
+    KVLM_BY_FORMAT(format, accumulate_f, p, R, v, off, vs, nsc, group, n, hd, acc)
   }
 
   static void scale_rows(float* x, int64_t n, float c) {
