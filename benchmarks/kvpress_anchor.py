@@ -8,28 +8,53 @@ needs transformers < 5.3) and imports kvlm's stdlib-only task modules by path, n
     GGUF=$(python -c "from kvlm.loading import resolve_model_path as r; print(r('smollm2'))")
     $VENV/bin/python benchmarks/kvpress_anchor.py --model "$GGUF" --kv-press snapkv:0.5
 
+`--tokenizer-json FILE` tokenizes with the `tokenizers` pipeline kvlm builds for the GGUF
+(`Tokenizer.from_gguf(path).to_json()`, written from kvlm's environment) instead of
+transformers' GGUF tokenizer, so both sides read the same ids. Gemma 3 needs it: transformers
+5.2 converts its GGUF vocabulary into a tokenizer that adds no BOS and splits words otherwise
+("Hello world" -> [9259, 515, 504, 671]; kvlm and Gemma: [2, 9259, 1902]), which puts the
+plain perplexity at 80 where kvlm's is 4.3 (640-token context, 128 scored).
+
 One JSON line per press and task, with the keys `kvlm eval longctx --json` and `kvlm eval ppl
 --json` print (plus "backend": "kvpress"). The weights are dequantized to float32 by
 transformers, so compare with kvlm's `--weight-format float`.
 
 What "after the press" means, on both sides: the prompt is prefilled in one pass with every
-token attending to the whole prompt; the press compresses its cache (kvpress's forward hooks,
-run after each attention layer's prefill); the continuation is then fed reading the compressed
-cache at its true positions (position ids continue from the prompt's length, as kvpress's
-pipeline does). The continuation's first token is scored from the prompt's last logits.
+token attending to the whole prompt (its window, in a sliding layer); the press compresses its
+cache (kvpress's forward hooks, run after each attention layer's prefill); the continuation is
+then fed reading the compressed cache at its true positions (position ids continue from the
+prompt's length, as kvpress's pipeline does). The continuation's first token is scored from
+the prompt's last logits.
+
+Gemma 3 (`--model` the gemma3-270m GGUF): kvpress presses only the layers without a sliding
+window (kvpress 0.5.5, `BasePress.__call__`: "Compression in Gemma3 is only applied to layer
+without sliding window attention"), and so does kvlm; but kvpress tests for
+Gemma3ForConditionalGeneration, while this GGUF loads as the text-only Gemma3ForCausalLM, on
+which kvpress would hook every layer. `press_context` registers the press's own forward hook on
+the global layers only, as kvpress does for Gemma 3, with each layer's rope bound to its layer
+type (Gemma 3's rotary embedding takes one; expected attention calls it without). Once the
+global layers hold fewer tokens than the sliding ones count, a forward of several tokens gets a
+wrong causal mask (transformers takes cache positions from layer 0, a sliding one, so the
+global layers' queries see the continuation's later tokens: knorm:0.5 after 640 tokens scored
+a perplexity of 1.53 that way, 7.06 token by token, as kvlm): such a continuation is fed one
+token at a time, which needs no mask. A sliding layer's cache is put back after each
+continuation with its token count, not cut (it has rolled its window).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
+import tokenizers
 import torch
 from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -84,6 +109,41 @@ def kvpress_press(spec: press_spec.PressSpec) -> object:
     return cls(compression_ratio=spec.ratio, **{names[k]: v for k, v in options.items()})
 
 
+class JsonTokenizer:
+    """A tokenizer.json pipeline (`--tokenizer-json`), called as transformers' tokenizers are."""
+
+    def __init__(self, path: Path) -> None:
+        self.backend = tokenizers.Tokenizer.from_file(str(path))
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return SimpleNamespace(input_ids=encoding.ids)
+
+
+@contextmanager
+def press_context(press: object, model: AutoModelForCausalLM) -> Iterator[None]:
+    """`press(model)`, kvpress's hooks on every attention layer; on a model with sliding layers
+    (Gemma 3) the same hook on the global layers only (see the module docstring)."""
+    decoder = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    layers = [layer.self_attn for layer in decoder.layers]
+    if not any(getattr(attn, "is_sliding", False) for attn in layers):
+        with press(model):  # type: ignore[operator]
+            yield
+        return
+    press.post_init_from_model(model)  # type: ignore[attr-defined]
+    hooks = []
+    try:
+        for attn in layers:
+            if attn.is_sliding:
+                continue
+            attn.rotary_emb = functools.partial(decoder.rotary_emb, layer_type=attn.layer_type)
+            hooks.append(attn.register_forward_hook(press.forward_hook, with_kwargs=True))  # type: ignore[attr-defined]
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class Scorer:
     """One model; a prompt pressed once, then continuations read through its cache."""
 
@@ -96,7 +156,7 @@ class Scorer:
     ) -> tuple[DynamicCache, torch.Tensor]:
         """The prompt's pressed cache and its last row of logits [vocab] (pre-press attention)."""
         cache = DynamicCache(config=self.model.config)
-        with press(self.model) if press is not None else nullcontext():  # type: ignore[operator]
+        with press_context(press, self.model) if press is not None else nullcontext():
             out = self.model(
                 input_ids=torch.tensor([prompt_ids]), past_key_values=cache, logits_to_keep=1
             )
@@ -107,15 +167,28 @@ class Scorer:
         self, cache: DynamicCache, last_logits: torch.Tensor, num_prompt: int, ids: list[int]
     ) -> tuple[list[float], list[int]]:
         """log p and rank of each continuation token; the cache is left as it was."""
-        lengths = [layer.keys.shape[-2] for layer in cache.layers]
+        saved = [
+            (layer.keys, layer.values, vars(layer).get("cumulative_length"))
+            for layer in cache.layers
+        ]
         positions = torch.arange(num_prompt, num_prompt + len(ids)).unsqueeze(0)
-        out = self.model(
-            input_ids=torch.tensor([ids]), past_key_values=cache, position_ids=positions
-        )
-        for layer, length in zip(cache.layers, lengths, strict=True):  # drop the continuation
-            layer.keys = layer.keys[:, :, :length]
-            layer.values = layer.values[:, :, :length]
-        logits = torch.cat([last_logits[None], out.logits[0, :-1].float()])  # [len(ids), vocab]
+        # the layers disagree on the cache's length: one token at a time (module docstring)
+        one_by_one = len({layer.get_seq_length() for layer in cache.layers}) > 1
+        chunks = [slice(i, i + 1) for i in range(len(ids))] if one_by_one else [slice(None)]
+        rows = []
+        for chunk in chunks:
+            out = self.model(
+                input_ids=torch.tensor([ids[chunk]]),
+                past_key_values=cache,
+                position_ids=positions[:, chunk],
+            )
+            rows.append(out.logits[0].float())
+        for layer, (keys, values, cumulative) in zip(cache.layers, saved, strict=True):
+            layer.keys, layer.values = keys, values  # the continuation dropped
+            if cumulative is not None:  # a sliding layer counts every token it has seen
+                layer.cumulative_length = cumulative
+        # [len(ids), vocab]
+        logits = torch.cat([last_logits[None], torch.cat(rows)[:-1]])
         logprobs = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(ids)
         chosen = logprobs.gather(1, target[:, None])[:, 0]  # [len(ids)]
@@ -172,6 +245,13 @@ def main() -> int:
     )
     parser.add_argument("--model", type=Path, required=True, help="a .gguf file")
     parser.add_argument(
+        "--tokenizer-json",
+        type=Path,
+        default=None,
+        help="tokenize with this tokenizer.json (kvlm's pipeline for the GGUF; needed for "
+        "Gemma 3) instead of transformers' GGUF tokenizer",
+    )
+    parser.add_argument(
         "--kv-press",
         action="append",
         default=None,
@@ -203,7 +283,10 @@ def main() -> int:
             kvpress_press(spec)  # a bad value fails before the model loads
     hf_logging.disable_progress_bar()  # the GGUF load draws two bars of 272 steps
     folder, name = str(args.model.parent), args.model.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if args.tokenizer_json is not None:
+        tokenizer: object = JsonTokenizer(args.tokenizer_json)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     scorer = Scorer(model)
     tasks = {"longctx": run_longctx, "ppl": run_ppl}
@@ -216,6 +299,7 @@ def main() -> int:
                 task=task_name,
                 backend="kvpress",
                 model=str(args.model),
+                tokenizer=str(args.tokenizer_json or "transformers (GGUF)"),
                 weight_format="float",
                 kv_cache_dtype="float32",
                 kv_press=None if spec is None else spec.label,

@@ -55,8 +55,8 @@ class GroupView:
     # [B, max_blocks] int64 block ids of each sequence, the null block past its end; cache only
     block_table: torch.Tensor | None = None
     query_start: torch.Tensor | None = None  # [B + 1] int64 first row in T of each sequence
-    # [B] int64 tokens cached before the step: the new tokens' first cache index, fewer than
-    # their text position when a KV press dropped tokens (the same tensor in every group)
+    # [B] int64 tokens the group caches before the step: the new tokens' first cache index,
+    # fewer than their text position where a KV press dropped tokens from the group
     num_cached: torch.Tensor | None = None
     # Torch reference only. [B * S] rows to read keys from: base rows of the group's store, or
     # (no-cache) rows of this step's tokens; sequence b's keys are rows b * S .. b * S + S - 1

@@ -10,8 +10,9 @@ Steps with several tokens per sequence (speculative verification, a prompt chunk
 rows, a prompt) go through it too: the plan writes every new token's K/V before attention and
 each token reads its sequence's keys up to its own, choosing the decode or the GEMM-shaped
 prefill kernel by the longest chunk as `kvlm.kernels.paged.StepKernel` does. Rope goes by each
-token's place in the text (`ctx.positions`), key counts by its place in the cache (the views'
-`num_cached`): they differ for a request a KV press compacted (engine/press.py).
+token's place in the text (`ctx.positions`), key counts by its place in each group's cache
+(the views' `num_cached`, one per group): they differ for a request a KV press compacted, in
+the groups it compacted (engine/press.py: the full-attention ones, not Gemma 3's local layers).
 
 It applies where the C++ kernels run with AVX2 or better and every projection is quantized;
 any other step (no-cache, a press's observation window) runs layer by layer, where attention
@@ -125,7 +126,7 @@ class FusedDecoder:
             x,
             ctx.positions,  # [T] rope by place in the text
             views[0].query_start,  # [B + 1] first row of each sequence (the same per group)
-            views[0].num_cached,  # [B] keys cached before each sequence's first new token
+            [v.num_cached for v in views],  # [B] keys cached before each first new token
             [s.data for s in stores],
             [_NO_SCALES if s.scales is None else s.scales for s in stores],
             [v.write_rows for v in views],  # [T]

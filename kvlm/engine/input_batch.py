@@ -52,7 +52,7 @@ class InputBatch:
         self._tables: list[torch.Tensor] = []  # per group [capacity rows, capacity blocks] int64
         self._num_entries = np.zeros((0, self.num_groups), np.int64)  # [rows, G] filled
         self._nulled_to = np.zeros((0, self.num_groups), np.int64)  # [rows, G] nulls followed
-        self._num_cached = self._host(0)  # [rows]
+        self._num_cached = self._host(self.num_groups, 0)  # [G, rows]
         self._query_start = self._host(1)  # [rows + 1]
         cache.track_table_edits()
         self._resize(max_num_seqs, max_blocks_per_seq)
@@ -86,9 +86,10 @@ class InputBatch:
             self._sync(position)
 
     def set_lengths(self, num_cached: np.ndarray, counts: np.ndarray) -> None:
-        """The step's num_cached [B] (tokens cached before it) and new tokens [B] per row."""
-        num_seqs = len(num_cached)
-        self._num_cached.numpy()[:num_seqs] = num_cached
+        """The step's num_cached [G, B] (tokens each group caches before it: fewer than the
+        text where a press compacted the group) and new tokens [B] per row."""
+        num_seqs = num_cached.shape[1]
+        self._num_cached.numpy()[:, :num_seqs] = num_cached
         starts = self._query_start.numpy()
         starts[0] = 0
         np.cumsum(counts, out=starts[1 : num_seqs + 1])
@@ -102,9 +103,9 @@ class InputBatch:
         """The same rows as a numpy view on the host (for write rows and the reference)."""
         return self._tables[group].numpy()[:num_seqs]
 
-    def num_cached(self, num_seqs: int) -> torch.Tensor:
-        """[B] int64 tokens cached before the step (`set_lengths`)."""
-        return self._to_device(self._num_cached[:num_seqs])
+    def num_cached(self, group: int, num_seqs: int) -> torch.Tensor:
+        """[B] int64 tokens the group caches before the step (`set_lengths`)."""
+        return self._to_device(self._num_cached[group, :num_seqs])
 
     def query_start(self, num_seqs: int) -> torch.Tensor:
         """[B + 1] int64 first row in T of each sequence's new tokens, then T."""
@@ -203,7 +204,8 @@ class InputBatch:
             grown = np.zeros((rows, self.num_groups), np.int64)
             grown[:old_rows] = getattr(self, name)
             setattr(self, name, grown)
-        self._num_cached, self._query_start = self._host(rows), self._host(rows + 1)
+        self._num_cached = self._host(self.num_groups, rows)
+        self._query_start = self._host(rows + 1)
 
     def _host(self, *shape: int) -> torch.Tensor:
         pin = self.device.type == "cuda"

@@ -3,12 +3,19 @@ tokens per layer and KV head, keep the same number in each, and compact them int
 blocks. Most presses run once, after the prompt; tova's runs there and again each time the
 cache holds its budget plus a block (`_next_press_at`).
 
-For every group (all full attention: a press refuses windows and sinks), layer and KV head,
-its j-th kept token (in cache order) moves to cache row j, so the request keeps only
-ceil(kept / block_size) blocks; the door (`KVCacheManager.compact`) returns the rest to the
-pool at once and the persistent batch state follows the reported table edit. Keys were stored
-with rope by text position, so each kept key keeps its true position; the request records how
-many tokens were dropped, and from then on its cache index is its text position less that
+A press compresses the full-attention groups only; window groups (Gemma 3's 512-token local
+layers) keep their cache as it is and go on letting go of what falls behind the window. That
+is kvpress's rule for Gemma 3: `BasePress.__call__` (kvpress 0.5.5, kvpress/presses/
+base_press.py) registers no hook on a layer whose `self_attn.is_sliding`, warning "Compression
+in Gemma3 is only applied to layer without sliding window attention" (it tests for
+Gemma3ForConditionalGeneration; benchmarks/kvpress_anchor.py applies the rule to the text-only
+Gemma3ForCausalLM that Gemma 3 270M loads as). For every full-attention group, layer and KV
+head, its j-th kept token (in cache order) moves to cache row j, so the request keeps only
+ceil(kept / block_size) blocks there; the door (`KVCacheManager.compact`) returns the rest to
+the pool at once and the persistent batch state follows the reported table edit. Keys were
+stored with rope by text position, so each kept key keeps its true position; the request
+records per group how many tokens were dropped (`Request.num_dropped_tokens`, 0 in a window
+group), and from then on a group's cache index is the text position less that
 (engine/runner.py). snapkv, expected_attention and tova read queries (`KVPress.query_window`),
 recorded by attention() while their rows are computed (`window_capture`,
 `keep_window_queries`): snapkv's and tova's (the newest token's) rotated at their own
@@ -50,14 +57,15 @@ def why_no_press(engine: PressedEngine, press: KVPress, press_at: int) -> str | 
     words for its InputError; None when it can."""
     if engine.kv_cache is None:
         return "a press compresses the KV cache; this engine runs without one (use_cache=False)"
-    for spec in engine.kv_specs:
-        if spec.window is not None:
-            sinks = f" and {spec.num_sinks} sinks" if spec.num_sinks else ""
-            return (
-                f"layers {spec.layer_ids[0]}-{spec.layer_ids[-1]} keep a window of "
-                f"{spec.window}{sinks}; presses compress full-attention caches only (drop "
-                "--sliding-window / --attention-sinks, or use a model without local layers)"
-            )
+    if all(spec.window is not None for spec in engine.kv_specs):
+        # --sliding-window caps every layer's window and --attention-sinks needs it, so an
+        # engine with sinks has no full-attention group: this refuses sinks too
+        windows = sorted({spec.window for spec in engine.kv_specs})
+        return (
+            f"every layer keeps a window ({', '.join(map(str, windows))} tokens); a press "
+            "compresses the full-attention layers and leaves windowed ones as they are: drop "
+            "--sliding-window / --attention-sinks, or use a model with global layers"
+        )
     if engine.speculative is not None:
         return "speculative decoding rolls back by text position; use one or the other"
     if press.method == "snapkv" and press_at <= press.window:
@@ -147,39 +155,43 @@ def apply_press(request: Request, cache: KVCacheManager, stores: Sequence[KVStor
     assert request.num_computed_tokens == request.press_at, "a press runs at press_at"
     queries = {layer: torch.cat(parts) for layer, parts in request.press_queries.items()}
     request.press_queries.clear()
-    num_tokens = request.num_cache_tokens
+    pressed = cache.compactable_groups
+    num_tokens = request.num_cache_tokens(pressed[0])
     keep = press.num_kept(num_tokens)
     if keep < num_tokens:
-        _compact(request, cache, stores, press, queries, keep)
-    request.press_at = _next_press_at(request, cache.block_size)
+        _compact(request, cache, [stores[g] for g in pressed], press, queries, keep)
+    request.press_at = _next_press_at(request, pressed[0], cache.block_size)
 
 
-def _next_press_at(request: Request, block_size: int) -> int | None:
+def _next_press_at(request: Request, pressed: int, block_size: int) -> int | None:
     """Where the request's next press runs: None (a press runs once), or for a budget (tova)
     when its cache holds the budget plus a block, and at least a block on (a press the full
-    pool refused is tried again a block later)."""
+    pool refused is tried again a block later); `pressed`: a group the press compacts."""
     press = request.params.kv_press
     assert press is not None
     if press.budget is None:
         return None
-    room = max(press.budget + block_size - request.num_cache_tokens, block_size)
+    room = max(press.budget + block_size - request.num_cache_tokens(pressed), block_size)
     return request.num_computed_tokens + room
 
 
 def _compact(
     request: Request,
     cache: KVCacheManager,
-    stores: Sequence[KVStore],
+    stores: Sequence[KVStore],  # those of the groups the press compacts, in group order
     press: KVPress,
     queries: dict[int, torch.Tensor],  # layer -> [w, nh, hd] the queries the press reads
     keep: int,
 ) -> None:
-    """Score the request's cached tokens, keep `keep` per layer and KV head and move them to
-    its first cache rows; its tables shrink to those rows' blocks."""
-    num_tokens = request.num_cache_tokens
+    """Score the request's cached tokens in each group the press compacts, keep `keep` per
+    layer and KV head and move them to its first cache rows; those groups' tables shrink to
+    those rows' blocks (the window groups keep theirs)."""
+    pressed = cache.compactable_groups
+    num_tokens = request.num_cache_tokens(pressed[0])
+    assert all(request.num_cache_tokens(g) == num_tokens for g in pressed), "pressed alike"
     block_size = cache.block_size
     positions = np.arange(num_tokens)  # cache rows
-    tables = cache.block_tables(request.request_id)
+    tables = [cache.block_tables(request.request_id)[g] for g in pressed]
     sources, kept = [], []
     for store, table in zip(stores, tables, strict=True):
         rows = np.asarray(table)[positions // block_size] * store.rows_per_block
@@ -197,10 +209,12 @@ def _compact(
         logger.warning("request %s is not compressed: %s", request.request_id, e)
         return
     cache_rows = np.arange(keep)
-    for store, source, index, table in zip(
-        stores, sources, kept, cache.block_tables(request.request_id), strict=True
-    ):
+    tables = [cache.block_tables(request.request_id)[g] for g in pressed]
+    for store, source, index, table in zip(stores, sources, kept, tables, strict=True):
         rows = np.asarray(table)[cache_rows // block_size] * store.rows_per_block
         destination = torch.from_numpy(rows + cache_rows % block_size).to(source.device)
         store.compact(source, index, destination)
-    request.num_dropped_tokens += num_tokens - keep
+    dropped = list(request.num_dropped_tokens or [0] * len(cache.specs))
+    for g in pressed:
+        dropped[g] += num_tokens - keep
+    request.num_dropped_tokens = tuple(dropped)

@@ -246,14 +246,17 @@ class Request:
     # KV press (`params.kv_press`): it runs when `num_computed_tokens` reaches `press_at`
     # (first the prompt's end unless set), and chunks stop there until it has; then press_at
     # is None, or for tova the text position where the cache next holds its budget plus a
-    # block. The cache then holds `num_dropped_tokens` fewer tokens than the text: rope
-    # positions stay text positions, store rows and key counts are cache indices
-    # (`num_cache_tokens`). A preempted request is recomputed and pressed again.
+    # block. A press compacts the cache groups without a window only (engine/press.py), so
+    # group g then holds `num_dropped_tokens[g]` fewer tokens than the text (0 in a window
+    # group): rope positions stay text positions, store rows and key counts are each group's
+    # cache indices (`num_cache_tokens(g)`). A preempted request is recomputed and pressed
+    # again.
     press_at: int | None = None
     # `LLM.score_continuations`: the prompt's tokens from here on are a continuation scored
     # after the press (press_at is this, and prompt_logprobs hold its tokens' entries only)
     continuation_start: int | None = None
-    num_dropped_tokens: int = 0
+    # Per cache group, the tokens presses dropped from it; () until a press drops any
+    num_dropped_tokens: tuple[int, ...] = ()
     # snapkv, expected_attention, tova: per layer, the queries the pending press reads (times
     # the scale, rotated as `QueryCapture` says) computed so far
     press_queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
@@ -296,10 +299,16 @@ class Request:
         row = self.num_virtual_tokens + self.num_prompt_logprobs - 1
         return row if row < self.num_prompt_tokens - 1 else None
 
-    @property
-    def num_cache_tokens(self) -> int:
-        """Tokens whose K/V the cache holds: computed ones less those a press dropped."""
-        return self.num_computed_tokens - self.num_dropped_tokens
+    def num_cache_tokens(self, group: int) -> int:
+        """Tokens whose K/V cache group `group` holds: computed ones less those a press
+        dropped from it."""
+        dropped = self.num_dropped_tokens[group] if self.num_dropped_tokens else 0
+        return self.num_computed_tokens - dropped
+
+    def cache_lengths(self, num_groups: int, num_new_tokens: int = 0) -> list[int]:
+        """Per cache group, the tokens it holds once `num_new_tokens` more are computed (what
+        the cache manager allocates and copies by)."""
+        return [self.num_cache_tokens(g) + num_new_tokens for g in range(num_groups)]
 
     def _first_press_at(self) -> int | None:
         if self.params.kv_press is None:
@@ -324,7 +333,7 @@ class Request:
     def forget_press(self) -> None:
         """Preempted: the cache is gone, so the press runs again after the recompute."""
         self.press_at = self._first_press_at()
-        self.num_dropped_tokens = 0
+        self.num_dropped_tokens = ()
         self.press_queries.clear()
 
     @property

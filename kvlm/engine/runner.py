@@ -56,7 +56,7 @@ class PromptRows:
 
 @dataclass
 class _StepShape:
-    """Host-side arrays every group's view is built from (numpy)."""
+    """Host-side arrays a group's view is built from (numpy), in its cache indices."""
 
     starts: np.ndarray  # [B] tokens already cached
     ends: np.ndarray  # [B] sequence lengths after this step
@@ -65,6 +65,21 @@ class _StepShape:
     seq_of_token: np.ndarray  # [T]
     positions: np.ndarray  # [T]
     max_q: int
+
+    def less(self, dropped: np.ndarray) -> _StepShape:
+        """The shape in a group's cache indices, `dropped` [B] tokens a press took from each
+        sequence there (itself when none)."""
+        if not dropped.any():
+            return self
+        return _StepShape(
+            self.starts - dropped,
+            self.ends - dropped,
+            self.counts,
+            self.token_offsets,
+            self.seq_of_token,
+            self.positions - dropped[self.seq_of_token],
+            self.max_q,
+        )
 
 
 def _step_tokens(request: Request, start: int, end: int) -> list[int]:
@@ -155,8 +170,12 @@ class ModelRunner:
         starts = np.array([r.num_computed_tokens for r in batch.requests], dtype=np.int64)  # [B]
         counts = np.array(batch.num_new_tokens, dtype=np.int64)  # [B]
         ends = starts + counts  # [B] sequence length after this step
-        # [B] tokens a KV press dropped: text positions less these are cache indices
-        dropped = np.array([r.num_dropped_tokens for r in batch.requests], dtype=np.int64)
+        num_groups = len(self.specs)
+        # [G, B] tokens a KV press dropped per group: text positions less these are its cache
+        # indices (0 in window groups, which a press leaves alone)
+        dropped = np.array(
+            [r.num_dropped_tokens or (0,) * num_groups for r in batch.requests], dtype=np.int64
+        ).T
         num_seqs, max_q = len(counts), int(counts.max())
         token_offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))  # [B] first row in T
         seq_of_token = np.repeat(np.arange(num_seqs), counts)  # [T]
@@ -178,20 +197,14 @@ class ModelRunner:
                 [token_offsets[i] + p - starts[i] + np.arange(n) for i, p, n in prompt_spans]
             )
 
-        shape = _StepShape(
-            starts - dropped,
-            ends - dropped,
-            counts,
-            token_offsets,
-            seq_of_token,
-            positions - dropped[seq_of_token],
-            max_q,
-        )  # in cache indices: write rows, key counts, masks
+        text = _StepShape(starts, ends, counts, token_offsets, seq_of_token, positions, max_q)
+        # per group in its cache indices: write rows, key counts, masks
+        shapes = [text.less(dropped[g]) for g in range(num_groups)]
         paged = self.paged_attention is not None
         if self.input_batch is not None:
             self.input_batch.update([r.request_id for r in batch.requests])
-            self.input_batch.set_lengths(shape.starts, counts)
-        views = [self._view(g, shape, paged) for g in range(len(self.specs))]
+            self.input_batch.set_lengths(np.stack([s.starts for s in shapes]), counts)
+        views = [self._view(g, shapes[g], paged) for g in range(num_groups)]
         pad_index = None if max_q == 1 or paged else seq_of_token * max_q + local
         ctx = ForwardContext(
             positions=self._to_device(positions),
@@ -251,7 +264,7 @@ class ModelRunner:
             query_places=places,
             block_table=self.input_batch.block_table(group, num_seqs),
             query_start=self.input_batch.query_start(num_seqs),
-            num_cached=self.input_batch.num_cached(num_seqs),
+            num_cached=self.input_batch.num_cached(group, num_seqs),
         )
         return view if paged else self._reference(group, shape, view, table)
 

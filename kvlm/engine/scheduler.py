@@ -25,7 +25,7 @@ from kvlm.kv.block_pool import OutOfBlocksError
 from kvlm.kv.cache_manager import KVCacheManager, PrefixHit
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from kvlm.engine.offload import OffloadConnector
 
@@ -213,7 +213,7 @@ class Scheduler:
         drafts = request.spec_token_ids
         if drafts:
             assert self.cache is not None
-            total = request.num_cache_tokens + num_known + len(drafts)
+            total = request.cache_lengths(len(self.cache.specs), num_known + len(drafts))
             if num_known + len(drafts) > budget or not self.cache.can_allocate(
                 request.request_id, total
             ):
@@ -222,8 +222,11 @@ class Scheduler:
             request, request.num_computed_tokens, min(num_known + len(drafts), budget)
         )
 
-    def _allocate(self, request: Request, num_tokens: int, hit: PrefixHit | None = None) -> bool:
-        """Blocks for the request's first `num_tokens` tokens, if they fit; tracks its peak."""
+    def _allocate(
+        self, request: Request, num_tokens: int | Sequence[int], hit: PrefixHit | None = None
+    ) -> bool:
+        """Blocks for the request's first `num_tokens` tokens (per cache group, or the same in
+        every group), if they fit; tracks its peak."""
         assert self.cache is not None
         if not self.cache.can_allocate(request.request_id, num_tokens, hit):
             return False
@@ -276,7 +279,7 @@ class Scheduler:
         """
         if self.cache is None:
             return True
-        needed = request.num_cache_tokens + num_tokens
+        needed = request.cache_lengths(len(self.cache.specs), num_tokens)
         while not (self._allocate(request, needed) and self._unshare(request, batch)):
             victim = self.running[-1]
             self._preempt(victim)
@@ -289,7 +292,8 @@ class Scheduler:
         block is free for the copy."""
         assert self.cache is not None
         try:
-            copies = self.cache.copy_on_write(request.request_id, request.num_cache_tokens)
+            lengths = request.cache_lengths(len(self.cache.specs))
+            copies = self.cache.copy_on_write(request.request_id, lengths)
         except OutOfBlocksError:
             return False
         batch.block_copies += copies

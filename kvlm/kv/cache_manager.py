@@ -25,6 +25,9 @@ EvictListener = Callable[[int, int, bytes], None]
 # (group, positions into the given indices, block ids to write them into): see import_blocks.
 FillBlocks = Callable[[int, list[int], list[int]], None]
 BlockIds = tuple[tuple[int, ...], ...]  # per layer group, block ids
+# Tokens (or cache rows) of one request: the same in every layer group, or one per group (a
+# press compacts only the groups without a window, `KVCacheManager.compact`).
+GroupTokens = int | Sequence[int]
 
 
 class ChangeLog(Protocol):
@@ -87,24 +90,31 @@ class KVCacheManager:
 
     # --- allocation -----------------------------------------------------------------------
 
-    def can_allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+    def can_allocate(
+        self, request_id: str, num_tokens: GroupTokens, hit: PrefixHit | None = None
+    ) -> bool:
+        lengths = self._per_group(num_tokens)
         return all(
-            g.blocks_demanded(request_id, num_tokens, self._hit(hit, i)) <= p.num_free_blocks
-            for i, (g, p) in enumerate(zip(self.groups, self.pools, strict=True))
+            g.blocks_demanded(request_id, n, self._hit(hit, i)) <= p.num_free_blocks
+            for i, (g, p, n) in enumerate(zip(self.groups, self.pools, lengths, strict=True))
         )
 
-    def allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> None:
-        """Blocks for `num_tokens` tokens in every group, or (OutOfBlocksError) none at all."""
-        for i, (group, pool) in enumerate(zip(self.groups, self.pools, strict=True)):
-            demand = group.blocks_demanded(request_id, num_tokens, self._hit(hit, i))
+    def allocate(
+        self, request_id: str, num_tokens: GroupTokens, hit: PrefixHit | None = None
+    ) -> None:
+        """Blocks for `num_tokens` tokens in every group (per group once a press compacted
+        some), or (OutOfBlocksError) none at all."""
+        lengths = self._per_group(num_tokens)
+        for i, (group, pool, n) in enumerate(zip(self.groups, self.pools, lengths, strict=True)):
+            demand = group.blocks_demanded(request_id, n, self._hit(hit, i))
             if demand > pool.num_free_blocks:
                 raise OutOfBlocksError(
                     f"request {request_id} needs {demand} more blocks of {self.block_size} "
                     f"tokens in layer group {i}; {pool.num_free_blocks} free of "
                     f"{pool.num_usable_blocks}"
                 )
-        for i, group in enumerate(self.groups):
-            group.allocate(request_id, num_tokens, self._hit(hit, i))
+        for i, (group, n) in enumerate(zip(self.groups, lengths, strict=True)):
+            group.allocate(request_id, n, self._hit(hit, i))
 
     def remove_skipped(self, request_id: str, num_computed_tokens: int) -> None:
         """Return the blocks that fell behind every window to the pools."""
@@ -141,36 +151,46 @@ class KVCacheManager:
             group.truncate(request_id, num_tokens)
         self._edited(request_id, num_tokens // self.block_size)
 
+    @property
+    def compactable_groups(self) -> list[int]:
+        """The groups a press compacts: those without a window (a window group's blocks go
+        by text position, and it lets go of old ones itself)."""
+        return [g for g, spec in enumerate(self.specs) if spec.window is None]
+
     def compact(self, request_id: str, num_tokens: int) -> None:
         """After a press: the request keeps blocks for its first `num_tokens` cache rows only,
-        in every group (the caller then moves the kept K/V into them, `KVStore.compact`, reading
-        the rows of the tables it held before). Blocks past them go back to the pools; a kept
-        block another request or the prefix index may read is swapped for a fresh one (the old
-        one keeps its K/V and its name), and the request's blocks are never named for prefix
-        hits again. In every group or (OutOfBlocksError) none: a swap needs a free block."""
+        in every group without a window (`compactable_groups`; the caller then moves the kept
+        K/V into them, `KVStore.compact`, reading the rows of the tables it held before); window
+        groups keep their tables. Blocks past them go back to the pools; a kept block another
+        request or the prefix index may read is swapped for a fresh one (the old one keeps its
+        K/V and its name), and the request's blocks there are never named for prefix hits
+        again. In every such group or (OutOfBlocksError) none: a swap needs a free block."""
         if num_tokens < 1:
             raise ValueError(f"cannot compact request {request_id} to {num_tokens} tokens")
-        for i, (group, pool) in enumerate(zip(self.groups, self.pools, strict=True)):
-            if window := group.spec.window:
-                raise ValueError(f"layer group {i} has a window of {window}: it cannot compact")
-            taken, freed = group.blocks_to_compact(request_id, num_tokens)
-            if taken > pool.num_free_blocks + freed:
+        compacted = self.compactable_groups
+        if not compacted:
+            raise ValueError("every layer group has a window: none can compact")
+        for i in compacted:
+            taken, freed = self.groups[i].blocks_to_compact(request_id, num_tokens)
+            if taken > self.pools[i].num_free_blocks + freed:
                 raise OutOfBlocksError(
                     f"compacting request {request_id} swaps {taken} shared blocks in layer "
-                    f"group {i} for its own; {pool.num_free_blocks + freed} would be free"
+                    f"group {i} for its own; {self.pools[i].num_free_blocks + freed} would be free"
                 )
-        for group in self.groups:
-            group.compact(request_id, num_tokens)
+        for i in compacted:
+            self.groups[i].compact(request_id, num_tokens)
         self._edited(request_id, 0)
 
     def copy_on_write(
-        self, request_id: str, num_computed_tokens: int
+        self, request_id: str, num_computed_tokens: GroupTokens
     ) -> list[tuple[int, int, int]]:
-        """Before the request writes token `num_computed_tokens`: in every group where that
-        token's partial block is shared (a fork) or named (a rollback into a cached block),
-        the request gets a fresh block. Returns the (group, source, destination) block copies
-        the caller makes before the write; in every group or (OutOfBlocksError) none."""
-        shared = [g.shared_partial(request_id, num_computed_tokens) for g in self.groups]
+        """Before the request writes its cache row `num_computed_tokens` (per group once a
+        press compacted some): in every group where that row's partial block is shared (a
+        fork) or named (a rollback into a cached block), the request gets a fresh block.
+        Returns the (group, source, destination) block copies the caller makes before the
+        write; in every group or (OutOfBlocksError) none."""
+        rows = self._per_group(num_computed_tokens)
+        shared = [g.shared_partial(request_id, n) for g, n in zip(self.groups, rows, strict=True)]
         for i, (index, pool) in enumerate(zip(shared, self.pools, strict=True)):
             if index is not None and pool.num_free_blocks == 0:
                 raise OutOfBlocksError(
@@ -367,6 +387,12 @@ class KVCacheManager:
         for group, pool in zip(self.groups, self.pools, strict=True):
             assert set(group.tables) == ids, "layer groups disagree on which requests they hold"
             pool.check_integrity(group.table_refs())
+
+    def _per_group(self, num_tokens: GroupTokens) -> Sequence[int]:
+        if isinstance(num_tokens, int):
+            return [num_tokens] * len(self.groups)
+        assert len(num_tokens) == len(self.groups), "one token count per layer group"
+        return num_tokens
 
     @staticmethod
     def _hit(hit: PrefixHit | None, group: int) -> HitBlocks:

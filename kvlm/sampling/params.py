@@ -167,7 +167,8 @@ class SamplingParams:
     # logits); None = unconstrained, at no cost.
     structured_outputs: StructuredOutputsParams | None = None
     # Compress the request's KV cache once its prompt is prefilled (sampling/press.py); None =
-    # keep every token. Refused by an engine without a cache or with windows or sinks.
+    # keep every token. Only full-attention layers are pressed (Gemma 3's local layers keep
+    # their window); refused by an engine without a cache or with a window in every layer.
     kv_press: KVPress | None = None
 
     def __post_init__(self) -> None:

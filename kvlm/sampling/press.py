@@ -3,7 +3,9 @@
 A press scores every cached token per layer and KV head and keeps the same number of tokens
 in each, `max(1, int(n * (1 - ratio)))` of the n cached (kvpress's count), or for "tova" at
 most `budget`; the engine then compacts the kept K/V into fewer blocks and returns the rest
-to the pool (engine/press.py). Methods, as kvpress defines them:
+to the pool (engine/press.py), in the full-attention layers only (a model's windowed layers,
+Gemma 3's local ones, keep their window, as kvpress leaves them). Methods, as kvpress
+defines them:
 - "knorm": keep the keys of smallest L2 norm (score = -||k||).
 - "streaming_llm": keep the first `num_sinks` tokens and the most recent ones.
 - "snapkv": the softmax attention of the observation window's queries (the prompt's last

@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from kvlm import LLM, KVPress, SamplingParams
-from kvlm.attention.context import ForwardContext, GroupView
 from kvlm.engine.engine import InputError
 from kvlm.engine.press import why_no_press
 from kvlm.engine.scoring import token_logprobs
-from kvlm.kv.block_hash import extend_block_hashes
 from kvlm.kv.press_scores import token_scores
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.sampling.press import METHOD_OPTIONS
+from tests.engine.press_reference import QueryRecorder, masked_reference, plain_kv
 from tests.models.conftest import needs_simd, record_steps
 
 BLOCK_SIZE = 16
@@ -59,78 +58,6 @@ def test_without_a_press_scoring_continuations_is_scoring_the_concatenation(llm:
         assert torch.allclose(torch.tensor(score.logprobs), whole, atol=1e-4)
         assert math.isclose(score.total, float(whole.sum()), abs_tol=1e-3)
     llm.engine.kv_cache.check_integrity()
-
-
-def plain_kv(llm: LLM, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer [n, H, hd] keys and values: the prompt's as its prefill stored them, read from
-    the blocks that still name it (a press swaps named blocks for fresh ones, so they keep
-    them)."""
-    engine = llm.engine
-    hashes: list[bytes] = []
-    extend_block_hashes(hashes, prompt, len(prompt), BLOCK_SIZE, None)
-    hit = engine.kv_cache.find_cached_prefix(hashes, len(prompt) + 1)
-    assert hit.num_tokens == len(prompt)
-    store = engine.kv_stores[0]
-    rows = torch.tensor(
-        [
-            hit.blocks[0][i // BLOCK_SIZE].block_id * store.rows_per_block + i % BLOCK_SIZE
-            for i in range(len(prompt))
-        ]
-    )
-    return [store.gather(layer, rows) for layer in store.spec.layer_ids]
-
-
-def masked_reference(
-    llm: LLM,
-    prompt: list[int],
-    continuation: list[int],
-    kept: list[torch.Tensor] | None,
-    recorder: QueryRecorder | None = None,
-) -> torch.Tensor:
-    """[len(continuation)] log-probabilities from one no-cache forward of prompt +
-    continuation in which the continuation's rows see, of the prompt, only each layer and KV
-    head's `kept` tokens (None: every token); the prompt's own rows are plain causal. A
-    `recorder` hears every layer's queries."""
-    model, config = llm.engine.model, llm.engine.model_config
-    tokens = prompt + continuation
-    n, total = len(prompt), len(tokens)
-    groups = config.num_heads // config.num_kv_heads
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    views = []
-    for layer in range(config.num_layers):
-        mask = causal.expand(config.num_heads, total, total).clone()  # [nh, T, T]
-        if kept is not None:
-            seen = torch.zeros(config.num_kv_heads, n, dtype=torch.bool)
-            seen.scatter_(1, kept[layer], True)
-            mask[:, n:, :n] = seen.repeat_interleave(groups, dim=0)[:, None, :]
-        views.append(
-            GroupView(None, None, gather_index=torch.arange(total), num_keys=total, mask=mask[None])
-        )
-    ctx = ForwardContext(
-        positions=torch.arange(total),
-        num_seqs=1,
-        max_query_len=total,
-        query_pad_index=torch.arange(total),
-        layer_views=views,
-        query_capture=recorder,  # type: ignore[arg-type]
-    )
-    with torch.inference_mode():
-        hidden = model(torch.tensor(tokens), ctx)
-        logits = model.logits(hidden[n - 1 : total - 1]).log_softmax(dim=-1)
-    return logits.gather(1, torch.tensor(continuation)[:, None])[:, 0]
-
-
-class QueryRecorder:
-    """Stands where attention() hands a press its queries: keeps every row, before rope."""
-
-    def __init__(self) -> None:
-        self.queries: dict[int, torch.Tensor] = {}  # layer -> [T, nh, hd]
-        self.ropes: dict[int, torch.nn.Module] = {}
-        self.scales: set[float] = set()
-
-    def add(self, layer_idx: int, q: torch.Tensor, rope: torch.nn.Module, scale: float) -> None:
-        self.queries[layer_idx], self.ropes[layer_idx] = q.clone(), rope
-        self.scales.add(scale)
 
 
 def kvpress_expected_attention(
@@ -313,7 +240,8 @@ def test_bad_presses_are_refused_at_add_request(llm: LLM) -> None:
 
 def test_engines_a_press_cannot_run_on_say_why() -> None:
     full = KVCacheSpec((0, 1), 3, 64, BLOCK_SIZE, "float32")
-    local = KVCacheSpec((2, 3), 3, 64, BLOCK_SIZE, "float32", window=512, num_sinks=4)
+    local = KVCacheSpec((2, 3), 3, 64, BLOCK_SIZE, "float32", window=512)
+    sinks = KVCacheSpec((2, 3), 3, 64, BLOCK_SIZE, "float32", window=512, num_sinks=4)
     press = KVPress("knorm")
 
     def engine(**kw: object) -> SimpleNamespace:
@@ -321,9 +249,12 @@ def test_engines_a_press_cannot_run_on_say_why() -> None:
         return SimpleNamespace(**fields)
 
     assert why_no_press(engine(), press, 100) is None  # type: ignore[arg-type]
+    # Gemma 3's layout: the global layers are pressed, the local ones keep their window
+    assert why_no_press(engine(kv_specs=(full, local)), press, 100) is None  # type: ignore[arg-type]
     cases = [
         (engine(kv_cache=None), "runs without one (use_cache=False)"),
-        (engine(kv_specs=(full, local)), "layers 2-3 keep a window of 512 and 4 sinks"),
+        (engine(kv_specs=(local,)), "every layer keeps a window (512 tokens)"),
+        (engine(kv_specs=(sinks,)), "drop --sliding-window / --attention-sinks"),
         (engine(speculative=object()), "speculative decoding"),
     ]
     for fake, words in cases:

@@ -111,7 +111,7 @@ def make_step(
         types.SimpleNamespace(
             request_id=str(b),
             num_computed_tokens=c,
-            num_dropped_tokens=0,  # no KV press
+            num_dropped_tokens=(),  # no KV press
             press_window=None,
             token_ids=[0] * e,
             spec_token_ids=[],

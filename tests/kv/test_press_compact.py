@@ -81,7 +81,30 @@ def test_compact_refuses_with_nothing_changed_when_swaps_do_not_fit() -> None:
         cache.compact("b", 8)
     assert cache.block_tables("b") == [[1, 2]]
     cache.check_integrity()
-    with pytest.raises(ValueError, match="window"):
+
+
+def test_compact_leaves_window_groups_and_later_counts_go_per_group() -> None:
+    """Gemma 3's layout (engine/press.py): the full group shrinks to the kept rows' blocks,
+    the window group keeps its table (it lets go by text position itself); from then on the
+    request's allocations and copy-on-write checks name each group's own count."""
+    cache = KVCacheManager([spec(), spec(window=8)], [12, 12], enable_prefix_caching=False)
+    cache.track_table_edits()
+    cache.allocate("r", 18)  # 5 blocks per group
+    cache.remove_skipped("r", 18)  # a query at 18 reads 11-18 of the window: blocks 2-4
+    assert cache.block_tables("r") == [[1, 2, 3, 4, 5], [0, 0, 3, 4, 5]]
+    cache.pop_table_edits()
+    cache.compact("r", 9)  # 3 blocks, in the full group only
+    assert cache.block_tables("r") == [[1, 2, 3], [0, 0, 3, 4, 5]]
+    assert cache.num_used_blocks() == [3, 3]
+    assert cache.pop_table_edits() == {"r": 0}
+    assert cache.can_allocate("r", [13, 22]) and not cache.can_allocate("r", [13, 64])
+    cache.allocate("r", [13, 22])  # 9 + 4 cache rows, 18 + 4 text tokens
+    assert cache.block_tables("r") == [[1, 2, 3, 6], [0, 0, 3, 4, 5, 6]]
+    cache.fork("r", "child")
+    copies = cache.copy_on_write("r", [13, 22])  # each group's partial last block, shared
+    assert [(group, source) for group, source, _ in copies] == [(0, 6), (1, 6)]
+    cache.check_integrity()
+    with pytest.raises(ValueError, match="every layer group has a window"):
         KVCacheManager([spec(window=8)], [6]).compact("x", 4)
 
 

@@ -179,7 +179,7 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         "x": torch.randn(1, config.hidden_size),
         "positions": torch.tensor([0]),
         "query_start": torch.tensor([0, 1]),
-        "num_cached": torch.tensor([0]),
+        "num_cached": [torch.tensor([0])],
         "stores": [store],
         "scales": [no_scales],
         "write_rows": [row],
@@ -206,12 +206,12 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         forward(write_rows=[torch.tensor([0, 1])])
     with pytest.raises(RuntimeError, match="write_rows \\[T\\] and block_tables \\[B"):
         forward(block_tables=[torch.tensor([[1], [1]])])
-    with pytest.raises(RuntimeError, match="one store, scales, write_rows and block_tables"):
+    with pytest.raises(RuntimeError, match="one num_cached, store, scales, write_rows"):
         forward(write_rows=[row, row])
     with pytest.raises(RuntimeError, match="positions, query_start and num_cached must be"):
         forward(positions=row.int())
     with pytest.raises(RuntimeError, match=r"positions \[T\] and query_start \[B \+ 1\]"):
-        forward(num_cached=torch.tensor([0, 0]))
+        forward(num_cached=[torch.tensor([0, 0])])
     with pytest.raises(RuntimeError, match="query_start runs from 0 to T=1"):
         forward(query_start=torch.tensor([0, 2]))
     with pytest.raises(RuntimeError, match="sequence 0 has no new token"):
@@ -219,9 +219,9 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
         forward(x=torch.randn(0, config.hidden_size), positions=none,
                 query_start=torch.tensor([0, 0]), write_rows=[none])  # fmt: skip
     with pytest.raises(RuntimeError, match="cache position 1 and text position 0"):
-        forward(num_cached=torch.tensor([1]))
+        forward(num_cached=[torch.tensor([1])])
     with pytest.raises(RuntimeError, match="no new token or a negative cache position"):
-        forward(num_cached=torch.tensor([-1]))
+        forward(num_cached=[torch.tensor([-1])])
     with pytest.raises(RuntimeError, match="one entry per layer"):
         plan.set_layout([0, 0], [0, 0], [16, 16])
     # Rows past the store (V sits 16 rows further: 48 is the last base row), block ids and
@@ -233,7 +233,7 @@ def test_plan_refuses_bad_input(smollm2_gguf: LLM) -> None:
     with pytest.raises(RuntimeError, match="block id 2 is outside the store's"):
         forward(block_tables=[torch.tensor([[2]])])
     with pytest.raises(RuntimeError, match="ends at cache position 17, past its 1 blocks"):
-        forward(positions=torch.tensor([16]), num_cached=torch.tensor([16]))
+        forward(positions=torch.tensor([16]), num_cached=[torch.tensor([16])])
     assert forward(positions=torch.tensor([100])).isfinite().all()  # 100 dropped: one key
     with pytest.raises(RuntimeError, match="sinks"):
         plan.set_groups([0], [16], [32], [0], [4])
@@ -283,11 +283,11 @@ def test_chunks_equal_tokens_one_by_one(
     def forward(rows: slice, b: int, cached: int) -> torch.Tensor:
         return plan.forward(
             x[rows], positions[rows], torch.tensor([0, rows.stop - rows.start]),
-            torch.tensor([cached]), [store.data], [scales], [view.write_rows[rows]],
+            [torch.tensor([cached])], [store.data], [scales], [view.write_rows[rows]],
             [view.block_table[b : b + 1]], prefill,
         )  # fmt: skip
 
-    chunk = plan.forward(x, positions, step.query_start, step.num_cached, [store.data], [scales],
+    chunk = plan.forward(x, positions, step.query_start, [step.num_cached], [store.data], [scales],
                          [view.write_rows], [view.block_table], prefill)  # fmt: skip
     written = [t.clone() for t in tensors]
     for t, saved in zip(tensors, before, strict=True):

@@ -105,7 +105,7 @@ def compare_layers(
             x,
             positions,
             view.query_start,
-            view.num_cached,
+            [view.num_cached],
             [store.data],
             [scales],
             [view.write_rows],

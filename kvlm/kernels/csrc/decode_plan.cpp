@@ -21,11 +21,11 @@
 //     h = ffn_norm(x); g, u = h @ Wgu; f = act(g) * u @ Wdown; [f = post_ffn_norm(f)]; x += f
 //   -> final_norm(x) [T, H]
 //
-// A token's place in the text (`positions`, the rope angle) and in the cache (num_cached of its
-// sequence plus its index in the step) are the same unless a KV press dropped tokens from the
-// sequence (engine/press.py): then the kept keys sit compacted in rows 0 .. kept - 1, still
-// roped by their text places, and key counts, block-table bounds and window arithmetic go by
-// the cache.
+// A token's place in the text (`positions`, the rope angle) and in a group's cache (the group's
+// num_cached of its sequence plus its index in the step) are the same unless a KV press dropped
+// tokens from the sequence in that group (engine/press.py presses the groups without a window
+// only): then the kept keys sit compacted in rows 0 .. kept - 1, still roped by their text
+// places, and key counts, block-table bounds and window arithmetic go by the group's cache.
 //
 // Each matmul quantizes its input once and splits weight tiles across threads; attention splits
 // work items (query tile, kv head) and, where they are few, keys. Buffers are allocated once and
@@ -222,16 +222,16 @@ class DecodePlan : public torch::CustomClassHolder {
   // x [T, H] float32: the new tokens of B sequences, sequence b's in rows query_start[b] ..
   // query_start[b + 1] - 1 (one token each in a decode step; a few in a speculative
   // verification or a mixed step; a prompt chunk); positions [T] int64, each token's place in
-  // the text (its rope angle); query_start [B + 1] int64; num_cached [B] int64, the keys
-  // sequence b has cached before its first new token, so token t sits at cache index
-  // num_cached[b] + t - query_start[b] (<= its text position; equal unless a press dropped
-  // tokens). Per cache group (set_groups order): store data [rows, nkv, row_elements] in its
+  // the text (its rope angle); query_start [B + 1] int64. Per cache group (set_groups order):
+  // num_cached [B] int64, the keys sequence b has cached there before its first new token, so
+  // token t sits at cache index num_cached[b] + t - query_start[b] (<= its text position; equal
+  // unless a press dropped tokens from the group); store data [rows, nkv, row_elements] in its
   // format, scales [rows, nkv, num_scales] float16 (numel 0 for float formats), write_rows [T]
   // base row of each new token, block_tables [B, max_blocks] int64 block ids (null-padded).
   // `prefill`: attention takes the GEMM-shaped prefill kernel (paged_prefill.h, for long
   // chunks) instead of the decode kernel; both read the same Args and give the same answer.
   at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor query_start,
-                     at::Tensor num_cached, std::vector<at::Tensor> stores,
+                     std::vector<at::Tensor> num_cached, std::vector<at::Tensor> stores,
                      std::vector<at::Tensor> scales, std::vector<at::Tensor> write_rows,
                      std::vector<at::Tensor> block_tables, bool prefill) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat && x.is_cpu(),
@@ -241,41 +241,51 @@ class DecodePlan : public torch::CustomClassHolder {
     for (const Layer& l : layers_)
       TORCH_CHECK(l.group >= 0 && (size_t)l.group < num_groups && (size_t)l.rope < inv_freqs_.size(),
                   "DecodePlan.forward: layout not set, or a group or rope out of range");
-    TORCH_CHECK(num_groups == groups_.size() && scales.size() == num_groups &&
-                    write_rows.size() == num_groups && block_tables.size() == num_groups,
-                "DecodePlan.forward: one store, scales, write_rows and block_tables per group "
-                "(set_groups named ", groups_.size(), ")");
-    const int64_t B = num_cached.numel();
-    for (const at::Tensor* t : {&positions, &query_start, &num_cached})
+    TORCH_CHECK(num_groups == groups_.size() && num_cached.size() == num_groups &&
+                    scales.size() == num_groups && write_rows.size() == num_groups &&
+                    block_tables.size() == num_groups,
+                "DecodePlan.forward: one num_cached, store, scales, write_rows and block_tables "
+                "per group (set_groups named ", groups_.size(), ")");
+    const int64_t B = query_start.numel() - 1;
+    for (const at::Tensor* t : {&positions, &query_start})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
                   "DecodePlan.forward: positions, query_start and num_cached must be contiguous "
                   "int64 vectors");
-    TORCH_CHECK(positions.numel() == T && query_start.numel() == B + 1,
-                "DecodePlan.forward: positions [T] and query_start [B + 1], T=", T, ", B=", B);
+    for (const at::Tensor& t : num_cached)
+      TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 1,
+                  "DecodePlan.forward: positions, query_start and num_cached must be contiguous "
+                  "int64 vectors");
+    TORCH_CHECK(positions.numel() == T && B >= 0,
+                "DecodePlan.forward: positions [T] and query_start [B + 1], T=", T);
+    for (const at::Tensor& t : num_cached)
+      TORCH_CHECK(t.numel() == B, "DecodePlan.forward: positions [T] and query_start [B + 1], T=",
+                  T, ", B=", t.numel(), " (num_cached [B] per group)");
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* qs = query_start.data_ptr<int64_t>();
-    const int64_t* cached = num_cached.data_ptr<int64_t>();
     TORCH_CHECK(qs[0] == 0 && qs[B] == T, "DecodePlan.forward: query_start runs from 0 to T=", T);
-    token_cached_.resize(T);
     token_seq_.resize(T);
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(qs[b + 1] > qs[b] && cached[b] >= 0, "DecodePlan.forward: sequence ", b,
+      TORCH_CHECK(qs[b + 1] > qs[b], "DecodePlan.forward: sequence ", b,
                   " has no new token or a negative cache position");
-      for (int64_t t = qs[b]; t < qs[b + 1]; ++t) {
-        token_cached_[t] = cached[b] + t - qs[b];
-        token_seq_[t] = b;
-        TORCH_CHECK(token_cached_[t] <= pos[t], "DecodePlan.forward: token ", t,
-                    " has cache position ", token_cached_[t], " and text position ", pos[t],
-                    "; a cache position is at most the text position (less the tokens a press "
-                    "dropped)");
-      }
+      for (int64_t t = qs[b]; t < qs[b + 1]; ++t) token_seq_[t] = b;
     }
+    cached_.resize(num_groups);
     int64_t max_place = 0;  // rope tables by the queries' places in the cache (groups with sinks)
     for (size_t g = 0; g < num_groups; ++g) {
+      const int64_t* cached = cached_[g] = num_cached[g].data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(cached[b] >= 0, "DecodePlan.forward: sequence ", b,
+                    " has no new token or a negative cache position");
+        for (int64_t t = qs[b]; t < qs[b + 1]; ++t)
+          TORCH_CHECK(cached[b] + t - qs[b] <= pos[t], "DecodePlan.forward: token ", t,
+                      " has cache position ", cached[b] + t - qs[b], " and text position ",
+                      pos[t], " in group ", g, "; a cache position is at most the text position "
+                      "(less the tokens a press dropped)");
+      }
       check_group(g, stores[g], scales[g], write_rows[g], block_tables[g], qs, cached, B, T);
       const Group& G = groups_[g];
       for (int64_t t = 0; G.num_sinks && t < T; ++t)
-        max_place = std::max(max_place, sink_place(G, cached, t));
+        max_place = std::max(max_place, sink_place(G, cached, qs, t));
     }
     ensure_buffers(T);
     rope_tables(pos, T);
@@ -292,7 +302,7 @@ class DecodePlan : public torch::CustomClassHolder {
       const float* cos = rope_.data_ptr<float>() + (2 * l.rope) * T * head_dim_;
       const Cache cache{groups_[l.group], stores[l.group], scales[l.group],
                         write_rows[l.group].data_ptr<int64_t>(), block_tables[l.group], qs,
-                        cached, tiles, prefill};
+                        cached_[l.group], tiles, prefill};
       attention_block(l, xs, T, cos, cos + T * head_dim_, cache);
       mlp_block(l, xs, T);
     }
@@ -313,16 +323,19 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t* write_rows;  // [T]
     const at::Tensor& block_table;  // [B, max_blocks]
     const int64_t* query_start;  // [B + 1]
-    const int64_t* num_cached;  // [B] keys each sequence has cached before its first new one
+    const int64_t* num_cached;  // [B] keys each sequence has cached in the group before its first
+                                // new one
     const std::vector<int64_t>& tiles;
     bool prefill;  // the prefill kernel's tiles
   };
 
-  // Token t's place in the cache as the sink keys see it, ns + c - ws (c its cache index; ws
-  // and ns from its sequence's first new token: paged_attention.h, runner._query_places).
-  int64_t sink_place(const Group& G, const int64_t* cached, int64_t t) const {
-    const int64_t ws = std::max<int64_t>(cached[token_seq_[t]] - G.window + 1, 0);
-    return std::min(G.num_sinks, ws) + token_cached_[t] - ws;
+  // Token t's place in the group's cache as the sink keys see it, ns + c - ws (c its cache
+  // index; ws and ns from its sequence's first new token: paged_attention.h,
+  // runner._query_places). `cached` [B] is the group's num_cached, qs [B + 1] query_start.
+  int64_t sink_place(const Group& G, const int64_t* cached, const int64_t* qs, int64_t t) const {
+    const int64_t b = token_seq_[t];
+    const int64_t ws = std::max<int64_t>(cached[b] - G.window + 1, 0);
+    return std::min(G.num_sinks, ws) + cached[b] + t - qs[b] - ws;
   }
 
   // Group g's inputs: a bad shape, row or block id is an error, never a read or write out of
@@ -524,7 +537,7 @@ class DecodePlan : public torch::CustomClassHolder {
         for (int64_t i = 0; i < nkv; ++i) decode::rms_norm(k + i * hd, kn, k + i * hd, hd, eps_);
       }
       if (G.num_sinks) {  // q by its place in the cache, for the sink keys (before rope)
-        const int64_t place = sink_place(G, c.num_cached, m);
+        const int64_t place = sink_place(G, c.num_cached, c.query_start, m);
         float* sq = sink_q + m * nh * hd;
         std::memcpy(sq, q, nh * hd * sizeof(float));
         decode::rope(sq, cache_cos_[l.rope].data_ptr<float>() + place * hd,
@@ -625,7 +638,8 @@ class DecodePlan : public torch::CustomClassHolder {
   int64_t rows_ = 0, cache_places_ = 0;
   at::Tensor h_, qkv_, attn_, sink_q_, proj_, act_buf_, qa_, da_, asum_, rope_;
   std::vector<at::Tensor> cache_cos_, cache_sin_;  // per rope, [cache_places_, hd]
-  std::vector<int64_t> token_cached_, token_seq_;  // [T] each token's cache index and sequence
+  std::vector<int64_t> token_seq_;  // [T] each token's sequence
+  std::vector<const int64_t*> cached_;  // [G] the step's num_cached [B] of each group
   bool profiling_ = false;
   int64_t profiled_calls_ = 0;
   double seconds_[kNumPhases] = {};
