@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import torch
 
-from kvlm import LLM
+from kvlm import LLM, KVPress, SamplingParams
 from kvlm.attention.context import ForwardContext, GroupView
 from kvlm.kv.block_hash import extend_block_hashes
+from tests.models.conftest import record_steps
 
 
 def plain_kv(
@@ -92,3 +94,30 @@ class QueryRecorder:
     def add(self, layer_idx: int, q: torch.Tensor, rope: torch.nn.Module, scale: float) -> None:
         self.queries[layer_idx], self.ropes[layer_idx] = q.clone(), rope
         self.scales.add(scale)
+
+
+def fused_against_layered(
+    model: str, engine_args: dict, prompt: list[int], press: KVPress, max_tokens: int
+) -> torch.Tensor:
+    """[max_tokens] |logprob| differences between a pressed greedy request on the fused plan,
+    whose every decode step must run as one plan call and no torch layer, and the same tokens
+    scored after the same press layer by layer (one engine alive at a time)."""
+    fused = LLM(model, fused_decode=True, **engine_args)
+    assert fused.engine.runner.fused is not None
+    request = {"prompt_token_ids": prompt}
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=0, ignore_eos=True, kv_press=press, logprobs=1
+    )
+    with pytest.MonkeyPatch.context() as patch, record_steps(fused.engine.model, patch) as steps:
+        [output] = fused.generate(request, params)
+    assert output.metrics.kv_pressed_bytes is not None
+    decode = [s for s in steps if s.query_lens == [1]]
+    assert len(decode) == max_tokens - 1
+    assert all((s.fused, s.torch_layers) == (1, 0) for s in decode)
+    generated = output.outputs[0].token_ids
+    logprobs = zip(output.outputs[0].logprobs, generated, strict=True)
+    got = torch.tensor([lp[t].logprob for lp, t in logprobs])  # [max_tokens] sampled tokens
+    del fused
+    layer_by_layer = LLM(model, fused_decode=False, **engine_args)
+    [score] = layer_by_layer.score_continuations(request, generated, SamplingParams(kv_press=press))
+    return (got - torch.tensor(score.logprobs)).abs()

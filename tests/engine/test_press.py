@@ -18,8 +18,13 @@ from kvlm.engine.scoring import token_logprobs
 from kvlm.kv.press_scores import token_scores
 from kvlm.kv.spec import KVCacheSpec
 from kvlm.sampling.press import METHOD_OPTIONS
-from tests.engine.press_reference import QueryRecorder, masked_reference, plain_kv
-from tests.models.conftest import needs_simd, record_steps
+from tests.engine.press_reference import (
+    QueryRecorder,
+    fused_against_layered,
+    masked_reference,
+    plain_kv,
+)
+from tests.models.conftest import needs_simd
 
 BLOCK_SIZE = 16
 DOC = (
@@ -271,7 +276,7 @@ def test_engines_a_press_cannot_run_on_say_why() -> None:
 
 @needs_simd
 @pytest.mark.parametrize(("method", "ratio"), [("knorm", 0.5), ("snapkv", 0.75)])
-def test_pressed_decode_takes_the_fused_plan(method: str, ratio: float) -> None:
+def test_pressed_decode_takes_the_fused_plan(method: str, ratio: float, llm: LLM) -> None:
     """The fused decode plan ropes by text position and counts keys by cache position, so
     every decode step of a compacted request runs through it (one plan call, no torch layer),
     and its tokens' log-probabilities are those the layer-by-layer path gives the same tokens
@@ -281,26 +286,9 @@ def test_pressed_decode_takes_the_fused_plan(method: str, ratio: float) -> None:
     near-ties, e.g. knorm's seventh token, three candidates within 0.06 nats. The same tokens
     scored without the press differ by up to 13 nats; tests/models/test_fused_decode_layers.py
     holds the plan to the torch layers on a pressed cache layer by layer."""
-    press = KVPress(method, ratio)
     engines = {"block_size": BLOCK_SIZE, "max_model_len": 512, "kv_cache_memory": "32MiB"}
-    fused = LLM("smollm2", fused_decode=True, **engines)
-    assert fused.engine.runner.fused is not None
-    prompt = {"prompt_token_ids": ids(fused, DOC * 2)}
-    params = SamplingParams(
-        max_tokens=16, temperature=0, ignore_eos=True, kv_press=press, logprobs=1
-    )
-    with pytest.MonkeyPatch.context() as patch, record_steps(fused.engine.model, patch) as steps:
-        [output] = fused.generate(prompt, params)
-    assert output.metrics.kv_pressed_bytes is not None
-    decode = [s for s in steps if s.query_lens == [1]]
-    assert len(decode) == 15 and all((s.fused, s.torch_layers) == (1, 0) for s in decode)
-    generated = output.outputs[0].token_ids
-    logprobs = zip(output.outputs[0].logprobs, generated, strict=True)
-    got = torch.tensor([lp[t].logprob for lp, t in logprobs])  # [16] of the sampled tokens
-    del fused
-    layer_by_layer = LLM("smollm2", fused_decode=False, **engines)
-    [score] = layer_by_layer.score_continuations(prompt, generated, SamplingParams(kv_press=press))
-    difference = (got - torch.tensor(score.logprobs)).abs()
+    press = KVPress(method, ratio)
+    difference = fused_against_layered("smollm2", engines, ids(llm, DOC * 2), press, 16)
     if METHOD_OPTIONS[method].queries == "window":  # its prefill captures them: layered
         assert difference[0] == 0  # from the prefill, before the press: the same path
     # knorm's prefill captures no queries, so the fused plan runs it, to the same noise

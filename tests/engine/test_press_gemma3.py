@@ -14,8 +14,8 @@ import torch
 
 from kvlm import LLM, KVPress, SamplingParams
 from kvlm.kv.press_scores import token_scores
-from tests.engine.press_reference import masked_reference, plain_kv
-from tests.models.conftest import needs_simd, record_steps
+from tests.engine.press_reference import fused_against_layered, masked_reference, plain_kv
+from tests.models.conftest import needs_simd
 
 BLOCK_SIZE = 16
 NUM_PROMPT = 608  # 38 full blocks: past the 512-token window, so the local layers let go too
@@ -100,30 +100,13 @@ def test_pressed_and_plain_gemma3_requests_share_a_batch(llm: LLM) -> None:
 
 
 @needs_simd
-def test_pressed_gemma3_decode_takes_the_fused_plan() -> None:
+def test_pressed_gemma3_decode_takes_the_fused_plan(llm: LLM) -> None:
     """The plan gets each group's key counts (the global layers' compacted, the local ones' by
     text), so every decode step of the pressed request runs through it, and its tokens'
     log-probabilities are those the layer-by-layer path gives the same tokens after the same
     press, to the int8 rounding noise by which the two paths differ without a press (as
     test_press.py's SmolLM2 test measures). Handing the plan the global layers' counts for
     every group instead puts the local layers 304 keys off: measured 1.17 nats on one token."""
-    press = KVPress("knorm", 0.5)
-    fused = LLM("gemma3-270m", fused_decode=True, **ENGINE)
-    assert fused.engine.runner.fused is not None
-    prompt = {"prompt_token_ids": prompt_ids(fused)}
-    params = SamplingParams(
-        max_tokens=8, temperature=0, ignore_eos=True, kv_press=press, logprobs=1
-    )
-    with pytest.MonkeyPatch.context() as patch, record_steps(fused.engine.model, patch) as steps:
-        [output] = fused.generate(prompt, params)
-    assert output.metrics.kv_pressed_bytes is not None
-    decode = [s for s in steps if s.query_lens == [1]]
-    assert len(decode) == 7 and all((s.fused, s.torch_layers) == (1, 0) for s in decode)
-    generated = output.outputs[0].token_ids
-    logprobs = zip(output.outputs[0].logprobs, generated, strict=True)
-    got = torch.tensor([lp[t].logprob for lp, t in logprobs])  # [8] of the sampled tokens
-    del fused
-    layer_by_layer = LLM("gemma3-270m", fused_decode=False, **ENGINE)
-    [score] = layer_by_layer.score_continuations(prompt, generated, SamplingParams(kv_press=press))
-    difference = (got - torch.tensor(score.logprobs)).abs()
+    prompt = prompt_ids(llm)
+    difference = fused_against_layered("gemma3-270m", ENGINE, prompt, KVPress("knorm", 0.5), 8)
     assert difference.max() < 0.3 and difference.mean() < 0.1, difference
